@@ -1,0 +1,5 @@
+import sys
+
+from ganspect.edge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,208 @@
+"""The model bundle: the contract between the workstation and the edge.
+
+A bundle is a folder with one or more ONNX files and `manifest.json`. The exporter
+writes the manifest through this module and the edge reads it through this module, so
+the two cannot disagree about a field. This module imports neither torch nor
+onnxruntime: it only validates JSON and hashes files.
+
+The ONNX graph's interface (fixed by format version 1):
+
+- input `image`: uint8, shape (N, H, W, C), pixels exactly as the edge hands them over
+  after resizing to (W, H) with `input.resize_interpolation`; C = 1 for `GRAY`, 3 for
+  `BGR` (OpenCV's order). Normalisation happens inside the graph.
+- output `score`: float32, shape (N,): the anomaly score, higher = more anomalous,
+  compared with `threshold.value` (score > threshold means NG).
+- output `heatmap`: float32, shape (N, H, W): smoothed per-pixel residual, scaled inside
+  the graph so that 1.0 is the largest residual seen on normal validation images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ganspect.edge.errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class InputSpec(_Strict):
+    name: str = Field("image", description="Name of the ONNX input tensor.")
+    height: int = Field(ge=8, le=4096, description="Model input height in pixels.")
+    width: int = Field(ge=8, le=4096, description="Model input width in pixels.")
+    channels: Literal[1, 3] = Field(description="1 for grayscale, 3 for colour.")
+    colour_order: Literal["GRAY", "BGR"] = Field(description="Channel order of the input tensor.")
+    layout: Literal["NHWC"] = Field("NHWC", description="Tensor layout of the input.")
+    dtype: Literal["uint8"] = Field("uint8", description="Pixel type; normalisation is in the graph.")
+    resize_interpolation: Literal["area", "linear"] = Field(
+        "area", description="OpenCV interpolation used to resize a frame to the input size."
+    )
+
+    @model_validator(mode="after")
+    def _channels_match_order(self) -> InputSpec:
+        expected = 1 if self.colour_order == "GRAY" else 3
+        if self.channels != expected:
+            raise ValueError(f"colour_order {self.colour_order} needs {expected} channel(s), not {self.channels}")
+        return self
+
+
+class OutputSpec(_Strict):
+    score: str = Field("score", description="Name of the (N,) float32 score output.")
+    heatmap: str = Field("heatmap", description="Name of the (N, H, W) float32 heatmap output.")
+
+
+class Normalisation(_Strict):
+    inside_graph: Literal[True] = Field(True, description="Always true: the edge feeds raw uint8 pixels.")
+    scale: float = Field(description="x_model = x_uint8 * scale + offset, applied inside the graph.")
+    offset: float = Field(description="See scale.")
+
+
+class ScoreSpec(_Strict):
+    formula: str = Field(description="Human-readable score formula.")
+    lambda_: float = Field(alias="lambda", ge=0.0, le=1.0, description="Weight of the discrimination loss.")
+    discrimination: Literal["feature_matching", "cross_entropy"] = Field(
+        description="How the discrimination loss L_D is computed."
+    )
+
+
+class ThresholdSpec(_Strict):
+    value: float = Field(description="Decision threshold: score > value means NG.")
+    method: Literal["normal_quantile", "f1_optimal", "manual"] = Field(description="How the value was chosen.")
+    nu: float | None = Field(None, ge=0.0, le=1.0, description="Tolerated false-alarm rate for normal_quantile.")
+    n_images: int = Field(ge=0, description="Number of images the threshold was calibrated on.")
+
+
+class HeatmapSpec(_Strict):
+    scale: float = Field(gt=0.0, description="Raw residual that maps to 1.0 (largest normal residual).")
+    smoothing_sigma: float = Field(ge=0.0, description="Gaussian sigma in pixels applied inside the graph.")
+    inside_graph: Literal[True] = Field(True, description="Always true: the heatmap output is already scaled.")
+
+
+class ModelFile(_Strict):
+    path: str = Field(description="File name inside the bundle folder.")
+    precision: Literal["fp32", "int8"] = Field(description="Numeric precision of the graph.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the file, lower-case hex.")
+    bytes: int = Field(ge=1, description="File size.")
+
+
+class TrainingData(_Strict):
+    source: str = Field(description="Data set path or name the model was trained on.")
+    n_train: int = Field(ge=0, description="Normal images used for training.")
+    n_val: int = Field(ge=0, description="Held-out normal images used for threshold and heatmap scale.")
+
+
+class Manifest(_Strict):
+    format_version: Literal[1] = Field(description="Bundle format version.")
+    name: str = Field(min_length=1, description="Model name shown in verdicts.")
+    kind: Literal["efficient_gan", "anogan"] = Field(description="Model family.")
+    created_at: datetime = Field(description="UTC time of export.")
+    ganspect_version: str = Field(description="Version of ganspect that exported the bundle.")
+    input: InputSpec
+    outputs: OutputSpec = OutputSpec()
+    normalisation: Normalisation
+    score: ScoreSpec
+    threshold: ThresholdSpec
+    heatmap: HeatmapSpec
+    training_data: TrainingData
+    metrics: dict[str, float | None] = Field(default_factory=dict, description="Metrics measured at export.")
+    files: list[ModelFile] = Field(min_length=1, description="ONNX files in the bundle with their hashes.")
+
+    def model_file(self, precision: Literal["fp32", "int8"] | None = None) -> ModelFile:
+        """The file to run: the requested precision, or INT8 when present, else FP32."""
+        by_precision = {f.precision: f for f in self.files}
+        if precision is None:
+            return by_precision.get("int8") or by_precision["fp32"]
+        if precision not in by_precision:
+            raise BundleError(f"bundle has no {precision} model (it has: {', '.join(sorted(by_precision))})")
+        return by_precision[precision]
+
+
+class Bundle(_Strict):
+    """A bundle folder whose manifest validated and whose files matched their hashes."""
+
+    root: Path
+    manifest: Manifest
+
+    def path_of(self, model_file: ModelFile) -> Path:
+        return self.root / model_file.path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_file(root: Path, name: str, precision: Literal["fp32", "int8"]) -> ModelFile:
+    path = root / name
+    return ModelFile(path=name, precision=precision, sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Path:
+    path = Path(root) / MANIFEST_NAME
+    path.write_text(manifest.model_dump_json(by_alias=True, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_bundle(root: str | Path) -> Bundle:
+    """Read and verify a bundle; raise BundleError with a message an operator can act on."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BundleError(f"model bundle {root} is not a folder")
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise BundleError(f"model bundle {root} has no {MANIFEST_NAME}")
+    try:
+        raw: Any = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path} is not readable JSON: {exc}") from exc
+    if isinstance(raw, dict) and raw.get("format_version") not in (None, FORMAT_VERSION):
+        raise BundleError(
+            f"{manifest_path} has format_version {raw.get('format_version')!r}; "
+            f"this ganspect reads format_version {FORMAT_VERSION}"
+        )
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleError(f"{manifest_path} is not a valid manifest: {_validation_summary(exc)}") from exc
+    for model_file in manifest.files:
+        path = root / model_file.path
+        if Path(model_file.path).name != model_file.path:
+            raise BundleError(f"{manifest_path}: file {model_file.path!r} must be a plain name inside the bundle")
+        if not path.is_file():
+            raise BundleError(f"model bundle {root} is missing {model_file.path} named in its manifest")
+        actual = sha256_file(path)
+        if actual != model_file.sha256:
+            raise BundleError(
+                f"{path} does not match its manifest (SHA-256 {actual[:12]}…, expected "
+                f"{model_file.sha256[:12]}…): the file was changed or damaged; re-export or re-copy the bundle"
+            )
+    return Bundle(root=root, manifest=manifest)
+
+
+def manifest_json_schema() -> dict[str, Any]:
+    return Manifest.model_json_schema(by_alias=True)
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)

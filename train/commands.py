@@ -1,0 +1,88 @@
+"""Workstation sub-commands: synth, train, eval, demo.
+
+Parsers are built without importing torch; each `run` imports what it needs, so the CLI
+stays quick and an edge-only install gets a clear "install the train extra" message.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ganspect.edge.cli import Command
+
+
+def _configure_synth(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="folder to write the data set into (MVTec AD layout)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--n-train", type=int, default=200, help="good training images (default 200)")
+    p.add_argument("--n-test-good", type=int, default=40, help="good test images (default 40)")
+    p.add_argument("--n-test-bad", type=int, default=60, help="defective test images, spread over the defect kinds")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from ganspect.train.synth import synthesize_dataset
+
+    summary = synthesize_dataset(
+        args.out, size=args.size, n_train=args.n_train, n_test_good=args.n_test_good,
+        n_test_bad=args.n_test_bad, seed=args.seed,
+    )
+    print(f"wrote {summary} to {args.out}")
+    return 0
+
+
+def _configure_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="training config YAML, e.g. configs/train/efficient_gan.yaml")
+    p.add_argument("--data", type=Path, required=True, help="MVTec-layout data set or a folder of normal images")
+    p.add_argument("--out", type=Path, required=True, help="run folder for checkpoints, config and calibration")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value (YAML syntax), e.g. --set train.steps=200; repeatable")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from ganspect.train.config import load_train_config
+    from ganspect.train.loop import train
+
+    config = load_train_config(args.config, args.overrides)
+    train(config, data=args.data, out=args.out, resume=args.resume)
+    return 0
+
+
+def _configure_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder written by `ganspect train`")
+    p.add_argument("--data", type=Path, default=None,
+                   help="MVTec-layout data set with a test/ folder (default: the data set the run was trained on)")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from ganspect.train.evaluate import evaluate_run, format_metrics
+
+    metrics = evaluate_run(args.run, data=args.data)
+    print(format_metrics(metrics))
+    print(f"metrics written to {args.run / 'metrics.json'}")
+    return 0
+
+
+def _configure_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", type=Path, default=Path("work/demo"),
+                   help="where data, run, bundle, video and verdict log go (default work/demo)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, about two minutes: a smoke test of an install")
+    p.add_argument("--broker", default="127.0.0.1:1883", help="MQTT broker HOST:PORT (default 127.0.0.1:1883)")
+    p.add_argument("--headless", action="store_true", help="never open the operator window")
+    p.add_argument("--seed", type=int, default=0, help="random seed for data and training")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from ganspect.train.demo import run_demo
+
+    return run_demo(workdir=args.workdir, quick=args.quick, broker=args.broker, headless=args.headless, seed=args.seed)
+
+
+SYNTH = Command("write synthetic machined parts with defects and masks (MVTec AD layout)",
+                _configure_synth, _run_synth, extra="train")
+TRAIN = Command("train a model on normal images", _configure_train, _run_train, extra="train")
+EVAL = Command("evaluate a run on a test set and write metrics.json", _configure_eval, _run_eval, extra="train")
+DEMO = Command("synthesize parts, train, evaluate, export and run the edge daemon on a simulated conveyor",
+               _configure_demo, _run_demo, extra="train")

@@ -1,0 +1,185 @@
+"""Loading image data sets: the MVTec AD layout and plain folders of normal images.
+
+Images are resized with ``cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)``,
+the very call the edge daemon applies to camera frames, so training and inference see
+the same pixels. Colour images stay in OpenCV's BGR order; grayscale is
+``cv2.cvtColor(BGR2GRAY)`` of the colour read, so colour and grey files both load either
+way. Masks are resized with INTER_NEAREST and binarised at 128.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ganspect.edge.errors import GanspectError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+GOOD = "good"
+
+
+@dataclass
+class ImageSet:
+    images: np.ndarray  # uint8 (N, H, W, C); C = 1 (gray) or 3 (BGR, OpenCV order)
+    labels: np.ndarray  # int64 (N,): 0 normal, 1 anomalous
+    masks: np.ndarray | None  # uint8 (N, H, W) with values 0/1 (all zero for normal images); None without masks
+    names: list[str]  # path of each image relative to the data root
+    kinds: list[str]  # "good" or the defect folder name
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def subset(self, indices: np.ndarray | list[int]) -> ImageSet:
+        """The images at `indices`, in that order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageSet(
+            images=self.images[idx],
+            labels=self.labels[idx],
+            masks=None if self.masks is None else self.masks[idx],
+            names=[self.names[i] for i in idx],
+            kinds=[self.kinds[i] for i in idx],
+        )
+
+
+def is_mvtec_layout(root: Path) -> bool:
+    """True when `root` holds an MVTec AD style ``train/good`` folder."""
+    return (Path(root) / "train" / GOOD).is_dir()
+
+
+def _check_args(root: Path, size: int, channels: int) -> None:
+    if size < 1:
+        raise GanspectError(f"image size must be positive, got {size}")
+    if channels not in (1, 3):
+        raise GanspectError(f"channels must be 1 (gray) or 3 (BGR colour), got {channels}")
+    if not root.is_dir():
+        raise GanspectError(f"data folder {root} does not exist or is not a folder")
+
+
+def _image_files(folder: Path, recursive: bool) -> list[Path]:
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _read(path: Path, flags: int) -> np.ndarray:
+    # imdecode of the bytes, not imread: it handles any path the OS does (non-ASCII too)
+    # and gives None, not a crash, on a file that is not an image.
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise GanspectError(f"cannot read image {path}: {exc.strerror}") from None
+    image = cv2.imdecode(data, flags) if data.size else None
+    if image is None:
+        raise GanspectError(f"cannot decode image {path}: not a readable image file")
+    return image
+
+
+def read_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """Read one image as uint8 (size, size, channels): BGR for 3 channels, gray for 1."""
+    image = _read(path, cv2.IMREAD_COLOR)  # (H, W, 3) BGR whatever the file holds
+    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    if channels == 1:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[..., None]
+    return image
+
+
+def read_mask(path: Path, size: int) -> np.ndarray:
+    """Read one mask as uint8 (size, size) with values 0/1 (pixels >= 128 are defect)."""
+    mask = _read(path, cv2.IMREAD_GRAYSCALE)
+    mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+    return (mask >= 128).astype(np.uint8)
+
+
+def _stack(paths: list[Path], size: int, channels: int) -> np.ndarray:
+    images = np.empty((len(paths), size, size, channels), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        images[i] = read_image(path, size, channels)
+    return images
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def load_normal_images(root: Path, size: int, channels: int) -> ImageSet:
+    """Load the normal (good) images: ``train/good`` of an MVTec layout, else every image under `root`.
+
+    In a plain folder, image files (png, jpg, jpeg, bmp, tif, tiff) in `root` and its
+    sub-folders are loaded in sorted path order.
+    """
+    root = Path(root)
+    _check_args(root, size, channels)
+    mvtec = is_mvtec_layout(root)
+    folder = root / "train" / GOOD if mvtec else root
+    paths = _image_files(folder, recursive=not mvtec)
+    if not paths:
+        where = f"{folder} (MVTec layout: train/good)" if mvtec else f"{folder} or its sub-folders"
+        raise GanspectError(f"no images found in {where}; expected {', '.join(sorted(IMAGE_SUFFIXES))} files")
+    n = len(paths)
+    return ImageSet(
+        images=_stack(paths, size, channels),
+        labels=np.zeros(n, dtype=np.int64),
+        masks=None,
+        names=[_relative(p, root) for p in paths],
+        kinds=[GOOD] * n,
+    )
+
+
+def _mask_path(root: Path, kind: str, image: Path) -> Path:
+    return root / "ground_truth" / kind / f"{image.stem}_mask.png"
+
+
+def load_test_set(root: Path, size: int, channels: int) -> ImageSet:
+    """Load an MVTec ``test/`` folder: ``good`` (label 0) and every defect folder (label 1).
+
+    Masks come from ``ground_truth/<defect>/<stem>_mask.png`` (all zero for good images);
+    `masks` is None when the data set has no ``ground_truth`` folder at all. Folders are
+    read in sorted order, ``good`` first.
+    """
+    root = Path(root)
+    _check_args(root, size, channels)
+    test = root / "test"
+    if not test.is_dir():
+        raise GanspectError(f"{root} has no test/ folder: a test set needs the MVTec layout "
+                            "(test/good, test/<defect>, optional ground_truth/<defect>)")
+    kinds = sorted((d.name for d in test.iterdir() if d.is_dir()), key=lambda k: (k != GOOD, k))
+    entries = [(kind, path) for kind in kinds for path in _image_files(test / kind, recursive=False)]
+    if not entries:
+        raise GanspectError(f"no images found in the sub-folders of {test}")
+    has_truth = (root / "ground_truth").is_dir()
+
+    masks = np.zeros((len(entries), size, size), dtype=np.uint8) if has_truth else None
+    for i, (kind, path) in enumerate(entries):
+        if masks is None or kind == GOOD:
+            continue
+        mask_path = _mask_path(root, kind, path)
+        if not mask_path.is_file():
+            raise GanspectError(f"no mask for {_relative(path, root)}: expected {_relative(mask_path, root)}")
+        masks[i] = read_mask(mask_path, size)
+    return ImageSet(
+        images=_stack([p for _, p in entries], size, channels),
+        labels=np.array([0 if kind == GOOD else 1 for kind, _ in entries], dtype=np.int64),
+        masks=masks,
+        names=[_relative(p, root) for _, p in entries],
+        kinds=[kind for kind, _ in entries],
+    )
+
+
+def split_holdout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Split normal images into (train, held-out validation), deterministically by `seed`.
+
+    The held-out part has round(N * fraction) images, at least one when fraction > 0, and
+    the train part keeps at least one. Both keep the original order of their images.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise GanspectError(f"hold-out fraction must be in [0, 1), got {fraction}")
+    n = len(images)
+    n_val = 0 if fraction == 0 else max(1, int(round(n * fraction)))
+    if n - n_val < 1:
+        raise GanspectError(f"{n} image(s) are too few to hold out {fraction:.0%} for validation "
+                            "and still train on at least one")
+    order = np.random.default_rng(seed).permutation(n)
+    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    return images.subset(train_idx), images.subset(val_idx)

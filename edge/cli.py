@@ -29,7 +29,14 @@ class Command:
 
 
 def _commands() -> dict[str, Command]:
-    return {ep.name: ep.load() for ep in entry_points(group="ganspect.commands")}
+    commands = {}
+    for ep in entry_points(group="ganspect.commands"):
+        try:
+            commands[ep.name] = ep.load()
+        except ImportError as exc:
+            # A broken or partial install must not take the other sub-commands down with it.
+            logging.getLogger(__name__).warning("sub-command %r is unavailable: %s", ep.name, exc)
+    return commands
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,59 @@
+"""`ganspect edge`: the line-side daemon.
+
+The parser is built without importing onnxruntime or OpenCV; `run` imports the daemon.
+Flags override the config file; relative paths given as flags are relative to the
+current folder (they are typed in a shell), those in the file to the file's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ganspect.edge.cli import Command
+
+
+def _configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="edge config YAML, e.g. configs/edge.yaml")
+    p.add_argument("--model", type=Path, default=None, help="model bundle folder (overrides model.bundle)")
+    p.add_argument("--source", default=None,
+                   help="camera index, device, video file, image folder or stream URL (overrides source.uri)")
+    p.add_argument("--headless", action="store_true", help="never open the operator window")
+    p.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop after N frames (overrides run.max_frames)")
+    p.add_argument("--verdict-log", type=Path, default=None, metavar="FILE",
+                   help="append every verdict as one JSON line to FILE")
+    p.add_argument("--check", "--validate-config", dest="check", action="store_true",
+                   help="validate the config file, print 'config OK' and exit")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ganspect.edge.config import is_path_like_source, load_config
+    from ganspect.edge.errors import ConfigError
+
+    config = load_config(args.config)
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ConfigError(f"--max-frames must be at least 1, got {args.max_frames}")
+    updates = {}
+    if args.model is not None:
+        updates["model"] = config.model.model_copy(update={"bundle": args.model})
+    if args.source is not None:
+        uri = str(Path(args.source).absolute()) if is_path_like_source(args.source) else args.source
+        updates["source"] = config.source.model_copy(update={"uri": uri})
+    if args.max_frames is not None:
+        updates["run"] = config.run.model_copy(update={"max_frames": args.max_frames})
+    config = config.model_copy(update=updates)
+    if args.check:
+        print(f"config OK: {args.config}")
+        return 0
+
+    from ganspect.edge.app import run_edge
+
+    summary = run_edge(config, headless=args.headless, verdict_log=args.verdict_log)
+    print("ganspect edge summary:")
+    for line in summary.lines():
+        print(f"  {line}")
+    return 0
+
+
+EDGE = Command("run the edge daemon: score camera frames with a model bundle and publish verdicts over MQTT",
+               _configure, _run, extra="edge")

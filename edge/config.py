@@ -1,0 +1,217 @@
+"""The edge daemon's YAML config, validated into typed sections.
+
+Every section forbids unknown keys, so a typo (`mqtt.hostname`) is an error at start-up
+rather than a silently ignored setting. Errors are raised as `ConfigError` with one
+line that names the file, the YAML line, the key path and what was expected.
+
+Relative paths in the file (model bundle, source, password file) resolve against the
+folder that holds the config file, so a config can be moved together with its bundle.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from ganspect.edge.errors import ConfigError
+
+# Names that become MQTT topic levels: no wildcards, no separators, no spaces.
+_TOPIC_LEVEL = r"^[A-Za-z0-9_.\-]+$"
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StationConfig(_Section):
+    site: str = Field(pattern=_TOPIC_LEVEL, description="Plant or site name; a topic level.")
+    line: str = Field(pattern=_TOPIC_LEVEL, description="Production line name; a topic level.")
+    station: str = Field(pattern=_TOPIC_LEVEL, description="Inspection station name; a topic level.")
+
+
+class ModelConfig(_Section):
+    bundle: Path = Field(description="Model bundle folder (model.onnx and/or model.int8.onnx + manifest.json).")
+    precision: Literal["auto", "fp32", "int8"] = Field(
+        "auto", description="Which ONNX file to run: auto = INT8 when the bundle has one, else FP32."
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, le=256, description="onnxruntime intra-op threads; 0 lets onnxruntime choose (one per core)."
+    )
+
+
+class SourceConfig(_Section):
+    uri: str = Field(
+        min_length=1,
+        description='Camera index ("0"), device path (/dev/video0), video file, folder of images, '
+        "or an rtsp:// / http:// stream URL.",
+    )
+    loop: bool = Field(False, description="Start a video file or image folder again at its end (demos).")
+    name: str | None = Field(
+        None, pattern=_TOPIC_LEVEL, description="Short source name used in part ids; default: derived from uri."
+    )
+    max_fps: float | None = Field(
+        None, gt=0, le=1000,
+        description="Score at most this many frames per second; none = as fast as frames come "
+        "(a video file or folder is then read as fast as the model scores).",
+    )
+
+
+class MqttConfig(_Section):
+    enabled: bool = Field(True, description="Publish verdicts over MQTT; false = inspect and log only.")
+    host: str = Field("127.0.0.1", min_length=1, description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker TCP port.")
+    prefix: str = Field(
+        "ganspect", pattern=r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$",
+        description="First topic level(s); topics are <prefix>/<site>/<line>/<station>/...",
+    )
+    client_id: str | None = Field(None, description="MQTT client id; default ganspect-<site>-<line>-<station>.")
+    keepalive: int = Field(30, ge=5, le=3600, description="Keep-alive interval in seconds.")
+    qos: Literal[1, 2] = Field(1, description="QoS of verdicts: 1 (at least once) or 2 (exactly once).")
+    username: str | None = Field(None, description="Broker user name, if the broker requires one.")
+    password_env: str | None = Field(None, description="Name of the environment variable holding the password.")
+    password_file: Path | None = Field(None, description="File whose first line is the password.")
+    connect_timeout_s: float = Field(5.0, gt=0, le=300, description="How long to wait for the broker at start-up.")
+    require_broker: bool = Field(
+        True,
+        description="true: exit with an error when the broker does not answer at start-up; false: start "
+        "inspecting anyway and deliver verdicts (held in memory) once the broker answers.",
+    )
+    drain_timeout_s: float = Field(
+        10.0, ge=0, le=600, description="At exit, how long to wait for the broker to acknowledge pending verdicts."
+    )
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> MqttConfig:
+        if self.password_env and self.password_file:
+            raise ValueError("set password_env or password_file, not both")
+        if (self.password_env or self.password_file) and not self.username:
+            raise ValueError("a password needs a username")
+        return self
+
+
+class DisplayConfig(_Section):
+    window: Literal["auto", "on", "off"] = Field(
+        "auto", description="Operator window: auto = only when $DISPLAY is set; --headless forces off."
+    )
+    heatmap: bool = Field(True, description="Show the heatmap blend when the window opens (key h toggles).")
+
+
+class RunConfig(_Section):
+    max_frames: int | None = Field(None, ge=1, description="Stop after this many frames; none = until the end.")
+
+    @field_validator("max_frames", mode="before")
+    @classmethod
+    def _null_words(cls, value: Any) -> Any:
+        return None if value in ("none", "null", "") else value
+
+
+class EdgeConfig(_Section):
+    station: StationConfig = Field(description="Where this daemon inspects; names the MQTT topics.")
+    model: ModelConfig = Field(description="The model bundle to score with.")
+    source: SourceConfig = Field(description="Where frames come from.")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Verdict delivery.")  # type: ignore[arg-type]
+    display: DisplayConfig = Field(default_factory=DisplayConfig, description="Operator window.")  # type: ignore[arg-type]
+    run: RunConfig = Field(default_factory=RunConfig, description="Run limits.")  # type: ignore[arg-type]
+
+
+def is_path_like_source(uri: str) -> bool:
+    """True for a file, folder or device path; false for a camera index or a URL."""
+    return not (uri.isdigit() or _URL.match(uri))
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """1-based YAML line of the deepest node on `loc` that exists (the parent for a missing key)."""
+    node = root
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(key)]
+            if not match:
+                return line
+            key_node, node = match[0]
+            line = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _describe(exc: ValidationError, path: Path, root: yaml.Node | None) -> str:
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    line = _line_of(root, loc)
+    where = f"{path}:{line}" if line else str(path)
+    if err["type"] == "extra_forbidden":
+        what = "unknown key (check the spelling; see configs/edge.yaml for the keys)"
+    elif err["type"] == "missing":
+        what = "required key is missing"
+    else:
+        what = err["msg"]
+        if "input" in err and not isinstance(err["input"], dict | list):
+            what += f" (got {err['input']!r})"
+    more = len(exc.errors()) - 1
+    return f"{where}: {key}: {what}" + (f" (and {more} more problem(s))" if more else "")
+
+
+def _resolve(base: Path, value: Path) -> Path:
+    return value if value.is_absolute() else (base / value)
+
+
+def load_config(path: str | Path) -> EdgeConfig:
+    """Read, validate and resolve a config file; raise ConfigError naming the key and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    try:
+        root = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with station, model and source sections")
+    try:
+        config = EdgeConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, root)) from exc
+    return resolve_paths(config, path.parent)
+
+
+def resolve_paths(config: EdgeConfig, base: Path) -> EdgeConfig:
+    """Relative bundle, source and password-file paths made relative to `base` (the config's folder)."""
+    model = config.model.model_copy(update={"bundle": _resolve(base, config.model.bundle)})
+    source = config.source
+    if is_path_like_source(source.uri) and not Path(source.uri).is_absolute():
+        source = source.model_copy(update={"uri": str(base / source.uri)})
+    mqtt = config.mqtt
+    if mqtt.password_file is not None:
+        mqtt = mqtt.model_copy(update={"password_file": _resolve(base, mqtt.password_file)})
+    return config.model_copy(update={"model": model, "source": source, "mqtt": mqtt})
+
+
+def read_password(mqtt: MqttConfig) -> SecretStr | None:
+    """The broker password from the environment or a file; never logged (SecretStr hides it)."""
+    if mqtt.password_env:
+        value = os.environ.get(mqtt.password_env)
+        if value is None:
+            raise ConfigError(f"mqtt.password_env: environment variable {mqtt.password_env} is not set")
+        return SecretStr(value)
+    if mqtt.password_file:
+        try:
+            lines = mqtt.password_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"mqtt.password_file: cannot read {mqtt.password_file}: {exc.strerror or exc}") from exc
+        return SecretStr(lines[0] if lines else "")
+    return None

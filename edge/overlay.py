@@ -1,0 +1,98 @@
+"""The operator window: frame, heatmap blend, a big OK/NG banner, score vs threshold, fps.
+
+`render_overlay` is a pure function (image in, image out) so it can be tested without a
+screen; `OverlayWindow` shows its result with OpenCV HighGUI on the main thread and
+turns key presses into actions (h: toggle heatmap, q / Esc / closing the window: quit).
+"""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+
+# BGR colours of the banner: readable from a distance, and the same as the test checks.
+OK_COLOUR = (0, 170, 0)
+NG_COLOUR = (0, 0, 220)
+# Heatmap values are clipped to 0..HEATMAP_CLIP before colouring: 1.0 is the largest
+# normal residual, so anything at 2x or more is "clearly abnormal" and shows as red.
+HEATMAP_CLIP = 2.0
+# Small camera or model images are scaled up so the text stays legible.
+MIN_DISPLAY_WIDTH = 480
+WINDOW_NAME = "ganspect"
+
+
+def banner_height(image_height: int) -> int:
+    return max(36, image_height // 8)
+
+
+def render_overlay(frame_bgr: np.ndarray, heatmap: np.ndarray, result: str, score: float | None,
+                   threshold: float, fps: float | None = None, show_heatmap: bool = True,
+                   alpha: float = 0.45) -> np.ndarray:
+    """Frame (h, w, 3) uint8 + heatmap (H, W) float -> display image with banner and text.
+
+    The heatmap is resized to the frame, clipped at 0..HEATMAP_CLIP, coloured with the
+    JET map and blended with weight `alpha`. A banner of banner_height() rows on top is
+    green for OK and red for NG.
+    """
+    image = frame_bgr if frame_bgr.ndim == 3 else cv2.cvtColor(frame_bgr, cv2.COLOR_GRAY2BGR)
+    if image.shape[1] < MIN_DISPLAY_WIDTH:
+        factor = MIN_DISPLAY_WIDTH / image.shape[1]
+        image = cv2.resize(image, (MIN_DISPLAY_WIDTH, round(image.shape[0] * factor)), interpolation=cv2.INTER_NEAREST)
+    else:
+        image = image.copy()
+    h, w = image.shape[:2]
+    if show_heatmap:
+        heat = cv2.resize(heatmap.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+        heat_u8 = (np.clip(heat, 0.0, HEATMAP_CLIP) * (255.0 / HEATMAP_CLIP)).astype(np.uint8)
+        coloured = cv2.applyColorMap(heat_u8, cv2.COLORMAP_JET)
+        image = cv2.addWeighted(coloured, alpha, image, 1.0 - alpha, 0.0)
+    band = banner_height(h)
+    colour = NG_COLOUR if result == "NG" else OK_COLOUR
+    cv2.rectangle(image, (0, 0), (w - 1, band - 1), colour, thickness=cv2.FILLED)
+    scale = band / 40.0
+    cv2.putText(image, result, (10, band - max(6, band // 6)), cv2.FONT_HERSHEY_DUPLEX, scale,
+                (255, 255, 255), max(1, round(2 * scale)), cv2.LINE_AA)
+    score_text = "score n/a" if score is None else f"score {score:.4f} {'>' if result == 'NG' else '<='} {threshold:.4f}"
+    text_scale = max(0.45, band / 70.0)
+    cv2.putText(image, score_text, (int(w * 0.3), band - max(6, band // 4)), cv2.FONT_HERSHEY_SIMPLEX,
+                text_scale, (255, 255, 255), 1, cv2.LINE_AA)
+    if fps is not None:
+        _outlined_text(image, f"{fps:.1f} fps", (10, h - 10), text_scale)
+    return image
+
+
+def _outlined_text(image: np.ndarray, text: str, origin: tuple[int, int], scale: float) -> None:
+    # Black outline under white text: readable on any part and any heatmap colour.
+    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+
+
+def display_available() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+class OverlayWindow:
+    """A HighGUI window; call `show` from the main thread only."""
+
+    def __init__(self, show_heatmap: bool = True) -> None:
+        self.show_heatmap = show_heatmap
+        cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
+        self._shown = False
+
+    def show(self, image: np.ndarray) -> bool:
+        """Show one image and handle keys; False when the operator asked to quit."""
+        cv2.imshow(WINDOW_NAME, image)
+        self._shown = True
+        key = cv2.waitKey(1) & 0xFF
+        if key == ord("h"):
+            self.show_heatmap = not self.show_heatmap
+        if key in (ord("q"), 27):
+            return False
+        # The window's close button: HighGUI reports it as not visible any more.
+        return cv2.getWindowProperty(WINDOW_NAME, cv2.WND_PROP_VISIBLE) >= 1
+
+    def close(self) -> None:
+        cv2.destroyWindow(WINDOW_NAME)
+        cv2.waitKey(1)

@@ -1,0 +1,139 @@
+"""The bundle's ONNX graph under onnxruntime: one `session.run` per frame.
+
+`Scorer.load` verifies the bundle (hashes, manifest) through `ganspect.edge.manifest`,
+opens the chosen file on the CPU, checks that the graph's input and outputs are the
+ones the manifest promises, and warms the session up once, so the first real frame is
+not slow and a wrong graph is refused before the line starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from ganspect.edge.errors import BundleError
+from ganspect.edge.manifest import Bundle, Manifest, ModelFile, load_bundle
+from ganspect.edge.preprocess import preprocess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Score:
+    score: float
+    threshold: float
+    heatmap: np.ndarray  # (H, W) float32, model pixels; 1.0 = largest normal residual
+    peak_x: int  # column of the heatmap maximum, model pixels
+    peak_y: int  # row of the heatmap maximum, model pixels
+    peak_value: float
+    preprocess_ms: float
+    inference_ms: float
+
+    @property
+    def is_ng(self) -> bool:
+        # Written so that a NaN score (a broken graph or input) is NG, never a silent OK.
+        return not self.score <= self.threshold
+
+    @property
+    def result(self) -> Literal["OK", "NG"]:
+        return "NG" if self.is_ng else "OK"
+
+
+def _dim_matches(actual: int | str | None, expected: int) -> bool:
+    # Symbolic or unknown dimensions cannot be checked here; the warm-up run checks them.
+    return not isinstance(actual, int) or actual == expected
+
+
+class Scorer:
+    """Scores BGR frames with a verified bundle."""
+
+    def __init__(self, bundle: Bundle, model_file: ModelFile, session: ort.InferenceSession) -> None:
+        self.bundle = bundle
+        self.manifest: Manifest = bundle.manifest
+        self.model_file = model_file
+        self._session = session
+        self._outputs = [self.manifest.outputs.score, self.manifest.outputs.heatmap]
+
+    @classmethod
+    def load(cls, root: str | Path, precision: Literal["auto", "fp32", "int8"] = "auto",
+             intra_op_threads: int = 0) -> Scorer:
+        bundle = load_bundle(root)
+        model_file = bundle.manifest.model_file(None if precision == "auto" else precision)
+        path = bundle.path_of(model_file)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1  # one frame at a time: no parallel branches worth a thread
+        options.log_severity_level = 3  # onnxruntime warnings would drown the daemon's own log
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"{path} is not a model onnxruntime can load: {first_line}") from exc
+        scorer = cls(bundle, model_file, session)
+        scorer._check_interface(path)
+        scorer._warm_up(path)
+        log.info("model %s (%s, %s) loaded from %s; threshold %.4g", scorer.manifest.name, scorer.manifest.kind,
+                 model_file.precision, path, scorer.manifest.threshold.value)
+        return scorer
+
+    def _check_interface(self, path: Path) -> None:
+        spec = self.manifest.input
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != spec.name:
+            names = ", ".join(i.name for i in inputs)
+            raise BundleError(f"{path} has input(s) [{names}], the manifest expects one input named {spec.name!r}")
+        graph_input = inputs[0]
+        if graph_input.type != "tensor(uint8)":
+            raise BundleError(f"{path} input {spec.name!r} is {graph_input.type}; the contract is tensor(uint8)")
+        expected = (spec.height, spec.width, spec.channels)
+        shape = list(graph_input.shape)
+        if len(shape) != 4 or not all(_dim_matches(a, e) for a, e in zip(shape[1:], expected)):
+            raise BundleError(
+                f"{path} input {spec.name!r} has shape {shape}; the manifest says (N, {spec.height}, "
+                f"{spec.width}, {spec.channels}) (N, H, W, C): the manifest does not belong to this model"
+            )
+        outputs = {o.name for o in self._session.get_outputs()}
+        missing = [name for name in self._outputs if name not in outputs]
+        if missing:
+            raise BundleError(f"{path} lacks output(s) {', '.join(missing)} named in the manifest "
+                              f"(it has: {', '.join(sorted(outputs))})")
+
+    def _warm_up(self, path: Path) -> None:
+        spec = self.manifest.input
+        blank = np.zeros((1, spec.height, spec.width, spec.channels), np.uint8)
+        try:
+            score, heatmap = self._session.run(self._outputs, {spec.name: blank})
+        except Exception as exc:
+            raise BundleError(f"{path} fails on a blank {spec.height}x{spec.width} image: "
+                              f"{str(exc).strip().splitlines()[0]}") from exc
+        if np.shape(score) != (1,) or np.shape(heatmap) != (1, spec.height, spec.width):
+            raise BundleError(
+                f"{path} returned score {np.shape(score)} and heatmap {np.shape(heatmap)}; the contract is "
+                f"(1,) and (1, {spec.height}, {spec.width}) for one image"
+            )
+
+    def score(self, frame_bgr: np.ndarray) -> Score:
+        """Score one frame: preprocess, one session.run, peak of the heatmap."""
+        t0 = time.perf_counter()
+        batch = preprocess(frame_bgr, self.manifest.input)  # (1, H, W, C) uint8
+        t1 = time.perf_counter()
+        score, heatmap = self._session.run(self._outputs, {self.manifest.input.name: batch})
+        t2 = time.perf_counter()
+        heat = np.asarray(heatmap[0], dtype=np.float32)  # (H, W)
+        peak_y, peak_x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        return Score(
+            score=float(score[0]),
+            threshold=self.manifest.threshold.value,
+            heatmap=heat,
+            peak_x=int(peak_x),
+            peak_y=int(peak_y),
+            peak_value=float(heat[peak_y, peak_x]),
+            preprocess_ms=(t1 - t0) * 1000.0,
+            inference_ms=(t2 - t1) * 1000.0,
+        )

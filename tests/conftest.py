@@ -1,0 +1,332 @@
+"""Shared fixtures: a real Mosquitto broker, a tiny real ONNX bundle, a lossless test video.
+
+Nothing here is a mock: the broker is the `mosquitto` binary on a free port (never the
+shared one on 1883), the bundle is an ONNX graph built with `onnx.helper` (no torch)
+and verified by `ganspect.edge.manifest`, and the video is written by OpenCV with the
+lossless FFV1 codec so the test knows each frame's pixels exactly.
+
+The tiny model: heatmap = mean over channels of |x/255 - 0.5| / HEATMAP_SCALE, and
+score = mean over the image of |x/255 - 0.5|. A mid-grey part scores about 0.02; a part
+with a large white or black patch scores about 0.3, above the threshold 0.15 (NG).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pytest
+import yaml
+
+TINY_THRESHOLD = 0.15
+HEATMAP_SCALE = 0.1
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mosquitto exited with {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"mosquitto did not listen on {host}:{port} within {timeout} s")
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A free TCP port on 127.0.0.1 with nothing listening (for "broker not answering")."""
+    return free_port()
+
+
+@dataclass
+class Broker:
+    host: str
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def __iter__(self) -> Iterator[Any]:  # so `host, port = broker` works
+        return iter((self.host, self.port))
+
+
+def _start_mosquitto(folder: Path, port: int) -> Broker:
+    conf = folder / f"mosquitto-{port}.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n", encoding="utf-8")
+    with open(folder / f"mosquitto-{port}.log", "wb") as log:
+        proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_port("127.0.0.1", port, proc)
+    except RuntimeError:
+        _stop_mosquitto(proc)
+        raise
+    return Broker("127.0.0.1", port, proc)
+
+
+def _stop_mosquitto(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def start_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    """Factory: start_broker(port=None) starts a mosquitto (on a free port by default); all stop at teardown."""
+    if not Path(MOSQUITTO).exists():
+        pytest.skip("mosquitto is not installed")
+    started: list[Broker] = []
+
+    def start(port: int | None = None) -> Broker:
+        broker = _start_mosquitto(tmp_path, port or free_port())
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in reversed(started):
+        _stop_mosquitto(broker.process)
+
+
+@pytest.fixture
+def mosquitto_broker(start_broker: Callable[..., Broker]) -> Broker:
+    """A fresh mosquitto on a free port of 127.0.0.1 (never the shared 1883): Broker(host, port, process)."""
+    return start_broker()
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+@dataclass
+class Subscriber:
+    """A real paho client that records every message on its topic filter."""
+
+    client: Any
+    messages: list[Received] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def on(self, topic_suffix: str) -> list[Received]:
+        with self.lock:
+            return [m for m in self.messages if m.topic.endswith(topic_suffix)]
+
+    def wait_for(self, topic_suffix: str, count: int, timeout: float = 10.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(self.on(topic_suffix)) < count:
+            time.sleep(0.02)
+        return self.on(topic_suffix)
+
+
+@pytest.fixture
+def mqtt_subscriber() -> Iterator[Callable[[str, int, str], Subscriber]]:
+    """Factory: subscribe(host, port, topic_filter) -> Subscriber, returned once the SUBACK is in."""
+    import paho.mqtt.client as mqtt
+
+    clients: list[Any] = []
+
+    def subscribe(host: str, port: int, topic: str) -> Subscriber:
+        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                             client_id=f"test-sub-{len(clients)}-{os.getpid()}")
+        sub = Subscriber(client)
+        subscribed = threading.Event()
+
+        def on_message(c: Any, userdata: Any, msg: Any) -> None:
+            with sub.lock:
+                sub.messages.append(Received(msg.topic, msg.payload, bool(msg.retain)))
+
+        client.on_message = on_message
+        client.on_subscribe = lambda *a: subscribed.set()
+        client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+        client.connect(host, port)
+        client.loop_start()
+        clients.append(client)
+        if not subscribed.wait(10):
+            raise RuntimeError(f"test subscriber could not subscribe to {topic} on {host}:{port}")
+        return sub
+
+    yield subscribe
+    for client in clients:
+        client.disconnect()
+        client.loop_stop()
+
+
+def build_tiny_model(height: int, width: int, channels: int) -> bytes:
+    """The tiny ONNX graph (opset 17) honouring the bundle contract; returns its bytes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def const(name: str, value: float) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.FLOAT, [], [value]))
+
+    nodes = [
+        const("inv255", 1.0 / 255.0), const("half", 0.5), const("inv_scale", 1.0 / HEATMAP_SCALE),
+        helper.make_node("Cast", ["image"], ["x_f"], to=TensorProto.FLOAT),  # (N, H, W, C)
+        helper.make_node("Mul", ["x_f", "inv255"], ["x01"]),
+        helper.make_node("Sub", ["x01", "half"], ["centred"]),
+        helper.make_node("Abs", ["centred"], ["dev"]),  # (N, H, W, C)
+        helper.make_node("ReduceMean", ["dev"], ["dev_hw"], axes=[3], keepdims=0),  # (N, H, W)
+        helper.make_node("Mul", ["dev_hw", "inv_scale"], ["heatmap"]),  # (N, H, W)
+        helper.make_node("ReduceMean", ["dev_hw"], ["score"], axes=[1, 2], keepdims=0),  # (N,)
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", height, width, channels])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+         helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, ["N", height, width])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="ganspect-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def write_tiny_bundle(root: Path, *, height: int = 32, width: int = 32,
+                      colour_order: Literal["GRAY", "BGR"] = "GRAY", threshold: float = TINY_THRESHOLD,
+                      graph_shape: tuple[int, int, int] | None = None) -> Path:
+    """Write model.onnx + manifest.json into `root`; `graph_shape` (H, W, C) builds a graph that disagrees."""
+    from ganspect.edge.manifest import (HeatmapSpec, InputSpec, Manifest, Normalisation, ScoreSpec, ThresholdSpec,
+                                        TrainingData, describe_file, utc_now, write_manifest)
+
+    root.mkdir(parents=True, exist_ok=True)
+    channels = 1 if colour_order == "GRAY" else 3
+    (root / "model.onnx").write_bytes(build_tiny_model(*(graph_shape or (height, width, channels))))
+    manifest = Manifest(
+        format_version=1, name="tiny-test", kind="efficient_gan", created_at=utc_now(), ganspect_version="0.1.0",
+        input=InputSpec(height=height, width=width, channels=channels, colour_order=colour_order),
+        normalisation=Normalisation(scale=1 / 255, offset=-0.5),
+        score=ScoreSpec(formula="mean |x/255 - 0.5| (test model)", lambda_=0.1, discrimination="feature_matching"),
+        threshold=ThresholdSpec(value=threshold, method="manual", n_images=0),
+        heatmap=HeatmapSpec(scale=HEATMAP_SCALE, smoothing_sigma=0.0),
+        training_data=TrainingData(source="tests/conftest.py", n_train=0, n_val=0),
+        files=[describe_file(root, "model.onnx", "fp32")],
+    )
+    write_manifest(root, manifest)
+    return root
+
+
+@pytest.fixture
+def make_bundle() -> Callable[..., Path]:
+    """Factory: make_bundle(root, height=32, width=32, colour_order="GRAY", threshold=0.15, graph_shape=None)."""
+    return write_tiny_bundle
+
+
+@pytest.fixture
+def tiny_bundle(tmp_path: Path) -> Path:
+    """A verified-valid GRAY 32x32 bundle folder (fp32 only)."""
+    return write_tiny_bundle(tmp_path / "bundle")
+
+
+def part_image(ng: bool, index: int, size: tuple[int, int] = (64, 48)) -> np.ndarray:
+    """A (h, w, 3) BGR frame: grey part with mild texture; NG parts carry a big white or black patch."""
+    w, h = size
+    rng = np.random.default_rng(index)
+    image = (128 + rng.integers(-8, 9, size=(h, w, 3))).astype(np.uint8)
+    if ng:
+        value = 255 if index % 2 else 0
+        image[h // 8: h - h // 8, w // 8: w - w // 8] = value  # 56% of the area
+    return image
+
+
+def write_video(path: Path, pattern: list[bool], size: tuple[int, int] = (64, 48), fps: float = 10.0) -> Path:
+    """Lossless FFV1 .avi whose frame i is NG when pattern[i] is True."""
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), fps, size)
+    if not writer.isOpened():
+        raise RuntimeError("OpenCV cannot write FFV1 video here")
+    for i, ng in enumerate(pattern):
+        writer.write(part_image(ng, i, size))
+    writer.release()
+    return path
+
+
+# Frames 2, 5 and 6 carry a defect.
+VIDEO_PATTERN = [False, False, True, False, False, True, True, False]
+
+
+@dataclass(frozen=True)
+class PartsVideo:
+    path: Path
+    expected: list[str]  # "OK" / "NG" per frame
+
+
+@pytest.fixture
+def tiny_video(tmp_path: Path) -> PartsVideo:
+    """An 8-frame 64x48 FFV1 video; `expected` gives the verdict the tiny model must reach per frame."""
+    path = write_video(tmp_path / "parts.avi", VIDEO_PATTERN)
+    return PartsVideo(path, ["NG" if ng else "OK" for ng in VIDEO_PATTERN])
+
+
+@pytest.fixture
+def make_video() -> Callable[..., Path]:
+    """Factory: make_video(path, pattern: list[bool], size=(64, 48), fps=10.0) -> path (True = NG frame)."""
+    return write_video
+
+
+@pytest.fixture
+def make_part_image() -> Callable[..., np.ndarray]:
+    """Factory: make_part_image(ng, index, size=(64, 48)) -> (h, w, 3) BGR frame as in the test video."""
+    return part_image
+
+
+@pytest.fixture
+def make_edge_config(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: make_edge_config(bundle, media, broker=None, **section_overrides) -> config path.
+
+    `media` becomes source.uri.
+
+    broker None disables MQTT. Overrides are merged per section, e.g. mqtt={"qos": 2}.
+    """
+    def make(bundle: Path, media: Path | str, broker: Broker | tuple[str, int] | None = None,
+             name: str = "edge.yaml", **overrides: dict[str, Any]) -> Path:
+        host, port = broker if broker is not None else ("127.0.0.1", 1)
+        config: dict[str, dict[str, Any]] = {
+            "station": {"site": "testsite", "line": "l1", "station": "s1"},
+            "model": {"bundle": str(bundle), "intra_op_threads": 1},
+            "source": {"uri": str(media)},
+            "mqtt": {"enabled": broker is not None, "host": host, "port": port, "prefix": "gstest",
+                     "connect_timeout_s": 5, "drain_timeout_s": 5},
+            "display": {"window": "off"},
+        }
+        for section, values in overrides.items():
+            config.setdefault(section, {}).update(values)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        return path
+
+    return make
+
+
+def run_ganspect(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m ganspect.edge ARGS` as a real subprocess; stdout/stderr captured as text."""
+    return subprocess.run([sys.executable, "-m", "ganspect.edge", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def ganspect_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Factory: ganspect_cli(*args, timeout=60) runs the `ganspect` CLI in a subprocess."""
+    return run_ganspect

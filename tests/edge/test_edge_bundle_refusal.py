@@ -1,0 +1,88 @@
+"""The daemon refuses a bundle that does not match its manifest: one line, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ganspect.edge.errors import BundleError
+from ganspect.edge.scorer import Scorer
+
+
+def _tamper_byte(bundle: Path) -> str:
+    model = bundle / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    return "does not match its manifest (SHA-256"
+
+
+def _delete_model(bundle: Path) -> str:
+    (bundle / "model.onnx").unlink()
+    return "is missing model.onnx named in its manifest"
+
+
+def _invalid_field(bundle: Path) -> str:
+    manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    manifest["input"]["colour_order"] = "RGB"
+    (bundle / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return "is not a valid manifest: input.colour_order"
+
+
+TAMPERINGS: dict[str, Callable[[Path], str]] = {
+    "changed byte": _tamper_byte,
+    "missing model file": _delete_model,
+    "invalid manifest field": _invalid_field,
+}
+
+
+@pytest.mark.parametrize("how", list(TAMPERINGS))
+def test_damaged_bundle_is_refused_by_the_daemon(how, tiny_bundle, tiny_video, make_edge_config, ganspect_cli):
+    words = TAMPERINGS[how](tiny_bundle)
+    config = make_edge_config(tiny_bundle, tiny_video.path, None)
+    proc = ganspect_cli("edge", "--config", str(config), "--headless")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ganspect edge: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert words in errors[0]
+    assert proc.stdout == ""  # no verdict, no summary
+
+
+def test_manifest_shape_disagreeing_with_graph_is_refused(tmp_path, make_bundle, tiny_video, make_edge_config,
+                                                          ganspect_cli):
+    # The manifest says 32x32 grey; the graph (hash valid) takes 24x24 grey.
+    bundle = make_bundle(tmp_path / "bundle", height=32, width=32, graph_shape=(24, 24, 1))
+    with pytest.raises(BundleError, match=r"has shape \['N', 24, 24, 1\]; the manifest says \(N, 32, 32, 1\)"):
+        Scorer.load(bundle)
+    config = make_edge_config(bundle, tiny_video.path, None)
+    proc = ganspect_cli("edge", "--config", str(config), "--headless")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "the manifest does not belong to this model" in proc.stderr
+
+
+def test_channel_count_mismatch_is_refused(tmp_path, make_bundle):
+    # Manifest BGR (3 channels), graph grey (1 channel).
+    bundle = make_bundle(tmp_path / "bundle", colour_order="BGR", graph_shape=(32, 32, 1))
+    with pytest.raises(BundleError, match="the manifest does not belong to this model"):
+        Scorer.load(bundle)
+
+
+def test_file_that_is_not_onnx_is_refused(tmp_path, make_bundle):
+    from ganspect.edge.manifest import Manifest, describe_file, write_manifest
+
+    bundle = make_bundle(tmp_path / "bundle")
+    (bundle / "model.onnx").write_bytes(b"\x00not an onnx model at all")
+    manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text(encoding="utf-8"))
+    write_manifest(bundle, manifest.model_copy(update={"files": [describe_file(bundle, "model.onnx", "fp32")]}))
+    with pytest.raises(BundleError, match="is not a model onnxruntime can load"):
+        Scorer.load(bundle)
+
+
+def test_requested_precision_missing_is_refused(tiny_bundle):
+    with pytest.raises(BundleError, match="bundle has no int8 model"):
+        Scorer.load(tiny_bundle, precision="int8")

@@ -1,0 +1,211 @@
+"""`ganspect edge` as a real subprocess against a real Mosquitto, a real ONNX bundle and real media."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import cv2
+import jsonschema
+import pytest
+
+import ganspect.edge
+
+SCHEMA_PATH = Path(ganspect.edge.__file__).parent / "schemas" / "verdict.schema.json"
+BASE_TOPIC = "gstest/testsite/l1/s1"
+
+
+@pytest.fixture(scope="module")
+def validator() -> jsonschema.Draft202012Validator:
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _check_verdicts(payloads: list[dict[str, Any]], expected: list[str], source_name: str,
+                    validator: jsonschema.Draft202012Validator, bundle: Path) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    for p in payloads:
+        validator.validate(p)
+        assert (p["score"] > p["threshold"]) == (p["result"] == "NG")
+        assert datetime.fromisoformat(p["captured_at"].replace("Z", "+00:00")) <= datetime.fromisoformat(
+            p["published_at"].replace("Z", "+00:00"))
+    assert [p["seq"] for p in payloads] == list(range(1, len(expected) + 1))
+    assert [p["result"] for p in payloads] == expected
+    assert [p["part_id"] for p in payloads] == [f"{source_name}:{i}" for i in range(len(expected))]
+    assert len({p["verdict_id"] for p in payloads}) == len(payloads)
+    assert {p["model"]["sha256"] for p in payloads} == {manifest["files"][0]["sha256"]}
+    assert {json.dumps(p["station"], sort_keys=True) for p in payloads} == {
+        json.dumps({"line": "l1", "site": "testsite", "station": "s1"})}
+
+
+def test_video_run_publishes_one_valid_verdict_per_frame(
+        mosquitto_broker, mqtt_subscriber, tiny_bundle, tiny_video, make_edge_config, ganspect_cli, validator,
+        tmp_path):
+    sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
+    config = make_edge_config(tiny_bundle, tiny_video.path, mosquitto_broker)
+    verdict_log = tmp_path / "verdicts.jsonl"
+
+    proc = ganspect_cli("edge", "--config", str(config), "--headless", "--verdict-log", str(verdict_log))
+
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    n = len(tiny_video.expected)
+    sub.wait_for("/status", 2)
+    received = sub.wait_for("/verdict", n)
+    time.sleep(0.2)  # anything extra would have arrived by now
+    assert len(sub.on("/verdict")) == n
+    assert {m.topic for m in received} == {f"{BASE_TOPIC}/verdict"}
+    payloads = [json.loads(m.payload) for m in received]
+    _check_verdicts(payloads, tiny_video.expected, "parts", validator, tiny_bundle)
+    # The verdict log holds the same verdicts, one JSON object per line.
+    logged = [json.loads(line) for line in verdict_log.read_text(encoding="utf-8").splitlines()]
+    assert [p["verdict_id"] for p in logged] == [p["verdict_id"] for p in payloads]
+    # Status: online while running, then stopped; a late subscriber gets `stopped` retained.
+    assert [m.payload for m in sub.on("/status")] == [b"online", b"stopped"]
+    late = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, f"{BASE_TOPIC}/status")
+    retained = late.wait_for("/status", 1)
+    assert [(m.payload, m.retain) for m in retained] == [(b"stopped", True)]
+    # The summary counts what happened.
+    n_ng = tiny_video.expected.count("NG")
+    assert f"frames {n}: OK {n - n_ng}, NG {n_ng}" in proc.stdout
+    assert f"verdicts published {n}, acknowledged {n}, not delivered 0" in proc.stdout
+    assert "p95" in proc.stdout
+    # One concise log line per verdict (rate-limited at INFO; this video is too short to hit the limit for NG).
+    assert "#3 parts:2 NG score" in proc.stderr
+
+
+def test_image_folder_source_with_flag_overrides(
+        mosquitto_broker, mqtt_subscriber, tiny_bundle, tiny_video, make_edge_config, make_part_image,
+        ganspect_cli, validator, tmp_path):
+    pattern = [True, False, False, True, False, True]
+    folder = tmp_path / "station_images"
+    folder.mkdir()
+    for i, ng in enumerate(pattern):
+        assert cv2.imwrite(str(folder / f"part_{i:03d}.png"), make_part_image(ng, i, (80, 60)))
+    (folder / "notes.txt").write_text("not an image", encoding="utf-8")
+    sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
+    # The config names the video; --source and --max-frames override it.
+    config = make_edge_config(tiny_bundle, tiny_video.path, mosquitto_broker)
+
+    proc = ganspect_cli("edge", "--config", str(config), "--headless", "--source", str(folder),
+                        "--max-frames", "4")
+
+    assert proc.returncode == 0, proc.stderr
+    expected = ["NG" if ng else "OK" for ng in pattern[:4]]
+    received = sub.wait_for("/verdict", 4)
+    time.sleep(0.2)
+    assert len(sub.on("/verdict")) == 4
+    _check_verdicts([json.loads(m.payload) for m in received], expected, "station_images", validator, tiny_bundle)
+    assert "stopped by max_frames 4" in proc.stdout
+    assert "verdicts published 4, acknowledged 4, not delivered 0" in proc.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_after_every_verdict_is_acknowledged(
+        sig, mosquitto_broker, mqtt_subscriber, tiny_bundle, tiny_video, make_edge_config, tmp_path):
+    sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
+    config = make_edge_config(tiny_bundle, tiny_video.path, mosquitto_broker,
+                              source={"loop": True, "max_fps": 40})
+    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Past the end of the 8-frame video: looping works and part ids keep counting.
+        assert len(sub.wait_for("/verdict", 12, timeout=30)) >= 12, "daemon published too few verdicts"
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert "stopped by signal" in stdout
+    line = next(l for l in stdout.splitlines() if "verdicts published" in l)
+    published = int(line.split("published ")[1].split(",")[0])
+    assert f"acknowledged {published}, not delivered 0" in line
+    received = sub.wait_for("/verdict", published)
+    payloads = [json.loads(m.payload) for m in received]
+    assert [p["seq"] for p in payloads] == list(range(1, published + 1))
+    assert [p["part_id"] for p in payloads] == [f"parts:{i}" for i in range(published)]
+    cycle = tiny_video.expected
+    assert [p["result"] for p in payloads] == [cycle[i % len(cycle)] for i in range(published)]
+    assert [m.payload for m in sub.wait_for("/status", 2)] == [b"online", b"stopped"]
+
+
+def test_broker_not_answering_is_one_clear_line(tiny_bundle, tiny_video, make_edge_config, ganspect_cli,
+                                                unused_port):
+    config = make_edge_config(tiny_bundle, tiny_video.path, ("127.0.0.1", unused_port),
+                              mqtt={"enabled": True, "connect_timeout_s": 1.5})
+    proc = ganspect_cli("edge", "--config", str(config), "--headless")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("ganspect edge: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert f"127.0.0.1:{unused_port} did not answer within 1.5 s" in errors[0]
+    assert "require_broker" in errors[0]
+
+
+def test_broker_not_required_keeps_inspecting_and_reports_undelivered(
+        tiny_bundle, tiny_video, make_edge_config, ganspect_cli, unused_port, tmp_path):
+    config = make_edge_config(tiny_bundle, tiny_video.path, ("127.0.0.1", unused_port),
+                              mqtt={"enabled": True, "connect_timeout_s": 0.5, "require_broker": False,
+                                    "drain_timeout_s": 0.5})
+    verdict_log = tmp_path / "v.jsonl"
+    proc = ganspect_cli("edge", "--config", str(config), "--headless", "--verdict-log", str(verdict_log))
+    n = len(tiny_video.expected)
+    assert proc.returncode == 0, proc.stderr
+    assert "verdicts are NOT being delivered" in proc.stderr
+    assert f"verdicts published {n}, acknowledged 0, not delivered {n}" in proc.stdout
+    assert len(verdict_log.read_text(encoding="utf-8").splitlines()) == n
+
+
+def test_verdicts_made_before_a_late_broker_are_delivered_when_it_starts(
+        tiny_bundle, tiny_video, make_edge_config, start_broker, mqtt_subscriber, unused_port):
+    config = make_edge_config(tiny_bundle, tiny_video.path, ("127.0.0.1", unused_port),
+                              mqtt={"enabled": True, "connect_timeout_s": 0.3, "require_broker": False},
+                              source={"loop": True, "max_fps": 10}, run={"max_frames": 20})
+    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # several verdicts are made while nothing listens
+        broker = start_broker(unused_port)
+        sub = mqtt_subscriber(broker.host, broker.port, "gstest/#")
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "verdicts are NOT being delivered" in stderr
+    assert "verdicts published 20, acknowledged 20, not delivered 0" in stdout
+    # The broker acknowledged all 20 (above), including those made while it was down. The
+    # subscriber may join a moment after the daemon's reconnect, so it sees an in-order tail.
+    sub.wait_for("/verdict", 20, timeout=3)
+    seqs = [json.loads(m.payload)["seq"] for m in sub.on("/verdict")]
+    assert seqs and seqs == list(range(seqs[0], 21))
+
+
+def test_mqtt_disabled_runs_and_logs(tiny_bundle, tiny_video, make_edge_config, ganspect_cli, tmp_path):
+    config = make_edge_config(tiny_bundle, tiny_video.path, None)
+    verdict_log = tmp_path / "v.jsonl"
+    proc = ganspect_cli("edge", "--config", str(config), "--headless", "--verdict-log", str(verdict_log))
+    assert proc.returncode == 0, proc.stderr
+    assert "verdicts published: none (mqtt.enabled is false)" in proc.stdout
+    results = [json.loads(line)["result"] for line in verdict_log.read_text(encoding="utf-8").splitlines()]
+    assert results == tiny_video.expected
+
+
+def test_unopenable_source_is_one_clear_line(tiny_bundle, make_edge_config, ganspect_cli, tmp_path):
+    broken = tmp_path / "broken.avi"
+    broken.write_bytes(b"this is not a video")
+    for source, words in [(tmp_path / "missing.avi", "does not exist"), (broken, "cannot open video source")]:
+        config = make_edge_config(tiny_bundle, source, None)
+        proc = ganspect_cli("edge", "--config", str(config), "--headless")
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert words in proc.stderr

@@ -1,0 +1,155 @@
+"""Training configuration: YAML file + `--set key.path=value` overrides, validated strictly.
+
+Every section is a pydantic model with `extra="forbid"` and a description on every field,
+so a typo is an error that names the key instead of a setting silently ignored. This
+module imports no torch: the CLI validates a config before the trainer loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ganspect.edge.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelSection(_Section):
+    kind: Literal["efficient_gan"] = Field("efficient_gan", description="Model family to train.")
+    image_size: int = Field(64, description="Square input side in pixels: a power of two from 32 to 256.")
+    channels: Literal[1, 3] = Field(3, description="1 = grayscale, 3 = colour (BGR, as OpenCV reads it).")
+    latent_dim: int = Field(64, ge=2, le=1024, description="Size of the latent code z = E(x).")
+    base_width: int = Field(16, ge=4, le=256, description="Feature maps of the first conv stage; doubles per stage.")
+    lambda_: float = Field(0.1, alias="lambda", ge=0.0, le=1.0,
+                           description="Score weight: A(x) = (1 - lambda) * L_R + lambda * L_D.")
+    discrimination: Literal["feature_matching"] = Field(
+        "feature_matching", description="L_D: mean |f_D(x, E(x)) - f_D(G(E(x)), E(x))| over D's joint features.")
+    residual_reduction: Literal["peak", "mean"] = Field(
+        "peak", description="L_R from the per-pixel residual: peak = max of the smoothed residual (local defects), "
+        "mean = the papers' mean absolute residual (whole-image anomalies such as another MNIST digit).")
+    heatmap_sigma: float | None = Field(
+        None, ge=0.0, description="Gaussian smoothing of the heatmap in pixels; null = image_size / 32 (2 px at 64).")
+    norm: Literal["batch", "group", "none"] = Field(
+        "batch", description="Normalisation in E and G; G's BatchNorm statistics are re-estimated on E(x) after training.")
+    spectral_norm: bool = Field(True, description="Spectral normalisation on D's layers (stabilises the GAN).")
+    d_dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout in D during training (BiGAN practice).")
+
+    @field_validator("image_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v < 32 or v > 256 or v & (v - 1):
+            raise ValueError(f"must be a power of two from 32 to 256, got {v}")
+        return v
+
+
+class AugmentSection(_Section):
+    hflip: bool = Field(False, description="Random horizontal flips (only if a mirrored part is still a good part).")
+    vflip: bool = Field(False, description="Random vertical flips (same caveat as hflip).")
+    shift: int = Field(2, ge=0, le=32, description="Random shift of up to this many pixels (edge pixels repeated).")
+    brightness: float = Field(0.05, ge=0.0, le=0.5, description="Random brightness change of up to +/- this fraction.")
+
+
+class DataSection(_Section):
+    holdout: float = Field(0.15, gt=0.0, lt=0.9,
+                           description="Share of the normal training images held out (never trained on) for calibration.")
+    augment: AugmentSection = Field(default_factory=AugmentSection, description="Training-time augmentation.")
+
+
+class TrainSection(_Section):
+    steps: int = Field(1000, ge=1, description="Optimisation steps (one batch each for D and for E+G).")
+    batch_size: int = Field(16, ge=2, le=1024, description="Images per step.")
+    lr: float = Field(5e-4, gt=0.0, description="Adam learning rate for E and G.")
+    lr_d: float = Field(5e-4, gt=0.0, description="Adam learning rate for D.")
+    beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam beta1 (0.5 as in DCGAN/BiGAN).")
+    recon_weight: float = Field(
+        100.0, ge=0.0,
+        description="Weight of an explicit L1 term |x - G(E(x))| in the E+G loss; 0 = pure BiGAN losses.")
+    seed: int = Field(0, description="Seed for torch, numpy and python; also chooses the held-out images.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available, else CPU.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch; null = torch's default.")
+    checkpoint_every: int = Field(500, ge=1, description="Write out/checkpoints/last.pt every this many steps.")
+    log_every: int = Field(25, ge=1, description="Append losses to out/losses.csv every this many steps.")
+
+
+class CalibrationSection(_Section):
+    nu: float = Field(0.01, ge=0.0, lt=1.0,
+                      description="Tolerated false-alarm rate: threshold = (1 - nu) quantile of held-out normal scores.")
+    heatmap_quantile: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="Quantile of all held-out normal smoothed residual pixels that maps to heatmap 1.0 (1.0 = max).")
+    batch_size: int = Field(64, ge=1, description="Images per batch when scoring.")
+
+
+class TrainConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection, description="Network and score settings.")
+    data: DataSection = Field(default_factory=DataSection, description="Held-out split and augmentation.")
+    train: TrainSection = Field(default_factory=TrainSection, description="Optimisation settings.")
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection,
+                                            description="Threshold and heatmap scale from held-out normals.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-able dict with the file's key names (`lambda`, not `lambda_`)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. train.steps=200")
+    key, value_text = override.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ConfigError(f"--set {override!r}: empty key")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {value_text!r} is not valid YAML: {exc}") from exc
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _error_summary(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_error_summary(exc, source)) from exc
+
+
+def load_train_config(path: Path, overrides: list[str]) -> TrainConfig:
+    """Read a YAML config, apply `key.path=value` overrides (values parsed as YAML), validate."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read training config {path}: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, train, calibration)")
+    for override in overrides:
+        _apply_override(raw, override)
+    return config_from_dict(raw, source=str(path))

@@ -73,6 +73,9 @@ class ScoreSpec(_Strict):
     discrimination: Literal["feature_matching", "cross_entropy"] = Field(
         description="How the discrimination loss L_D is computed."
     )
+    residual_reduction: Literal["mean", "peak"] = Field(
+        description="How L_R reduces the per-pixel residual: its mean, or the peak of its smoothed map."
+    )
 
 
 class ThresholdSpec(_Strict):

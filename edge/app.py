@@ -146,7 +146,7 @@ def _loop(config: EdgeConfig, scorer: Scorer, source: FrameSource, publisher: Ve
     max_frames = config.run.max_frames
     last_logged: dict[str, float] = {}
     fps: float | None = None
-    last_shown = time.monotonic()
+    last_shown: float | None = None
     min_interval = 1.0 / config.source.max_fps if config.source.max_fps else 0.0
     next_due = time.monotonic()
     while True:
@@ -179,8 +179,9 @@ def _loop(config: EdgeConfig, scorer: Scorer, source: FrameSource, publisher: Ve
         _log_verdict(payload, last_logged)
         if window is not None:
             now = time.monotonic()
-            instant = 1.0 / max(now - last_shown, 1e-6)
-            fps = instant if fps is None else 0.9 * fps + 0.1 * instant
+            if last_shown is not None:  # the first frame has no interval to measure
+                instant = 1.0 / max(now - last_shown, 1e-6)
+                fps = instant if fps is None else 0.9 * fps + 0.1 * instant
             last_shown = now
             image = render_overlay(frame.image, score.heatmap, score.result, payload["score"], score.threshold,
                                    fps=fps, show_heatmap=window.show_heatmap)

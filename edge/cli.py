@@ -58,10 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Our own INFO lines are for the operator; the libraries' INFO (the ONNX exporter's
+    # optimiser passes, say) would bury them, so only their warnings show unless -v.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("ganspect").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     command: Command = args._command
     try:
         return command.run(args)

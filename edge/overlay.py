@@ -32,8 +32,10 @@ def render_overlay(frame_bgr: np.ndarray, heatmap: np.ndarray, result: str, scor
                    alpha: float = 0.45) -> np.ndarray:
     """Frame (h, w, 3) uint8 + heatmap (H, W) float -> display image with banner and text.
 
-    The heatmap is resized to the frame, clipped at 0..HEATMAP_CLIP, coloured with the
-    JET map and blended with weight `alpha`. A banner of banner_height() rows on top is
+    The heatmap is resized to the frame, clipped at 0..HEATMAP_CLIP and coloured with the
+    JET map. It is blended with a per-pixel weight of `alpha` × heat (capped at 1), so
+    the part stays visible where its residual is low and the colour shows where it is as
+    large as the largest normal residual or more. A banner of banner_height() rows on top is
     green for OK and red for NG.
     """
     image = frame_bgr if frame_bgr.ndim == 3 else cv2.cvtColor(frame_bgr, cv2.COLOR_GRAY2BGR)
@@ -47,7 +49,8 @@ def render_overlay(frame_bgr: np.ndarray, heatmap: np.ndarray, result: str, scor
         heat = cv2.resize(heatmap.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
         heat_u8 = (np.clip(heat, 0.0, HEATMAP_CLIP) * (255.0 / HEATMAP_CLIP)).astype(np.uint8)
         coloured = cv2.applyColorMap(heat_u8, cv2.COLORMAP_JET)
-        image = cv2.addWeighted(coloured, alpha, image, 1.0 - alpha, 0.0)
+        weight = (alpha * np.clip(heat, 0.0, 1.0))[:, :, None]  # (h, w, 1)
+        image = (coloured * weight + image * (1.0 - weight)).astype(np.uint8)
     band = banner_height(h)
     colour = NG_COLOUR if result == "NG" else OK_COLOUR
     cv2.rectangle(image, (0, 0), (w - 1, band - 1), colour, thickness=cv2.FILLED)
@@ -78,11 +81,15 @@ class OverlayWindow:
 
     def __init__(self, show_heatmap: bool = True) -> None:
         self.show_heatmap = show_heatmap
-        cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
+        # GUI_NORMAL: no Qt zoom/save toolbar; an operator needs the picture, not tools.
+        cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL | cv2.WINDOW_GUI_NORMAL)
         self._shown = False
 
     def show(self, image: np.ndarray) -> bool:
         """Show one image and handle keys; False when the operator asked to quit."""
+        if not self._shown:
+            # WINDOW_NORMAL windows may open at a toolkit default size; start at the image's.
+            cv2.resizeWindow(WINDOW_NAME, image.shape[1], image.shape[0])
         cv2.imshow(WINDOW_NAME, image)
         self._shown = True
         key = cv2.waitKey(1) & 0xFF

@@ -166,20 +166,24 @@ def _resolve(base: Path, value: Path) -> Path:
     return value if value.is_absolute() else (base / value)
 
 
-def load_config(path: str | Path) -> EdgeConfig:
-    """Read, validate and resolve a config file; raise ConfigError naming the key and line."""
-    path = Path(path)
+def read_yaml_file(path: Path, what: str) -> tuple[Any, yaml.Node | None]:
+    """The parsed YAML of `path` and its node tree (for line numbers); ConfigError if unreadable."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     try:
-        root = yaml.compose(text)
-        raw = yaml.safe_load(text)
+        return yaml.safe_load(text), yaml.compose(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from exc
+
+
+def load_config(path: str | Path) -> EdgeConfig:
+    """Read, validate and resolve a config file; raise ConfigError naming the key and line."""
+    path = Path(path)
+    raw, root = read_yaml_file(path, "config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with station, model and source sections")
     try:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ganspect.edge.config import read_yaml_file
 from ganspect.edge.errors import ConfigError
 
 
@@ -138,14 +139,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig
 def load_train_config(path: Path, overrides: list[str]) -> TrainConfig:
     """Read a YAML config, apply `key.path=value` overrides (values parsed as YAML), validate."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read training config {path}: {exc.strerror or exc}") from exc
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    raw, _ = read_yaml_file(path, "training config")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

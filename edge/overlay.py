@@ -8,6 +8,8 @@ turns key presses into actions (h: toggle heatmap, q / Esc / closing the window:
 from __future__ import annotations
 
 import os
+import socket
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -73,7 +75,29 @@ def _outlined_text(image: np.ndarray, text: str, origin: tuple[int, int], scale:
 
 
 def display_available() -> bool:
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    """True when the X or Wayland display named in the environment accepts connections.
+
+    A stale $DISPLAY (an ssh session without X forwarding, a desktop that has logged
+    out) is not enough: OpenCV's Qt backend aborts the whole process when it cannot
+    connect, so the daemon looks before it opens a window.
+    """
+    wayland = os.environ.get("WAYLAND_DISPLAY")
+    if wayland:
+        runtime_dir = Path(os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}"))
+        if (runtime_dir / wayland).exists():
+            return True
+    display = os.environ.get("DISPLAY", "")
+    host, _, screen = display.rpartition(":")
+    number = screen.split(".")[0]
+    if not number.isdigit():
+        return False
+    if host in ("", "unix"):
+        return Path(f"/tmp/.X11-unix/X{number}").exists()
+    try:  # X over TCP, e.g. ssh X forwarding's localhost:10.0 listens on 6010
+        with socket.create_connection((host, 6000 + int(number)), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 class OverlayWindow:

@@ -11,7 +11,6 @@ there and leaves anything else alone.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -26,6 +25,7 @@ from typing import Any
 import yaml
 
 from ganspect.edge.errors import GanspectError
+from ganspect.edge.overlay import display_available
 
 @dataclass(frozen=True)
 class DemoPlan:
@@ -72,10 +72,6 @@ def _parse_broker(broker: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit():
         raise GanspectError(f"--broker must be HOST:PORT, got {broker!r}")
     return host, int(port)
-
-
-def _display_present() -> bool:
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 def _clear_outputs(workdir: Path) -> None:
@@ -168,7 +164,7 @@ def run_demo(workdir: Path, quick: bool, broker: str, headless: bool, seed: int)
         print(f"   {video} ({sum(p.defect is not None for p in truth)} defective)")
 
     broker_up = _broker_answers(*broker_address)
-    window = not headless and _display_present()
+    window = not headless and display_available()
     verdict_log = workdir / "verdicts.jsonl"
     with _stage("edge", "run the edge daemon on the video", timings):
         if broker_up:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
+import shutil
+import subprocess
+import time
+from pathlib import Path
 
-from ganspect.edge.overlay import MIN_DISPLAY_WIDTH, banner_height, render_overlay
+import numpy as np
+import pytest
+
+from ganspect.edge.overlay import MIN_DISPLAY_WIDTH, banner_height, display_available, render_overlay
 
 
 def _banner(image: np.ndarray) -> np.ndarray:
@@ -41,3 +47,33 @@ def test_heatmap_blend_marks_the_hot_region_and_can_be_toggled():
     assert cold[:, 0].mean() > cold[:, 2].mean() + 20  # JET's lower half is blue, lightly blended
     assert np.abs(cold - 128).max() < np.abs(hot - 128).max()  # the part shows through where heat is low
     assert np.array_equal(hidden[250:300, 50:150], frame[250:300, 50:150])
+
+
+def _free_display_number() -> int:
+    return next(n for n in range(90, 200) if not Path(f"/tmp/.X11-unix/X{n}").exists())
+
+
+@pytest.mark.parametrize("display", ["", "garbage", ":{n}", "unix:{n}.0", "127.0.0.1:{n}.0"])
+def test_a_display_that_does_not_answer_is_not_available(monkeypatch, display):
+    # Qt aborts the process on a display it cannot reach; the daemon must see that first.
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setenv("DISPLAY", display.format(n=_free_display_number()))
+
+    assert display_available() is False
+
+
+@pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb is not installed (apt-get install -y xvfb)")
+def test_a_running_x_server_is_available(monkeypatch):
+    number = _free_display_number()
+    server = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", "320x240x24"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not Path(f"/tmp/.X11-unix/X{number}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+        monkeypatch.setenv("DISPLAY", f":{number}")
+        assert display_available() is True
+    finally:
+        server.terminate()
+        server.wait(10)

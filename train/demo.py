@@ -27,6 +27,7 @@ import yaml
 from ganspect.edge.errors import GanspectError
 from ganspect.edge.overlay import display_available
 
+
 @dataclass(frozen=True)
 class DemoPlan:
     size: int

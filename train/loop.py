@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "ganspect-checkpoint/1"
 CHECKPOINT = Path("checkpoints") / "last.pt"
-# Fewer normal images per model pixel than this and the GAN mostly memorises; we say so.
+# With fewer normal training images than this the GAN mostly memorises them; we say so.
 MIN_TRAIN_IMAGES = 30
 
 

@@ -1,9 +1,13 @@
 """The edge daemon: source -> preprocess -> score -> verdict -> MQTT (+ log, + window).
 
 One stop event, set by SIGINT and SIGTERM alike (and by `q` in the window), ends the
-loop the same way whatever asked: the publisher drains its acknowledgements, says
-`stopped`, and a summary is printed. The loop also ends at `run.max_frames` or at the
-end of the source.
+loop the same way whatever asked: the publisher sends what the outbox holds (bounded by
+`mqtt.drain_timeout_s`), says `stopped`, and a summary is printed. The loop also ends at
+`run.max_frames` or at the end of the source.
+
+Each verdict is committed to the disk outbox (which also keeps the station's `seq`)
+before it is published or written to the verdict log, so nothing the log shows can be
+lost by a crash.
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ from ganspect.edge.mqtt import DeliveryReport, VerdictPublisher, build_verdict
 from ganspect.edge.overlay import OverlayWindow, display_available, render_overlay
 from ganspect.edge.scorer import Scorer
 from ganspect.edge.source import FrameSource, open_source
+from ganspect.edge.spool import OUTBOX_FILE, Outbox
 
 log = logging.getLogger(__name__)
 
 # Verdicts are logged at INFO at most this often per result (the rest at DEBUG), so a
 # fast video or a burst of NG parts cannot flood the journal; NG gets the closer look.
-_LOG_INTERVAL_S = {"OK": 1.0, "NG": 0.1}
+_LOG_INTERVAL_S = {"OK": 1.0, "NG": 0.1, "UNDEFINED": 0.1}
 
 
 @dataclass
@@ -42,16 +47,18 @@ class RunSummary:
     frames: int = 0
     ok: int = 0
     ng: int = 0
+    undefined: int = 0
     latency_sum_ms: float = 0.0
     # The p95 comes from the most recent frames only: a daemon runs for weeks.
     recent_latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     delivery: DeliveryReport | None = None  # None when MQTT is disabled
     stopped_by: str = "end of source"
 
-    def add(self, is_ng: bool, latency_ms: float) -> None:
+    def add(self, state: str, latency_ms: float) -> None:
         self.frames += 1
-        self.ng += is_ng
-        self.ok += not is_ng
+        self.ok += state == "OK"
+        self.ng += state == "NG"
+        self.undefined += state == "UNDEFINED"
         self.latency_sum_ms += latency_ms
         self.recent_latencies_ms.append(latency_ms)
 
@@ -59,14 +66,17 @@ class RunSummary:
         mean = self.latency_sum_ms / self.frames if self.frames else 0.0
         p95 = float(np.percentile(self.recent_latencies_ms, 95)) if self.recent_latencies_ms else 0.0
         out = [
-            f"frames {self.frames}: OK {self.ok}, NG {self.ng} (stopped by {self.stopped_by})",
+            f"frames {self.frames}: OK {self.ok}, NG {self.ng}"
+            + (f", UNDEFINED {self.undefined}" if self.undefined else "") + f" (stopped by {self.stopped_by})",
             f"latency per frame: mean {mean:.2f} ms, p95 {p95:.2f} ms",
         ]
         if self.delivery is None:
             out.append("verdicts published: none (mqtt.enabled is false)")
         else:
-            out.append(f"verdicts published {self.delivery.published}, acknowledged {self.delivery.acknowledged}, "
-                       f"not delivered {self.delivery.undelivered}")
+            d = self.delivery
+            out.append(f"verdicts queued {d.queued}, acknowledged {d.acknowledged} (replayed {d.replayed}), "
+                       f"dropped when full {d.dropped}, left in the outbox {d.backlog}")
+            out.append(f"outbox {d.outbox}: {d.backlog_at_start} waiting at start, {d.backlog} at exit")
         return out
 
 
@@ -98,14 +108,14 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 def _log_verdict(payload: dict[str, Any], last_logged: dict[str, float]) -> None:
     now = time.monotonic()
-    result = payload["result"]
+    result = payload["evaluation"]["state"]
     level = logging.INFO if now - last_logged.get(result, float("-inf")) >= _LOG_INTERVAL_S[result] else logging.DEBUG
     if level == logging.INFO:
         last_logged[result] = now
     peak = payload["heatmap_peak"]
     log.log(level, "#%d %s %s score %s thr %.4g peak (%d,%d) %.1f ms", payload["seq"], payload["part_id"],
             result, f"{payload['score']:.4g}" if payload["score"] is not None else "n/a",
-            payload["threshold"], peak["x"], peak["y"], payload["latency_ms"]["total"])
+            payload["threshold"]["value"], peak["x"], peak["y"], payload["processing_ms"]["total"])
 
 
 def run_edge(config: EdgeConfig, *, headless: bool = False, verdict_log: Path | None = None,
@@ -118,9 +128,11 @@ def run_edge(config: EdgeConfig, *, headless: bool = False, verdict_log: Path | 
         show_window = window_wanted(config, headless)
         source = open_source(config.source)
         stack.callback(source.close)
+        outbox = _open_outbox(config)
+        stack.callback(outbox.close)
         publisher: VerdictPublisher | None = None
         if config.mqtt.enabled:
-            publisher = VerdictPublisher(config.mqtt, config.station, read_password(config.mqtt))
+            publisher = VerdictPublisher(config.mqtt, config.station, outbox, read_password(config.mqtt))
             publisher.start()
         else:
             log.info("mqtt.enabled is false: verdicts are logged, not published")
@@ -133,16 +145,29 @@ def run_edge(config: EdgeConfig, *, headless: bool = False, verdict_log: Path | 
             stack.callback(window.close)
         stack.enter_context(stop_on_signals(stop))
         try:
-            _loop(config, scorer, source, publisher, log_file, window, stop, summary)
+            _loop(config, scorer, source, outbox, publisher, log_file, window, stop, summary)
         finally:
             if publisher is not None:
                 summary.delivery = publisher.close()
     return summary
 
 
-def _loop(config: EdgeConfig, scorer: Scorer, source: FrameSource, publisher: VerdictPublisher | None,
-          log_file: IO[str] | None, window: OverlayWindow | None, stop: threading.Event,
-          summary: RunSummary) -> None:
+def _open_outbox(config: EdgeConfig) -> Outbox:
+    outbox_config = config.mqtt.outbox
+    outbox = Outbox(config.data.dir / OUTBOX_FILE, max_messages=outbox_config.max_messages,
+                    max_bytes=outbox_config.max_bytes, when_full=outbox_config.when_full)
+    if outbox.backlog_at_open and config.mqtt.enabled:
+        log.info("%d verdict(s) from an earlier run wait in the outbox %s; they are sent first",
+                 outbox.backlog_at_open, outbox.path)
+    elif outbox.backlog_at_open:
+        log.warning("%d verdict(s) from an earlier run wait in the outbox %s but mqtt.enabled is false",
+                    outbox.backlog_at_open, outbox.path)
+    return outbox
+
+
+def _loop(config: EdgeConfig, scorer: Scorer, source: FrameSource, outbox: Outbox,
+          publisher: VerdictPublisher | None, log_file: IO[str] | None, window: OverlayWindow | None,
+          stop: threading.Event, summary: RunSummary) -> None:
     max_frames = config.run.max_frames
     last_logged: dict[str, float] = {}
     fps: float | None = None
@@ -165,17 +190,20 @@ def _loop(config: EdgeConfig, scorer: Scorer, source: FrameSource, publisher: Ve
             return
         started = time.perf_counter()
         score = scorer.score(frame.image)
+        seq = outbox.next_seq()
         payload = build_verdict(
-            seq=summary.frames + 1, station=config.station, part_id=f"{source.name}:{frame.index}",
+            seq=seq, station=config.station, part_id=f"{source.name}:{frame.index}",
             captured_at=frame.captured_at, score=score, manifest=scorer.manifest, model_file=scorer.model_file,
             total_ms=(time.perf_counter() - started) * 1000.0,
         )
         if publisher is not None:
-            publisher.publish(payload)
+            publisher.submit(payload)  # on disk when this returns
+        else:
+            outbox.note_seq(seq)
         if log_file is not None:
             log_file.write(json.dumps(payload, separators=(",", ":")) + "\n")
             log_file.flush()
-        summary.add(score.is_ng, payload["latency_ms"]["total"])
+        summary.add(payload["evaluation"]["state"], payload["processing_ms"]["total"])
         _log_verdict(payload, last_logged)
         if window is not None:
             now = time.monotonic()
@@ -183,7 +211,7 @@ def _loop(config: EdgeConfig, scorer: Scorer, source: FrameSource, publisher: Ve
                 instant = 1.0 / max(now - last_shown, 1e-6)
                 fps = instant if fps is None else 0.9 * fps + 0.1 * instant
             last_shown = now
-            image = render_overlay(frame.image, score.heatmap, score.result, payload["score"], score.threshold,
+            image = render_overlay(frame.image, score.heatmap, payload["evaluation"]["state"], payload["score"], score.threshold,
                                    fps=fps, show_heatmap=window.show_heatmap)
             if not window.show(image):
                 stop.set()

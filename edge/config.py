@@ -4,7 +4,7 @@ Every section forbids unknown keys, so a typo (`mqtt.hostname`) is an error at s
 rather than a silently ignored setting. Errors are raised as `ConfigError` with one
 line that names the file, the YAML line, the key path and what was expected.
 
-Relative paths in the file (model bundle, source, password file) resolve against the
+Relative paths in the file (model bundle, source, password file, data folder) resolve against the
 folder that holds the config file, so a config can be moved together with its bundle.
 """
 
@@ -62,6 +62,20 @@ class SourceConfig(_Section):
     )
 
 
+class OutboxConfig(_Section):
+    max_messages: int = Field(
+        500_000, ge=1, le=100_000_000, description="Most verdicts the outbox holds (about 28 h at 5 parts/s)."
+    )
+    max_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="Most payload bytes the outbox holds (the file is somewhat larger)."
+    )
+    when_full: Literal["drop_oldest", "drop_new"] = Field(
+        "drop_oldest",
+        description="drop_oldest: discard the oldest waiting verdicts to make room (keeps the newest; the gap "
+        "shows in seq); drop_new: keep the oldest and discard new verdicts. Either way an ERROR line and a counter.",
+    )
+
+
 class MqttConfig(_Section):
     enabled: bool = Field(True, description="Publish verdicts over MQTT; false = inspect and log only.")
     host: str = Field("127.0.0.1", min_length=1, description="Broker host name or address.")
@@ -76,15 +90,27 @@ class MqttConfig(_Section):
     username: str | None = Field(None, description="Broker user name, if the broker requires one.")
     password_env: str | None = Field(None, description="Name of the environment variable holding the password.")
     password_file: Path | None = Field(None, description="File whose first line is the password.")
-    connect_timeout_s: float = Field(5.0, gt=0, le=300, description="How long to wait for the broker at start-up.")
+    connect_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="How long start-up waits for the broker before inspecting without it."
+    )
     require_broker: bool = Field(
-        True,
-        description="true: exit with an error when the broker does not answer at start-up; false: start "
-        "inspecting anyway and deliver verdicts (held in memory) once the broker answers.",
+        False,
+        description="true: exit with an error when the broker does not answer within connect_timeout_s at start-up "
+        "(commissioning); false: inspect anyway, verdicts wait in the outbox on disk until the broker answers.",
+    )
+    reconnect_max_delay_s: float = Field(
+        30.0, ge=1, le=600, description="Reconnect back-off: 1 s after a loss, doubling up to this many seconds."
+    )
+    max_inflight: int = Field(
+        20, ge=1, le=1000, description="Verdicts sent but not yet acknowledged at most (the rest wait on disk)."
     )
     drain_timeout_s: float = Field(
-        10.0, ge=0, le=600, description="At exit, how long to wait for the broker to acknowledge pending verdicts."
+        10.0, ge=0, le=600,
+        description="At exit, how long to wait for the broker to acknowledge what is in the outbox; "
+        "what is left stays on disk for the next start.",
     )
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig,  # type: ignore[arg-type]
+                                 description="The disk outbox that holds verdicts until the broker acknowledged them.")
 
     @model_validator(mode="after")
     def _one_password_source(self) -> MqttConfig:
@@ -93,6 +119,14 @@ class MqttConfig(_Section):
         if (self.password_env or self.password_file) and not self.username:
             raise ValueError("a password needs a username")
         return self
+
+
+class DataConfig(_Section):
+    dir: Path = Field(
+        Path("edge-data"),
+        description="Folder for the daemon's state (the verdict outbox and seq counter); relative to the config "
+        "file's folder. On a line PC use a local disk, e.g. /var/lib/ganspect.",
+    )
 
 
 class DisplayConfig(_Section):
@@ -116,6 +150,8 @@ class EdgeConfig(_Section):
     model: ModelConfig = Field(description="The model bundle to score with.")
     source: SourceConfig = Field(description="Where frames come from.")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Verdict delivery.")  # type: ignore[arg-type]
+    data: DataConfig = Field(default_factory=DataConfig,  # type: ignore[arg-type]
+                             description="Where the daemon keeps state.")
     display: DisplayConfig = Field(default_factory=DisplayConfig, description="Operator window.")  # type: ignore[arg-type]
     run: RunConfig = Field(default_factory=RunConfig, description="Run limits.")  # type: ignore[arg-type]
 
@@ -194,7 +230,7 @@ def load_config(path: str | Path) -> EdgeConfig:
 
 
 def resolve_paths(config: EdgeConfig, base: Path) -> EdgeConfig:
-    """Relative bundle, source and password-file paths made relative to `base` (the config's folder)."""
+    """Relative bundle, source, password-file and data paths made relative to `base` (the config's folder)."""
     model = config.model.model_copy(update={"bundle": _resolve(base, config.model.bundle)})
     source = config.source
     if is_path_like_source(source.uri) and not Path(source.uri).is_absolute():
@@ -202,7 +238,8 @@ def resolve_paths(config: EdgeConfig, base: Path) -> EdgeConfig:
     mqtt = config.mqtt
     if mqtt.password_file is not None:
         mqtt = mqtt.model_copy(update={"password_file": _resolve(base, mqtt.password_file)})
-    return config.model_copy(update={"model": model, "source": source, "mqtt": mqtt})
+    data = config.data.model_copy(update={"dir": _resolve(base, config.data.dir)})
+    return config.model_copy(update={"model": model, "source": source, "mqtt": mqtt, "data": data})
 
 
 def read_password(mqtt: MqttConfig) -> SecretStr | None:

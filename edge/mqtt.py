@@ -1,6 +1,6 @@
 """Verdicts over MQTT (paho-mqtt 2.x): topics, the verdict payload, and the publisher.
 
-Topic tree (prefix from the config, then the plant hierarchy):
+Topic tree (prefix from the config, then the plant hierarchy; `docs/mqtt.md` has it all):
 
 - `<prefix>/<site>/<line>/<station>/verdict`: one JSON verdict per part, QoS 1 (or 2),
   not retained; the payload is documented by `schemas/verdict.schema.json`.
@@ -8,12 +8,23 @@ Topic tree (prefix from the config, then the plant hierarchy):
   `stopped` after a clean exit, and `offline` (the last will) when the daemon dies or
   loses its connection without saying goodbye.
 
-Start-up policy: with `mqtt.require_broker: true` (the default) a broker that does not
-accept the connection within `connect_timeout_s` stops the daemon with an error, because
-a station whose verdicts go nowhere is usually a wiring mistake. With `false` the
-daemon starts anyway, logs that verdicts are not being delivered, and paho keeps them
-in memory and sends them when the broker answers. The disk spool (SQLite outbox) is a
-later addition behind the same `publish()` / `close()` interface.
+Delivery: every verdict goes through the disk outbox (`spool.Outbox`). The main loop
+commits it there; a sender thread hands rows to paho in seq order, at most
+`mqtt.max_inflight` unacknowledged at a time and only while the connection is *ready*;
+the broker's PUBACK (paho's `on_publish`) deletes the row. Rows that waited for a
+connection (an outage, or an earlier run) are sent with `replayed: true`.
+
+"Ready" is the acknowledgement of the retained `online` status that `on_connect`
+publishes. paho resends the messages that were in flight when a connection broke right
+after `on_connect` returns, on its network thread; the `online` ack is read after that,
+so waiting for it keeps those resends ahead of anything newer and the broker sees the
+verdicts in seq order.
+
+Start-up: the connection is made in the background (`connect_async`) and paho
+reconnects with back-off, so the daemon inspects without a broker; its verdicts wait on
+disk. `mqtt.require_broker: true` turns a broker that does not answer within
+`connect_timeout_s` into an error (for commissioning); a broker that *refuses* the
+connection (bad credentials, a banned client id) is always an error at start-up.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -34,6 +46,7 @@ from ganspect.edge.config import MqttConfig, StationConfig
 from ganspect.edge.errors import GanspectError
 from ganspect.edge.manifest import Manifest, ModelFile
 from ganspect.edge.scorer import Score
+from ganspect.edge.spool import Outbox, Row
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +54,8 @@ VERDICT_SCHEMA = "ganspect.verdict/1"
 STATUS_ONLINE = "online"
 STATUS_OFFLINE = "offline"
 STATUS_STOPPED = "stopped"
+# paho's own in-flight limit leaves room for status messages beside max_inflight verdicts.
+_STATUS_HEADROOM = 4
 
 
 class MqttError(GanspectError):
@@ -53,37 +68,50 @@ def utc_iso(moment: datetime) -> str:
 
 
 def _finite_or_none(value: float) -> float | None:
-    # JSON has no NaN or infinity; a non-finite score is published as null (and is NG).
+    # JSON has no NaN or infinity: a non-finite number is published as null.
     return value if value == value and abs(value) != float("inf") else None
 
 
+def evaluation_of(score: Score) -> dict[str, str | None]:
+    """OK / NG by the threshold; UNDEFINED (never OK) when the model gave no usable score."""
+    if _finite_or_none(score.score) is None:
+        return {"state": "UNDEFINED", "reason": f"the model returned a non-finite score ({score.score})"}
+    return {"state": score.result, "reason": None}
+
+
 def build_verdict(*, seq: int, station: StationConfig, part_id: str, captured_at: datetime, score: Score,
-                  manifest: Manifest, model_file: ModelFile, total_ms: float) -> dict[str, Any]:
-    """The verdict payload as a dict; `schemas/verdict.schema.json` documents every field."""
+                  manifest: Manifest, model_file: ModelFile, total_ms: float,
+                  trigger_id: str | None = None) -> dict[str, Any]:
+    """The verdict payload as made; `schemas/verdict.schema.json` documents every field.
+
+    `published_at` is the time it was made here; the publisher sets it again at each send.
+    """
     return {
         "schema": VERDICT_SCHEMA,
         "seq": seq,
-        "verdict_id": str(uuid.uuid4()),
-        "station": {"site": station.site, "line": station.line, "station": station.station},
+        "result_id": str(uuid.uuid4()),
         "part_id": part_id,
+        "trigger_id": trigger_id,
+        "station": {"site": station.site, "line": station.line, "station": station.station},
         "captured_at": utc_iso(captured_at),
         "published_at": utc_iso(datetime.now(timezone.utc)),
-        "result": score.result,
+        "evaluation": evaluation_of(score),
         "score": _finite_or_none(score.score),
-        "threshold": score.threshold,
+        "threshold": {"value": score.threshold, "source": "bundle"},
         "model": {
             "name": manifest.name,
             "kind": manifest.kind,
             "sha256": model_file.sha256,
             "precision": model_file.precision,
         },
-        "latency_ms": {
+        "processing_ms": {
             "preprocess": round(score.preprocess_ms, 3),
             "inference": round(score.inference_ms, 3),
             "total": round(total_ms, 3),
         },
         "heatmap_peak": {"x": score.peak_x, "y": score.peak_y, "value": _finite_or_none(score.peak_value)},
         "image_path": None,
+        "replayed": False,
     }
 
 
@@ -93,19 +121,22 @@ def topic_base(prefix: str, station: StationConfig) -> str:
 
 @dataclass(frozen=True)
 class DeliveryReport:
-    published: int  # verdicts handed to the client
-    acknowledged: int  # verdicts the broker acknowledged (PUBACK / PUBCOMP)
-
-    @property
-    def undelivered(self) -> int:
-        return self.published - self.acknowledged
+    queued: int  # verdicts made in this run and committed to the outbox
+    acknowledged: int  # verdicts the broker acknowledged in this run (earlier runs' backlog included)
+    replayed: int  # sends marked replayed (waited for a connection or for this start)
+    dropped: int  # verdicts discarded by the outbox quota
+    backlog: int  # verdicts still on disk, sent at the next start
+    backlog_at_start: int  # verdicts an earlier run left on disk
+    outbox: Path
 
 
 class VerdictPublisher:
-    """One paho client per daemon: status with a last will, verdicts at QoS 1, drained at exit."""
+    """One paho client per daemon: status with a last will, verdicts from the disk outbox at QoS 1."""
 
-    def __init__(self, config: MqttConfig, station: StationConfig, password: SecretStr | None = None) -> None:
+    def __init__(self, config: MqttConfig, station: StationConfig, outbox: Outbox,
+                 password: SecretStr | None = None) -> None:
         self._config = config
+        self._outbox = outbox
         base = topic_base(config.prefix, station)
         self.verdict_topic = f"{base}/verdict"
         self.status_topic = f"{base}/status"
@@ -114,25 +145,25 @@ class VerdictPublisher:
         if config.username:
             self._client.username_pw_set(config.username, password.get_secret_value() if password else None)
         self._client.will_set(self.status_topic, STATUS_OFFLINE, qos=1, retain=True)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=max(1, round(config.reconnect_max_delay_s)))
+        self._client.max_inflight_messages_set(config.max_inflight + _STATUS_HEADROOM)
         self._client.on_connect = self._on_connect
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
-        self._connected = threading.Event()
+        self._client.on_publish = self._on_publish
+        self._lock = threading.Lock()  # guards the fields below; never held while calling paho
+        self._connected = threading.Event()  # CONNACK accepted
+        self._ready = threading.Event()  # ... and the `online` status acknowledged (see the module docstring)
+        self._online_mid: int | None = None
+        self._status_mids: set[int] = set()
         self._refused: str | None = None
         self._last_failure: str | None = None
-        self._client.on_publish = self._on_publish
-        # Delivery bookkeeping by message id. The broker's ack can be handled on the
-        # network thread before publish() has returned the id to us, so an ack for an id
-        # we do not know yet is parked in _early and matched when publish() returns.
-        # (MQTTMessageInfo.is_published() cannot be used: it raises for a message queued
-        # while disconnected, even after paho delivered it on reconnect.)
-        self._lock = threading.Lock()
-        self._unacked: set[int] = set()
-        self._early: set[int] = set()
-        self._status_mids: set[int] = set()
-        self._published = 0
-        self._acknowledged = 0
+        self._replay_up_to = 0  # rows with seq <= this waited for a connection: replayed
+        self._cursor = 0  # the highest seq handed to paho by this process
+        self._replayed = 0
+        self._wake = threading.Event()
+        self._stop_sender = threading.Event()
+        self._sender = threading.Thread(target=self._send_loop, name="ganspect-outbox-sender", daemon=True)
 
     @property
     def where(self) -> str:
@@ -142,92 +173,160 @@ class VerdictPublisher:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    # paho callbacks run on the network thread.
+    # -- paho callbacks: they run on the network thread and must never raise ------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
-        if reason_code.is_failure:
-            self._refused = str(reason_code)
-            log.error("MQTT broker %s refused the connection: %s", self.where, reason_code)
-            return
-        self._refused = None
-        info = client.publish(self.status_topic, STATUS_ONLINE, qos=1, retain=True)
-        with self._lock:
-            # Its ack is handled later on this same thread, so the id is known in time.
-            self._status_mids.add(info.mid)
-        if not self._connected.is_set():
-            log.info("MQTT connected to %s; verdicts go to %s", self.where, self.verdict_topic)
-        self._connected.set()
+        try:
+            if reason_code.is_failure:
+                self._refused = str(reason_code)
+                log.error("MQTT broker %s refused the connection: %s", self.where, reason_code)
+                return
+            self._refused = None
+            info = client.publish(self.status_topic, STATUS_ONLINE, qos=1, retain=True)
+            with self._lock:
+                # Its ack is read later on this same thread, so the id is known in time.
+                self._status_mids.add(info.mid)
+                self._online_mid = info.mid
+            self._connected.set()
+        except Exception:  # noqa: BLE001 - an exception here would kill paho's network thread
+            log.exception("MQTT on_connect failed")
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
-        with self._lock:
-            if mid in self._status_mids:
+        try:
+            with self._lock:
+                is_status = mid in self._status_mids
                 self._status_mids.discard(mid)
-            elif mid in self._unacked:
-                self._unacked.discard(mid)
-                self._acknowledged += 1
-            else:
-                self._early.add(mid)
+                became_ready = is_status and mid == self._online_mid and self._connected.is_set()
+                if became_ready:
+                    self._online_mid = None
+                    # Whatever is on disk now waited for this connection.
+                    self._replay_up_to = self._outbox.last_seq
+            if became_ready:
+                backlog = self._outbox.stats().backlog
+                log.info("MQTT connected to %s; verdicts go to %s%s", self.where, self.verdict_topic,
+                         f" ({backlog} waiting in the outbox are sent first)" if backlog else "")
+                self._ready.set()
+            elif not is_status:
+                if reason_code is not None and getattr(reason_code, "is_failure", False):
+                    # An MQTT 5 broker may refuse a message in its PUBACK: the row stays on disk.
+                    log.error("MQTT broker %s refused a verdict (%s); it stays in the outbox until the next start",
+                              self.where, reason_code)
+                    self._outbox.release(mid)
+                else:
+                    self._outbox.acked(mid)
+            self._wake.set()
+        except Exception:  # noqa: BLE001
+            log.exception("MQTT on_publish bookkeeping failed for message %s", mid)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self._last_failure = "no answer (connection refused or timed out)"
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
-        if self._connected.is_set():
+        try:
+            was_ready = self._ready.is_set()
+            self._ready.clear()
             self._connected.clear()
-            if reason_code.is_failure:
-                log.warning("MQTT connection to %s lost (%s): verdicts are not being delivered until it is back",
+            if was_ready and reason_code.is_failure:
+                log.warning("MQTT connection to %s lost (%s): verdicts wait in the outbox until it is back",
                             self.where, reason_code)
+        except Exception:  # noqa: BLE001
+            log.exception("MQTT on_disconnect failed")
 
+    # -- the sender thread ---------------------------------------------------------------
+    def _send_loop(self) -> None:
+        while not self._stop_sender.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            try:
+                self._send_ready_rows()
+            except Exception:  # noqa: BLE001 - a disk error must not end delivery for good
+                log.exception("sending verdicts from the outbox failed; retrying")
+                self._stop_sender.wait(1.0)
+
+    def _send_ready_rows(self) -> None:
+        while self._ready.is_set() and not self._stop_sender.is_set():
+            room = self._config.max_inflight - self._outbox.inflight()
+            if room <= 0:
+                return  # an ack wakes us
+            rows = self._outbox.pending(self._cursor, room)
+            if not rows:
+                return
+            for row in rows:
+                if not self._ready.is_set() or not self._send(row):
+                    return
+
+    def _send(self, row: Row) -> bool:
+        payload = json.loads(row.payload)
+        replayed = row.seq <= self._replay_up_to
+        payload["replayed"] = replayed
+        payload["published_at"] = utc_iso(datetime.now(timezone.utc))
+        info = self._client.publish(self.verdict_topic, json.dumps(payload, separators=(",", ":")),
+                                    qos=self._config.qos)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.error("verdict seq %d not handed to MQTT (%s); it stays in the outbox", row.seq,
+                      mqtt.error_string(info.rc))
+            return False
+        # NO_CONN: the connection broke a moment ago; paho keeps the message and sends it on reconnect.
+        self._outbox.mark_sent(row.seq, info.mid)
+        self._cursor = row.seq
+        self._replayed += replayed
+        return True
+
+    # -- the daemon's side -----------------------------------------------------------------
     def start(self) -> None:
-        """Connect in the background and wait up to connect_timeout_s for the broker."""
+        """Connect in the background; wait up to connect_timeout_s for the broker (see the module docstring)."""
         try:
             self._client.connect_async(self._config.host, self._config.port, keepalive=self._config.keepalive)
         except (OSError, ValueError) as exc:
             raise MqttError(f"MQTT broker {self.where}: {exc}") from exc
         self._client.loop_start()
+        self._sender.start()
         deadline = time.monotonic() + self._config.connect_timeout_s
-        while not self._connected.wait(0.05):
+        while not self._ready.wait(0.05):
             if self._refused or time.monotonic() > deadline:
                 break
-        if self._connected.is_set():
+        if self._ready.is_set():
             return
         why = f"refused the connection: {self._refused}" if self._refused else (
             f"did not answer within {self._config.connect_timeout_s:g} s"
             + (f" ({self._last_failure})" if self._last_failure else ""))
         if self._config.require_broker or self._refused:
-            self._client.loop_stop()
-            raise MqttError(f"MQTT broker {self.where} {why}; check mqtt.host/mqtt.port and that the broker runs, "
-                            "or set mqtt.require_broker: false to inspect without it")
-        log.warning("MQTT broker %s %s: inspecting anyway, verdicts are NOT being delivered until it answers",
-                    self.where, why)
+            self._shutdown_threads()
+            hint = ("check mqtt.username and the password" if self._refused else
+                    "check mqtt.host/mqtt.port and that the broker runs, or set mqtt.require_broker: false "
+                    "to inspect without it")
+            raise MqttError(f"MQTT broker {self.where} {why}; {hint}")
+        log.warning("MQTT broker %s %s: inspecting anyway; verdicts wait in the outbox %s until it answers",
+                    self.where, why, self._outbox.path)
 
-    def publish(self, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload, separators=(",", ":"), allow_nan=False)
-        info = self._client.publish(self.verdict_topic, data, qos=self._config.qos)
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            # NO_CONN: paho keeps a QoS>0 message and sends it on reconnect; anything else is lost.
-            log.error("verdict seq %s not queued for MQTT: %s", payload.get("seq"), mqtt.error_string(info.rc))
-        with self._lock:
-            self._published += 1
-            if info.mid in self._early:
-                self._early.discard(info.mid)
-                self._acknowledged += 1
-            else:
-                self._unacked.add(info.mid)
+    def submit(self, payload: dict[str, Any]) -> None:
+        """Commit a verdict to the outbox (durable when this returns) and wake the sender."""
+        self._outbox.put(payload["seq"], payload["result_id"], json.dumps(payload, separators=(",", ":"),
+                                                                          allow_nan=False))
+        self._wake.set()
 
     def report(self) -> DeliveryReport:
-        with self._lock:
-            return DeliveryReport(self._published, self._acknowledged)
+        stats = self._outbox.stats()
+        return DeliveryReport(queued=stats.queued, acknowledged=stats.acknowledged, replayed=self._replayed,
+                              dropped=stats.dropped, backlog=stats.backlog,
+                              backlog_at_start=self._outbox.backlog_at_open, outbox=self._outbox.path)
 
     def close(self, stopped: bool = True) -> DeliveryReport:
-        """Wait for the broker's acks (up to drain_timeout_s), say `stopped`, disconnect."""
+        """Send what the outbox holds (up to drain_timeout_s, while connected), say `stopped`, disconnect.
+
+        What the broker has not acknowledged stays on disk for the next start.
+        """
         deadline = time.monotonic() + self._config.drain_timeout_s
-        while self.report().undelivered and time.monotonic() < deadline:
+        while self._outbox.stats().backlog and self._ready.is_set() and time.monotonic() < deadline:
+            self._wake.set()
             time.sleep(0.02)
+        self._stop_sender.set()
+        self._wake.set()
+        self._sender.join(timeout=5)
         report = self.report()
-        if report.undelivered:
-            log.error("%d of %d verdicts were not acknowledged by the MQTT broker %s before exit",
-                      report.undelivered, report.published, self.where)
+        if report.backlog:
+            log.warning("%d verdict(s) not yet acknowledged by the MQTT broker %s stay in the outbox %s and are "
+                        "sent at the next start", report.backlog, self.where, self._outbox.path)
         if stopped and self._connected.is_set():
             info = self._client.publish(self.status_topic, STATUS_STOPPED, qos=1, retain=True)
             try:
@@ -238,3 +337,9 @@ class VerdictPublisher:
         self._client.disconnect()
         self._client.loop_stop()
         return report
+
+    def _shutdown_threads(self) -> None:
+        self._stop_sender.set()
+        self._wake.set()
+        self._sender.join(timeout=5)
+        self._client.loop_stop()

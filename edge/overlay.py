@@ -17,6 +17,8 @@ import numpy as np
 # BGR colours of the banner: readable from a distance, and the same as the test checks.
 OK_COLOUR = (0, 170, 0)
 NG_COLOUR = (0, 0, 220)
+UNDEFINED_COLOUR = (128, 128, 128)  # no verdict could be made: neither pass nor fail
+BANNER_COLOURS = {"OK": OK_COLOUR, "NG": NG_COLOUR}
 # Heatmap values are clipped to 0..HEATMAP_CLIP before colouring: 1.0 is the largest
 # normal residual, so anything at 2x or more is "clearly abnormal" and shows as red.
 HEATMAP_CLIP = 2.0
@@ -38,7 +40,7 @@ def render_overlay(frame_bgr: np.ndarray, heatmap: np.ndarray, result: str, scor
     JET map. It is blended with a per-pixel weight of `alpha` × heat (capped at 1), so
     the part stays visible where its residual is low and the colour shows where it is as
     large as the largest normal residual or more. A banner of banner_height() rows on top is
-    green for OK and red for NG.
+    green for OK, red for NG and grey for UNDEFINED.
     """
     image = frame_bgr if frame_bgr.ndim == 3 else cv2.cvtColor(frame_bgr, cv2.COLOR_GRAY2BGR)
     if image.shape[1] < MIN_DISPLAY_WIDTH:
@@ -54,7 +56,7 @@ def render_overlay(frame_bgr: np.ndarray, heatmap: np.ndarray, result: str, scor
         weight = (alpha * np.clip(heat, 0.0, 1.0))[:, :, None]  # (h, w, 1)
         image = (coloured * weight + image * (1.0 - weight)).astype(np.uint8)
     band = banner_height(h)
-    colour = NG_COLOUR if result == "NG" else OK_COLOUR
+    colour = BANNER_COLOURS.get(result, UNDEFINED_COLOUR)
     cv2.rectangle(image, (0, 0), (w - 1, band - 1), colour, thickness=cv2.FILLED)
     scale = band / 40.0
     cv2.putText(image, result, (10, band - max(6, band // 6)), cv2.FONT_HERSHEY_DUPLEX, scale,

@@ -68,11 +68,26 @@ class Broker:
     def __iter__(self) -> Iterator[Any]:  # so `host, port = broker` works
         return iter((self.host, self.port))
 
+    def stop(self) -> None:
+        """SIGTERM (a persistent broker saves its sessions), wait; the port is free afterwards."""
+        _stop_mosquitto(self.process)
 
-def _start_mosquitto(folder: Path, port: int) -> Broker:
+
+def _start_mosquitto(folder: Path, port: int, persistent: bool = False) -> Broker:
     conf = folder / f"mosquitto-{port}.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n", encoding="utf-8")
-    with open(folder / f"mosquitto-{port}.log", "wb") as log:
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true"]
+    if persistent:
+        # Sessions, subscriptions and queued QoS 1 messages survive a restart on the same port.
+        store = folder / f"mosquitto-{port}-db"
+        store.mkdir(exist_ok=True)
+        lines += ["persistence true", f"persistence_location {store}/", "autosave_interval 1"]
+        if os.geteuid() == 0:
+            # Started as root, mosquitto drops to the user `mosquitto`, who cannot write in tmp_path.
+            lines.append("user root")
+    else:
+        lines.append("persistence false")
+    conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with open(folder / f"mosquitto-{port}.log", "ab") as log:
         proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_for_port("127.0.0.1", port, proc)
@@ -93,13 +108,18 @@ def _stop_mosquitto(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture
 def start_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
-    """Factory: start_broker(port=None) starts a mosquitto (on a free port by default); all stop at teardown."""
+    """Factory: start_broker(port=None, persistent=False) starts a mosquitto; all stop at teardown.
+
+    The port is a free one by default. `persistent=True` keeps the broker's state in a
+    folder of tmp_path named by the port, so `broker.stop()` then `start_broker(port,
+    persistent=True)` is a broker restart that keeps persistent sessions.
+    """
     if not Path(MOSQUITTO).exists():
         pytest.skip("mosquitto is not installed")
     started: list[Broker] = []
 
-    def start(port: int | None = None) -> Broker:
-        broker = _start_mosquitto(tmp_path, port or free_port())
+    def start(port: int | None = None, persistent: bool = False) -> Broker:
+        broker = _start_mosquitto(tmp_path, port or free_port(), persistent)
         started.append(broker)
         return broker
 
@@ -119,6 +139,7 @@ class Received:
     topic: str
     payload: bytes
     retain: bool
+    dup: bool = False
 
 
 @dataclass
@@ -141,21 +162,28 @@ class Subscriber:
 
 
 @pytest.fixture
-def mqtt_subscriber() -> Iterator[Callable[[str, int, str], Subscriber]]:
-    """Factory: subscribe(host, port, topic_filter) -> Subscriber, returned once the SUBACK is in."""
+def mqtt_subscriber() -> Iterator[Callable[..., Subscriber]]:
+    """Factory: subscribe(host, port, topic_filter, persistent=False) -> Subscriber, once the SUBACK is in.
+
+    `persistent=True`: a QoS 1 persistent session (clean_session false, fixed client id)
+    that reconnects every second, so with a persistent broker it receives what was
+    published while it or the broker was away.
+    """
     import paho.mqtt.client as mqtt
 
     clients: list[Any] = []
 
-    def subscribe(host: str, port: int, topic: str) -> Subscriber:
+    def subscribe(host: str, port: int, topic: str, persistent: bool = False) -> Subscriber:
         client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                             client_id=f"test-sub-{len(clients)}-{os.getpid()}")
+                             client_id=f"test-sub-{len(clients)}-{os.getpid()}",
+                             clean_session=not persistent)
+        client.reconnect_delay_set(min_delay=1, max_delay=1)
         sub = Subscriber(client)
         subscribed = threading.Event()
 
         def on_message(c: Any, userdata: Any, msg: Any) -> None:
             with sub.lock:
-                sub.messages.append(Received(msg.topic, msg.payload, bool(msg.retain)))
+                sub.messages.append(Received(msg.topic, msg.payload, bool(msg.retain), bool(msg.dup)))
 
         client.on_message = on_message
         client.on_subscribe = lambda *a: subscribed.set()

@@ -47,7 +47,9 @@ FULL = DemoPlan(size=64, n_train=400, n_test_good=40, n_test_bad=60, n_parts=100
 QUICK = DemoPlan(size=32, n_train=60, n_test_good=10, n_test_bad=12, n_parts=16,
                  train_overrides={"model": {"image_size": 32}, "train": {"steps": 150, "checkpoint_every": 150}})
 
-OUTPUTS = ("data", "run", "bundle", "conveyor.avi", "conveyor.avi.truth.json", "edge.yaml", "verdicts.jsonl")
+# edge-data holds the daemon's outbox and seq counter: a new demo starts a new station.
+OUTPUTS = ("data", "run", "bundle", "conveyor.avi", "conveyor.avi.truth.json", "edge.yaml", "verdicts.jsonl",
+           "edge-data")
 DEFECT_RATE = 0.3
 
 
@@ -105,7 +107,7 @@ def _frame_of(part_id: str) -> int:
 
 def compare_with_truth(verdicts: list[dict[str, Any]], truth: list[Any]) -> dict[str, int]:
     """Count caught defective parts and rejected good parts (one frame per part)."""
-    by_frame = {_frame_of(v["part_id"]): v["result"] for v in verdicts}
+    by_frame = {_frame_of(v["part_id"]): v["evaluation"]["state"] for v in verdicts}
     counts = {"parts": len(truth), "judged": 0, "defective": 0, "caught": 0, "good": 0, "rejected": 0}
     for part in truth:
         result = by_frame.get(part.frame_index)
@@ -114,10 +116,10 @@ def compare_with_truth(verdicts: list[dict[str, Any]], truth: list[Any]) -> dict
         counts["judged"] += 1
         if part.defect is None:
             counts["good"] += 1
-            counts["rejected"] += result == "NG"
+            counts["rejected"] += result != "OK"  # NG or UNDEFINED: the part does not ship
         else:
             counts["defective"] += 1
-            counts["caught"] += result == "NG"
+            counts["caught"] += result != "OK"
     return counts
 
 

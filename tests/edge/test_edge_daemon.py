@@ -33,13 +33,15 @@ def _check_verdicts(payloads: list[dict[str, Any]], expected: list[str], source_
     manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
     for p in payloads:
         validator.validate(p)
-        assert (p["score"] > p["threshold"]) == (p["result"] == "NG")
+        assert (p["score"] > p["threshold"]["value"]) == (p["evaluation"]["state"] == "NG")
+        assert p["threshold"]["source"] == "bundle" and p["evaluation"]["reason"] is None
+        assert p["trigger_id"] is None and p["replayed"] is False
         assert datetime.fromisoformat(p["captured_at"].replace("Z", "+00:00")) <= datetime.fromisoformat(
             p["published_at"].replace("Z", "+00:00"))
     assert [p["seq"] for p in payloads] == list(range(1, len(expected) + 1))
-    assert [p["result"] for p in payloads] == expected
+    assert [p["evaluation"]["state"] for p in payloads] == expected
     assert [p["part_id"] for p in payloads] == [f"{source_name}:{i}" for i in range(len(expected))]
-    assert len({p["verdict_id"] for p in payloads}) == len(payloads)
+    assert len({p["result_id"] for p in payloads}) == len(payloads)
     assert {p["model"]["sha256"] for p in payloads} == {manifest["files"][0]["sha256"]}
     assert {json.dumps(p["station"], sort_keys=True) for p in payloads} == {
         json.dumps({"line": "l1", "site": "testsite", "station": "s1"})}
@@ -66,7 +68,7 @@ def test_video_run_publishes_one_valid_verdict_per_frame(
     _check_verdicts(payloads, tiny_video.expected, "parts", validator, tiny_bundle)
     # The verdict log holds the same verdicts, one JSON object per line.
     logged = [json.loads(line) for line in verdict_log.read_text(encoding="utf-8").splitlines()]
-    assert [p["verdict_id"] for p in logged] == [p["verdict_id"] for p in payloads]
+    assert [p["result_id"] for p in logged] == [p["result_id"] for p in payloads]
     # Status: online while running, then stopped; a late subscriber gets `stopped` retained.
     assert [m.payload for m in sub.on("/status")] == [b"online", b"stopped"]
     late = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, f"{BASE_TOPIC}/status")
@@ -75,7 +77,8 @@ def test_video_run_publishes_one_valid_verdict_per_frame(
     # The summary counts what happened.
     n_ng = tiny_video.expected.count("NG")
     assert f"frames {n}: OK {n - n_ng}, NG {n_ng}" in proc.stdout
-    assert f"verdicts published {n}, acknowledged {n}, not delivered 0" in proc.stdout
+    assert f"verdicts queued {n}, acknowledged {n} (replayed 0), dropped when full 0, left in the outbox 0" \
+        in proc.stdout
     assert "p95" in proc.stdout
     # One concise log line per verdict (rate-limited at INFO; this video is too short to hit the limit for NG).
     assert "#3 parts:2 NG score" in proc.stderr
@@ -104,7 +107,7 @@ def test_image_folder_source_with_flag_overrides(
     assert len(sub.on("/verdict")) == 4
     _check_verdicts([json.loads(m.payload) for m in received], expected, "station_images", validator, tiny_bundle)
     assert "stopped by max_frames 4" in proc.stdout
-    assert "verdicts published 4, acknowledged 4, not delivered 0" in proc.stdout
+    assert "verdicts queued 4, acknowledged 4 (replayed 0), dropped when full 0, left in the outbox 0" in proc.stdout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -126,22 +129,22 @@ def test_signal_stops_cleanly_after_every_verdict_is_acknowledged(
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert "stopped by signal" in stdout
-    line = next(l for l in stdout.splitlines() if "verdicts published" in l)
-    published = int(line.split("published ")[1].split(",")[0])
-    assert f"acknowledged {published}, not delivered 0" in line
+    line = next(l for l in stdout.splitlines() if "verdicts queued" in l)
+    published = int(line.split("queued ")[1].split(",")[0])
+    assert f"acknowledged {published} (replayed 0), dropped when full 0, left in the outbox 0" in line
     received = sub.wait_for("/verdict", published)
     payloads = [json.loads(m.payload) for m in received]
     assert [p["seq"] for p in payloads] == list(range(1, published + 1))
     assert [p["part_id"] for p in payloads] == [f"parts:{i}" for i in range(published)]
     cycle = tiny_video.expected
-    assert [p["result"] for p in payloads] == [cycle[i % len(cycle)] for i in range(published)]
+    assert [p["evaluation"]["state"] for p in payloads] == [cycle[i % len(cycle)] for i in range(published)]
     assert [m.payload for m in sub.wait_for("/status", 2)] == [b"online", b"stopped"]
 
 
-def test_broker_not_answering_is_one_clear_line(tiny_bundle, tiny_video, make_edge_config, ganspect_cli,
-                                                unused_port):
+def test_required_broker_not_answering_is_one_clear_line(tiny_bundle, tiny_video, make_edge_config, ganspect_cli,
+                                                         unused_port):
     config = make_edge_config(tiny_bundle, tiny_video.path, ("127.0.0.1", unused_port),
-                              mqtt={"enabled": True, "connect_timeout_s": 1.5})
+                              mqtt={"enabled": True, "connect_timeout_s": 1.5, "require_broker": True})
     proc = ganspect_cli("edge", "--config", str(config), "--headless")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -151,24 +154,26 @@ def test_broker_not_answering_is_one_clear_line(tiny_bundle, tiny_video, make_ed
     assert "require_broker" in errors[0]
 
 
-def test_broker_not_required_keeps_inspecting_and_reports_undelivered(
+def test_no_broker_keeps_inspecting_and_keeps_the_verdicts_on_disk(
         tiny_bundle, tiny_video, make_edge_config, ganspect_cli, unused_port, tmp_path):
+    # require_broker is false by default: the daemon inspects and its verdicts wait in the outbox.
     config = make_edge_config(tiny_bundle, tiny_video.path, ("127.0.0.1", unused_port),
-                              mqtt={"enabled": True, "connect_timeout_s": 0.5, "require_broker": False,
-                                    "drain_timeout_s": 0.5})
+                              mqtt={"enabled": True, "connect_timeout_s": 0.5, "drain_timeout_s": 0.5})
     verdict_log = tmp_path / "v.jsonl"
     proc = ganspect_cli("edge", "--config", str(config), "--headless", "--verdict-log", str(verdict_log))
     n = len(tiny_video.expected)
     assert proc.returncode == 0, proc.stderr
-    assert "verdicts are NOT being delivered" in proc.stderr
-    assert f"verdicts published {n}, acknowledged 0, not delivered {n}" in proc.stdout
+    assert "did not answer within 0.5 s" in proc.stderr and "verdicts wait in the outbox" in proc.stderr
+    assert f"verdicts queued {n}, acknowledged 0 (replayed 0), dropped when full 0, left in the outbox {n}" \
+        in proc.stdout
+    assert f"outbox {tmp_path / 'edge-data' / 'outbox.sqlite3'}: 0 waiting at start, {n} at exit" in proc.stdout
     assert len(verdict_log.read_text(encoding="utf-8").splitlines()) == n
 
 
 def test_verdicts_made_before_a_late_broker_are_delivered_when_it_starts(
         tiny_bundle, tiny_video, make_edge_config, start_broker, mqtt_subscriber, unused_port):
     config = make_edge_config(tiny_bundle, tiny_video.path, ("127.0.0.1", unused_port),
-                              mqtt={"enabled": True, "connect_timeout_s": 0.3, "require_broker": False},
+                              mqtt={"enabled": True, "connect_timeout_s": 0.3, "reconnect_max_delay_s": 1},
                               source={"loop": True, "max_fps": 10}, run={"max_frames": 20})
     proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -181,13 +186,21 @@ def test_verdicts_made_before_a_late_broker_are_delivered_when_it_starts(
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stderr
-    assert "verdicts are NOT being delivered" in stderr
-    assert "verdicts published 20, acknowledged 20, not delivered 0" in stdout
+    assert "verdicts wait in the outbox" in stderr
+    line = next(l for l in stdout.splitlines() if "verdicts queued" in l)
+    replayed = int(line.split("(replayed ")[1].split(")")[0])
+    assert line == (f"  verdicts queued 20, acknowledged 20 (replayed {replayed}), dropped when full 0, "
+                    "left in the outbox 0")
+    assert replayed >= 5  # about 10 verdicts were made in the second before the broker started
     # The broker acknowledged all 20 (above), including those made while it was down. The
     # subscriber may join a moment after the daemon's reconnect, so it sees an in-order tail.
     sub.wait_for("/verdict", 20, timeout=3)
-    seqs = [json.loads(m.payload)["seq"] for m in sub.on("/verdict")]
+    payloads = [json.loads(m.payload) for m in sub.on("/verdict")]
+    seqs = [p["seq"] for p in payloads]
     assert seqs and seqs == list(range(seqs[0], 21))
+    # Those that waited for the broker are marked, the rest not, and the marked ones come first.
+    flags = [p["replayed"] for p in payloads]
+    assert flags == sorted(flags, reverse=True) and sum(flags) <= replayed
 
 
 def test_mqtt_disabled_runs_and_logs(tiny_bundle, tiny_video, make_edge_config, ganspect_cli, tmp_path):
@@ -196,8 +209,14 @@ def test_mqtt_disabled_runs_and_logs(tiny_bundle, tiny_video, make_edge_config, 
     proc = ganspect_cli("edge", "--config", str(config), "--headless", "--verdict-log", str(verdict_log))
     assert proc.returncode == 0, proc.stderr
     assert "verdicts published: none (mqtt.enabled is false)" in proc.stdout
-    results = [json.loads(line)["result"] for line in verdict_log.read_text(encoding="utf-8").splitlines()]
-    assert results == tiny_video.expected
+    logged = [json.loads(line) for line in verdict_log.read_text(encoding="utf-8").splitlines()]
+    assert [p["evaluation"]["state"] for p in logged] == tiny_video.expected
+    # The station's seq is kept on disk even without MQTT: a second run continues it.
+    proc = ganspect_cli("edge", "--config", str(config), "--headless", "--verdict-log", str(verdict_log),
+                        "--max-frames", "2")
+    assert proc.returncode == 0, proc.stderr
+    seqs = [json.loads(line)["seq"] for line in verdict_log.read_text(encoding="utf-8").splitlines()]
+    assert seqs == list(range(1, len(tiny_video.expected) + 3))
 
 
 def test_unopenable_source_is_one_clear_line(tiny_bundle, make_edge_config, ganspect_cli, tmp_path):
@@ -209,3 +228,26 @@ def test_unopenable_source_is_one_clear_line(tiny_bundle, make_edge_config, gans
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
         assert words in proc.stderr
+
+
+def test_a_non_finite_score_is_an_undefined_result_that_still_validates(tiny_bundle, validator):
+    from datetime import timezone
+
+    import numpy as np
+
+    from ganspect.edge.config import StationConfig
+    from ganspect.edge.manifest import load_bundle
+    from ganspect.edge.mqtt import build_verdict
+    from ganspect.edge.scorer import Score
+
+    bundle = load_bundle(tiny_bundle)
+    station = StationConfig(site="testsite", line="l1", station="s1")
+    for value in (float("nan"), float("inf")):
+        score = Score(score=value, threshold=0.15, heatmap=np.zeros((2, 2), np.float32), peak_x=1, peak_y=0,
+                      peak_value=value, preprocess_ms=0.1, inference_ms=0.2)
+        payload = build_verdict(seq=7, station=station, part_id="cam:3", captured_at=datetime.now(timezone.utc),
+                                score=score, manifest=bundle.manifest, model_file=bundle.manifest.model_file(),
+                                total_ms=0.5)
+        validator.validate(payload)
+        assert payload["evaluation"]["state"] == "UNDEFINED" and "non-finite" in payload["evaluation"]["reason"]
+        assert payload["score"] is None and payload["heatmap_peak"]["value"] is None

@@ -30,6 +30,9 @@ def test_ng_banner_is_red_and_ok_banner_is_green(make_part_image):
     ok = render_overlay(frame, heatmap, "OK", 0.02, 0.15, fps=12.5)
     assert _share(_banner(ng), channel=2) > 0.6 and _share(_banner(ng), channel=1) == 0.0
     assert _share(_banner(ok), channel=1) > 0.6 and _share(_banner(ok), channel=2) == 0.0
+    undefined = _banner(render_overlay(frame, heatmap, "UNDEFINED", None, 0.15))
+    assert _share(undefined, channel=1) == 0.0 and _share(undefined, channel=2) == 0.0
+    assert np.mean(np.ptp(undefined, axis=1) < 10) > 0.6  # grey: the three channels agree
     # Small frames are scaled up so the text is legible; the frame itself is not modified.
     assert ng.shape == (48 * MIN_DISPLAY_WIDTH // 64, MIN_DISPLAY_WIDTH, 3) and ng.dtype == np.uint8
     assert np.array_equal(frame, make_part_image(False, 0))

@@ -27,7 +27,7 @@ def test_quick_demo_runs_every_stage_and_publishes_every_verdict(
     logged = [json.loads(line) for line in (workdir / "verdicts.jsonl").read_text().splitlines()]
     assert len(logged) == QUICK.n_parts
     received = subscriber.wait_for("/verdict", QUICK.n_parts)
-    assert sorted(json.loads(m.payload)["verdict_id"] for m in received) == sorted(v["verdict_id"] for v in logged)
+    assert sorted(json.loads(m.payload)["result_id"] for m in received) == sorted(v["result_id"] for v in logged)
 
 
 def test_demo_says_clearly_when_no_broker_answers(tmp_path, unused_port, ganspect_cli):
@@ -48,8 +48,13 @@ def test_demo_rejects_a_malformed_broker_address(tmp_path, ganspect_cli):
 
 def test_compare_with_truth_counts_caught_and_rejected_parts():
     truth = [SimpleNamespace(frame_index=i, defect=d) for i, d in enumerate([None, "dent", None, "scratch", None])]
-    verdicts = [{"part_id": f"conveyor:{i}", "result": r} for i, r in enumerate(["OK", "NG", "NG", "OK"])]
+    verdicts = [{"part_id": f"conveyor:{i}", "evaluation": {"state": s, "reason": None}}
+                for i, s in enumerate(["OK", "NG", "NG", "OK"])]
 
     counts = compare_with_truth(verdicts, truth)
 
     assert counts == {"parts": 5, "judged": 4, "defective": 2, "caught": 1, "good": 2, "rejected": 1}
+    # A part the model could not judge (UNDEFINED) does not ship: for a good part that is a rejection.
+    undefined = {"part_id": "conveyor:4", "evaluation": {"state": "UNDEFINED", "reason": "non-finite score"}}
+    counts = compare_with_truth(verdicts + [undefined], truth)
+    assert counts == {"parts": 5, "judged": 5, "defective": 2, "caught": 1, "good": 3, "rejected": 2}

@@ -131,9 +131,17 @@ class DataConfig(_Section):
 
 class DisplayConfig(_Section):
     window: Literal["auto", "on", "off"] = Field(
-        "auto", description="Operator window: auto = only when $DISPLAY is set; --headless forces off."
+        "auto", description="Operator window: auto = only when a display answers; --headless forces off."
     )
     heatmap: bool = Field(True, description="Show the heatmap blend when the window opens (key h toggles).")
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `on`/`off` as a boolean.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
 
 
 class RunConfig(_Section):

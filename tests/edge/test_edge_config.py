@@ -134,3 +134,11 @@ def test_password_from_env_and_file_is_never_shown(tmp_path, monkeypatch):
 def test_both_password_sources_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="set password_env or password_file, not both"):
         load_config(_write(tmp_path, GOOD + "  username: u\n  password_env: A\n  password_file: pw\n"))
+
+
+@pytest.mark.parametrize(("written", "meant"), [("on", "on"), ("off", "off"), ("'on'", "on"), ("yes", "on"),
+                                                ("auto", "auto")])
+def test_unquoted_on_and_off_mean_what_an_operator_wrote(tmp_path, written, meant):
+    # YAML 1.1 turns an unquoted on/off/yes into a boolean before the config sees it.
+    config = load_config(_write(tmp_path, GOOD + f"display:\n  window: {written}\n"))
+    assert config.display.window == meant

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -85,8 +86,8 @@ def window_wanted(config: EdgeConfig, headless: bool) -> bool:
         return False
     if config.display.window == "on":
         if not display_available():
-            raise GanspectError("display.window is on but there is no display ($DISPLAY is not set); "
-                                "use --headless or display.window: auto")
+            raise GanspectError(f"display.window is on but no display answers "
+                                f"(DISPLAY={os.environ.get('DISPLAY', '')!r}); use --headless or display.window: auto")
         return True
     return display_available()
 

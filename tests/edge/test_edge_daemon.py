@@ -251,3 +251,14 @@ def test_a_non_finite_score_is_an_undefined_result_that_still_validates(tiny_bun
         validator.validate(payload)
         assert payload["evaluation"]["state"] == "UNDEFINED" and "non-finite" in payload["evaluation"]["reason"]
         assert payload["score"] is None and payload["heatmap_peak"]["value"] is None
+
+
+def test_window_on_with_a_display_that_does_not_answer_is_one_clear_line(
+        tiny_bundle, tiny_video, make_edge_config, ganspect_cli):
+    # Without the check, OpenCV's Qt backend would abort the process on this display.
+    config = make_edge_config(tiny_bundle, tiny_video.path, None, display={"window": "on"})
+    proc = ganspect_cli("edge", "--config", str(config), env={"DISPLAY": "127.0.0.1:59", "WAYLAND_DISPLAY": ""})
+
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "display.window is on but no display answers (DISPLAY='127.0.0.1:59')" in proc.stderr

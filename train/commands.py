@@ -28,7 +28,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         args.out, size=args.size, n_train=args.n_train, n_test_good=args.n_test_good,
         n_test_bad=args.n_test_bad, seed=args.seed,
     )
-    print(f"wrote {summary} to {args.out}")
+    print(f"wrote {sum(summary.values())} images to {args.out}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
 
 

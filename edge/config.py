@@ -4,8 +4,9 @@ Every section forbids unknown keys, so a typo (`mqtt.hostname`) is an error at s
 rather than a silently ignored setting. Errors are raised as `ConfigError` with one
 line that names the file, the YAML line, the key path and what was expected.
 
-Relative paths in the file (model bundle, source, password file, data folder) resolve against the
-folder that holds the config file, so a config can be moved together with its bundle.
+Relative paths in the file (model bundle, source, password file, TLS certificates, data folder)
+resolve against the folder that holds the config file, so a config can be moved together with its
+bundle.
 """
 
 from __future__ import annotations
@@ -76,6 +77,39 @@ class OutboxConfig(_Section):
     )
 
 
+class TlsConfig(_Section):
+    enabled: bool = Field(
+        False, description="Connect to the broker over TLS (usually port 8883); the broker's certificate is always "
+        "verified, and mqtt.host must be a name or address in its subjectAltName."
+    )
+    ca_file: Path | None = Field(
+        None, description="PEM file of the CA(s) that signed the broker's certificate; relative to the config "
+        "file's folder. None = the operating system's trusted CAs."
+    )
+    cert_file: Path | None = Field(
+        None, description="PEM client certificate, for brokers that require one (require_certificate); with key_file."
+    )
+    key_file: Path | None = Field(
+        None, description="PEM private key of cert_file, not encrypted (the daemon cannot type a pass phrase): "
+        "make it readable only by the daemon's user."
+    )
+
+    @model_validator(mode="after")
+    def _files_fit(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both cert_file and key_file (the client certificate and its private key), "
+                             "or neither")
+        if not self.enabled and (self.ca_file or self.cert_file):
+            raise ValueError("certificate files are set but enabled is false: set enabled: true to use TLS, "
+                             "or remove the files")
+        return self
+
+    def files(self) -> dict[str, Path]:
+        """The certificate files that are set, by key name (ca_file, cert_file, key_file)."""
+        named = {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file}
+        return {key: path for key, path in named.items() if path is not None}
+
+
 class MqttConfig(_Section):
     enabled: bool = Field(True, description="Publish verdicts over MQTT; false = inspect and log only.")
     host: str = Field("127.0.0.1", min_length=1, description="Broker host name or address.")
@@ -109,6 +143,8 @@ class MqttConfig(_Section):
         description="At exit, how long to wait for the broker to acknowledge what is in the outbox; "
         "what is left stays on disk for the next start.",
     )
+    tls: TlsConfig = Field(default_factory=TlsConfig,  # type: ignore[arg-type]
+                           description="TLS to the broker: the CA to verify it with and the client certificate.")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig,  # type: ignore[arg-type]
                                  description="The disk outbox that holds verdicts until the broker acknowledged them.")
 
@@ -234,11 +270,27 @@ def load_config(path: str | Path) -> EdgeConfig:
         config = EdgeConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path, root)) from exc
-    return resolve_paths(config, path.parent)
+    config = resolve_paths(config, path.parent)
+    _check_tls_files(config.mqtt, path, root)
+    return config
+
+
+def _check_tls_files(mqtt: MqttConfig, path: Path, root: yaml.Node | None) -> None:
+    """Every certificate file is readable now, not at the first connection (`--check` finds it too)."""
+    if not (mqtt.enabled and mqtt.tls.enabled):
+        return
+    for key, file in mqtt.tls.files().items():
+        try:
+            with open(file, "rb"):
+                pass
+        except OSError as exc:
+            line = _line_of(root, ("mqtt", "tls", key))
+            where = f"{path}:{line}" if line else str(path)
+            raise ConfigError(f"{where}: mqtt.tls.{key}: cannot read {file}: {exc.strerror or exc}") from exc
 
 
 def resolve_paths(config: EdgeConfig, base: Path) -> EdgeConfig:
-    """Relative bundle, source, password-file and data paths made relative to `base` (the config's folder)."""
+    """Relative bundle, source, password-file, certificate and data paths resolved against `base` (the config's folder)."""
     model = config.model.model_copy(update={"bundle": _resolve(base, config.model.bundle)})
     source = config.source
     if is_path_like_source(source.uri) and not Path(source.uri).is_absolute():
@@ -246,6 +298,8 @@ def resolve_paths(config: EdgeConfig, base: Path) -> EdgeConfig:
     mqtt = config.mqtt
     if mqtt.password_file is not None:
         mqtt = mqtt.model_copy(update={"password_file": _resolve(base, mqtt.password_file)})
+    tls_files = {key: _resolve(base, file) for key, file in mqtt.tls.files().items()}
+    mqtt = mqtt.model_copy(update={"tls": mqtt.tls.model_copy(update=tls_files)})
     data = config.data.model_copy(update={"dir": _resolve(base, config.data.dir)})
     return config.model_copy(update={"model": model, "source": source, "mqtt": mqtt, "data": data})
 

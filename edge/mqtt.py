@@ -25,12 +25,24 @@ reconnects with back-off, so the daemon inspects without a broker; its verdicts 
 disk. `mqtt.require_broker: true` turns a broker that does not answer within
 `connect_timeout_s` into an error (for commissioning); a broker that *refuses* the
 connection (bad credentials, a banned client id) is always an error at start-up.
+
+Security: `mqtt.tls` makes the connection TLS, always verifying the broker's certificate
+(against `ca_file` or the system's CAs, host name included) and presenting a client
+certificate when one is set; `mqtt.username` and the password (from the environment or
+a file, never logged) authenticate the daemon. A failed TLS handshake never reaches a
+CONNACK: paho only reports that the attempt failed, so `_Client` keeps the `ssl` error
+and the TLS alerts paho logs, and a TLS problem that retrying cannot fix (an untrusted
+certificate, a host name mismatch, a client certificate the broker wants or rejects) is
+treated like a refusal.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import re
+import ssl
 import threading
 import time
 import uuid
@@ -42,8 +54,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from pydantic import SecretStr
 
-from ganspect.edge.config import MqttConfig, StationConfig
-from ganspect.edge.errors import GanspectError
+from ganspect.edge.config import MqttConfig, StationConfig, TlsConfig
+from ganspect.edge.errors import ConfigError, GanspectError
 from ganspect.edge.manifest import Manifest, ModelFile
 from ganspect.edge.scorer import Score
 from ganspect.edge.spool import Outbox, Row
@@ -56,10 +68,117 @@ STATUS_OFFLINE = "offline"
 STATUS_STOPPED = "stopped"
 # paho's own in-flight limit leaves room for status messages beside max_inflight verdicts.
 _STATUS_HEADROOM = 4
+# CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1's 4 and 5 onto 134 and 135) that mean the
+# broker did not accept the credentials.
+_AUTH_REFUSALS = frozenset({134, 135, 140})  # Bad user name or password, Not authorized, Bad authentication method
+# OpenSSL's reason in a TLS error paho logs while reading, e.g. "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED]".
+_SSL_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
+# TLS failures that come from the network, not from the configuration: retrying may fix them.
+_TRANSIENT_SSL = ("EOF", "SYSCALL", "ZERO_RETURN", "SHUTDOWN", "TIMEOUT")
 
 
 class MqttError(GanspectError):
     """The broker refused or did not answer."""
+
+
+def tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    """A client context that verifies the broker (CA file or system CAs, host name) and holds the client certificate.
+
+    The files are read here, at start-up: a missing, unreadable or malformed file is a
+    ConfigError naming its key. Never prompts for a key pass phrase (a daemon has no
+    terminal): an encrypted key is an error.
+    """
+    try:
+        # PROTOCOL_TLS_CLIENT, CERT_REQUIRED, check_hostname and TLS 1.2 at least.
+        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"mqtt.tls.ca_file: cannot load CA certificates from {tls.ca_file}: "
+                          f"{_ssl_text(exc)} (expected PEM)") from exc
+    if tls.cert_file is not None:
+        asked_for_pass_phrase = []
+
+        def no_pass_phrase() -> str:
+            asked_for_pass_phrase.append(True)
+            return ""
+
+        try:
+            context.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=no_pass_phrase)
+        except (OSError, ssl.SSLError) as exc:
+            if asked_for_pass_phrase:
+                raise ConfigError(f"mqtt.tls.key_file: {tls.key_file} is encrypted with a pass phrase, which a daemon "
+                                  "cannot type; store the key unencrypted (openssl pkey -in KEY -out NEW_KEY), "
+                                  "readable only by the daemon's user") from exc
+            raise ConfigError(f"mqtt.tls.cert_file / mqtt.tls.key_file: cannot load the client certificate "
+                              f"{tls.cert_file} with the key {tls.key_file}: {_ssl_text(exc)} (expected PEM files, "
+                              "the key matching the certificate)") from exc
+    return context
+
+
+def _ssl_text(exc: BaseException) -> str:
+    """An ssl/OS error as a short phrase: the verification message, OpenSSL's reason, or strerror."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return str(exc.verify_message)
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason).replace("_", " ").lower()
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+def _tls_failure_of(exc: BaseException | None, logged: str | None, config: MqttConfig) -> str | None:
+    """What went wrong with TLS and what to check, when retrying cannot fix it; None for network trouble.
+
+    `exc` is what connecting (TCP + handshake) raised; `logged` is paho's error line when the
+    broker ended the session while paho was reading (under TLS 1.3 the broker's alert about
+    a missing or rejected client certificate arrives after the client's side of the handshake).
+    """
+    tls = config.tls
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        ca = f"mqtt.tls.ca_file ({tls.ca_file})" if tls.ca_file else "mqtt.tls.ca_file (unset: the system's CAs)"
+        return (f"the broker's certificate did not verify ({_ssl_text(exc)}); check {ca} is the CA that signed "
+                f"the broker's certificate and that mqtt.host ({config.host}) is a name in that certificate")
+    reason: str | None = None
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or exc.__class__.__name__.upper()
+    elif logged and (match := _SSL_REASON.search(logged)):
+        reason = match.group(1)
+    if reason is None or any(word in reason for word in _TRANSIENT_SSL):
+        return None
+    words = reason.replace("_", " ").lower()
+    if "CERTIFICATE_REQUIRED" in reason:
+        return (f"the broker requires a client certificate ({words}); "
+                + ("set mqtt.tls.cert_file and mqtt.tls.key_file" if tls.cert_file is None else
+                   f"it did not accept {tls.cert_file} (mqtt.tls.cert_file)"))
+    if "ALERT" in reason:
+        return (f"the broker rejected the TLS session ({words}); check that the client certificate "
+                f"{tls.cert_file} (mqtt.tls.cert_file) is signed by a CA the broker trusts and is still valid")
+    if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason or "PACKET_LENGTH" in reason:
+        return f"the broker does not speak TLS on port {config.port} ({words}); check mqtt.port and mqtt.tls.enabled"
+    return f"TLS handshake failed ({words}); check the mqtt.tls settings against the broker's listener"
+
+
+class _Client(mqtt.Client):
+    """paho's client, remembering why the last connection attempt failed (paho itself keeps only that it did)."""
+
+    connect_error: OSError | None = None  # raised by the last TCP connect + TLS handshake
+    read_error: str | None = None  # paho's last "failed to receive on socket" line since then
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        # Runs on the network thread, as do on_connect_fail and on_disconnect that read these.
+        self.connect_error = None
+        self.read_error = None
+        try:
+            return super().reconnect()
+        except OSError as exc:  # ssl.SSLError is an OSError
+            self.connect_error = exc
+            raise
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def utc_iso(moment: datetime) -> str:
@@ -141,9 +260,13 @@ class VerdictPublisher:
         self.verdict_topic = f"{base}/verdict"
         self.status_topic = f"{base}/status"
         client_id = config.client_id or f"ganspect-{station.site}-{station.line}-{station.station}"
-        self._client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self._client = _Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        if config.tls.enabled:
+            self._client.tls_set_context(tls_context(config.tls))
         if config.username:
             self._client.username_pw_set(config.username, password.get_secret_value() if password else None)
+            if not config.tls.enabled and not _is_loopback(config.host):
+                log.warning("MQTT: the password for %s travels unencrypted; set mqtt.tls.enabled: true", self.where)
         self._client.will_set(self.status_topic, STATUS_OFFLINE, qos=1, retain=True)
         self._client.reconnect_delay_set(min_delay=1, max_delay=max(1, round(config.reconnect_max_delay_s)))
         self._client.max_inflight_messages_set(config.max_inflight + _STATUS_HEADROOM)
@@ -151,13 +274,17 @@ class VerdictPublisher:
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        self._client.on_log = self._on_log
         self._lock = threading.Lock()  # guards the fields below; never held while calling paho
         self._connected = threading.Event()  # CONNACK accepted
         self._ready = threading.Event()  # ... and the `online` status acknowledged (see the module docstring)
         self._online_mid: int | None = None
         self._status_mids: set[int] = set()
         self._refused: str | None = None
+        self._refused_code: int | None = None
+        self._tls_failure: str | None = None  # a TLS problem that retrying cannot fix (see _tls_failure_of)
         self._last_failure: str | None = None
+        self._starting = False  # start() is waiting: it reports a refusal or TLS failure itself, as the error
         self._replay_up_to = 0  # rows with seq <= this waited for a connection: replayed
         self._cursor = 0  # the highest seq handed to paho by this process
         self._replayed = 0
@@ -178,9 +305,12 @@ class VerdictPublisher:
         try:
             if reason_code.is_failure:
                 self._refused = str(reason_code)
-                log.error("MQTT broker %s refused the connection: %s", self.where, reason_code)
+                self._refused_code = reason_code.value
+                if not self._starting:
+                    log.error("MQTT broker %s refused the connection: %s", self.where, reason_code)
                 return
             self._refused = None
+            self._tls_failure = None
             info = client.publish(self.status_topic, STATUS_ONLINE, qos=1, retain=True)
             with self._lock:
                 # Its ack is read later on this same thread, so the id is known in time.
@@ -218,12 +348,37 @@ class VerdictPublisher:
             log.exception("MQTT on_publish bookkeeping failed for message %s", mid)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._last_failure = "no answer (connection refused or timed out)"
+        try:
+            error = self._client.connect_error
+            if not self._note_tls_failure(_tls_failure_of(error, None, self._config)):
+                self._last_failure = _ssl_text(error) if error else "no answer (connection refused or timed out)"
+                if self._config.tls.enabled and isinstance(error, ConnectionResetError | ssl.SSLEOFError):
+                    # A plain MQTT listener drops a TLS greeting; so may a broker that is going down.
+                    self._last_failure += (" during the TLS handshake: check that mqtt.port is the broker's "
+                                           "TLS listener")
+        except Exception:  # noqa: BLE001
+            log.exception("MQTT on_connect_fail failed")
+
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
+        # paho logs a socket error it caught while reading, then reports a bare disconnect.
+        if level == mqtt.MQTT_LOG_ERR and text.startswith("failed to receive on socket"):
+            self._client.read_error = text
+
+    def _note_tls_failure(self, failure: str | None) -> bool:
+        """Record a TLS failure; log it at ERROR when it is new (paho retries with back-off). True if one."""
+        if failure is None:
+            return False
+        if failure != self._tls_failure and not self._starting:
+            log.error("MQTT broker %s: TLS: %s (retrying with back-off)", self.where, failure)
+        self._tls_failure = failure
+        return True
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
         try:
             was_ready = self._ready.is_set()
+            if not self._connected.is_set():  # ended before a CONNACK: perhaps the broker rejected our certificate
+                self._note_tls_failure(_tls_failure_of(None, self._client.read_error, self._config))
             self._ready.clear()
             self._connected.clear()
             if was_ready and reason_code.is_failure:
@@ -275,6 +430,7 @@ class VerdictPublisher:
     # -- the daemon's side -----------------------------------------------------------------
     def start(self) -> None:
         """Connect in the background; wait up to connect_timeout_s for the broker (see the module docstring)."""
+        self._starting = True
         try:
             self._client.connect_async(self._config.host, self._config.port, keepalive=self._config.keepalive)
         except (OSError, ValueError) as exc:
@@ -283,21 +439,42 @@ class VerdictPublisher:
         self._sender.start()
         deadline = time.monotonic() + self._config.connect_timeout_s
         while not self._ready.wait(0.05):
-            if self._refused or time.monotonic() > deadline:
+            if self._refused or self._tls_failure or time.monotonic() > deadline:
                 break
+        self._starting = False
         if self._ready.is_set():
             return
-        why = f"refused the connection: {self._refused}" if self._refused else (
+        refused, tls_failure = self._refused, self._tls_failure
+        if tls_failure:
+            # Like a refusal, waiting does not mend a certificate: stop now, whatever require_broker says.
+            self._shutdown_threads()
+            raise MqttError(f"MQTT broker {self.where}: TLS: {tls_failure}")
+        why = f"refused the connection: {refused}" if refused else (
             f"did not answer within {self._config.connect_timeout_s:g} s"
             + (f" ({self._last_failure})" if self._last_failure else ""))
-        if self._config.require_broker or self._refused:
+        if self._config.require_broker or refused:
             self._shutdown_threads()
-            hint = ("check mqtt.username and the password" if self._refused else
+            hint = (self._refusal_hint() if refused else
                     "check mqtt.host/mqtt.port and that the broker runs, or set mqtt.require_broker: false "
                     "to inspect without it")
             raise MqttError(f"MQTT broker {self.where} {why}; {hint}")
         log.warning("MQTT broker %s %s: inspecting anyway; verdicts wait in the outbox %s until it answers",
                     self.where, why, self._outbox.path)
+
+    def _refusal_hint(self) -> str:
+        """What to check after a refused CONNACK: the credentials (naming where the password comes from)."""
+        config = self._config
+        if self._refused_code not in _AUTH_REFUSALS:
+            return "check mqtt.client_id, mqtt.username and the broker's settings"
+        if not config.username:
+            return "the broker wants credentials: set mqtt.username and mqtt.password_env or mqtt.password_file"
+        if config.password_env:
+            source = f"the password in the environment variable {config.password_env} (mqtt.password_env)"
+        elif config.password_file:
+            source = f"the password in {config.password_file} (mqtt.password_file)"
+        else:
+            source = "the password (none is set: mqtt.password_env or mqtt.password_file)"
+        return f"check mqtt.username ({config.username!r}) and {source}"
 
     def submit(self, payload: dict[str, Any]) -> None:
         """Commit a verdict to the outbox (durable when this returns) and wake the sender."""

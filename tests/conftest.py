@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -73,19 +73,22 @@ class Broker:
         _stop_mosquitto(self.process)
 
 
-def _start_mosquitto(folder: Path, port: int, persistent: bool = False) -> Broker:
+def _start_mosquitto(folder: Path, port: int, persistent: bool = False, listener_lines: Sequence[str] = (),
+                     allow_anonymous: bool = True) -> Broker:
     conf = folder / f"mosquitto-{port}.conf"
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true"]
+    # Listener options (cafile, certfile, require_certificate ...) follow their `listener` line.
+    lines = [f"listener {port} 127.0.0.1", *listener_lines, f"allow_anonymous {str(allow_anonymous).lower()}"]
     if persistent:
         # Sessions, subscriptions and queued QoS 1 messages survive a restart on the same port.
         store = folder / f"mosquitto-{port}-db"
         store.mkdir(exist_ok=True)
         lines += ["persistence true", f"persistence_location {store}/", "autosave_interval 1"]
-        if os.geteuid() == 0:
-            # Started as root, mosquitto drops to the user `mosquitto`, who cannot write in tmp_path.
-            lines.append("user root")
     else:
         lines.append("persistence false")
+    if os.geteuid() == 0 and (persistent or listener_lines or not allow_anonymous):
+        # Started as root, mosquitto drops to the user `mosquitto`, who can neither write in tmp_path
+        # nor read the certificates and password file the test put there.
+        lines.append("user root")
     conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with open(folder / f"mosquitto-{port}.log", "ab") as log:
         proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
@@ -108,7 +111,11 @@ def _stop_mosquitto(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture
 def start_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
-    """Factory: start_broker(port=None, persistent=False) starts a mosquitto; all stop at teardown.
+    """Factory: start_broker(port=None, persistent=False, *, listener_lines=(), allow_anonymous=True).
+
+    Starts a mosquitto; all stop at teardown. `listener_lines` are mosquitto 2 config lines
+    for the listener (e.g. `cafile ...`, `require_certificate true`); with `allow_anonymous=False`
+    add a `password_file ...` line.
 
     The port is a free one by default. `persistent=True` keeps the broker's state in a
     folder of tmp_path named by the port, so `broker.stop()` then `start_broker(port,
@@ -118,8 +125,9 @@ def start_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
         pytest.skip("mosquitto is not installed")
     started: list[Broker] = []
 
-    def start(port: int | None = None, persistent: bool = False) -> Broker:
-        broker = _start_mosquitto(tmp_path, port or free_port(), persistent)
+    def start(port: int | None = None, persistent: bool = False, *, listener_lines: Sequence[str] = (),
+              allow_anonymous: bool = True) -> Broker:
+        broker = _start_mosquitto(tmp_path, port or free_port(), persistent, listener_lines, allow_anonymous)
         started.append(broker)
         return broker
 
@@ -163,7 +171,9 @@ class Subscriber:
 
 @pytest.fixture
 def mqtt_subscriber() -> Iterator[Callable[..., Subscriber]]:
-    """Factory: subscribe(host, port, topic_filter, persistent=False) -> Subscriber, once the SUBACK is in.
+    """Factory: subscribe(host, port, topic_filter, persistent=False, setup=None) -> Subscriber, once subscribed.
+
+    `setup(client)` runs before connecting (TLS, credentials).
 
     `persistent=True`: a QoS 1 persistent session (clean_session false, fixed client id)
     that reconnects every second, so with a persistent broker it receives what was
@@ -173,7 +183,8 @@ def mqtt_subscriber() -> Iterator[Callable[..., Subscriber]]:
 
     clients: list[Any] = []
 
-    def subscribe(host: str, port: int, topic: str, persistent: bool = False) -> Subscriber:
+    def subscribe(host: str, port: int, topic: str, persistent: bool = False,
+                  setup: Callable[[Any], None] | None = None) -> Subscriber:
         client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                              client_id=f"test-sub-{len(clients)}-{os.getpid()}",
                              clean_session=not persistent)
@@ -188,6 +199,8 @@ def mqtt_subscriber() -> Iterator[Callable[..., Subscriber]]:
         client.on_message = on_message
         client.on_subscribe = lambda *a: subscribed.set()
         client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+        if setup is not None:
+            setup(client)
         client.connect(host, port)
         client.loop_start()
         clients.append(client)

@@ -12,7 +12,6 @@ lost by a crash.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -30,7 +29,7 @@ import numpy as np
 
 from ganspect.edge.config import EdgeConfig, read_password
 from ganspect.edge.errors import GanspectError
-from ganspect.edge.mqtt import DeliveryReport, VerdictPublisher, build_verdict
+from ganspect.edge.mqtt import DeliveryReport, VerdictPublisher, build_verdict, verdict_json
 from ganspect.edge.overlay import OverlayWindow, display_available, render_overlay
 from ganspect.edge.scorer import Scorer
 from ganspect.edge.source import FrameSource, open_source
@@ -197,12 +196,13 @@ def _loop(config: EdgeConfig, scorer: Scorer, source: FrameSource, outbox: Outbo
             captured_at=frame.captured_at, score=score, manifest=scorer.manifest, model_file=scorer.model_file,
             total_ms=(time.perf_counter() - started) * 1000.0,
         )
+        text = verdict_json(payload)  # serialised once: stored, logged and (from the outbox) sent
         if publisher is not None:
-            publisher.submit(payload)  # on disk when this returns
+            publisher.submit(payload, text)  # on disk when this returns
         else:
             outbox.note_seq(seq)
         if log_file is not None:
-            log_file.write(json.dumps(payload, separators=(",", ":")) + "\n")
+            log_file.write(text + "\n")
             log_file.flush()
         summary.add(payload["evaluation"]["state"], payload["processing_ms"]["total"])
         _log_verdict(payload, last_logged)
@@ -212,7 +212,7 @@ def _loop(config: EdgeConfig, scorer: Scorer, source: FrameSource, outbox: Outbo
                 instant = 1.0 / max(now - last_shown, 1e-6)
                 fps = instant if fps is None else 0.9 * fps + 0.1 * instant
             last_shown = now
-            image = render_overlay(frame.image, score.heatmap, payload["evaluation"]["state"], payload["score"], score.threshold,
-                                   fps=fps, show_heatmap=window.show_heatmap)
+            image = render_overlay(frame.image, score.heatmap, payload["evaluation"]["state"], payload["score"],
+                                   score.threshold, fps=fps, show_heatmap=window.show_heatmap)
             if not window.show(image):
                 stop.set()

@@ -234,6 +234,11 @@ def build_verdict(*, seq: int, station: StationConfig, part_id: str, captured_at
     }
 
 
+def verdict_json(payload: dict[str, Any]) -> str:
+    """The compact JSON text of a verdict, as stored, logged and sent (never NaN: JSON has none)."""
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False)
+
+
 def topic_base(prefix: str, station: StationConfig) -> str:
     return f"{prefix}/{station.site}/{station.line}/{station.station}"
 
@@ -415,7 +420,7 @@ class VerdictPublisher:
         replayed = row.seq <= self._replay_up_to
         payload["replayed"] = replayed
         payload["published_at"] = utc_iso(datetime.now(timezone.utc))
-        info = self._client.publish(self.verdict_topic, json.dumps(payload, separators=(",", ":")),
+        info = self._client.publish(self.verdict_topic, verdict_json(payload),
                                     qos=self._config.qos)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.error("verdict seq %d not handed to MQTT (%s); it stays in the outbox", row.seq,
@@ -476,10 +481,9 @@ class VerdictPublisher:
             source = "the password (none is set: mqtt.password_env or mqtt.password_file)"
         return f"check mqtt.username ({config.username!r}) and {source}"
 
-    def submit(self, payload: dict[str, Any]) -> None:
-        """Commit a verdict to the outbox (durable when this returns) and wake the sender."""
-        self._outbox.put(payload["seq"], payload["result_id"], json.dumps(payload, separators=(",", ":"),
-                                                                          allow_nan=False))
+    def submit(self, payload: dict[str, Any], text: str) -> None:
+        """Commit a verdict and its `verdict_json` text to the outbox (durable when this returns); wake the sender."""
+        self._outbox.put(payload["seq"], payload["result_id"], text)
         self._wake.set()
 
     def report(self) -> DeliveryReport:

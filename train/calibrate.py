@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ganspect.train.models.efficient_gan import EfficientGAN
+from ganspect.train.models.efficient_gan import EfficientGAN, weighted_score
 
 
 @dataclass
@@ -40,7 +40,7 @@ def score_images(model: EfficientGAN, images: np.ndarray, batch_size: int = 64,
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(images[start:start + batch_size]).to(device)
             parts = model.score_parts(model.normalise(batch))
-            out["score"].append(((1.0 - lam) * parts.l_r + lam * parts.l_d).cpu().numpy())
+            out["score"].append(weighted_score(parts.l_r, parts.l_d, lam).cpu().numpy())
             out["l_r"].append(parts.l_r.cpu().numpy())
             out["l_d"].append(parts.l_d.cpu().numpy())
             out["residual"].append(parts.residual.cpu().numpy())

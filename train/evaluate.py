@@ -78,11 +78,10 @@ def lambda_sweep(l_r: np.ndarray, l_d: np.ndarray, labels: np.ndarray) -> list[d
     """Image AUROC for lambda = 0.0 ... 1.0 (seed 000's table), from the score parts."""
     from sklearn.metrics import roc_auc_score
 
-    rows = []
-    for lam in LAMBDA_SWEEP:
-        s = (1 - lam) * l_r + lam * l_d
-        rows.append({"lambda": lam, "image_auroc": float(roc_auc_score(labels, s))})
-    return rows
+    from ganspect.train.models.efficient_gan import weighted_score
+
+    return [{"lambda": lam, "image_auroc": float(roc_auc_score(labels, weighted_score(l_r, l_d, lam)))}
+            for lam in LAMBDA_SWEEP]
 
 
 def evaluate_run(run: Path, data: Path | None) -> dict[str, Any]:

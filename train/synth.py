@@ -276,7 +276,6 @@ def _scratch(rng: np.random.Generator, scene: _Scene, metal: np.ndarray) -> np.n
 
 def _dent(rng: np.random.Generator, scene: _Scene, metal: np.ndarray) -> np.ndarray:
     """A round pit: darker inside, its wall facing the light bright and the other dark."""
-    s = scene.s
     radius = rng.uniform(0.055, 0.072)
     cu, cv_ = _point_on_face(rng, radius * 0.9)
     du, dv = (scene.u - cu) / radius, (scene.v - cv_) / radius

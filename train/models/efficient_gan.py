@@ -183,6 +183,11 @@ class Discriminator(nn.Module):
         return self.head(self.dropout(f)).squeeze(1), f  # logit (N,), features (N, F)
 
 
+def weighted_score(l_r: Any, l_d: Any, lam: float) -> Any:
+    """A(x) = (1 - lambda) * L_R + lambda * L_D, for tensors or arrays alike: the one place it is written."""
+    return (1.0 - lam) * l_r + lam * l_d
+
+
 def gaussian_kernel_1d(sigma: float) -> torch.Tensor:
     """Normalised 1-D Gaussian, radius ceil(3 sigma); sigma 0 gives the identity [1]."""
     if sigma <= 0:
@@ -252,8 +257,7 @@ class EfficientGAN(nn.Module):
     def forward(self, images_uint8_nhwc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The edge contract: uint8 (N, H, W, C) -> score (N,), heatmap (N, H, W)."""
         parts = self.score_parts(self.normalise(images_uint8_nhwc))
-        lam = self.cfg.lambda_
-        score = (1.0 - lam) * parts.l_r + lam * parts.l_d
+        score = weighted_score(parts.l_r, parts.l_d, self.cfg.lambda_)
         heatmap = parts.residual / self.heatmap_scale
         return score, heatmap
 

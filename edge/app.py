@@ -31,6 +31,7 @@ from ganspect.edge.config import EdgeConfig, read_password
 from ganspect.edge.errors import GanspectError
 from ganspect.edge.mqtt import DeliveryReport, VerdictPublisher, build_verdict, verdict_json
 from ganspect.edge.overlay import OverlayWindow, display_available, render_overlay
+from ganspect.edge.remote import LiveModel, RemoteCommands, refuse_triggers_in_continuous_mode
 from ganspect.edge.scorer import Scorer
 from ganspect.edge.source import FrameSource, open_source
 from ganspect.edge.spool import OUTBOX_FILE, Outbox
@@ -125,15 +126,18 @@ def run_edge(config: EdgeConfig, *, headless: bool = False, verdict_log: Path | 
     summary = RunSummary()
     with ExitStack() as stack:
         scorer = Scorer.load(config.model.bundle, config.model.precision, config.model.intra_op_threads)
+        live = LiveModel(scorer, config)  # the model and threshold in force; cmd/reload and cmd/threshold change them
         show_window = window_wanted(config, headless)
         source = open_source(config.source)
         stack.callback(source.close)
         outbox = _open_outbox(config)
         stack.callback(outbox.close)
         publisher: VerdictPublisher | None = None
+        remote: RemoteCommands | None = None
         if config.mqtt.enabled:
             publisher = VerdictPublisher(config.mqtt, config.station, outbox, read_password(config.mqtt))
-            publisher.start()
+            remote = RemoteCommands(config, live, refuse_triggers_in_continuous_mode, publisher.publish_result)
+            publisher.start(on_command=remote.handle if config.mqtt.commands.enabled else None)
         else:
             log.info("mqtt.enabled is false: verdicts are logged, not published")
         log_file: IO[str] | None = None
@@ -145,8 +149,10 @@ def run_edge(config: EdgeConfig, *, headless: bool = False, verdict_log: Path | 
             stack.callback(window.close)
         stack.enter_context(stop_on_signals(stop))
         try:
-            _loop(config, scorer, source, outbox, publisher, log_file, window, stop, summary)
+            _loop(config, live, source, outbox, publisher, log_file, window, stop, summary)
         finally:
+            if remote is not None:
+                remote.close()  # a reload under way finishes and its answer goes out before the publisher closes
             if publisher is not None:
                 summary.delivery = publisher.close()
     return summary
@@ -165,7 +171,7 @@ def _open_outbox(config: EdgeConfig) -> Outbox:
     return outbox
 
 
-def _loop(config: EdgeConfig, scorer: Scorer, source: FrameSource, outbox: Outbox,
+def _loop(config: EdgeConfig, live: LiveModel, source: FrameSource, outbox: Outbox,
           publisher: VerdictPublisher | None, log_file: IO[str] | None, window: OverlayWindow | None,
           stop: threading.Event, summary: RunSummary) -> None:
     max_frames = config.run.max_frames
@@ -189,12 +195,14 @@ def _loop(config: EdgeConfig, scorer: Scorer, source: FrameSource, outbox: Outbo
         if frame is None:
             return
         started = time.perf_counter()
-        score = scorer.score(frame.image)
+        judged = live.score(frame.image)  # the model and threshold in force for this frame
+        score = judged.score
         seq = outbox.next_seq()
         payload = build_verdict(
             seq=seq, station=config.station, part_id=f"{source.name}:{frame.index}",
-            captured_at=frame.captured_at, score=score, manifest=scorer.manifest, model_file=scorer.model_file,
-            total_ms=(time.perf_counter() - started) * 1000.0,
+            captured_at=frame.captured_at, score=score, manifest=judged.scorer.manifest,
+            model_file=judged.scorer.model_file, total_ms=(time.perf_counter() - started) * 1000.0,
+            threshold_source=judged.threshold_source,
         )
         text = verdict_json(payload)  # serialised once: stored, logged and (from the outbox) sent
         if publisher is not None:

@@ -110,8 +110,50 @@ class TlsConfig(_Section):
         return {key: path for key, path in named.items() if path is not None}
 
 
+CommandName = Literal["trigger", "reload", "threshold"]
+
+
+class CommandsConfig(_Section):
+    enabled: bool = Field(
+        True, description="Subscribe to <prefix>/<site>/<line>/<station>/cmd/+ and answer on cmd/result; "
+        "false = no subscription (commands are not received at all)."
+    )
+    allow: tuple[CommandName, ...] = Field(
+        ("trigger", "reload", "threshold"),
+        description="The commands this station carries out; the others are answered 'not_allowed' "
+        "(e.g. [trigger] keeps the threshold and the model out of the MES's reach).",
+    )
+    max_payload_bytes: int = Field(
+        4096, ge=64, le=65536, description="Larger command payloads are rejected unread ('too_large')."
+    )
+    max_per_s: float = Field(
+        20.0, gt=0, le=1000,
+        description="Valid commands carried out per second at most (token bucket, with burst); "
+        "the excess is answered 'rate_limited'.",
+    )
+    burst: int = Field(40, ge=1, le=10_000, description="Valid commands accepted at once before max_per_s applies.")
+    max_pending_results: int = Field(
+        1000, ge=10, le=100_000,
+        description="cmd/result answers handed to MQTT but not yet acknowledged by the broker at most; beyond it "
+        "answers are dropped (counted and logged), so a command flood cannot fill memory.",
+    )
+    threshold_min_ratio: float = Field(
+        0.5, gt=0, le=1,
+        description="cmd/threshold may set the threshold down to this fraction of the bundle's threshold.",
+    )
+    threshold_max_ratio: float = Field(
+        2.0, ge=1, le=100,
+        description="cmd/threshold may set the threshold up to this multiple of the bundle's threshold (a higher "
+        "threshold passes more parts: keep it tight).",
+    )
+
+
 class MqttConfig(_Section):
     enabled: bool = Field(True, description="Publish verdicts over MQTT; false = inspect and log only.")
+    protocol: Literal["v3.1.1", "v5"] = Field(
+        "v3.1.1", description="MQTT protocol version: v3.1.1 (every broker) or v5 (reason codes on every "
+        "acknowledgement, a packet size limit for commands)."
+    )
     host: str = Field("127.0.0.1", min_length=1, description="Broker host name or address.")
     port: int = Field(1883, ge=1, le=65535, description="Broker TCP port.")
     prefix: str = Field(
@@ -147,6 +189,9 @@ class MqttConfig(_Section):
                            description="TLS to the broker: the CA to verify it with and the client certificate.")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig,  # type: ignore[arg-type]
                                  description="The disk outbox that holds verdicts until the broker acknowledged them.")
+    commands: CommandsConfig = Field(default_factory=CommandsConfig,  # type: ignore[arg-type]
+                                     description="Commands from the MES (cmd/trigger, cmd/reload, cmd/threshold): "
+                                     "untrusted input, validated and bounded.")
 
     @model_validator(mode="after")
     def _one_password_source(self) -> MqttConfig:

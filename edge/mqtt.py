@@ -7,6 +7,9 @@ Topic tree (prefix from the config, then the plant hierarchy; `docs/mqtt.md` has
 - `<prefix>/<site>/<line>/<station>/status`: retained `online` while connected,
   `stopped` after a clean exit, and `offline` (the last will) when the daemon dies or
   loses its connection without saying goodbye.
+- `<prefix>/<site>/<line>/<station>/cmd/+`: commands, subscribed to on every (re)connect
+  and handed to `remote.RemoteCommands` (untrusted input: it validates them); their
+  answers go to `.../cmd/result` (QoS 1, not retained), which the daemon itself ignores.
 
 Delivery: every verdict goes through the disk outbox (`spool.Outbox`). The main loop
 commits it there; a sender thread hands rows to paho in seq order, at most
@@ -25,6 +28,13 @@ reconnects with back-off, so the daemon inspects without a broker; its verdicts 
 disk. `mqtt.require_broker: true` turns a broker that does not answer within
 `connect_timeout_s` into an error (for commissioning); a broker that *refuses* the
 connection (bad credentials, a banned client id) is always an error at start-up.
+
+Acknowledgements: paho numbers every message it sends (verdicts, status, command
+answers) from one counter, and the broker's acknowledgement of a message published from
+another thread can be read before `publish()` has returned its id. Status and answers
+are published through `_publish_other`, which registers their ids; an ack read while
+such a publish is under way is held until its id is known, so only verdict acks ever
+reach the outbox (where an unknown id is parked for the `mark_sent` that follows).
 
 Security: `mqtt.tls` makes the connection TLS, always verifying the broker's certificate
 (against `ca_file` or the system's CAs, host name included) and presenting a client
@@ -49,9 +59,13 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import SecretStr
 
 from ganspect.edge.config import MqttConfig, StationConfig, TlsConfig
@@ -68,6 +82,14 @@ STATUS_OFFLINE = "offline"
 STATUS_STOPPED = "stopped"
 # paho's own in-flight limit leaves room for status messages beside max_inflight verdicts.
 _STATUS_HEADROOM = 4
+# MQTT v5 lets the client cap the packets the broker sends it (Maximum Packet Size); the broker drops
+# a larger command instead of making the daemon read it. Commands between mqtt.commands.max_payload_bytes
+# and this cap are read and answered 'too_large'.
+_V5_MAX_PACKET_BYTES = 256 * 1024
+_PROTOCOLS = {"v3.1.1": mqtt.MQTTv311, "v5": mqtt.MQTTv5}
+_UNSUPPORTED_PROTOCOL = 132
+# A command arrives as (name, payload, retained, received_at: time.monotonic()).
+CommandSink = Callable[[str, bytes, bool, float], None]
 # CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1's 4 and 5 onto 134 and 135) that mean the
 # broker did not accept the credentials.
 _AUTH_REFUSALS = frozenset({134, 135, 140})  # Bad user name or password, Not authorized, Bad authentication method
@@ -200,9 +222,12 @@ def evaluation_of(score: Score) -> dict[str, str | None]:
 
 def build_verdict(*, seq: int, station: StationConfig, part_id: str, captured_at: datetime, score: Score,
                   manifest: Manifest, model_file: ModelFile, total_ms: float,
-                  trigger_id: str | None = None) -> dict[str, Any]:
+                  trigger_id: str | None = None,
+                  threshold_source: Literal["bundle", "override"] = "bundle") -> dict[str, Any]:
     """The verdict payload as made; `schemas/verdict.schema.json` documents every field.
 
+    `score.threshold` is the threshold the part was judged by; `threshold_source` says
+    whether it is the bundle's or a runtime override (`cmd/threshold`).
     `published_at` is the time it was made here; the publisher sets it again at each send.
     """
     return {
@@ -216,7 +241,7 @@ def build_verdict(*, seq: int, station: StationConfig, part_id: str, captured_at
         "published_at": utc_iso(datetime.now(timezone.utc)),
         "evaluation": evaluation_of(score),
         "score": _finite_or_none(score.score),
-        "threshold": {"value": score.threshold, "source": "bundle"},
+        "threshold": {"value": score.threshold, "source": threshold_source},
         "model": {
             "name": manifest.name,
             "kind": manifest.kind,
@@ -264,8 +289,11 @@ class VerdictPublisher:
         base = topic_base(config.prefix, station)
         self.verdict_topic = f"{base}/verdict"
         self.status_topic = f"{base}/status"
+        self.command_prefix = f"{base}/cmd/"
+        self.result_topic = f"{base}/cmd/result"
         client_id = config.client_id or f"ganspect-{station.site}-{station.line}-{station.station}"
-        self._client = _Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self._client = _Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                               protocol=_PROTOCOLS[config.protocol])
         if config.tls.enabled:
             self._client.tls_set_context(tls_context(config.tls))
         if config.username:
@@ -279,12 +307,20 @@ class VerdictPublisher:
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
         self._client.on_log = self._on_log
+        self._on_command: CommandSink | None = None  # set by start(); None = not subscribed
         self._lock = threading.Lock()  # guards the fields below; never held while calling paho
         self._connected = threading.Event()  # CONNACK accepted
         self._ready = threading.Event()  # ... and the `online` status acknowledged (see the module docstring)
         self._online_mid: int | None = None
         self._status_mids: set[int] = set()
+        self._other_mids: set[int] = set()  # status and command answers published by _publish_other, not yet acked
+        self._other_publishing = 0  # _publish_other calls under way
+        self._held_acks: list[tuple[int, Any]] = []  # acks read meanwhile: theirs, or verdicts' (see the docstring)
+        self._answers_dropped = 0
+        self._subscribe_mid: int | None = None
         self._refused: str | None = None
         self._refused_code: int | None = None
         self._tls_failure: str | None = None  # a TLS problem that retrying cannot fix (see _tls_failure_of)
@@ -321,13 +357,53 @@ class VerdictPublisher:
                 # Its ack is read later on this same thread, so the id is known in time.
                 self._status_mids.add(info.mid)
                 self._online_mid = info.mid
+            if self._on_command is not None:
+                self._subscribe_commands(client)
             self._connected.set()
         except Exception:  # noqa: BLE001 - an exception here would kill paho's network thread
             log.exception("MQTT on_connect failed")
 
+    def _subscribe_commands(self, client: mqtt.Client) -> None:
+        # A clean session forgets subscriptions: every (re)connect subscribes again. Under v5 noLocal keeps
+        # our own cmd/result answers from coming back; under 3.1.1 _on_message skips them.
+        topic = self.command_prefix + "+"
+        if self._config.protocol == "v5":
+            _, mid = client.subscribe(topic, options=SubscribeOptions(qos=1, noLocal=True))
+        else:
+            _, mid = client.subscribe(topic, qos=1)
+        self._subscribe_mid = mid
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        try:
+            failed = [code for code in reason_codes if code.is_failure]
+            if mid == self._subscribe_mid and failed:
+                log.error("MQTT broker %s refused the subscription to %s+ (%s): commands do not reach this "
+                          "station; check the broker's ACL for this client", self.where, self.command_prefix,
+                          failed[0])
+        except Exception:  # noqa: BLE001
+            log.exception("MQTT on_subscribe failed")
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        # Untrusted input on the network thread: nothing may escape (paho would end the thread and, with
+        # it, the delivery of verdicts).
+        try:
+            sink = self._on_command
+            topic = message.topic
+            if sink is None or not topic.startswith(self.command_prefix) or topic == self.result_topic:
+                return  # our own answers (3.1.1 has no noLocal), or nothing we subscribed to
+            sink(topic[len(self.command_prefix):], bytes(message.payload), bool(message.retain), time.monotonic())
+        except Exception:  # noqa: BLE001
+            log.exception("MQTT command handling failed; the daemon goes on")
+
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         try:
             with self._lock:
+                if mid in self._other_mids:
+                    self._other_mids.discard(mid)
+                    return
+                if self._other_publishing and mid not in self._status_mids:
+                    self._held_acks.append((mid, reason_code))
+                    return
                 is_status = mid in self._status_mids
                 self._status_mids.discard(mid)
                 became_ready = is_status and mid == self._online_mid and self._connected.is_set()
@@ -341,16 +417,63 @@ class VerdictPublisher:
                          f" ({backlog} waiting in the outbox are sent first)" if backlog else "")
                 self._ready.set()
             elif not is_status:
-                if reason_code is not None and getattr(reason_code, "is_failure", False):
-                    # An MQTT 5 broker may refuse a message in its PUBACK: the row stays on disk.
-                    log.error("MQTT broker %s refused a verdict (%s); it stays in the outbox until the next start",
-                              self.where, reason_code)
-                    self._outbox.release(mid)
-                else:
-                    self._outbox.acked(mid)
+                self._verdict_acked(mid, reason_code)
             self._wake.set()
         except Exception:  # noqa: BLE001
             log.exception("MQTT on_publish bookkeeping failed for message %s", mid)
+
+    def _verdict_acked(self, mid: int, reason_code: Any) -> None:
+        if reason_code is not None and getattr(reason_code, "is_failure", False):
+            # An MQTT 5 broker may refuse a message in its PUBACK: the row stays on disk.
+            log.error("MQTT broker %s refused a verdict (%s); it stays in the outbox until the next start",
+                      self.where, reason_code)
+            self._outbox.release(mid)
+        else:
+            self._outbox.acked(mid)
+
+    def _publish_other(self, topic: str, payload: str, *, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """Publish a status or an answer at QoS 1 from any thread, keeping its ack away from the outbox."""
+        with self._lock:
+            self._other_publishing += 1
+        info: mqtt.MQTTMessageInfo | None = None
+        try:
+            info = self._client.publish(topic, payload, qos=1, retain=retain)
+            return info
+        finally:
+            with self._lock:
+                self._other_publishing -= 1
+                if info is not None and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                    held_mids = [mid for mid, _ in self._held_acks]
+                    if info.mid in held_mids:  # acknowledged before publish() returned
+                        del self._held_acks[held_mids.index(info.mid)]
+                    else:
+                        self._other_mids.add(info.mid)
+                release = self._held_acks if not self._other_publishing else []
+                if release:
+                    self._held_acks = []
+            for mid, reason_code in release:
+                self._verdict_acked(mid, reason_code)
+            if release:
+                self._wake.set()
+
+    def publish_result(self, text: str) -> bool:
+        """Send a command's answer on cmd/result (QoS 1, not retained); False when dropped.
+
+        At most `mqtt.commands.max_pending_results` answers wait for the broker's ack: a flood
+        of commands cannot grow paho's queue without bound. The drops are counted and logged.
+        """
+        with self._lock:
+            full = len(self._other_mids) >= self._config.commands.max_pending_results
+            if full:
+                self._answers_dropped += 1
+                dropped = self._answers_dropped
+        if full:
+            if dropped == 1 or dropped % 1000 == 0:
+                log.error("%d command answer(s) dropped: %d wait for the broker's acknowledgement already "
+                          "(mqtt.commands.max_pending_results)", dropped, self._config.commands.max_pending_results)
+            return False
+        info = self._publish_other(self.result_topic, text)
+        return info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         try:
@@ -433,11 +556,21 @@ class VerdictPublisher:
         return True
 
     # -- the daemon's side -----------------------------------------------------------------
-    def start(self) -> None:
-        """Connect in the background; wait up to connect_timeout_s for the broker (see the module docstring)."""
+    def start(self, on_command: CommandSink | None = None) -> None:
+        """Connect in the background; wait up to connect_timeout_s for the broker (see the module docstring).
+
+        With `on_command`, every (re)connect subscribes to `cmd/+` and each command is handed
+        to it on paho's network thread: it must not block (see `remote.RemoteCommands`).
+        """
+        self._on_command = on_command
         self._starting = True
+        properties: Properties | None = None
+        if self._config.protocol == "v5":
+            properties = Properties(PacketTypes.CONNECT)
+            properties.MaximumPacketSize = max(_V5_MAX_PACKET_BYTES, 2 * self._config.commands.max_payload_bytes)
         try:
-            self._client.connect_async(self._config.host, self._config.port, keepalive=self._config.keepalive)
+            self._client.connect_async(self._config.host, self._config.port, keepalive=self._config.keepalive,
+                                       properties=properties)
         except (OSError, ValueError) as exc:
             raise MqttError(f"MQTT broker {self.where}: {exc}") from exc
         self._client.loop_start()
@@ -469,6 +602,8 @@ class VerdictPublisher:
     def _refusal_hint(self) -> str:
         """What to check after a refused CONNACK: the credentials (naming where the password comes from)."""
         config = self._config
+        if self._refused_code == _UNSUPPORTED_PROTOCOL and config.protocol == "v5":
+            return "the broker does not speak MQTT v5: set mqtt.protocol: v3.1.1"
         if self._refused_code not in _AUTH_REFUSALS:
             return "check mqtt.client_id, mqtt.username and the broker's settings"
         if not config.username:
@@ -485,6 +620,11 @@ class VerdictPublisher:
         """Commit a verdict and its `verdict_json` text to the outbox (durable when this returns); wake the sender."""
         self._outbox.put(payload["seq"], payload["result_id"], text)
         self._wake.set()
+
+    @property
+    def answers_dropped(self) -> int:
+        with self._lock:
+            return self._answers_dropped
 
     def report(self) -> DeliveryReport:
         stats = self._outbox.stats()
@@ -509,7 +649,7 @@ class VerdictPublisher:
             log.warning("%d verdict(s) not yet acknowledged by the MQTT broker %s stay in the outbox %s and are "
                         "sent at the next start", report.backlog, self.where, self._outbox.path)
         if stopped and self._connected.is_set():
-            info = self._client.publish(self.status_topic, STATUS_STOPPED, qos=1, retain=True)
+            info = self._publish_other(self.status_topic, STATUS_STOPPED, retain=True)
             try:
                 info.wait_for_publish(timeout=min(2.0, max(0.1, deadline - time.monotonic() + 1.0)))
             except (RuntimeError, ValueError):

@@ -496,7 +496,8 @@ def _describe(exc: ValidationError) -> tuple[RejectCode, str]:
     elif error["type"] in ("model_type", "model_attributes_type") and not error["loc"]:
         what = "must be a JSON object"
     else:
-        what = error["msg"][0].lower() + error["msg"][1:]
+        message = error["msg"].removeprefix("Value error, ")
+        what = message[0].lower() + message[1:]
     more = len(exc.errors()) - 1
     return "invalid", f"{where}: {what}" + (f" (and {more} more problem(s))" if more else "")
 

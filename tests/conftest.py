@@ -373,3 +373,36 @@ def run_ganspect(*args: str, timeout: float = 60.0, env: dict[str, str] | None =
 def ganspect_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Factory: ganspect_cli(*args, timeout=60) runs the `ganspect` CLI in a subprocess."""
     return run_ganspect
+
+
+@pytest.fixture(scope="session")
+def validate_published() -> Callable[[str, bytes], Any]:
+    """validate_published(topic, payload) -> the decoded payload, checked against its schema in edge/schemas/.
+
+    The schema is named by the topic: .../verdict -> verdict.schema.json, .../cmd/result ->
+    cmd-result.schema.json, .../status -> status.schema.json (a bare word, validated as a
+    string). A topic without a schema file fails: every payload the daemon publishes has one.
+    """
+    import json
+
+    import jsonschema
+
+    import ganspect.edge
+
+    folder = Path(ganspect.edge.__file__).parent / "schemas"
+    validators: dict[str, Any] = {}
+
+    def validate(topic: str, payload: bytes) -> Any:
+        levels = topic.split("/")
+        name = "-".join(levels[-2:]) if levels[-2] == "cmd" else levels[-1]
+        if name not in validators:
+            path = folder / f"{name}.schema.json"
+            assert path.exists(), f"no JSON Schema {path.name} for the payloads of {topic}"
+            schema = json.loads(path.read_text(encoding="utf-8"))
+            jsonschema.Draft202012Validator.check_schema(schema)
+            validators[name] = jsonschema.Draft202012Validator(schema)
+        document = payload.decode("utf-8") if name == "status" else json.loads(payload)
+        validators[name].validate(document)
+        return document
+
+    return validate

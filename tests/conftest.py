@@ -174,6 +174,9 @@ class Subscriber:
 def mqtt_subscriber() -> Iterator[Callable[..., Subscriber]]:
     """Factory: subscribe(host, port, topic_filter, persistent=False, setup=None) -> Subscriber, once subscribed.
 
+    At the end of the test every message received from the daemon (verdict, status,
+    metrics, cmd/result) is validated against its JSON Schema in edge/schemas/.
+
     `setup(client)` runs before connecting (TLS, credentials).
 
     `persistent=True`: a QoS 1 persistent session (clean_session false, fixed client id)
@@ -183,6 +186,7 @@ def mqtt_subscriber() -> Iterator[Callable[..., Subscriber]]:
     import paho.mqtt.client as mqtt
 
     clients: list[Any] = []
+    subscribers: list[Subscriber] = []
 
     def subscribe(host: str, port: int, topic: str, persistent: bool = False,
                   setup: Callable[[Any], None] | None = None) -> Subscriber:
@@ -205,6 +209,7 @@ def mqtt_subscriber() -> Iterator[Callable[..., Subscriber]]:
         client.connect(host, port)
         client.loop_start()
         clients.append(client)
+        subscribers.append(sub)
         if not subscribed.wait(10):
             raise RuntimeError(f"test subscriber could not subscribe to {topic} on {host}:{port}")
         return sub
@@ -213,6 +218,11 @@ def mqtt_subscriber() -> Iterator[Callable[..., Subscriber]]:
     for client in clients:
         client.disconnect()
         client.loop_stop()
+    # Every payload the daemon published in a test validates against its JSON Schema.
+    for sub in subscribers:
+        for message in sub.messages:
+            if schema_name_of(message.topic) is not None:
+                validate_published_payload(message.topic, message.payload)
 
 
 def build_tiny_model(height: int, width: int, channels: int) -> bytes:
@@ -375,13 +385,25 @@ def ganspect_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run_ganspect
 
 
-@pytest.fixture(scope="session")
-def validate_published() -> Callable[[str, bytes], Any]:
-    """validate_published(topic, payload) -> the decoded payload, checked against its schema in edge/schemas/.
 
-    The schema is named by the topic: .../verdict -> verdict.schema.json, .../cmd/result ->
-    cmd-result.schema.json, .../status -> status.schema.json (a bare word, validated as a
-    string). A topic without a schema file fails: every payload the daemon publishes has one.
+_SCHEMA_VALIDATORS: dict[str, Any] = {}
+# The last topic level(s) of what the daemon publishes; the tests' own commands (cmd/trigger ...) are input.
+DAEMON_PAYLOADS = ("verdict", "status", "metrics", "cmd/result")
+
+
+def schema_name_of(topic: str) -> str | None:
+    """The schema file stem for a topic the daemon publishes (cmd/result -> cmd-result), else None."""
+    for suffix in DAEMON_PAYLOADS:
+        if topic.endswith("/" + suffix):
+            return suffix.replace("/", "-")
+    return None
+
+
+def validate_published_payload(topic: str, payload: bytes) -> Any:
+    """The decoded payload of a message the daemon published, checked against edge/schemas/<name>.schema.json.
+
+    status is a bare word, validated as a string; the others are JSON. A daemon topic
+    without a schema file fails: every payload the daemon publishes has one.
     """
     import json
 
@@ -389,20 +411,24 @@ def validate_published() -> Callable[[str, bytes], Any]:
 
     import ganspect.edge
 
-    folder = Path(ganspect.edge.__file__).parent / "schemas"
-    validators: dict[str, Any] = {}
+    name = schema_name_of(topic)
+    assert name is not None, f"{topic} is not a topic the daemon publishes"
+    if name not in _SCHEMA_VALIDATORS:
+        path = Path(ganspect.edge.__file__).parent / "schemas" / f"{name}.schema.json"
+        assert path.exists(), f"no JSON Schema {path.name} for the payloads of {topic}"
+        schema = json.loads(path.read_text(encoding="utf-8"))
+        jsonschema.Draft202012Validator.check_schema(schema)
+        _SCHEMA_VALIDATORS[name] = jsonschema.Draft202012Validator(schema)
+    document = payload.decode("utf-8") if name == "status" else json.loads(payload)
+    _SCHEMA_VALIDATORS[name].validate(document)
+    return document
 
-    def validate(topic: str, payload: bytes) -> Any:
-        levels = topic.split("/")
-        name = "-".join(levels[-2:]) if levels[-2] == "cmd" else levels[-1]
-        if name not in validators:
-            path = folder / f"{name}.schema.json"
-            assert path.exists(), f"no JSON Schema {path.name} for the payloads of {topic}"
-            schema = json.loads(path.read_text(encoding="utf-8"))
-            jsonschema.Draft202012Validator.check_schema(schema)
-            validators[name] = jsonschema.Draft202012Validator(schema)
-        document = payload.decode("utf-8") if name == "status" else json.loads(payload)
-        validators[name].validate(document)
-        return document
 
-    return validate
+@pytest.fixture(scope="session")
+def validate_published() -> Callable[[str, bytes], Any]:
+    """validate_published(topic, payload) -> the decoded payload, checked against its JSON Schema.
+
+    The `mqtt_subscriber` fixture also checks every daemon message it received this way
+    when the test ends.
+    """
+    return validate_published_payload

@@ -372,3 +372,61 @@ def _stderr_so_far(proc: subprocess.Popen[str], needle: str, timeout: float = 10
         text += line
     _stderr_seen[proc.pid] = text
     return text
+
+
+# -- answers and verdicts share paho's message ids ----------------------------------------------
+
+
+def test_answers_published_from_other_threads_never_acknowledge_a_verdict(mosquitto_broker, tmp_path):
+    # paho numbers answers and verdicts from one counter, and an answer's ack can be read before publish()
+    # returns its id to the thread that sent it. Were such an ack taken for a verdict's, the outbox would keep
+    # it and later delete, unsent, the verdict that gets the same id when the counter comes round (65535 ids).
+    import threading
+    import uuid
+
+    import yaml
+
+    from ganspect.edge.config import load_config
+    from ganspect.edge.mqtt import VerdictPublisher
+    from ganspect.edge.spool import Outbox
+
+    raw = {"station": {"site": "testsite", "line": "l1", "station": "s1"}, "model": {"bundle": "b"},
+           "source": {"uri": "0"}, "mqtt": {"host": mosquitto_broker.host, "port": mosquitto_broker.port,
+                                            "prefix": "gstest", "max_inflight": 50,
+                                            "commands": {"max_pending_results": 100_000}}}
+    (tmp_path / "edge.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    config = load_config(tmp_path / "edge.yaml")
+    outbox = Outbox(tmp_path / "outbox.sqlite3", max_messages=100_000, max_bytes=1 << 26)
+    publisher = VerdictPublisher(config.mqtt, config.station, outbox)
+    real_publish = publisher._client.publish
+
+    def publish_then_linger(*args: Any, **kwargs: Any) -> Any:
+        # The broker's ack usually comes after publish() has returned; holding the return back a moment (a
+        # busy 2-core line PC does it by chance) lets the network thread read the ack first, every time.
+        info = real_publish(*args, **kwargs)
+        time.sleep(0.002)
+        return info
+
+    publisher._client.publish = publish_then_linger  # type: ignore[method-assign]
+    publisher.start()
+    try:
+        def answer_many() -> None:
+            for _ in range(300):
+                assert publisher.publish_result('{"answer": "test"}')
+
+        threads = [threading.Thread(target=answer_many) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for seq in range(1, 201):
+            payload = {"seq": seq, "result_id": str(uuid.uuid4())}
+            publisher.submit(payload, json.dumps(payload))
+        for thread in threads:
+            thread.join()
+        _wait(lambda: outbox.stats().backlog == 0 and not publisher._other_mids, 30,
+              "every verdict and answer acknowledged")
+        assert outbox.stats().acknowledged == 200
+        assert outbox._early == set(), "an answer's ack reached the outbox"
+        assert publisher._held_acks == []
+    finally:
+        publisher.close()
+        outbox.close()

@@ -566,7 +566,7 @@ class VerdictPublisher:
         self._starting = True
         properties: Properties | None = None
         if self._config.protocol == "v5":
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.MaximumPacketSize = max(_V5_MAX_PACKET_BYTES, 2 * self._config.commands.max_payload_bytes)
         try:
             self._client.connect_async(self._config.host, self._config.port, keepalive=self._config.keepalive,

@@ -55,7 +55,7 @@ from ganspect.edge.triggers import TriggerRequest
 
 log = logging.getLogger(__name__)
 
-RESULT_SCHEMA = "ganspect.cmd_result/1"
+RESULT_SCHEMA: Literal["ganspect.cmd_result/1"] = "ganspect.cmd_result/1"
 THRESHOLD_FILE = "threshold-override.json"
 _REJECTION_LOG_INTERVAL_S = 10.0
 _SHOWN_NAME_CHARS = 64

@@ -85,13 +85,14 @@ def _received(sub: Any) -> list[dict[str, Any]]:
     return [json.loads(m.payload) for m in sub.on("/verdict")]
 
 
+@pytest.mark.parametrize("protocol", ["v3.1.1", "v5"])
 def test_a_ten_second_broker_outage_loses_no_verdict_and_keeps_production_order(
-        start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, validator, tmp_path):
+        protocol, start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, validator, tmp_path):
     broker = start_broker(persistent=True)
     sub = mqtt_subscriber(broker.host, broker.port, f"{BASE_TOPIC}/verdict", persistent=True)
     video = make_video(tmp_path / "parts.avi", PATTERN)
     config = make_edge_config(tiny_bundle, video, broker, source={"loop": True, "max_fps": 25},
-                              mqtt={"reconnect_max_delay_s": 1, "keepalive": 5})
+                              mqtt={"reconnect_max_delay_s": 1, "keepalive": 5, "protocol": protocol})
     verdict_log = tmp_path / "verdicts.jsonl"
     proc = _daemon(config, verdict_log)
     try:

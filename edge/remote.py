@@ -244,6 +244,15 @@ def utc_iso(moment: datetime) -> str:
 
 
 @dataclass(frozen=True)
+class InForce:
+    """The model and the decision threshold for one frame (NG when score > threshold)."""
+
+    scorer: Scorer
+    threshold: float
+    threshold_source: Literal["bundle", "override"]
+
+
+@dataclass(frozen=True)
 class Judged:
     """One frame's score, judged by the threshold in force, with the scorer that produced it."""
 
@@ -270,8 +279,12 @@ class LiveModel:
     does a start with another model (a new model has its own score scale).
     """
 
-    def __init__(self, scorer: Scorer, config: EdgeConfig) -> None:
+    def __init__(self, scorer: Scorer, config: EdgeConfig,
+                 check_model: Callable[[Scorer], None] | None = None) -> None:
+        """`check_model(scorer)` may refuse a reloaded model by raising GanspectError (e.g. its input
+        size does not suit the configured inspection); the running model then keeps scoring."""
         self._config = config
+        self._check_model = check_model
         self._lock = threading.Lock()
         self._scorer = scorer
         self._override: _Override | None = None
@@ -291,13 +304,19 @@ class LiveModel:
         with self._lock:
             return self._scorer
 
-    def score(self, image: np.ndarray) -> Judged:
-        with self._lock:  # one consistent (model, threshold) pair per frame
+    def in_force(self) -> InForce:
+        """The model and threshold to judge the next frame by: take it once per frame."""
+        with self._lock:  # one consistent (model, threshold) pair
             scorer, override = self._scorer, self._override
-        score = scorer.score(image)
         if override is None:
-            return Judged(score, scorer, "bundle")
-        return Judged(dataclasses.replace(score, threshold=override.value), scorer, "override")
+            return InForce(scorer, scorer.manifest.threshold.value, "bundle")
+        return InForce(scorer, override.value, "override")
+
+    def score(self, image: np.ndarray) -> Judged:
+        """Score one frame with the model in force and judge it by the threshold in force."""
+        now = self.in_force()
+        score = now.scorer.score(image)
+        return Judged(dataclasses.replace(score, threshold=now.threshold), now.scorer, now.threshold_source)
 
     def threshold_state(self) -> ThresholdState:
         with self._lock:
@@ -354,6 +373,8 @@ class LiveModel:
             try:
                 # Verified and warmed up here, on the caller's thread, while the loop scores with the old one.
                 new = Scorer.load(model.bundle, model.precision, model.intra_op_threads)
+                if self._check_model is not None:
+                    self._check_model(new)
             except GanspectError as exc:
                 return str(exc), False
             except Exception as exc:  # noqa: BLE001 - a broken bundle must never end the daemon
@@ -448,6 +469,8 @@ def refuse_triggers_in_continuous_mode(request: TriggerRequest) -> str:
 # -- the commands ----------------------------------------------------------------------------
 
 class _TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up; used from one thread (paho's network thread)."""
+
     def __init__(self, rate: float, burst: int) -> None:
         self._rate = rate
         self._burst = float(burst)
@@ -541,7 +564,7 @@ class _RejectionLog:
         total = sum(self._unlogged.values())
         kinds = ", ".join(f"{code} {n}" for code, n in self._unlogged.most_common())
         self._unlogged.clear()
-        return f"{total} more command(s) rejected in the last {self._interval:g} s or less ({kinds})"
+        return f"{total} more command(s) rejected within {self._interval:g} s of the last one logged ({kinds})"
 
     def flush(self) -> None:
         with self._lock:
@@ -561,7 +584,6 @@ class RemoteCommands:
     def __init__(self, config: EdgeConfig, live: LiveModel, accept_trigger: Callable[[TriggerRequest], str | None],
                  answer: Callable[[str], bool]) -> None:
         self._config = config.mqtt.commands
-        self._station = config.station
         self._station_ref = StationRef(site=config.station.site, line=config.station.line,
                                        station=config.station.station)
         self._live = live

@@ -398,3 +398,24 @@ def test_every_command_has_a_schema_file_and_a_model():
     assert set(COMMANDS) == {"trigger", "reload", "threshold"}
     for name in COMMANDS:
         assert (SCHEMA_DIR / f"cmd-{name}.schema.json").exists()
+
+
+def test_the_daemon_can_refuse_a_reloaded_model_that_does_not_suit_its_inspection(tmp_path, make_bundle):
+    from ganspect.edge.errors import BundleError
+
+    bundle = make_bundle(tmp_path / "bundle")
+    config = _config(tmp_path, bundle)
+
+    def only_32_pixels(scorer: Scorer) -> None:
+        if scorer.manifest.input.height != 32:
+            raise BundleError(f"the model takes {scorer.manifest.input.height} px, the configured tiles 32 px")
+
+    station = Station(config)
+    station.live = LiveModel(station.live.scorer, config, check_model=only_32_pixels)
+    station.remote = RemoteCommands(config, station.live, lambda request: None, station._answer)
+    old_sha = station.live.scorer.model_file.sha256
+    _replace_bundle(bundle, make_bundle, height=24, width=24)
+    answer = station.reload({"command_id": "R-3"})
+    assert (answer["code"], answer["reason"]) == ("bundle_refused", "the model takes 24 px, the configured tiles 32 px")
+    now = station.live.in_force()
+    assert (now.scorer.model_file.sha256, now.threshold, now.threshold_source) == (old_sha, 0.15, "bundle")

@@ -233,7 +233,7 @@ def test_a_thousand_hostile_commands_are_each_rejected_with_a_reason_while_inspe
     # The journal gets a handful of lines, not a thousand, and none of the forged text raw.
     rejection_lines = [line for line in stderr.splitlines() if "rejected" in line]
     assert 1 <= len(rejection_lines) <= 6, rejection_lines
-    assert re.search(r"\d+ more command\(s\) rejected in the last 10 s or less \(", stderr), stderr
+    assert re.search(r"\d+ more command\(s\) rejected within 10 s of the last one logged \(", stderr), stderr
     assert "\n2026-01-01 ganspect: forged log line" not in stderr
     seconds = flood_answered - flood_started
     print(f"\n1000 hostile commands answered in {seconds:.2f} s ({1000 / seconds:.0f}/s); "

@@ -594,6 +594,7 @@ class RemoteCommands:
         self._reload: threading.Thread | None = None
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
+        self._last_traceback = float("-inf")
 
     # Runs on paho's network thread.
     def handle(self, name: str, payload: bytes, retained: bool, received_at: float) -> None:
@@ -601,9 +602,12 @@ class RemoteCommands:
         try:
             self._handle(name, payload, retained, received_at, context)
         except Exception as exc:  # noqa: BLE001 - whatever a command does, the daemon goes on
-            log.exception("command cmd/%s failed", context.name)
-            self._reject(context, "internal_error", f"the daemon failed to handle it ({type(exc).__name__}); "
-                         "see its log")
+            now = time.monotonic()
+            if now - self._last_traceback >= _REJECTION_LOG_INTERVAL_S:  # a bug one payload triggers, many can
+                self._last_traceback = now
+                log.exception("command cmd/%s failed", context.name)
+            self._reject(context, "internal_error", f"the daemon failed to handle it ({type(exc).__name__}: "
+                         f"{exc}); see its log")
 
     def _handle(self, name: str, payload: bytes, retained: bool, received_at: float, context: _Context) -> None:
         limit = self._config.max_payload_bytes

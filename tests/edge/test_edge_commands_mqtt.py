@@ -430,3 +430,73 @@ def test_answers_published_from_other_threads_never_acknowledge_a_verdict(mosqui
     finally:
         publisher.close()
         outbox.close()
+
+
+# -- the subscription -------------------------------------------------------------------------
+
+
+def _publisher_with_commands(tmp_path: Path, broker: Any, **commands: Any) -> tuple[Any, Any, Any]:
+    import yaml
+
+    from ganspect.edge.config import load_config
+    from ganspect.edge.mqtt import VerdictPublisher
+    from ganspect.edge.remote import LiveModel, RemoteCommands, refuse_triggers_in_continuous_mode
+    from ganspect.edge.scorer import Scorer
+    from ganspect.edge.spool import Outbox
+
+    raw = {"station": {"site": "testsite", "line": "l1", "station": "s1"}, "model": {"bundle": "bundle"},
+           "source": {"uri": "0"}, "mqtt": {"host": broker.host, "port": broker.port, "prefix": "gstest",
+                                            "reconnect_max_delay_s": 1, "commands": commands}}
+    (tmp_path / "edge.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    config = load_config(tmp_path / "edge.yaml")
+    outbox = Outbox(tmp_path / "outbox.sqlite3", max_messages=1000, max_bytes=1 << 20)
+    publisher = VerdictPublisher(config.mqtt, config.station, outbox)
+    live = LiveModel(Scorer.load(config.model.bundle, intra_op_threads=1), config)
+    remote = RemoteCommands(config, live, refuse_triggers_in_continuous_mode, publisher.publish_result)
+    publisher.start(on_command=remote.handle if config.mqtt.commands.enabled else None)
+    return publisher, outbox, remote
+
+
+def test_commands_are_heard_again_after_the_broker_restarts_and_only_on_the_stations_own_topic(
+        start_broker, mqtt_subscriber, mes, tiny_bundle, tmp_path):
+    broker = start_broker()  # not persistent: a restarted broker has forgotten every subscription
+    publisher, outbox, remote = _publisher_with_commands(tmp_path, broker)
+    try:
+        sub = mqtt_subscriber(broker.host, broker.port, f"{CMD}/result")
+        client = mes(broker)
+        _send(client, "threshold", {"value": 0.2, "command_id": "before"})
+        assert _answer(sub, "before")["outcome"] == "done"
+
+        broker.stop()
+        broker = start_broker(broker.port)
+        _wait(lambda: publisher.connected, 15, "the daemon connected again")
+        sub = mqtt_subscriber(broker.host, broker.port, f"{CMD}/result")
+        client = mes(broker)
+        _send(client, "threshold", {"value": None, "command_id": "after"})
+        assert _answer(sub, "after")["threshold"]["source"] == "bundle"
+
+        # Another station's command topic is not this station's business: no answer, no effect.
+        client.publish("gstest/testsite/l1/s2/cmd/threshold", json.dumps({"value": 0.2, "command_id": "other"}),
+                       qos=1).wait_for_publish(5)
+        _send(client, "reload", {"command_id": "last"})
+        _answer(sub, "last")
+        assert [json.loads(m.payload)["command_id"] for m in sub.on("/cmd/result")] == ["after", "last"]
+        assert remote.counts() == {"done": 3}
+    finally:
+        remote.close()
+        publisher.close()
+        outbox.close()
+
+
+def test_with_commands_disabled_the_daemon_does_not_subscribe(mosquitto_broker, mqtt_subscriber, mes, tiny_bundle,
+                                                              tmp_path):
+    publisher, outbox, remote = _publisher_with_commands(tmp_path, mosquitto_broker, enabled=False)
+    try:
+        sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, f"{CMD}/result")
+        _send(mes(), "threshold", {"value": 0.2, "command_id": "C-1"})
+        time.sleep(1.0)
+        assert sub.on("/cmd/result") == [] and remote.counts() == {}
+    finally:
+        remote.close()
+        publisher.close()
+        outbox.close()

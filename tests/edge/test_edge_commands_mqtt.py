@@ -171,6 +171,29 @@ def _hostile_commands() -> list[tuple[str, bytes, str, str | None]]:
     return [commands[(i % 4) * 250 + i // 4] for i in range(1000)]
 
 
+_NOT_JSON = object()
+
+
+def _rfc_json(payload: bytes) -> Any:
+    """The document, or _NOT_JSON for what RFC 8259 does not allow (bad UTF-8, NaN, too deep, ...)."""
+    def no_constants(name: str) -> Any:
+        raise ValueError(name)
+
+    try:
+        return json.loads(payload, parse_constant=no_constants)
+    except (ValueError, RecursionError):
+        return _NOT_JSON
+
+
+def _command_validator(name: str) -> Any:
+    import jsonschema
+
+    import ganspect.edge
+
+    path = Path(ganspect.edge.__file__).parent / "schemas" / f"cmd-{name}.schema.json"
+    return jsonschema.Draft202012Validator(json.loads(path.read_text(encoding="utf-8")))
+
+
 def test_a_thousand_hostile_commands_are_each_rejected_with_a_reason_while_inspection_goes_on(
         mosquitto_broker, mqtt_subscriber, mes, tiny_bundle, make_video, make_edge_config, validate_published,
         tmp_path):
@@ -219,6 +242,15 @@ def test_a_thousand_hostile_commands_are_each_rejected_with_a_reason_while_inspe
     assert "part_id: must not contain control characters" in by_id["M-7"]["reason"]
     assert all("more than mqtt.commands.max_payload_bytes (4096)" in a["reason"] for a in flood
                if a["code"] == "too_large")
+    # Where the payload was read, the schema files and the daemon agree on what is valid.
+    checked = 0
+    for name, payload, code, _ in commands:
+        document = _rfc_json(payload)
+        if name in ("trigger", "reload", "threshold") and len(payload) <= 4096 and document is not _NOT_JSON:
+            valid = _command_validator(name).is_valid(document)
+            assert valid == (code not in ("invalid", "malformed")), (name, payload, code)
+            checked += 1
+    assert checked >= 350  # the wrong-station ones and the readable malformed ones
 
     # Inspection went on during the flood, every verdict arrived, and nothing the flood said was carried out.
     produced = _logged(verdict_log)

@@ -282,7 +282,7 @@ class Capture:
         # Live sources come at their own pace. Under `every_frame` the loop sets the pace (the
         # capture waits for it); under `latest` a file is paced to behave like a camera.
         pace = None if delivery == "every_frame" or reader.live else (
-            config.max_fps or reader.file_fps or _DEFAULT_FILE_FPS)
+            reader.file_fps or config.max_fps or _DEFAULT_FILE_FPS)
         self._interval = 1.0 / pace if pace else 0.0
         self._thread = threading.Thread(target=self._run, name="ganspect-capture", daemon=True)
 

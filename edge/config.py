@@ -378,7 +378,8 @@ def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
 
 
 def _describe(exc: ValidationError, path: Path, root: yaml.Node | None) -> str:
-    err = exc.errors()[0]
+    # An unknown key first: a misspelt key also makes the key it was meant to be "missing".
+    err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
     loc = tuple(p for p in err["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
     line = _line_of(root, loc)

@@ -122,7 +122,8 @@ def _score_bar(image: np.ndarray, top: int, score: float | None, threshold: floa
     if score is not None and threshold > 0:
         filled = int(round(w * min(max(score / (2.0 * threshold), 0.0), 1.0)))
         if filled:
-            cv2.rectangle(image, (0, top), (filled - 1, top + rows - 1), colour, thickness=cv2.FILLED)
+            # Two rows of background on top keep the bar apart from a banner of the same colour.
+            cv2.rectangle(image, (0, top + 2), (filled - 1, top + rows - 1), colour, thickness=cv2.FILLED)
     cv2.line(image, (w // 2, top), (w // 2, top + rows - 1), (255, 255, 255), 2)
 
 

@@ -202,10 +202,13 @@ class OverlayWindow:
         key = cv2.waitKey(1) & 0xFF
         if key == ord("h"):
             self.show_heatmap = not self.show_heatmap
+            log.info("window: heatmap %s", "on" if self.show_heatmap else "off")
         elif key == ord("f"):
             self.fullscreen = not self.fullscreen
+            # The window manager does the resizing: a bare X server (no manager) keeps the window's size.
             cv2.setWindowProperty(WINDOW_NAME, cv2.WND_PROP_FULLSCREEN,
                                   cv2.WINDOW_FULLSCREEN if self.fullscreen else cv2.WINDOW_NORMAL)
+            log.info("window: fullscreen %s", "on" if self.fullscreen else "off")
         elif key == ord("s"):
             self.save_snapshot()
         elif key in (ord("q"), 27):

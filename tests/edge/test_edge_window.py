@@ -102,3 +102,53 @@ def test_operator_window_shows_a_red_ng_banner_for_a_defective_part(
     assert len(strip_rows) >= 15 and strip_rows.min() > banner_rows.max() + 300
     text = shot[strip_rows.min(): strip_rows.max() + 1, left: left + MIN_DISPLAY_WIDTH]
     assert (text.min(axis=-1) > 200).sum() > 100
+
+
+@pytest.mark.skipif(shutil.which("xdotool") is None, reason="needs xdotool (.ci/run installs it)")
+def test_operator_keys_toggle_the_heatmap_go_fullscreen_save_and_quit(
+        xvfb, tiny_bundle, make_video, make_edge_config, tmp_path):
+    video = make_video(tmp_path / "defects.avi", [True] * 10)
+    config = make_edge_config(tiny_bundle, video, None, display={"window": "on"},
+                              source={"loop": True, "max_fps": 10})
+    env = {**os.environ, "DISPLAY": xvfb, "WAYLAND_DISPLAY": "", "QT_QPA_PLATFORM": "xcb"}
+    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def key(name: str) -> None:
+        found = subprocess.run(["xdotool", "search", "--name", "ganspect"], env=env, capture_output=True, text=True,
+                               timeout=10)
+        window = found.stdout.split()[0]
+        subprocess.run(["xdotool", "windowfocus", "--sync", window], env=env, check=True, timeout=10)
+        subprocess.run(["xdotool", "key", name], env=env, check=True, timeout=10)
+        time.sleep(0.6)  # a few frames at 10 fps
+
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and subprocess.run(
+                ["xdotool", "search", "--name", "ganspect"], env=env, capture_output=True).returncode != 0:
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.2)
+        time.sleep(1.0)
+        before = _screenshot(xvfb, tmp_path / "before.png")
+        # The part's patch, below the banner and bar: heatmap-blended (reddish) before `h`, the raw patch after.
+        patch = (slice(150, 250), slice(150, 330))
+        key("h")
+        after_h = _screenshot(xvfb, tmp_path / "after_h.png")
+        blended, raw = before[patch].astype(int), after_h[patch].astype(int)
+        assert np.abs(raw[..., 2] - raw[..., 0]).mean() < 10  # grey-scale part: no colour left
+        assert np.abs(blended[..., 2] - blended[..., 0]).mean() > 20  # the heatmap's colour
+        key("s")
+        snapshots = list((tmp_path / "edge-data" / "snapshots").glob("*.png"))
+        assert len(snapshots) == 1 and cv2.imread(str(snapshots[0])) is not None
+        # Fullscreen is the window manager's job, and Xvfb runs none: the request is all that can be seen here.
+        key("f")
+        key("q")
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "stopped by signal or quit key" in stdout and "Traceback" not in stderr
+    assert "window: heatmap off" in stderr and "window: fullscreen on" in stderr
+    assert f"saved the shown frame to {snapshots[0]}" in stderr

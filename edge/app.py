@@ -195,6 +195,7 @@ class EdgeDaemon:
         self._triggers: queue.Queue[TriggerRequest] = queue.Queue(maxsize=config.trigger.queue_size)
         # Set in run(); None until then (and for the parts that are switched off).
         self.scorer: Scorer | None = None
+        self.threshold = float("nan")  # set with the scorer in run()
         self.inspector: Inspector | None = None
         self.capture: Capture | None = None
         self.publisher: VerdictPublisher | None = None
@@ -224,8 +225,13 @@ class EdgeDaemon:
     def run(self) -> RunSummary:
         config = self.config
         with ExitStack() as stack:
+            # First, so that a signal during start-up (a slow model load, a broker wait) is a clean stop too.
+            stack.enter_context(stop_on_signals(self.stop))
             self.scorer = Scorer.load(config.model.bundle, config.model.precision, config.model.intra_op_threads)
-            self.inspector = Inspector(self.scorer, config.inspection)
+            # NG when score > threshold: the bundle's, unless a run-time override (cmd/threshold) replaces it.
+            self.threshold = self.scorer.manifest.threshold.value
+            self.inspector = Inspector(config.inspection)
+            self.inspector.check(self.scorer.manifest.input)
             show_window = window_wanted(config, self._headless)
             reader = open_source(config.source)
             stack.callback(reader.close)
@@ -256,7 +262,6 @@ class EdgeDaemon:
             log.info("inspecting %s (%s, delivery %s), trigger mode %s, tiling %s", reader.name,
                      "live" if reader.live else "file", self.capture.delivery, config.trigger.mode,
                      config.inspection.tiling)
-            stack.enter_context(stop_on_signals(self.stop))
             self._loop()
             self._report_health()
         return self.summary
@@ -372,7 +377,7 @@ class EdgeDaemon:
             captured_at=frame.captured_at if frame is not None else datetime.now(timezone.utc),
             score=inspection.score if inspection is not None else None, manifest=self.scorer.manifest,
             model_file=self.scorer.model_file, total_ms=0.0, trigger_id=work.trigger_id, undefined_reason=reason,
-            capture_age_ms=capture_age_ms, threshold=self.inspector.threshold if self.inspector else None,
+            capture_age_ms=capture_age_ms, threshold=self.threshold,
         )
         state = payload["evaluation"]["state"]
         overlay_ms, shown = self._draw_window(work, inspection, payload)
@@ -393,26 +398,25 @@ class EdgeDaemon:
             return None, work.undefined_reason
         assert self.inspector is not None
         try:
-            return self.inspector.inspect(work.frame.image), None
+            assert self.scorer is not None
+            return self.inspector.inspect(work.frame.image, self.scorer, self.threshold), None
         except Exception as exc:  # noqa: BLE001 - any failure to score is UNDEFINED, never OK, never a crash
             self.health.note_error()
             log.error("inspecting %s failed: %s", work.part_id, _first_line(exc), exc_info=log.isEnabledFor(10))
             return None, f"inference failed: {_first_line(exc)}"
 
-    def _render(self, work: Work, inspection: Inspection | None, payload: dict[str, Any], *,
-                show_heatmap: bool = True, status: StatusLine | None = None) -> np.ndarray | None:
-        if work.frame is None:
-            return None
+    def _render(self, image: np.ndarray, inspection: Inspection | None, payload: dict[str, Any], *,
+                show_heatmap: bool = True, status: StatusLine | None = None) -> np.ndarray:
         score = inspection.score if inspection is not None else None
         roi = inspection.roi if inspection is not None else None
-        return render_overlay(work.frame.image, score.heatmap if score is not None else None,
+        return render_overlay(image, score.heatmap if score is not None else None,
                               payload["evaluation"]["state"], payload["score"], payload["threshold"]["value"],
                               fps=self._fps, show_heatmap=show_heatmap, status=status,
                               roi=None if roi is None else (roi.x, roi.y, roi.width, roi.height))
 
     def _draw_window(self, work: Work, inspection: Inspection | None,
                      payload: dict[str, Any]) -> tuple[float | None, np.ndarray | None]:
-        if self.window is None:
+        if self.window is None or work.frame is None:  # without a frame the window keeps the last one
             return None, None
         t0 = time.perf_counter()
         now = time.monotonic()
@@ -420,7 +424,7 @@ class EdgeDaemon:
             instant = 1.0 / max(now - self._last_shown, 1e-6)
             self._fps = instant if self._fps is None else 0.9 * self._fps + 0.1 * instant
         self._last_shown = now
-        image = self._render(work, inspection, payload, show_heatmap=self.window.show_heatmap,
+        image = self._render(work.frame.image, inspection, payload, show_heatmap=self.window.show_heatmap,
                              status=self._status_line(payload["evaluation"]["state"]))
         return (time.perf_counter() - t0) * 1000.0, image
 
@@ -437,9 +441,9 @@ class EdgeDaemon:
     def _queue_image(self, work: Work, inspection: Inspection | None, payload: dict[str, Any]) -> str | None:
         if self.images is None or work.frame is None or not self.images.wanted(payload["evaluation"]["state"]):
             return None
+        image = work.frame.image
         day = work.frame.captured_at.strftime("%Y-%m-%d")
-        path = self.images.offer(payload["result_id"], day,
-                                 lambda: self._render(work, inspection, payload))  # type: ignore[arg-type,return-value]
+        path = self.images.offer(payload["result_id"], day, lambda: self._render(image, inspection, payload))
         return None if path is None else str(path)
 
     def _deliver(self, payload: dict[str, Any]) -> float:

@@ -148,7 +148,7 @@ def _camera_open_params(camera: CameraConfig) -> list[int]:
     """Format, size and rate as VideoCapture open parameters: V4L2 negotiates them before streaming starts."""
     params: list[int] = []
     if camera.fourcc:
-        params += [cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*camera.fourcc)]
+        params += [cv2.CAP_PROP_FOURCC, cv2.VideoWriter.fourcc(*camera.fourcc)]
     if camera.width:
         params += [cv2.CAP_PROP_FRAME_WIDTH, camera.width]
     if camera.height:

@@ -52,23 +52,27 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
 
 
 class Inspector:
-    """Crops, batches and scores frames as `inspection` says; `inspect` is one session.run per frame."""
+    """Crops, batches and scores frames as `inspection` says; `inspect` is one session.run per frame.
 
-    def __init__(self, scorer: Scorer, config: InspectionConfig) -> None:
-        self._scorer = scorer
+    The scorer and threshold come with each call, so a model reload or a threshold
+    override between two frames needs nothing from here but `check` of the new model.
+    """
+
+    def __init__(self, config: InspectionConfig) -> None:
         self._config = config
-        self._spec: InputSpec = scorer.manifest.input
-        # NG when score > threshold; the bundle's value unless a run-time override replaces it.
-        self.threshold = scorer.manifest.threshold.value
-        spec = self._spec
-        if config.tiling == "tiles":
-            if config.tile_overlap >= min(spec.height, spec.width):
-                raise ConfigError(f"inspection.tile_overlap {config.tile_overlap} must be smaller than the model's "
-                                  f"{spec.width}x{spec.height} input")
-            roi = config.roi
-            if roi is not None and (roi.width < spec.width or roi.height < spec.height):
-                raise ConfigError(f"inspection.roi {roi.width}x{roi.height} is smaller than the model's "
-                                  f"{spec.width}x{spec.height} tiles; enlarge it or use inspection.tiling: resize")
+
+    def check(self, spec: InputSpec) -> None:
+        """Refuse settings the model cannot serve (tiles larger than the ROI, overlap as large as a tile)."""
+        config = self._config
+        if config.tiling != "tiles":
+            return
+        if config.tile_overlap >= min(spec.height, spec.width):
+            raise ConfigError(f"inspection.tile_overlap {config.tile_overlap} must be smaller than the model's "
+                              f"{spec.width}x{spec.height} input")
+        roi = config.roi
+        if roi is not None and (roi.width < spec.width or roi.height < spec.height):
+            raise ConfigError(f"inspection.roi {roi.width}x{roi.height} is smaller than the model's "
+                              f"{spec.width}x{spec.height} tiles; enlarge it or use inspection.tiling: resize")
 
     def region(self, frame_shape: tuple[int, ...]) -> Region:
         height, width = frame_shape[:2]
@@ -80,11 +84,12 @@ class Inspector:
                              f"{width}x{height} frame")
         return Region(roi.x, roi.y, roi.width, roi.height)
 
-    def inspect(self, frame_bgr: np.ndarray) -> Inspection:
+    def inspect(self, frame_bgr: np.ndarray, scorer: Scorer, threshold: float) -> Inspection:
+        """Score one frame with `scorer`; NG when the (worst tile's) score is above `threshold`."""
         t0 = time.perf_counter()
         region = self.region(frame_bgr.shape)
         crop = frame_bgr[region.y: region.y + region.height, region.x: region.x + region.width]
-        spec = self._spec
+        spec = scorer.manifest.input
         if self._config.tiling == "resize":
             batch = preprocess(crop, spec)  # (1, H, W, C)
             origins = [(0, 0)]
@@ -96,7 +101,7 @@ class Inspector:
             batch = np.concatenate([preprocess(crop[y: y + spec.height, x: x + spec.width], spec)
                                     for y, x in origins])  # (N, H, W, C)
         t1 = time.perf_counter()
-        scores, heatmaps = self._scorer.run_batch(batch)  # (N,), (N, H, W)
+        scores, heatmaps = scorer.run_batch(batch)  # (N,), (N, H, W)
         t2 = time.perf_counter()
         if self._config.tiling == "resize":
             heat = heatmaps[0]
@@ -108,7 +113,7 @@ class Inspector:
         peak_y, peak_x = np.unravel_index(int(np.argmax(heat)), heat.shape)
         # max() of a NaN-holding array is NaN: a broken tile makes the frame UNDEFINED, never OK.
         worst = float(np.max(scores))
-        score = Score(score=worst, threshold=self.threshold, heatmap=heat,
-                      peak_x=int(peak_x), peak_y=int(peak_y), peak_value=float(heat[peak_y, peak_x]),
-                      preprocess_ms=(t1 - t0) * 1000.0, inference_ms=(t2 - t1) * 1000.0)
+        score = Score(score=worst, threshold=threshold, heatmap=heat, peak_x=int(peak_x), peak_y=int(peak_y),
+                      peak_value=float(heat[peak_y, peak_x]), preprocess_ms=(t1 - t0) * 1000.0,
+                      inference_ms=(t2 - t1) * 1000.0)
         return Inspection(score=score, roi=region, tiles=len(origins))

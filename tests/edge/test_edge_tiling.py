@@ -63,12 +63,13 @@ def test_a_small_defect_in_one_tile_is_found_in_one_run_and_its_heatmap_lands_on
     scorer = Scorer.load(tiny_bundle, intra_op_threads=1)
     counting = CountingSession(scorer._session)
     scorer._session = counting  # type: ignore[assignment]
-    tiles = Inspector(scorer, InspectionConfig(roi=ROI, tiling="tiles", tile_overlap=8))
-    resized = Inspector(scorer, InspectionConfig(roi=ROI, tiling="resize"))
+    tiles = Inspector(InspectionConfig(roi=ROI, tiling="tiles", tile_overlap=8))
+    resized = Inspector(InspectionConfig(roi=ROI, tiling="resize"))
+    threshold = scorer.manifest.threshold.value
 
-    found = tiles.inspect(_frame(make_part_image, defect=True))
-    good = tiles.inspect(_frame(make_part_image, defect=False))
-    missed = resized.inspect(_frame(make_part_image, defect=True))
+    found = tiles.inspect(_frame(make_part_image, defect=True), scorer, threshold)
+    good = tiles.inspect(_frame(make_part_image, defect=False), scorer, threshold)
+    missed = resized.inspect(_frame(make_part_image, defect=True), scorer, threshold)
 
     # 8 x 6 tiles of 32x32 over the 200x136 ROI, one batch per frame, one run per frame.
     assert counting.batches == [(48, 32, 32, 1), (48, 32, 32, 1), (1, 32, 32, 1)]
@@ -90,11 +91,12 @@ def test_a_small_defect_in_one_tile_is_found_in_one_run_and_its_heatmap_lands_on
 
 
 def test_tiles_larger_than_the_roi_or_an_overlap_as_large_as_a_tile_are_refused(tiny_bundle):
-    scorer = Scorer.load(tiny_bundle, intra_op_threads=1)
+    spec = Scorer.load(tiny_bundle, intra_op_threads=1).manifest.input  # 32x32
     with pytest.raises(ConfigError, match="inspection.roi 20x40 is smaller than the model's 32x32 tiles"):
-        Inspector(scorer, InspectionConfig(roi=RoiConfig(x=0, y=0, width=20, height=40), tiling="tiles"))
+        Inspector(InspectionConfig(roi=RoiConfig(x=0, y=0, width=20, height=40), tiling="tiles")).check(spec)
     with pytest.raises(ConfigError, match="inspection.tile_overlap 32 must be smaller"):
-        Inspector(scorer, InspectionConfig(tiling="tiles", tile_overlap=32))
+        Inspector(InspectionConfig(tiling="tiles", tile_overlap=32)).check(spec)
+    Inspector(InspectionConfig(roi=RoiConfig(x=0, y=0, width=20, height=40), tiling="resize")).check(spec)
 
 
 def test_daemon_with_tiles_finds_the_small_defect_and_saves_its_image(

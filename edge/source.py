@@ -395,7 +395,8 @@ class Capture:
     def _reconnect(self, failures: int) -> None:
         """Release and reopen a live source, waiting 0.5 s, 1 s, 2 s, ... up to reconnect_max_delay_s between tries."""
         self._set_state("reconnecting")
-        delay = _FIRST_RECONNECT_DELAY_S
+        # A source that reopens but still gives nothing keeps backing off: the delay grows with `failures` too.
+        delay = min(_FIRST_RECONNECT_DELAY_S * 2 ** min(failures - 1, 16), self._config.reconnect_max_delay_s)
         attempt = 0
         if failures == 1:
             log.warning("source %s stopped delivering frames: reopening it (state reconnecting)", self.name)

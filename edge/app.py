@@ -367,17 +367,18 @@ class EdgeDaemon:
 
     # -- one result ---------------------------------------------------------------------------
     def _process(self, work: Work) -> None:
-        assert self.scorer is not None and self._outbox is not None
+        assert self._outbox is not None
         started = time.perf_counter()
         frame = work.frame
         capture_age_ms = (time.monotonic() - frame.captured_mono) * 1000.0 if frame is not None else None
-        inspection, reason = self._inspect(work)
+        scorer, threshold = self._in_force()
+        inspection, reason = self._inspect(work, scorer, threshold)
         payload = build_verdict(
             seq=self._outbox.next_seq(), station=self.config.station, part_id=work.part_id,
             captured_at=frame.captured_at if frame is not None else datetime.now(timezone.utc),
-            score=inspection.score if inspection is not None else None, manifest=self.scorer.manifest,
-            model_file=self.scorer.model_file, total_ms=0.0, trigger_id=work.trigger_id, undefined_reason=reason,
-            capture_age_ms=capture_age_ms, threshold=self.threshold,
+            score=inspection.score if inspection is not None else None, manifest=scorer.manifest,
+            model_file=scorer.model_file, total_ms=0.0, trigger_id=work.trigger_id, undefined_reason=reason,
+            capture_age_ms=capture_age_ms, threshold=threshold,
         )
         state = payload["evaluation"]["state"]
         overlay_ms, shown = self._draw_window(work, inspection, payload)
@@ -393,13 +394,17 @@ class EdgeDaemon:
             self.stop.set()
         self._maybe_report_health()
 
-    def _inspect(self, work: Work) -> tuple[Inspection | None, str | None]:
+    def _in_force(self) -> tuple[Scorer, float]:
+        """The model and the threshold this frame is judged by (one consistent pair)."""
+        assert self.scorer is not None
+        return self.scorer, self.threshold
+
+    def _inspect(self, work: Work, scorer: Scorer, threshold: float) -> tuple[Inspection | None, str | None]:
         if work.frame is None or work.undefined_reason is not None:
             return None, work.undefined_reason
         assert self.inspector is not None
         try:
-            assert self.scorer is not None
-            return self.inspector.inspect(work.frame.image, self.scorer, self.threshold), None
+            return self.inspector.inspect(work.frame.image, scorer, threshold), None
         except Exception as exc:  # noqa: BLE001 - any failure to score is UNDEFINED, never OK, never a crash
             self.health.note_error()
             log.error("inspecting %s failed: %s", work.part_id, _first_line(exc), exc_info=log.isEnabledFor(10))

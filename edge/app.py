@@ -212,7 +212,8 @@ class EdgeDaemon:
     def accept_trigger(self, request: TriggerRequest) -> str | None:
         """Queue a trigger for the loop; None when accepted, else why not (for the command's reply)."""
         if self.config.trigger.mode != "mqtt":
-            return f"trigger.mode is {self.config.trigger.mode}"
+            return ("this station inspects continuously (trigger.mode: continuous): every frame is scored; "
+                    "set trigger.mode: mqtt to inspect on triggers")
         if self.stop.is_set():
             return "the daemon is stopping"
         try:

@@ -239,7 +239,8 @@ def test_trigger_mode_scores_the_first_frame_after_each_trigger_with_its_ids(
                                           trigger={"mode": "mqtt", "queue_size": 2}))
     daemon = EdgeDaemon(config, verdict_log=tmp_path / "v.jsonl")
     continuous = EdgeDaemon(load_config(make_edge_config(tiny_bundle, video, None, name="c.yaml")))
-    assert continuous.accept_trigger(TriggerRequest("P-0", None, time.monotonic())) == "trigger.mode is continuous"
+    refusal = continuous.accept_trigger(TriggerRequest("P-0", None, time.monotonic()))
+    assert refusal is not None and "inspects continuously (trigger.mode: continuous)" in refusal
     sent: list[tuple[TriggerRequest, datetime]] = []
     rejected: list[str | None] = []
 

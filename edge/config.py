@@ -426,7 +426,17 @@ def load_config(path: str | Path) -> EdgeConfig:
         raise ConfigError(_describe(exc, path, root)) from exc
     config = resolve_paths(config, path.parent)
     _check_tls_files(config.mqtt, path, root)
+    _check_trigger_path(config, path, root)
     return config
+
+
+def _check_trigger_path(config: EdgeConfig, path: Path, root: yaml.Node | None) -> None:
+    """Trigger mode without MQTT would wait for triggers that can never arrive: say so at start-up."""
+    if config.trigger.mode == "mqtt" and not config.mqtt.enabled:
+        line = _line_of(root, ("trigger", "mode"))
+        where = f"{path}:{line}" if line else str(path)
+        raise ConfigError(f"{where}: trigger.mode: mqtt needs mqtt.enabled: true (triggers arrive as MQTT commands "
+                          "on cmd/trigger); use trigger.mode: continuous to inspect without a broker")
 
 
 def _check_tls_files(mqtt: MqttConfig, path: Path, root: yaml.Node | None) -> None:

@@ -191,3 +191,10 @@ def test_no_config_at_all_is_one_clear_line(ganspect_cli):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("ganspect edge: error: give the config file: --config FILE (or --check-config "
                                    "FILE to only check it)")
+
+
+def test_trigger_mode_without_mqtt_is_refused_at_start_up(tmp_path):
+    text = GOOD.replace("  port: 1884\n", "  enabled: false\n") + "trigger:\n  mode: mqtt\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text))
+    assert "edge.yaml:12: trigger.mode: mqtt needs mqtt.enabled: true" in str(info.value)

@@ -280,13 +280,14 @@ def test_trigger_mode_scores_the_first_frame_after_each_trigger_with_its_ids(
     assert [(p["part_id"], p["trigger_id"]) for p in published] == [(v["part_id"], v["trigger_id"]) for v in verdicts]
 
 
-def test_a_trigger_with_no_frame_after_it_is_undefined(tiny_bundle, make_edge_config, mjpeg_camera, tmp_path):
+def test_a_trigger_with_no_frame_after_it_is_undefined(tiny_bundle, make_edge_config, mjpeg_camera, tmp_path,
+                                                       mosquitto_broker):
     from ganspect.edge.app import EdgeDaemon
     from ganspect.edge.config import load_config
     from ganspect.edge.triggers import TriggerRequest
 
     camera = mjpeg_camera(fps=20.0)
-    config = load_config(make_edge_config(tiny_bundle, camera.url, None, trigger={"mode": "mqtt",
+    config = load_config(make_edge_config(tiny_bundle, camera.url, mosquitto_broker, trigger={"mode": "mqtt",
                                                                                   "frame_timeout_s": 0.5},
                                           source={"read_timeout_s": 1.0, "reconnect_max_delay_s": 1.0}))
     daemon = EdgeDaemon(config, verdict_log=tmp_path / "v.jsonl")

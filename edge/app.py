@@ -206,6 +206,7 @@ class EdgeDaemon:
         self._last_logged: dict[str, float] = {}
         self._fps: float | None = None
         self._last_shown: float | None = None
+        self._last_window_frame: np.ndarray | None = None
         self._next_health = time.monotonic() + config.health.interval_s
 
     # -- the MQTT command handler's entry point (issue 6) ----------------------------------
@@ -422,15 +423,21 @@ class EdgeDaemon:
 
     def _draw_window(self, work: Work, inspection: Inspection | None,
                      payload: dict[str, Any]) -> tuple[float | None, np.ndarray | None]:
-        if self.window is None or work.frame is None:  # without a frame the window keeps the last one
+        if self.window is None:
             return None, None
+        if work.frame is not None:
+            self._last_window_frame = work.frame.image
+        elif self._last_window_frame is None:
+            return None, None
+        # Without a frame (a silent camera) the last one is shown again under the grey UNDEFINED banner.
+        image_in = work.frame.image if work.frame is not None else self._last_window_frame
         t0 = time.perf_counter()
         now = time.monotonic()
         if self._last_shown is not None:  # the first frame has no interval to measure
             instant = 1.0 / max(now - self._last_shown, 1e-6)
             self._fps = instant if self._fps is None else 0.9 * self._fps + 0.1 * instant
         self._last_shown = now
-        image = self._render(work.frame.image, inspection, payload, show_heatmap=self.window.show_heatmap,
+        image = self._render(image_in, inspection, payload, show_heatmap=self.window.show_heatmap,
                              status=self._status_line(payload["evaluation"]["state"]))
         return (time.perf_counter() - t0) * 1000.0, image
 

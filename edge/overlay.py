@@ -103,8 +103,10 @@ def render_overlay(frame_bgr: np.ndarray, heatmap: np.ndarray | None, result: st
                 (255, 255, 255), max(1, round(2 * scale)), cv2.LINE_AA)
     score_text = "score n/a" if score is None else f"score {score:.4f} {'>' if result == 'NG' else '<='} {threshold:.4f}"
     text_scale = max(0.45, band / 70.0)
-    cv2.putText(image, score_text, (int(w * 0.3), band - max(6, band // 4)), cv2.FONT_HERSHEY_SIMPLEX,
-                text_scale, (255, 255, 255), 1, cv2.LINE_AA)
+    # The score follows the result word (UNDEFINED is long), at 30 % of the width at the earliest.
+    word_width = cv2.getTextSize(result, cv2.FONT_HERSHEY_DUPLEX, scale, max(1, round(2 * scale)))[0][0]
+    cv2.putText(image, score_text, (max(int(w * 0.3), 10 + word_width + 16), band - max(6, band // 4)),
+                cv2.FONT_HERSHEY_SIMPLEX, text_scale, (255, 255, 255), 1, cv2.LINE_AA)
     _score_bar(image, band, score, threshold, colour)
     if fps is not None:
         _outlined_text(image, f"{fps:.1f} fps", (10, h - 10), text_scale)

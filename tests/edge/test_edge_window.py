@@ -11,35 +11,36 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from ganspect.edge.overlay import MIN_DISPLAY_WIDTH, NG_COLOUR, OK_COLOUR, STATUS_BACKGROUND
+from ganspect.edge.overlay import MIN_DISPLAY_WIDTH, NG_COLOUR, OK_COLOUR, STATUS_BACKGROUND, UNDEFINED_COLOUR
 
 pytestmark = pytest.mark.skipif(shutil.which("Xvfb") is None or shutil.which("import") is None,
                                 reason="needs Xvfb and ImageMagick's import (.ci/run installs xvfb and imagemagick)")
 SCREEN = (1024, 768)
 
 
-def _free_display_number() -> int:
-    return next(n for n in range(100, 300) if not Path(f"/tmp/.X11-unix/X{n}").exists()
-                and not Path(f"/tmp/.X{n}-lock").exists())
-
-
 @pytest.fixture
 def xvfb() -> Iterator[str]:
-    """A private X server on a free display number; its DISPLAY string."""
-    number = _free_display_number()
-    server = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", f"{SCREEN[0]}x{SCREEN[1]}x24", "-nolisten",
-                               "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """A private X server; its DISPLAY string.
+
+    `-displayfd` lets Xvfb pick a free display number itself and write it once it accepts
+    connections: no race with another suite choosing "the first free number" at the same time.
+    """
+    read_end, write_end = os.pipe()
+    server = subprocess.Popen(["Xvfb", "-displayfd", str(write_end), "-screen", "0", f"{SCREEN[0]}x{SCREEN[1]}x24",
+                               "-nolisten", "tcp"], pass_fds=(write_end,), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    os.close(write_end)
     try:
-        deadline = time.monotonic() + 10
-        while not Path(f"/tmp/.X11-unix/X{number}").exists():
-            assert server.poll() is None and time.monotonic() < deadline, "Xvfb did not start"
-            time.sleep(0.05)
+        with os.fdopen(read_end) as announced:
+            number = announced.readline().strip()  # blocks until the server is ready (or has exited)
+        assert number.isdigit(), f"Xvfb did not start (exit code {server.poll()})"
         yield f":{number}"
     finally:
         server.terminate()
@@ -52,6 +53,26 @@ def _screenshot(display: str, path: Path) -> np.ndarray:
     image = cv2.imread(str(path))
     assert image is not None and image.shape[:2] == (SCREEN[1], SCREEN[0])
     return image
+
+
+def _window_tree(display: str) -> str:
+    """The X server's windows, for a failure message (is the daemon's window there at all?)."""
+    if shutil.which("xwininfo") is None:
+        return "(xwininfo is not installed: apt-get install x11-utils)"
+    found = subprocess.run(["xwininfo", "-root", "-tree", "-display", display], capture_output=True, text=True,
+                           timeout=10)
+    return found.stdout[-1500:] or found.stderr[-500:]
+
+
+def _wait_for_screen(display: str, path: Path, shows: Any, timeout: float = 30.0) -> np.ndarray:
+    """Screenshots until `shows(image)` holds (Qt maps the window a moment after the first frames, longer on
+    a loaded machine), or the last one after `timeout`."""
+    deadline = time.monotonic() + timeout
+    shot = _screenshot(display, path)
+    while not shows(shot) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        shot = _screenshot(display, path)
+    return shot
 
 
 def _near(image: np.ndarray, colour: tuple[int, int, int], tolerance: int = 30) -> np.ndarray:
@@ -74,8 +95,8 @@ def test_operator_window_shows_a_red_ng_banner_for_a_defective_part(
                                                or len(verdict_log.read_text().splitlines()) < 8):
             assert proc.poll() is None, proc.communicate()[1]
             time.sleep(0.1)
-        time.sleep(0.5)  # a few more frames drawn
-        shot = _screenshot(xvfb, tmp_path / "screen.png")
+        shot = _wait_for_screen(xvfb, tmp_path / "screen.png",
+                                lambda image: _near(image, NG_COLOUR).sum() > MIN_DISPLAY_WIDTH * 30)
         shutil.copy(tmp_path / "screen.png", tmp_path.parent / "operator-window.png")  # to look at afterwards
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=30)
@@ -89,7 +110,7 @@ def test_operator_window_shows_a_red_ng_banner_for_a_defective_part(
 
     red = _near(shot, NG_COLOUR)
     rows, cols = np.nonzero(red)
-    assert red.sum() > MIN_DISPLAY_WIDTH * 30, "no red NG banner on the screen"
+    assert red.sum() > MIN_DISPLAY_WIDTH * 30, f"no red NG banner on the screen; windows: {_window_tree(xvfb)}"
     # The banner spans the window's width (480 px for a 64x48 frame scaled up), as one block.
     left, right = cols.min(), cols.max()
     assert right - left + 1 >= MIN_DISPLAY_WIDTH * 0.95
@@ -128,8 +149,8 @@ def test_operator_keys_toggle_the_heatmap_go_fullscreen_save_and_quit(
                 ["xdotool", "search", "--name", "ganspect"], env=env, capture_output=True).returncode != 0:
             assert proc.poll() is None, proc.communicate()[1]
             time.sleep(0.2)
-        time.sleep(1.0)
-        before = _screenshot(xvfb, tmp_path / "before.png")
+        before = _wait_for_screen(xvfb, tmp_path / "before.png",
+                                  lambda image: _near(image, NG_COLOUR).sum() > MIN_DISPLAY_WIDTH * 30)
         # The part's patch, below the banner and bar: heatmap-blended (reddish) before `h`, the raw patch after.
         patch = (slice(150, 250), slice(150, 330))
         key("h")
@@ -152,3 +173,44 @@ def test_operator_keys_toggle_the_heatmap_go_fullscreen_save_and_quit(
     assert "stopped by signal or quit key" in stdout and "Traceback" not in stderr
     assert "window: heatmap off" in stderr and "window: fullscreen on" in stderr
     assert f"saved the shown frame to {snapshots[0]}" in stderr
+
+
+def test_a_camera_that_goes_silent_shows_the_grey_undefined_banner(
+        xvfb, tiny_bundle, make_edge_config, mjpeg_camera, tmp_path):
+    camera = mjpeg_camera(fps=20.0)
+    verdict_log = tmp_path / "v.jsonl"
+    config = make_edge_config(tiny_bundle, camera.url, None, display={"window": "on"},
+                              source={"stale_after_s": 0.5, "read_timeout_s": 1.0, "max_fps": 10})
+    env = {**os.environ, "DISPLAY": xvfb, "WAYLAND_DISPLAY": "", "QT_QPA_PLATFORM": "xcb"}
+    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config),
+                             "--verdict-log", str(verdict_log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+    def states() -> list[str]:
+        if not verdict_log.exists():
+            return []
+        return [json.loads(line)["evaluation"]["state"] for line in verdict_log.read_text().splitlines()]
+
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(states()) < 5:
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.1)
+        ok_shot = _wait_for_screen(xvfb, tmp_path / "ok.png",
+                                   lambda image: _near(image, OK_COLOUR).sum() > MIN_DISPLAY_WIDTH * 30)
+        camera.paused.set()
+        shot = _wait_for_screen(xvfb, tmp_path / "undefined.png",
+                                lambda image: _near(image[:36, :MIN_DISPLAY_WIDTH], UNDEFINED_COLOUR, 2).mean() > 0.6)
+        shutil.copy(tmp_path / "undefined.png", tmp_path.parent / "operator-window-undefined.png")
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    # Good parts first: green.
+    assert _near(ok_shot, OK_COLOUR).sum() > MIN_DISPLAY_WIDTH * 30, f"no green banner; windows: {_window_tree(xvfb)}"
+    band = shot[:36, :MIN_DISPLAY_WIDTH]  # the banner's rows: exactly the grey of UNDEFINED
+    assert _near(band, UNDEFINED_COLOUR, 2).mean() > 0.6
+    assert not _near(shot, OK_COLOUR).any() and not _near(shot, NG_COLOUR).any()

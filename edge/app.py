@@ -49,6 +49,7 @@ from ganspect.edge.health import Health, log_line
 from ganspect.edge.images import ImageStore
 from ganspect.edge.mqtt import DeliveryReport, VerdictPublisher, build_verdict, verdict_json
 from ganspect.edge.overlay import OverlayWindow, StatusLine, display_available, render_overlay
+from ganspect.edge.remote import LiveModel, RemoteCommands
 from ganspect.edge.scorer import Scorer
 from ganspect.edge.source import Capture, Frame, delivery_for, open_source
 from ganspect.edge.spool import OUTBOX_FILE, Outbox
@@ -194,8 +195,7 @@ class EdgeDaemon:
         self._verdict_log_path = verdict_log
         self._triggers: queue.Queue[TriggerRequest] = queue.Queue(maxsize=config.trigger.queue_size)
         # Set in run(); None until then (and for the parts that are switched off).
-        self.scorer: Scorer | None = None
-        self.threshold = float("nan")  # set with the scorer in run()
+        self.live: LiveModel | None = None  # the model and threshold in force; cmd/reload and cmd/threshold change them
         self.inspector: Inspector | None = None
         self.capture: Capture | None = None
         self.publisher: VerdictPublisher | None = None
@@ -229,11 +229,12 @@ class EdgeDaemon:
         with ExitStack() as stack:
             # First, so that a signal during start-up (a slow model load, a broker wait) is a clean stop too.
             stack.enter_context(stop_on_signals(self.stop))
-            self.scorer = Scorer.load(config.model.bundle, config.model.precision, config.model.intra_op_threads)
-            # NG when score > threshold: the bundle's, unless a run-time override (cmd/threshold) replaces it.
-            self.threshold = self.scorer.manifest.threshold.value
+            scorer = Scorer.load(config.model.bundle, config.model.precision, config.model.intra_op_threads)
             self.inspector = Inspector(config.inspection)
-            self.inspector.check(self.scorer.manifest.input)
+            self.inspector.check(scorer.manifest.input)
+            # A reloaded model the ROI and tiles do not suit is refused; the running one keeps scoring.
+            inspector = self.inspector
+            self.live = LiveModel(scorer, config, check_model=lambda new: inspector.check(new.manifest.input))
             show_window = window_wanted(config, self._headless)
             reader = open_source(config.source)
             stack.callback(reader.close)
@@ -241,12 +242,14 @@ class EdgeDaemon:
             stack.callback(self._outbox.close)
             if config.mqtt.enabled:
                 self.publisher = VerdictPublisher(config.mqtt, config.station, self._outbox, read_password(config.mqtt))
-                self.publisher.start()
+                # cmd/trigger, cmd/reload and cmd/threshold; a trigger goes to accept_trigger's queue.
+                remote = RemoteCommands(config, self.live, self.accept_trigger, self.publisher.publish_result)
+                self.publisher.start(on_command=remote.handle if config.mqtt.commands.enabled else None)
                 stack.callback(self._close_publisher)
+                # Unwound first: a reload under way finishes and its answer goes out before the publisher closes.
+                stack.callback(remote.close)
             else:
                 log.info("mqtt.enabled is false: verdicts are logged, not published")
-            # The MQTT command listener (cmd/trigger, cmd/reload, cmd/threshold) starts here, calling
-            # accept_trigger; it stops before the publisher (the stack unwinds in reverse).
             if config.images.save != "none" or config.images.ok_sample_every:
                 self.images = ImageStore(config.data.dir, config.images)
                 self.images.start()
@@ -373,14 +376,15 @@ class EdgeDaemon:
         started = time.perf_counter()
         frame = work.frame
         capture_age_ms = (time.monotonic() - frame.captured_mono) * 1000.0 if frame is not None else None
-        scorer, threshold = self._in_force()
-        inspection, reason = self._inspect(work, scorer, threshold)
+        assert self.live is not None
+        now = self.live.in_force()  # one (model, threshold) pair per frame: commands change it between frames
+        inspection, reason = self._inspect(work, now.scorer, now.threshold)
         payload = build_verdict(
             seq=self._outbox.next_seq(), station=self.config.station, part_id=work.part_id,
             captured_at=frame.captured_at if frame is not None else datetime.now(timezone.utc),
-            score=inspection.score if inspection is not None else None, manifest=scorer.manifest,
-            model_file=scorer.model_file, total_ms=0.0, trigger_id=work.trigger_id, undefined_reason=reason,
-            capture_age_ms=capture_age_ms, threshold=threshold,
+            score=inspection.score if inspection is not None else None, manifest=now.scorer.manifest,
+            model_file=now.scorer.model_file, total_ms=0.0, trigger_id=work.trigger_id, undefined_reason=reason,
+            capture_age_ms=capture_age_ms, threshold=now.threshold, threshold_source=now.threshold_source,
         )
         state = payload["evaluation"]["state"]
         overlay_ms, shown = self._draw_window(work, inspection, payload)
@@ -395,11 +399,6 @@ class EdgeDaemon:
         if self.window is not None and shown is not None and not self.window.show(shown):
             self.stop.set()
         self._maybe_report_health()
-
-    def _in_force(self) -> tuple[Scorer, float]:
-        """The model and the threshold this frame is judged by (one consistent pair)."""
-        assert self.scorer is not None
-        return self.scorer, self.threshold
 
     def _inspect(self, work: Work, scorer: Scorer, threshold: float) -> tuple[Inspection | None, str | None]:
         if work.frame is None or work.undefined_reason is not None:
@@ -481,7 +480,8 @@ class EdgeDaemon:
 
     def metrics(self) -> dict[str, Any]:
         """The health report now (`schemas/metrics.schema.json`); resets the interval's frame rate."""
-        assert self.scorer is not None
+        assert self.live is not None
+        scorer = self.live.scorer
         camera: dict[str, Any] = {"state": "not started", "captured_frames": 0, "skipped_frames": 0,
                                   "reconnects": 0, "last_frame_age_s": None}
         if self.capture is not None:
@@ -501,8 +501,8 @@ class EdgeDaemon:
         return self.health.report({
             "station": {"site": station.site, "line": station.line, "station": station.station},
             "camera": camera,
-            "model": {"name": self.scorer.manifest.name, "sha256": self.scorer.model_file.sha256,
-                      "precision": self.scorer.model_file.precision},
+            "model": {"name": scorer.manifest.name, "sha256": scorer.model_file.sha256,
+                      "precision": scorer.model_file.precision},
             "trigger": {"mode": self.config.trigger.mode, "waiting": self._triggers.qsize()},
             "disk_free_bytes": shutil.disk_usage(self.config.data.dir).free,
             "images": images,

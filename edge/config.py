@@ -432,11 +432,17 @@ def load_config(path: str | Path) -> EdgeConfig:
 
 def _check_trigger_path(config: EdgeConfig, path: Path, root: yaml.Node | None) -> None:
     """Trigger mode without MQTT would wait for triggers that can never arrive: say so at start-up."""
-    if config.trigger.mode == "mqtt" and not config.mqtt.enabled:
-        line = _line_of(root, ("trigger", "mode"))
-        where = f"{path}:{line}" if line else str(path)
+    if config.trigger.mode != "mqtt":
+        return
+    line = _line_of(root, ("trigger", "mode"))
+    where = f"{path}:{line}" if line else str(path)
+    if not config.mqtt.enabled:
         raise ConfigError(f"{where}: trigger.mode: mqtt needs mqtt.enabled: true (triggers arrive as MQTT commands "
                           "on cmd/trigger); use trigger.mode: continuous to inspect without a broker")
+    commands = config.mqtt.commands
+    if not commands.enabled or "trigger" not in commands.allow:
+        raise ConfigError(f"{where}: trigger.mode: mqtt needs mqtt.commands.enabled: true with trigger in "
+                          "mqtt.commands.allow, or no trigger can arrive")
 
 
 def _check_tls_files(mqtt: MqttConfig, path: Path, root: yaml.Node | None) -> None:

@@ -198,3 +198,7 @@ def test_trigger_mode_without_mqtt_is_refused_at_start_up(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(_write(tmp_path, text))
     assert "edge.yaml:12: trigger.mode: mqtt needs mqtt.enabled: true" in str(info.value)
+    text = GOOD + "  commands:\n    allow: [threshold]\ntrigger:\n  mode: mqtt\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text))
+    assert "edge.yaml:14: trigger.mode: mqtt needs mqtt.commands.enabled: true with trigger in" in str(info.value)

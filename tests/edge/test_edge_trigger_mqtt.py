@@ -62,3 +62,36 @@ def test_a_trigger_over_mqtt_gives_that_parts_verdict_with_its_ids(
     assert [(a["outcome"], a["part_id"]) for a in answers] == [("accepted", p) for p, _, _ in sent]
     metrics = json.loads(sub.on("/metrics")[-1].payload)
     assert metrics["trigger"]["mode"] == "mqtt" and metrics["results"]["UNDEFINED"] == 0
+
+
+def test_a_reloaded_model_the_tiles_do_not_suit_is_refused_and_the_running_one_goes_on(
+        mosquitto_broker, mqtt_subscriber, make_bundle, make_video, make_edge_config, tmp_path):
+    bundle = make_bundle(tmp_path / "bundle")  # 32x32
+    video = make_video(tmp_path / "line.avi", [False] * 10, fps=20.0)
+    sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, f"{BASE}/#")
+    config = make_edge_config(bundle, video, mosquitto_broker, source={"loop": True, "max_fps": 10},
+                              inspection={"tiling": "tiles", "roi": {"x": 0, "y": 0, "width": 40, "height": 40},
+                                          "tile_overlap": 8})
+    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    plc = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-mes-{os.getpid()}")
+    plc.connect(mosquitto_broker.host, mosquitto_broker.port)
+    plc.loop_start()
+    try:
+        assert len(sub.wait_for("/verdict", 3, timeout=30)) >= 3
+        make_bundle(bundle, height=64, width=64)  # the line's engineer copies a model with larger tiles
+        plc.publish(f"{BASE}/cmd/reload", json.dumps({"command_id": "R-1"}), qos=1).wait_for_publish(10)
+        answers = [json.loads(m.payload) for m in sub.wait_for("/cmd/result", 1, timeout=30)]
+        n = len(sub.on("/verdict"))
+        assert len(sub.wait_for("/verdict", n + 3, timeout=20)) >= n + 3  # it goes on with the old model
+    finally:
+        plc.loop_stop()
+        plc.disconnect()
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert answers[0]["outcome"] == "rejected", answers
+    assert "inspection.roi 40x40 is smaller than the model's 64x64 tiles" in answers[0]["reason"]
+    verdicts = [json.loads(m.payload) for m in sub.on("/verdict")]
+    assert {v["model"]["sha256"] for v in verdicts} == {verdicts[0]["model"]["sha256"]}
+    assert all(v["evaluation"]["state"] == "OK" for v in verdicts)

@@ -7,7 +7,6 @@ import os
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import cv2
 import numpy as np

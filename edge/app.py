@@ -1,19 +1,34 @@
-"""The edge daemon: source -> preprocess -> score -> verdict -> MQTT (+ log, + window).
+"""The edge daemon: capture -> (trigger) -> inspect -> verdict -> image store -> outbox/MQTT (+ log, + window).
 
+Threads, started in this order and joined in the reverse order at exit:
+
+1. the MQTT publisher (paho's network thread and the outbox sender), when enabled;
+2. the image writer (NG JPEGs, `images.py`);
+3. the capture thread (`source.Capture`).
+
+The scoring loop and the operator window run on the main thread (HighGUI wants it).
 One stop event, set by SIGINT and SIGTERM alike (and by `q` in the window), ends the
-loop the same way whatever asked: the publisher sends what the outbox holds (bounded by
-`mqtt.drain_timeout_s`), says `stopped`, and a summary is printed. The loop also ends at
-`run.max_frames` or at the end of the source.
+loop the same way whatever asked; the loop also ends at `run.max_frames` or at the end
+of the source. Then the capture stops, the image writer finishes its queue, and the
+publisher sends what the outbox holds (bounded by `mqtt.drain_timeout_s`) and says
+`stopped`.
 
 Each verdict is committed to the disk outbox (which also keeps the station's `seq`)
 before it is published or written to the verdict log, so nothing the log shows can be
-lost by a crash.
+lost by a crash. A verdict is never OK by default: a stale frame, a source that gives
+nothing, or a failed inference is UNDEFINED with the reason.
+
+Trigger mode (`trigger.mode: mqtt`): `EdgeDaemon.accept_trigger` (called by the MQTT
+command handler on its own thread) queues a `TriggerRequest`; the loop scores the first
+frame captured after the request arrived and publishes with its part_id and trigger_id.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import shutil
 import signal
 import threading
 import time
@@ -21,6 +36,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -29,18 +45,24 @@ import numpy as np
 
 from ganspect.edge.config import EdgeConfig, read_password
 from ganspect.edge.errors import GanspectError
+from ganspect.edge.health import Health, log_line
+from ganspect.edge.images import ImageStore
 from ganspect.edge.mqtt import DeliveryReport, VerdictPublisher, build_verdict, verdict_json
-from ganspect.edge.overlay import OverlayWindow, display_available, render_overlay
-from ganspect.edge.remote import LiveModel, RemoteCommands, refuse_triggers_in_continuous_mode
+from ganspect.edge.overlay import OverlayWindow, StatusLine, display_available, render_overlay
+from ganspect.edge.remote import LiveModel, RemoteCommands
 from ganspect.edge.scorer import Scorer
-from ganspect.edge.source import FrameSource, open_source
+from ganspect.edge.source import Capture, Frame, delivery_for, open_source
 from ganspect.edge.spool import OUTBOX_FILE, Outbox
+from ganspect.edge.tiling import Inspection, Inspector
+from ganspect.edge.triggers import TriggerRequest
 
 log = logging.getLogger(__name__)
 
 # Verdicts are logged at INFO at most this often per result (the rest at DEBUG), so a
 # fast video or a burst of NG parts cannot flood the journal; NG gets the closer look.
 _LOG_INTERVAL_S = {"OK": 1.0, "NG": 0.1, "UNDEFINED": 0.1}
+# How long the loop waits at a time: the window's keys, the stop event and health stay responsive.
+_TICK_S = 0.05
 
 
 @dataclass
@@ -54,6 +76,9 @@ class RunSummary:
     recent_latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     delivery: DeliveryReport | None = None  # None when MQTT is disabled
     stopped_by: str = "end of source"
+    skipped: int = 0  # frames the capture replaced before the loop took them (latest-frame policy)
+    images_saved: int = 0
+    images_dropped: int = 0
 
     def add(self, state: str, latency_ms: float) -> None:
         self.frames += 1
@@ -70,6 +95,8 @@ class RunSummary:
             f"frames {self.frames}: OK {self.ok}, NG {self.ng}"
             + (f", UNDEFINED {self.undefined}" if self.undefined else "") + f" (stopped by {self.stopped_by})",
             f"latency per frame: mean {mean:.2f} ms, p95 {p95:.2f} ms",
+            f"frames skipped (newer frame arrived first) {self.skipped}; images saved {self.images_saved}, "
+            f"dropped {self.images_dropped}",
         ]
         if self.delivery is None:
             out.append("verdicts published: none (mqtt.enabled is false)")
@@ -79,6 +106,23 @@ class RunSummary:
                        f"dropped when full {d.dropped}, left in the outbox {d.backlog}")
             out.append(f"outbox {d.outbox}: {d.backlog_at_start} waiting at start, {d.backlog} at exit")
         return out
+
+
+@dataclass(frozen=True)
+class Work:
+    """One result to make: a frame to score, or the reason none can be (then the result is UNDEFINED)."""
+
+    part_id: str
+    frame: Frame | None
+    trigger_id: str | None = None
+    undefined_reason: str | None = None
+
+
+class _EndOfSource:
+    pass
+
+
+END_OF_SOURCE = _EndOfSource()
 
 
 def window_wanted(config: EdgeConfig, headless: bool) -> bool:
@@ -107,6 +151,11 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def _log_verdict(payload: dict[str, Any], last_logged: dict[str, float]) -> None:
     now = time.monotonic()
     result = payload["evaluation"]["state"]
@@ -114,48 +163,10 @@ def _log_verdict(payload: dict[str, Any], last_logged: dict[str, float]) -> None
     if level == logging.INFO:
         last_logged[result] = now
     peak = payload["heatmap_peak"]
-    log.log(level, "#%d %s %s score %s thr %.4g peak (%d,%d) %.1f ms", payload["seq"], payload["part_id"],
+    where = f"peak ({peak['x']},{peak['y']})" if peak else f"({payload['evaluation']['reason']})"
+    log.log(level, "#%d %s %s score %s thr %.4g %s %.1f ms", payload["seq"], payload["part_id"],
             result, f"{payload['score']:.4g}" if payload["score"] is not None else "n/a",
-            payload["threshold"]["value"], peak["x"], peak["y"], payload["processing_ms"]["total"])
-
-
-def run_edge(config: EdgeConfig, *, headless: bool = False, verdict_log: Path | None = None,
-             stop: threading.Event | None = None) -> RunSummary:
-    """Inspect until the source ends, max_frames is reached or `stop` is set; return the summary."""
-    stop = stop or threading.Event()
-    summary = RunSummary()
-    with ExitStack() as stack:
-        scorer = Scorer.load(config.model.bundle, config.model.precision, config.model.intra_op_threads)
-        live = LiveModel(scorer, config)  # the model and threshold in force; cmd/reload and cmd/threshold change them
-        show_window = window_wanted(config, headless)
-        source = open_source(config.source)
-        stack.callback(source.close)
-        outbox = _open_outbox(config)
-        stack.callback(outbox.close)
-        publisher: VerdictPublisher | None = None
-        remote: RemoteCommands | None = None
-        if config.mqtt.enabled:
-            publisher = VerdictPublisher(config.mqtt, config.station, outbox, read_password(config.mqtt))
-            remote = RemoteCommands(config, live, refuse_triggers_in_continuous_mode, publisher.publish_result)
-            publisher.start(on_command=remote.handle if config.mqtt.commands.enabled else None)
-        else:
-            log.info("mqtt.enabled is false: verdicts are logged, not published")
-        log_file: IO[str] | None = None
-        if verdict_log is not None:
-            verdict_log.parent.mkdir(parents=True, exist_ok=True)
-            log_file = stack.enter_context(open(verdict_log, "a", encoding="utf-8"))
-        window = OverlayWindow(config.display.heatmap) if show_window else None
-        if window is not None:
-            stack.callback(window.close)
-        stack.enter_context(stop_on_signals(stop))
-        try:
-            _loop(config, live, source, outbox, publisher, log_file, window, stop, summary)
-        finally:
-            if remote is not None:
-                remote.close()  # a reload under way finishes and its answer goes out before the publisher closes
-            if publisher is not None:
-                summary.delivery = publisher.close()
-    return summary
+            payload["threshold"]["value"], where, payload["processing_ms"]["total"])
 
 
 def _open_outbox(config: EdgeConfig) -> Outbox:
@@ -171,56 +182,346 @@ def _open_outbox(config: EdgeConfig) -> Outbox:
     return outbox
 
 
-def _loop(config: EdgeConfig, live: LiveModel, source: FrameSource, outbox: Outbox,
-          publisher: VerdictPublisher | None, log_file: IO[str] | None, window: OverlayWindow | None,
-          stop: threading.Event, summary: RunSummary) -> None:
-    max_frames = config.run.max_frames
-    last_logged: dict[str, float] = {}
-    fps: float | None = None
-    last_shown: float | None = None
-    min_interval = 1.0 / config.source.max_fps if config.source.max_fps else 0.0
-    next_due = time.monotonic()
-    while True:
-        if min_interval:
-            # Pace a file or folder like a conveyor; waiting on the event keeps signals prompt.
-            stop.wait(max(0.0, next_due - time.monotonic()))
-            next_due = max(next_due + min_interval, time.monotonic())
-        if stop.is_set():
-            summary.stopped_by = "signal or quit key"
-            return
-        if max_frames is not None and summary.frames >= max_frames:
-            summary.stopped_by = f"max_frames {max_frames}"
-            return
-        frame = source.read()
-        if frame is None:
-            return
+class EdgeDaemon:
+    """The wired stages; `run()` inspects until the source ends, max_frames is reached or `stop` is set."""
+
+    def __init__(self, config: EdgeConfig, *, headless: bool = False, verdict_log: Path | None = None,
+                 stop: threading.Event | None = None) -> None:
+        self.config = config
+        self.stop = stop or threading.Event()
+        self.summary = RunSummary()
+        self.health = Health()
+        self._headless = headless
+        self._verdict_log_path = verdict_log
+        self._triggers: queue.Queue[TriggerRequest] = queue.Queue(maxsize=config.trigger.queue_size)
+        # Set in run(); None until then (and for the parts that are switched off).
+        self.live: LiveModel | None = None  # the model and threshold in force; cmd/reload and cmd/threshold change them
+        self.inspector: Inspector | None = None
+        self.capture: Capture | None = None
+        self.publisher: VerdictPublisher | None = None
+        self.images: ImageStore | None = None
+        self.window: OverlayWindow | None = None
+        self._outbox: Outbox | None = None
+        self._log_file: IO[str] | None = None
+        self._last_logged: dict[str, float] = {}
+        self._fps: float | None = None
+        self._last_shown: float | None = None
+        self._last_window_frame: np.ndarray | None = None
+        self._next_health = time.monotonic() + config.health.interval_s
+
+    # -- the MQTT command handler's entry point (issue 6) ----------------------------------
+    def accept_trigger(self, request: TriggerRequest) -> str | None:
+        """Queue a trigger for the loop; None when accepted, else why not (for the command's reply)."""
+        if self.config.trigger.mode != "mqtt":
+            return ("this station inspects continuously (trigger.mode: continuous): every frame is scored; "
+                    "set trigger.mode: mqtt to inspect on triggers")
+        if self.stop.is_set():
+            return "the daemon is stopping"
+        try:
+            self._triggers.put_nowait(request)
+        except queue.Full:
+            return f"trigger queue full ({self.config.trigger.queue_size} waiting)"
+        return None
+
+    # -- start-up and shut-down -------------------------------------------------------------
+    def run(self) -> RunSummary:
+        config = self.config
+        with ExitStack() as stack:
+            # First, so that a signal during start-up (a slow model load, a broker wait) is a clean stop too.
+            stack.enter_context(stop_on_signals(self.stop))
+            scorer = Scorer.load(config.model.bundle, config.model.precision, config.model.intra_op_threads)
+            self.inspector = Inspector(config.inspection)
+            self.inspector.check(scorer.manifest.input)
+            # A reloaded model the ROI and tiles do not suit is refused; the running one keeps scoring.
+            inspector = self.inspector
+            self.live = LiveModel(scorer, config, check_model=lambda new: inspector.check(new.manifest.input))
+            show_window = window_wanted(config, self._headless)
+            reader = open_source(config.source)
+            stack.callback(reader.close)
+            self._outbox = _open_outbox(config)
+            stack.callback(self._outbox.close)
+            if config.mqtt.enabled:
+                self.publisher = VerdictPublisher(config.mqtt, config.station, self._outbox, read_password(config.mqtt))
+                # cmd/trigger, cmd/reload and cmd/threshold; a trigger goes to accept_trigger's queue.
+                remote = RemoteCommands(config, self.live, self.accept_trigger, self.publisher.publish_result)
+                self.publisher.start(on_command=remote.handle if config.mqtt.commands.enabled else None)
+                stack.callback(self._close_publisher)
+                # Unwound first: a reload under way finishes and its answer goes out before the publisher closes.
+                stack.callback(remote.close)
+            else:
+                log.info("mqtt.enabled is false: verdicts are logged, not published")
+            if config.images.save != "none" or config.images.ok_sample_every:
+                self.images = ImageStore(config.data.dir, config.images)
+                self.images.start()
+                stack.callback(self.images.close)
+            if self._verdict_log_path is not None:
+                self._verdict_log_path.parent.mkdir(parents=True, exist_ok=True)
+                self._log_file = stack.enter_context(open(self._verdict_log_path, "a", encoding="utf-8"))
+            if show_window:
+                self.window = OverlayWindow(config.display.heatmap, snapshot_dir=config.data.dir / "snapshots")
+                stack.callback(self.window.close)
+            continuous = config.trigger.mode == "continuous"
+            self.capture = Capture(reader, config.source, delivery_for(config.source, reader, continuous), self.stop)
+            self.capture.start()
+            stack.callback(self.capture.close)
+            log.info("inspecting %s (%s, delivery %s), trigger mode %s, tiling %s", reader.name,
+                     "live" if reader.live else "file", self.capture.delivery, config.trigger.mode,
+                     config.inspection.tiling)
+            self._loop()
+            self._report_health()
+        return self.summary
+
+    def _close_publisher(self) -> None:
+        assert self.publisher is not None
+        self.summary.delivery = self.publisher.close()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        max_frames = self.config.run.max_frames
+        next_due = time.monotonic()
+        min_interval = 1.0 / self.config.source.max_fps if self.config.source.max_fps else 0.0
+        continuous = self.config.trigger.mode == "continuous"
+        while True:
+            if continuous and min_interval:
+                # At most max_fps results a second; the waits stay short so signals and keys are prompt.
+                while not self.stop.is_set() and time.monotonic() < next_due:
+                    self._idle(min(_TICK_S, next_due - time.monotonic()))
+                next_due = max(next_due + min_interval, time.monotonic())
+            if self.stop.is_set():
+                self.summary.stopped_by = "signal or quit key"
+                return
+            if max_frames is not None and self.summary.frames >= max_frames:
+                self.summary.stopped_by = f"max_frames {max_frames}"
+                return
+            work = self._next_continuous() if continuous else self._next_triggered()
+            if isinstance(work, _EndOfSource):
+                self.summary.stopped_by = "end of source"
+                return
+            if work is not None:
+                self._process(work)
+
+    def _idle(self, seconds: float) -> None:
+        """Wait a little while keeping the window, the stop event and the health report alive."""
+        if self.window is not None and not self.window.poll():
+            self.stop.set()
+        self._maybe_report_health()
+        self.stop.wait(max(0.0, seconds))
+
+    def _wait_for_frame(self, deadline: float, captured_after: float | None = None) -> Frame | _EndOfSource | None:
+        """The next frame (captured after `captured_after` if given) before `deadline`; None if none came."""
+        assert self.capture is not None
+        while not self.stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            frame = self.capture.get(min(_TICK_S, remaining))
+            if frame is None:
+                if self.capture.ended:
+                    return END_OF_SOURCE
+                self._idle(0.0)
+                continue
+            if captured_after is None or frame.captured_mono > captured_after:
+                return frame
+        return None
+
+    def _next_continuous(self) -> Work | _EndOfSource | None:
+        """Every frame (files) or the latest (cameras); UNDEFINED for stale frames and for a silent live source."""
+        assert self.capture is not None
+        stale_after = self.config.source.stale_after_s
+        name = self.capture.name
+        got = self._wait_for_frame(time.monotonic() + stale_after)
+        if isinstance(got, _EndOfSource):
+            return got
+        if got is None:
+            if self.stop.is_set() or not self.capture.live:
+                return None  # a file is never late: it only ends
+            return Work(f"{name}:stalled", None, undefined_reason=(
+                f"no frame from {name} for {stale_after:g} s (source state {self.capture.state})"))
+        return self._work_for(got, f"{name}:{got.index}")
+
+    def _next_triggered(self) -> Work | _EndOfSource | None:
+        """The first frame captured after the next trigger, or UNDEFINED when none comes in trigger.frame_timeout_s."""
+        assert self.capture is not None
+        try:
+            request = self._triggers.get(timeout=_TICK_S)
+        except queue.Empty:
+            if self.capture.ended:
+                return END_OF_SOURCE
+            self._idle(0.0)
+            return None
+        timeout = self.config.trigger.frame_timeout_s
+        deadline = max(request.received_at, time.monotonic()) + timeout
+        got = self._wait_for_frame(deadline, captured_after=request.received_at)
+        if got is None or isinstance(got, _EndOfSource):
+            why = "the source has ended" if isinstance(got, _EndOfSource) else (
+                "the daemon is stopping" if self.stop.is_set() else
+                f"no frame captured within {timeout:g} s after the trigger (source state {self.capture.state})")
+            return Work(request.part_id, None, trigger_id=request.trigger_id, undefined_reason=why)
+        return self._work_for(got, request.part_id, request.trigger_id)
+
+    def _work_for(self, frame: Frame, part_id: str, trigger_id: str | None = None) -> Work:
+        assert self.capture is not None
+        age = time.monotonic() - frame.captured_mono
+        limit = self.config.source.stale_after_s
+        # Only a live source has a "now" for a frame to fall behind (see source.py).
+        if self.capture.live and age > limit:
+            self.health.note_stale()
+            return Work(part_id, frame, trigger_id,
+                        undefined_reason=f"stale frame: {age:.2f} s old (source.stale_after_s {limit:g})")
+        return Work(part_id, frame, trigger_id)
+
+    # -- one result ---------------------------------------------------------------------------
+    def _process(self, work: Work) -> None:
+        assert self._outbox is not None
         started = time.perf_counter()
-        judged = live.score(frame.image)  # the model and threshold in force for this frame
-        score = judged.score
-        seq = outbox.next_seq()
+        frame = work.frame
+        capture_age_ms = (time.monotonic() - frame.captured_mono) * 1000.0 if frame is not None else None
+        assert self.live is not None
+        now = self.live.in_force()  # one (model, threshold) pair per frame: commands change it between frames
+        inspection, reason = self._inspect(work, now.scorer, now.threshold)
         payload = build_verdict(
-            seq=seq, station=config.station, part_id=f"{source.name}:{frame.index}",
-            captured_at=frame.captured_at, score=score, manifest=judged.scorer.manifest,
-            model_file=judged.scorer.model_file, total_ms=(time.perf_counter() - started) * 1000.0,
-            threshold_source=judged.threshold_source,
+            seq=self._outbox.next_seq(), station=self.config.station, part_id=work.part_id,
+            captured_at=frame.captured_at if frame is not None else datetime.now(timezone.utc),
+            score=inspection.score if inspection is not None else None, manifest=now.scorer.manifest,
+            model_file=now.scorer.model_file, total_ms=0.0, trigger_id=work.trigger_id, undefined_reason=reason,
+            capture_age_ms=capture_age_ms, threshold=now.threshold, threshold_source=now.threshold_source,
         )
+        state = payload["evaluation"]["state"]
+        overlay_ms, shown = self._draw_window(work, inspection, payload)
+        payload["image_path"] = self._queue_image(work, inspection, payload)
+        timings = payload["processing_ms"]
+        timings["overlay"] = None if overlay_ms is None else round(overlay_ms, 3)
+        timings["total"] = round((time.perf_counter() - started) * 1000.0, 3)
+        self.summary.add(state, timings["total"])
+        publish_ms = self._deliver(payload)
+        self.health.record(state, {**timings, "publish": publish_ms})
+        _log_verdict(payload, self._last_logged)
+        if self.window is not None and shown is not None and not self.window.show(shown):
+            self.stop.set()
+        self._maybe_report_health()
+
+    def _inspect(self, work: Work, scorer: Scorer, threshold: float) -> tuple[Inspection | None, str | None]:
+        if work.frame is None or work.undefined_reason is not None:
+            return None, work.undefined_reason
+        assert self.inspector is not None
+        try:
+            return self.inspector.inspect(work.frame.image, scorer, threshold), None
+        except Exception as exc:  # noqa: BLE001 - any failure to score is UNDEFINED, never OK, never a crash
+            self.health.note_error()
+            log.error("inspecting %s failed: %s", work.part_id, _first_line(exc), exc_info=log.isEnabledFor(10))
+            return None, f"inference failed: {_first_line(exc)}"
+
+    def _render(self, image: np.ndarray, inspection: Inspection | None, payload: dict[str, Any], *,
+                show_heatmap: bool = True, status: StatusLine | None = None) -> np.ndarray:
+        score = inspection.score if inspection is not None else None
+        roi = inspection.roi if inspection is not None else None
+        return render_overlay(image, score.heatmap if score is not None else None,
+                              payload["evaluation"]["state"], payload["score"], payload["threshold"]["value"],
+                              fps=self._fps, show_heatmap=show_heatmap, status=status,
+                              roi=None if roi is None else (roi.x, roi.y, roi.width, roi.height))
+
+    def _draw_window(self, work: Work, inspection: Inspection | None,
+                     payload: dict[str, Any]) -> tuple[float | None, np.ndarray | None]:
+        if self.window is None:
+            return None, None
+        if work.frame is not None:
+            self._last_window_frame = work.frame.image
+        elif self._last_window_frame is None:
+            return None, None
+        # Without a frame (a silent camera) the last one is shown again under the grey UNDEFINED banner.
+        image_in = work.frame.image if work.frame is not None else self._last_window_frame
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        if self._last_shown is not None:  # the first frame has no interval to measure
+            instant = 1.0 / max(now - self._last_shown, 1e-6)
+            self._fps = instant if self._fps is None else 0.9 * self._fps + 0.1 * instant
+        self._last_shown = now
+        image = self._render(image_in, inspection, payload, show_heatmap=self.window.show_heatmap,
+                             status=self._status_line(payload["evaluation"]["state"]))
+        return (time.perf_counter() - t0) * 1000.0, image
+
+    def _status_line(self, current: str) -> StatusLine:
+        """The counts include the result on screen (`current`), which the summary counts a moment later."""
+        s = self.summary
+        broker = "disabled" if self.publisher is None else ("online" if self.publisher.online else "offline")
+        camera = self.capture.state if self.capture is not None else "?"
+        station = self.config.station
+        return StatusLine(station=f"{station.line}/{station.station}", ok=s.ok + (current == "OK"), ng=s.ng + (current == "NG"),
+                          undefined=s.undefined + (current == "UNDEFINED"),
+                          camera=camera, broker=broker)
+
+    def _queue_image(self, work: Work, inspection: Inspection | None, payload: dict[str, Any]) -> str | None:
+        if self.images is None or work.frame is None or not self.images.wanted(payload["evaluation"]["state"]):
+            return None
+        image = work.frame.image
+        day = work.frame.captured_at.strftime("%Y-%m-%d")
+        path = self.images.offer(payload["result_id"], day, lambda: self._render(image, inspection, payload))
+        return None if path is None else str(path)
+
+    def _deliver(self, payload: dict[str, Any]) -> float:
+        """Commit to the outbox (and so to MQTT), then the verdict log; the milliseconds it took."""
+        assert self._outbox is not None
+        t0 = time.perf_counter()
         text = verdict_json(payload)  # serialised once: stored, logged and (from the outbox) sent
-        if publisher is not None:
-            publisher.submit(payload, text)  # on disk when this returns
+        if self.publisher is not None:
+            self.publisher.submit(payload, text)  # on disk when this returns
         else:
-            outbox.note_seq(seq)
-        if log_file is not None:
-            log_file.write(text + "\n")
-            log_file.flush()
-        summary.add(payload["evaluation"]["state"], payload["processing_ms"]["total"])
-        _log_verdict(payload, last_logged)
-        if window is not None:
-            now = time.monotonic()
-            if last_shown is not None:  # the first frame has no interval to measure
-                instant = 1.0 / max(now - last_shown, 1e-6)
-                fps = instant if fps is None else 0.9 * fps + 0.1 * instant
-            last_shown = now
-            image = render_overlay(frame.image, score.heatmap, payload["evaluation"]["state"], payload["score"],
-                                   score.threshold, fps=fps, show_heatmap=window.show_heatmap)
-            if not window.show(image):
-                stop.set()
+            self._outbox.note_seq(payload["seq"])
+        if self._log_file is not None:
+            self._log_file.write(text + "\n")
+            self._log_file.flush()
+        return (time.perf_counter() - t0) * 1000.0
+
+    # -- health -------------------------------------------------------------------------------
+    def _maybe_report_health(self) -> None:
+        if time.monotonic() >= self._next_health:
+            self._next_health = time.monotonic() + self.config.health.interval_s
+            self._report_health()
+
+    def metrics(self) -> dict[str, Any]:
+        """The health report now (`schemas/metrics.schema.json`); resets the interval's frame rate."""
+        assert self.live is not None
+        scorer = self.live.scorer
+        camera: dict[str, Any] = {"state": "not started", "captured_frames": 0, "skipped_frames": 0,
+                                  "reconnects": 0, "last_frame_age_s": None}
+        if self.capture is not None:
+            stats = self.capture.stats()
+            self.summary.skipped = stats.skipped
+            camera = {"state": stats.state, "captured_frames": stats.captured, "skipped_frames": stats.skipped,
+                      "reconnects": stats.reconnects,
+                      "last_frame_age_s": None if stats.last_frame_age_s is None else round(stats.last_frame_age_s, 3)}
+        images: dict[str, int] | None = None
+        if self.images is not None:
+            st = self.images.stats()
+            self.summary.images_saved, self.summary.images_dropped = st.saved, st.dropped_queue_full + st.dropped_disk_full
+            images = {"saved": st.saved, "dropped_queue_full": st.dropped_queue_full,
+                      "dropped_disk_full": st.dropped_disk_full, "failed": st.failed, "deleted": st.deleted,
+                      "kept": st.kept, "kept_bytes": st.kept_bytes}
+        station = self.config.station
+        return self.health.report({
+            "station": {"site": station.site, "line": station.line, "station": station.station},
+            "camera": camera,
+            "model": {"name": scorer.manifest.name, "sha256": scorer.model_file.sha256,
+                      "precision": scorer.model_file.precision},
+            "trigger": {"mode": self.config.trigger.mode, "waiting": self._triggers.qsize()},
+            "disk_free_bytes": shutil.disk_usage(self.config.data.dir).free,
+            "images": images,
+            "broker": "disabled" if self.publisher is None else ("online" if self.publisher.online else "offline"),
+            "outbox_backlog": self.publisher.report().backlog if self.publisher is not None else None,
+        })
+
+    def _report_health(self) -> None:
+        try:
+            metrics = self.metrics()
+        except Exception:  # noqa: BLE001 - health must never stop the inspection
+            log.exception("health report failed")
+            return
+        log.info(log_line(metrics))
+        if self.publisher is not None and self.config.health.publish:
+            self.publisher.publish_metrics(metrics)
+
+
+def run_edge(config: EdgeConfig, *, headless: bool = False, verdict_log: Path | None = None,
+             stop: threading.Event | None = None) -> RunSummary:
+    """Inspect until the source ends, max_frames is reached or `stop` is set; return the summary."""
+    return EdgeDaemon(config, headless=headless, verdict_log=verdict_log, stop=stop).run()

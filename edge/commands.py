@@ -10,11 +10,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from ganspect.edge.cli import Command
+
+if TYPE_CHECKING:
+    from ganspect.edge.config import EdgeConfig
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, required=True, help="edge config YAML, e.g. configs/edge.yaml")
+    p.add_argument("--config", type=Path, default=None, help="edge config YAML, e.g. configs/edge.yaml (required)")
     p.add_argument("--model", type=Path, default=None, help="model bundle folder (overrides model.bundle)")
     p.add_argument("--source", default=None,
                    help="camera index, device, video file, image folder or stream URL (overrides source.uri)")
@@ -23,13 +28,19 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verdict-log", type=Path, default=None, metavar="FILE",
                    help="append every verdict as one JSON line to FILE")
     p.add_argument("--check", "--validate-config", dest="check", action="store_true",
-                   help="validate the config file, print 'config OK' and exit")
+                   help="validate the config file and load its model bundle, print 'config OK' and exit")
+    p.add_argument("--check-config", type=Path, default=None, metavar="FILE",
+                   help="the same as --config FILE --check")
 
 
 def _run(args: argparse.Namespace) -> int:
     from ganspect.edge.config import is_path_like_source, load_config
     from ganspect.edge.errors import ConfigError
 
+    if args.check_config is not None:
+        args.config, args.check = args.check_config, True
+    if args.config is None:
+        raise ConfigError("give the config file: --config FILE (or --check-config FILE to only check it)")
     config = load_config(args.config)
     if args.max_frames is not None and args.max_frames < 1:
         raise ConfigError(f"--max-frames must be at least 1, got {args.max_frames}")
@@ -43,6 +54,7 @@ def _run(args: argparse.Namespace) -> int:
         updates["run"] = config.run.model_copy(update={"max_frames": args.max_frames})
     config = config.model_copy(update=updates)
     if args.check:
+        _check_model(config, args.config)
         print(f"config OK: {args.config}")
         return 0
 
@@ -53,6 +65,19 @@ def _run(args: argparse.Namespace) -> int:
     for line in summary.lines():
         print(f"  {line}")
     return 0
+
+
+def _check_model(config: EdgeConfig, path: Path) -> None:
+    """Load the bundle as the daemon would (hashes, interface, warm-up) and fit the inspection settings to it."""
+    from ganspect.edge.errors import BundleError, ConfigError
+    from ganspect.edge.scorer import Scorer
+    from ganspect.edge.tiling import Inspector
+
+    try:
+        scorer = Scorer.load(config.model.bundle, config.model.precision, config.model.intra_op_threads)
+    except BundleError as exc:
+        raise ConfigError(f"{path}: model.bundle: {exc}") from exc
+    Inspector(config.inspection).check(scorer.manifest.input)
 
 
 EDGE = Command("run the edge daemon: score camera frames with a model bundle and publish verdicts over MQTT",

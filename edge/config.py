@@ -46,6 +46,25 @@ class ModelConfig(_Section):
     )
 
 
+class CameraConfig(_Section):
+    fourcc: str | None = Field(
+        None, pattern=r"^[A-Z0-9]{4}$",
+        description="Pixel format asked of a USB camera, e.g. MJPG (high resolution at full rate over USB 2) or YUYV; "
+        "none = the driver's default.",
+    )
+    width: int | None = Field(None, ge=16, le=16384, description="Frame width asked of the camera; none = default.")
+    height: int | None = Field(None, ge=16, le=16384, description="Frame height asked of the camera; none = default.")
+    fps: float | None = Field(None, gt=0, le=1000, description="Frame rate asked of the camera; none = default.")
+    exposure: float | None = Field(
+        None, description="Fixed exposure in the driver's units (V4L2: 100 µs steps); none = automatic exposure. "
+        "Fixed exposure keeps images of good parts alike through the day.",
+    )
+    gain: float | None = Field(None, ge=0, description="Fixed gain in the driver's units; none = the driver's.")
+    buffer_size: int | None = Field(
+        None, ge=1, le=32, description="Driver frame buffers; 1 to 2 keeps latency low; none = the driver's."
+    )
+
+
 class SourceConfig(_Section):
     uri: str = Field(
         min_length=1,
@@ -58,9 +77,90 @@ class SourceConfig(_Section):
     )
     max_fps: float | None = Field(
         None, gt=0, le=1000,
-        description="Score at most this many frames per second; none = as fast as frames come "
-        "(a video file or folder is then read as fast as the model scores).",
+        description="Continuous mode: score at most this many frames per second (a camera's other frames are "
+        "skipped; a video file or folder is read at this pace, every frame scored); none = as fast as frames come.",
     )
+    delivery: Literal["auto", "every_frame", "latest"] = Field(
+        "auto",
+        description="every_frame: a short queue, every frame scored in order (the capture waits for scoring); "
+        "latest: only the newest frame is kept, older ones are skipped and counted. auto = every_frame for a "
+        "video file or folder in continuous mode, latest for cameras, streams and trigger mode.",
+    )
+    stale_after_s: float = Field(
+        2.0, gt=0, le=3600,
+        description="A live frame older than this is stale (UNDEFINED, never OK); a live source silent this long "
+        "gives an UNDEFINED verdict per period in continuous mode and is reported stalled.",
+    )
+    read_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="How long opening or reading a camera or stream may block before it "
+        "counts as failed (and is reopened).",
+    )
+    reconnect_max_delay_s: float = Field(
+        10.0, ge=0.5, le=600, description="A lost camera or stream is reopened after 0.5 s, 1 s, 2 s, ... up to this.",
+    )
+    camera: CameraConfig = Field(default_factory=CameraConfig,  # type: ignore[arg-type]
+                                 description="USB camera (V4L2) settings; what the camera accepted is logged.")
+
+
+class RoiConfig(_Section):
+    x: int = Field(ge=0, description="Left edge of the region of interest in frame pixels.")
+    y: int = Field(ge=0, description="Top edge of the region of interest in frame pixels.")
+    width: int = Field(ge=8, description="Width of the region of interest in frame pixels.")
+    height: int = Field(ge=8, description="Height of the region of interest in frame pixels.")
+
+
+class InspectionConfig(_Section):
+    roi: RoiConfig | None = Field(None, description="The part of the frame to inspect; none = the whole frame.")
+    tiling: Literal["resize", "tiles"] = Field(
+        "resize",
+        description="resize: the ROI is resized to the model input (one image per frame); tiles: the ROI is cut "
+        "into model-sized tiles (ROI pixels = model pixels, so small defects keep their size), scored as one "
+        "batch in one run; the frame's score is the worst tile's.",
+    )
+    tile_overlap: int = Field(
+        16, ge=0, le=4096, description="Pixels shared by neighbouring tiles, so a defect on a seam is whole in one."
+    )
+
+
+class TriggerConfig(_Section):
+    mode: Literal["continuous", "mqtt"] = Field(
+        "continuous",
+        description="continuous: score frames as they come (source.max_fps caps the rate); mqtt: score the first "
+        "frame captured after each trigger command and publish that part's verdict with its part_id.",
+    )
+    queue_size: int = Field(16, ge=1, le=10_000, description="Triggers waiting to be served at most; more are "
+                            "rejected (the reply says so).")
+    frame_timeout_s: float = Field(
+        2.0, gt=0, le=600, description="How long a trigger waits for a frame captured after it before its verdict is "
+        "UNDEFINED.",
+    )
+
+
+class ImagesConfig(_Section):
+    save: Literal["none", "ng", "ng_and_undefined"] = Field(
+        "ng", description="Which results have their frame (with the heatmap overlay) saved as JPEG under "
+        "<data.dir>/images."
+    )
+    ok_sample_every: int = Field(
+        0, ge=0, description="Also save every Nth OK frame (a record of what passed); 0 = none."
+    )
+    jpeg_quality: int = Field(90, ge=10, le=100, description="JPEG quality of saved images.")
+    max_count: int = Field(10_000, ge=1, description="Most images kept; the oldest are deleted first.")
+    max_bytes: int = Field(2 * 1024**3, ge=1024 * 1024, description="Most bytes of images kept (default 2 GiB).")
+    max_age_days: float = Field(30.0, gt=0, description="Images older than this are deleted.")
+    min_free_bytes: int = Field(
+        1024**3, ge=0, description="Free space left on the disk: below it images are not saved (verdicts still "
+        "flow, the count of dropped images grows)."
+    )
+    queue_size: int = Field(16, ge=1, le=1000, description="Images waiting for the writer thread at most; when it "
+                            "is behind, new images are dropped and counted, never blocking the scoring.")
+
+
+class HealthConfig(_Section):
+    interval_s: float = Field(
+        60.0, gt=0, le=86_400, description="Seconds between health reports (log line, and the MQTT metrics topic)."
+    )
+    publish: bool = Field(True, description="Publish health reports on <prefix>/<site>/<line>/<station>/metrics.")
 
 
 class OutboxConfig(_Section):
@@ -243,6 +343,14 @@ class EdgeConfig(_Section):
                              description="Where the daemon keeps state.")
     display: DisplayConfig = Field(default_factory=DisplayConfig, description="Operator window.")  # type: ignore[arg-type]
     run: RunConfig = Field(default_factory=RunConfig, description="Run limits.")  # type: ignore[arg-type]
+    inspection: InspectionConfig = Field(default_factory=InspectionConfig,  # type: ignore[arg-type]
+                                         description="Region of interest and tiling.")
+    trigger: TriggerConfig = Field(default_factory=TriggerConfig,  # type: ignore[arg-type]
+                                   description="What makes the daemon inspect: every frame, or MQTT triggers.")
+    images: ImagesConfig = Field(default_factory=ImagesConfig,  # type: ignore[arg-type]
+                                 description="Saved NG images and their retention.")
+    health: HealthConfig = Field(default_factory=HealthConfig,  # type: ignore[arg-type]
+                                 description="Periodic health reports.")
 
 
 def is_path_like_source(uri: str) -> bool:
@@ -270,7 +378,8 @@ def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
 
 
 def _describe(exc: ValidationError, path: Path, root: yaml.Node | None) -> str:
-    err = exc.errors()[0]
+    # An unknown key first: a misspelt key also makes the key it was meant to be "missing".
+    err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
     loc = tuple(p for p in err["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
     line = _line_of(root, loc)
@@ -317,7 +426,23 @@ def load_config(path: str | Path) -> EdgeConfig:
         raise ConfigError(_describe(exc, path, root)) from exc
     config = resolve_paths(config, path.parent)
     _check_tls_files(config.mqtt, path, root)
+    _check_trigger_path(config, path, root)
     return config
+
+
+def _check_trigger_path(config: EdgeConfig, path: Path, root: yaml.Node | None) -> None:
+    """Trigger mode without MQTT would wait for triggers that can never arrive: say so at start-up."""
+    if config.trigger.mode != "mqtt":
+        return
+    line = _line_of(root, ("trigger", "mode"))
+    where = f"{path}:{line}" if line else str(path)
+    if not config.mqtt.enabled:
+        raise ConfigError(f"{where}: trigger.mode: mqtt needs mqtt.enabled: true (triggers arrive as MQTT commands "
+                          "on cmd/trigger); use trigger.mode: continuous to inspect without a broker")
+    commands = config.mqtt.commands
+    if not commands.enabled or "trigger" not in commands.allow:
+        raise ConfigError(f"{where}: trigger.mode: mqtt needs mqtt.commands.enabled: true with trigger in "
+                          "mqtt.commands.allow, or no trigger can arrive")
 
 
 def _check_tls_files(mqtt: MqttConfig, path: Path, root: yaml.Node | None) -> None:

@@ -10,6 +10,8 @@ Topic tree (prefix from the config, then the plant hierarchy; `docs/mqtt.md` has
 - `<prefix>/<site>/<line>/<station>/cmd/+`: commands, subscribed to on every (re)connect
   and handed to `remote.RemoteCommands` (untrusted input: it validates them); their
   answers go to `.../cmd/result` (QoS 1, not retained), which the daemon itself ignores.
+- `<prefix>/<site>/<line>/<station>/metrics`: the periodic health report, QoS 1, not
+  retained (`schemas/metrics.schema.json`); sent only while connected, never spooled.
 
 Delivery: every verdict goes through the disk outbox (`spool.Outbox`). The main loop
 commits it there; a sender thread hands rows to paho in seq order, at most
@@ -220,16 +222,26 @@ def evaluation_of(score: Score) -> dict[str, str | None]:
     return {"state": score.result, "reason": None}
 
 
-def build_verdict(*, seq: int, station: StationConfig, part_id: str, captured_at: datetime, score: Score,
+def build_verdict(*, seq: int, station: StationConfig, part_id: str, captured_at: datetime, score: Score | None,
                   manifest: Manifest, model_file: ModelFile, total_ms: float,
-                  trigger_id: str | None = None,
+                  trigger_id: str | None = None, undefined_reason: str | None = None,
+                  capture_age_ms: float | None = None, threshold: float | None = None,
                   threshold_source: Literal["bundle", "override"] = "bundle") -> dict[str, Any]:
     """The verdict payload as made; `schemas/verdict.schema.json` documents every field.
 
-    `score.threshold` is the threshold the part was judged by; `threshold_source` says
-    whether it is the bundle's or a runtime override (`cmd/threshold`).
-    `published_at` is the time it was made here; the publisher sets it again at each send.
+    `score.threshold` (or `threshold` when nothing was scored) is the threshold the part was
+    judged by; `threshold_source` says whether it is the bundle's or a runtime override
+    (`cmd/threshold`).
+
+    `score` None or an `undefined_reason` (a stale frame, no frame, a failed inference)
+    makes the result UNDEFINED, never OK. `published_at` is the time it was made here; the
+    publisher sets it again at each send. `processing_ms.overlay` and `image_path` are
+    filled in by the daemon once it has drawn and queued the image.
     """
+    if undefined_reason is not None or score is None:
+        evaluation: dict[str, str | None] = {"state": "UNDEFINED", "reason": undefined_reason or "no score"}
+    else:
+        evaluation = evaluation_of(score)
     return {
         "schema": VERDICT_SCHEMA,
         "seq": seq,
@@ -239,9 +251,10 @@ def build_verdict(*, seq: int, station: StationConfig, part_id: str, captured_at
         "station": {"site": station.site, "line": station.line, "station": station.station},
         "captured_at": utc_iso(captured_at),
         "published_at": utc_iso(datetime.now(timezone.utc)),
-        "evaluation": evaluation_of(score),
-        "score": _finite_or_none(score.score),
-        "threshold": {"value": score.threshold, "source": threshold_source},
+        "evaluation": evaluation,
+        "score": _finite_or_none(score.score) if score is not None else None,
+        "threshold": {"value": score.threshold if score is not None else (
+            threshold if threshold is not None else manifest.threshold.value), "source": threshold_source},
         "model": {
             "name": manifest.name,
             "kind": manifest.kind,
@@ -249,11 +262,14 @@ def build_verdict(*, seq: int, station: StationConfig, part_id: str, captured_at
             "precision": model_file.precision,
         },
         "processing_ms": {
-            "preprocess": round(score.preprocess_ms, 3),
-            "inference": round(score.inference_ms, 3),
+            "capture_age": None if capture_age_ms is None else round(capture_age_ms, 3),
+            "preprocess": round(score.preprocess_ms, 3) if score is not None else None,
+            "inference": round(score.inference_ms, 3) if score is not None else None,
+            "overlay": None,
             "total": round(total_ms, 3),
         },
-        "heatmap_peak": {"x": score.peak_x, "y": score.peak_y, "value": _finite_or_none(score.peak_value)},
+        "heatmap_peak": None if score is None else
+        {"x": score.peak_x, "y": score.peak_y, "value": _finite_or_none(score.peak_value)},
         "image_path": None,
         "replayed": False,
     }
@@ -291,6 +307,7 @@ class VerdictPublisher:
         self.status_topic = f"{base}/status"
         self.command_prefix = f"{base}/cmd/"
         self.result_topic = f"{base}/cmd/result"
+        self.metrics_topic = f"{base}/metrics"
         client_id = config.client_id or f"ganspect-{station.site}-{station.line}-{station.station}"
         self._client = _Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                protocol=_PROTOCOLS[config.protocol])
@@ -625,6 +642,22 @@ class VerdictPublisher:
     def answers_dropped(self) -> int:
         with self._lock:
             return self._answers_dropped
+
+    @property
+    def online(self) -> bool:
+        """Connected and sending (the `online` status acknowledged)."""
+        return self._ready.is_set()
+
+    def publish_metrics(self, payload: dict[str, Any]) -> bool:
+        """Send one health report on .../metrics (QoS 1, not retained) while connected; False when not sent.
+
+        Like a command's answer, its acknowledgement is kept away from the outbox
+        (`_publish_other`). Reports are not spooled: one missed in an outage is replaced by the next.
+        """
+        if not self._ready.is_set():
+            return False
+        info = self._publish_other(self.metrics_topic, json.dumps(payload, separators=(",", ":")))
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     def report(self) -> DeliveryReport:
         stats = self._outbox.stats()

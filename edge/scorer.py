@@ -137,3 +137,8 @@ class Scorer:
             preprocess_ms=(t1 - t0) * 1000.0,
             inference_ms=(t2 - t1) * 1000.0,
         )
+
+    def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H, W, C) uint8 model inputs -> scores (N,) and heatmaps (N, H, W), float32, in one session.run."""
+        score, heatmap = self._session.run(self._outputs[:2], {self.manifest.input.name: batch})
+        return np.asarray(score, np.float32), np.asarray(heatmap, np.float32)

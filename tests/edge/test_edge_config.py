@@ -102,7 +102,8 @@ def test_bad_config_exits_2_from_the_command(tmp_path, ganspect_cli, mistake, ke
     assert key in lines[0]
 
 
-def test_check_prints_config_ok(tmp_path, ganspect_cli):
+def test_check_prints_config_ok(tmp_path, ganspect_cli, make_bundle):
+    make_bundle(tmp_path / "bundle")  # --check loads the bundle the config names, as the daemon would
     path = _write(tmp_path, GOOD)
     proc = ganspect_cli("edge", "--config", str(path), "--check")
     assert proc.returncode == 0, proc.stderr
@@ -142,3 +143,62 @@ def test_unquoted_on_and_off_mean_what_an_operator_wrote(tmp_path, written, mean
     # YAML 1.1 turns an unquoted on/off/yes into a boolean before the config sees it.
     config = load_config(_write(tmp_path, GOOD + f"display:\n  window: {written}\n"))
     assert config.display.window == meant
+
+
+@pytest.mark.parametrize(("mistake", "expected"), [
+    ("inspection:\n  roi: {x: 0, y: 0, width: 64, heigth: 48}\n", "edge.yaml:12: inspection.roi.heigth: unknown key"),
+    ("trigger:\n  mode: plc\n", "edge.yaml:12: trigger.mode: Input should be 'continuous' or 'mqtt'"),
+    ("images:\n  max_count: lots\n", "edge.yaml:12: images.max_count: Input should be a valid integer"),
+    ("source:\n  uri: x\n  stale_after_s: -1\n", "edge.yaml:11: source.stale_after_s: Input should be greater than 0"),
+    ("health:\n  interval_s: 0\n", "edge.yaml:12: health.interval_s: Input should be greater than 0"),
+])
+def test_new_sections_are_strict_too(tmp_path, mistake, expected):
+    text = GOOD.replace("source:\n  uri: parts.avi\n", "") if mistake.startswith("source:") else GOOD
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text + mistake))
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("flags", [["--check"], []])
+def test_a_model_path_that_cannot_be_read_is_one_clear_line(tmp_path, ganspect_cli, flags):
+    # GOOD names bundle/ next to the config: there is none.
+    path = _write(tmp_path, GOOD.replace("port: 1884", "enabled: false"))
+    proc = ganspect_cli("edge", "--config", str(path), "--headless", *flags)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("ganspect edge: error:") and "Traceback" not in proc.stderr
+    assert f"model bundle {tmp_path / 'bundle'} is not a folder" in lines[-1]
+    if flags:
+        assert len(lines) == 1 and f"{path}: model.bundle: " in lines[0]
+
+
+def test_check_config_loads_the_bundle_and_fits_the_tiles_to_it(tmp_path, ganspect_cli, make_bundle):
+    make_bundle(tmp_path / "bundle")  # 32x32
+    path = _write(tmp_path, GOOD)
+    proc = ganspect_cli("edge", "--check-config", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"config OK: {path}"
+    path = _write(tmp_path, GOOD + "inspection:\n  tiling: tiles\n  roi: {x: 0, y: 0, width: 16, height: 64}\n")
+    proc = ganspect_cli("edge", "--check-config", str(path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ganspect edge: error:")]
+    assert errors == ["ganspect edge: error: inspection.roi 16x64 is smaller than the model's 32x32 "
+                      "tiles; enlarge it or use inspection.tiling: resize"]
+
+
+def test_no_config_at_all_is_one_clear_line(ganspect_cli):
+    proc = ganspect_cli("edge", "--headless")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("ganspect edge: error: give the config file: --config FILE (or --check-config "
+                                   "FILE to only check it)")
+
+
+def test_trigger_mode_without_mqtt_is_refused_at_start_up(tmp_path):
+    text = GOOD.replace("  port: 1884\n", "  enabled: false\n") + "trigger:\n  mode: mqtt\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text))
+    assert "edge.yaml:12: trigger.mode: mqtt needs mqtt.enabled: true" in str(info.value)
+    text = GOOD + "  commands:\n    allow: [threshold]\ntrigger:\n  mode: mqtt\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text))
+    assert "edge.yaml:14: trigger.mode: mqtt needs mqtt.commands.enabled: true with trigger in" in str(info.value)

@@ -1,0 +1,172 @@
+"""The NG image store: frames with their heatmap overlay as JPEG, named by verdict id, with retention.
+
+The scoring loop only decides and enqueues (`offer`); a writer thread renders the overlay,
+encodes and writes, then enforces retention (count, bytes, age). The queue is bounded:
+when the writer falls behind, or the disk has less than `images.min_free_bytes` free,
+the image is dropped and counted, and the verdict says `image_path: null`. Verdicts never
+wait for an image.
+
+Files: `<data.dir>/images/<YYYY-MM-DD>/<result_id>.jpg` (UTC date of capture), so the
+MES can fetch the image of a verdict by its id.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ganspect.edge.config import ImagesConfig
+
+log = logging.getLogger(__name__)
+
+IMAGES_FOLDER = "images"
+_FREE_SPACE_CHECK_S = 1.0  # statvfs at most once a second
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    path: Path
+    render: Callable[[], np.ndarray]  # draws the overlay on the writer thread: the loop does not wait for it
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    saved: int
+    dropped_queue_full: int
+    dropped_disk_full: int
+    failed: int
+    deleted: int
+    kept: int
+    kept_bytes: int
+
+
+class ImageStore:
+    def __init__(self, root: Path, config: ImagesConfig) -> None:
+        self.root = root / IMAGES_FOLDER
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._config = config
+        self._queue: queue.Queue[ImageJob | None] = queue.Queue(maxsize=config.queue_size)
+        self._lock = threading.Lock()
+        self._saved = self._dropped_full = self._dropped_disk = self._failed = self._deleted = 0
+        self._ok_seen = 0
+        self._free_checked = float("-inf")
+        self._free_bytes = 0
+        # (mtime, path, size), oldest first: what retention deletes from.
+        self._kept: deque[tuple[float, Path, int]] = deque(sorted(
+            (p.stat().st_mtime, p, p.stat().st_size) for p in self.root.glob("*/*.jpg")))
+        self._kept_bytes = sum(size for _, _, size in self._kept)
+        self._thread = threading.Thread(target=self._run, name="ganspect-image-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wanted(self, state: str) -> bool:
+        """Whether a result in `state` has its image saved (NG, UNDEFINED if asked, every Nth OK if asked)."""
+        save = self._config.save
+        if state == "NG":
+            return save != "none"
+        if state == "UNDEFINED":
+            return save == "ng_and_undefined"
+        self._ok_seen += 1
+        every = self._config.ok_sample_every
+        return bool(every) and self._ok_seen % every == 0
+
+    def free_bytes(self) -> int:
+        now = time.monotonic()
+        if now - self._free_checked >= _FREE_SPACE_CHECK_S:
+            self._free_bytes = shutil.disk_usage(self.root).free
+            self._free_checked = now
+        return self._free_bytes
+
+    def offer(self, result_id: str, day: str, render: Callable[[], np.ndarray]) -> Path | None:
+        """Queue an image for `result_id`; its future path, or None when it was dropped (disk or queue full)."""
+        if self.free_bytes() < self._config.min_free_bytes:
+            with self._lock:
+                self._dropped_disk += 1
+                first = self._dropped_disk == 1
+            if first or self._dropped_disk % 100 == 0:
+                log.error("images: disk %s has %d MB free, below images.min_free_bytes: image not saved "
+                          "(%d dropped so far); verdicts still flow", self.root, self._free_bytes // 2**20,
+                          self._dropped_disk)
+            return None
+        path = self.root / day / f"{result_id}.jpg"
+        try:
+            self._queue.put_nowait(ImageJob(path, render))
+        except queue.Full:
+            with self._lock:
+                self._dropped_full += 1
+                count = self._dropped_full
+            if count == 1 or count % 100 == 0:
+                log.warning("images: the writer is behind (%d waiting): image not saved (%d dropped so far)",
+                            self._config.queue_size, count)
+            return None
+        return path
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(saved=self._saved, dropped_queue_full=self._dropped_full,
+                              dropped_disk_full=self._dropped_disk, failed=self._failed, deleted=self._deleted,
+                              kept=len(self._kept), kept_bytes=self._kept_bytes)
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+
+    # -- the writer thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        self._enforce_retention()  # what an earlier run left may already be over the limits
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                self._write(job)
+            except Exception:  # noqa: BLE001 - one bad image must not end the writer
+                with self._lock:
+                    self._failed += 1
+                log.exception("images: writing %s failed", job.path)
+
+    def _write(self, job: ImageJob) -> None:
+        image = job.render()
+        ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self._config.jpeg_quality])
+        if not ok:
+            raise OSError("OpenCV could not encode the image as JPEG")
+        job.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = job.path.with_suffix(".jpg.part")
+        partial.write_bytes(data.tobytes())
+        partial.replace(job.path)  # a reader never sees half an image
+        with self._lock:
+            self._saved += 1
+            self._kept.append((time.time(), job.path, len(data)))
+            self._kept_bytes += len(data)
+        self._enforce_retention()
+
+    def _enforce_retention(self) -> None:
+        config = self._config
+        oldest_allowed = time.time() - config.max_age_days * 86_400
+        while True:
+            with self._lock:
+                if not self._kept:
+                    return
+                mtime, path, size = self._kept[0]
+                if not (len(self._kept) > config.max_count or self._kept_bytes > config.max_bytes
+                        or mtime < oldest_allowed):
+                    return
+                self._kept.popleft()
+                self._kept_bytes -= size
+                self._deleted += 1
+            path.unlink(missing_ok=True)
+            if path.parent != self.root and not any(path.parent.iterdir()):
+                path.parent.rmdir()  # an emptied day folder

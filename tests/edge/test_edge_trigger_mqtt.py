@@ -1,0 +1,97 @@
+"""Trigger mode end to end: a cmd/trigger over a real mosquitto reaches the daemon (a subprocess), which scores
+the first frame captured after it and publishes that part's verdict with the command's part_id and trigger_id."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jsonschema
+import paho.mqtt.client as mqtt
+
+import ganspect.edge
+
+VERDICT_SCHEMA = json.loads((Path(ganspect.edge.__file__).parent / "schemas" / "verdict.schema.json").read_text())
+BASE = "gstest/testsite/l1/s1"
+
+
+def test_a_trigger_over_mqtt_gives_that_parts_verdict_with_its_ids(
+        mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path):
+    pattern = [False] * 9 + [True]  # the looping "camera": mostly good parts, one defective frame in ten
+    video = make_video(tmp_path / "line.avi", pattern, fps=20.0)
+    sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, f"{BASE}/#")
+    config = make_edge_config(tiny_bundle, video, mosquitto_broker, source={"loop": True},
+                              trigger={"mode": "mqtt"}, health={"interval_s": 0.5})
+    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    plc = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-plc-{os.getpid()}")
+    plc.connect(mosquitto_broker.host, mosquitto_broker.port)
+    plc.loop_start()
+    sent: list[tuple[str, str | None, datetime]] = []
+    try:
+        assert sub.wait_for("/status", 1, timeout=30), "the daemon did not come online"
+        time.sleep(0.5)  # its subscription to cmd/+ follows the online status
+        for i, (part, trigger_id) in enumerate([("SN-0001", "T-1"), ("SN-0002", None), ("SN-0003", "T-3")]):
+            payload = {"part_id": part, **({"trigger_id": trigger_id} if trigger_id else {})}
+            sent.append((part, trigger_id, datetime.now(timezone.utc)))
+            plc.publish(f"{BASE}/cmd/trigger", json.dumps(payload), qos=1).wait_for_publish(10)
+            time.sleep(0.3)
+        verdicts = [json.loads(m.payload) for m in sub.wait_for("/verdict", 3, timeout=20)]
+        answers = [json.loads(m.payload) for m in sub.wait_for("/cmd/result", 3, timeout=20)]
+        assert sub.wait_for("/metrics", 1, timeout=10)
+    finally:
+        plc.loop_stop()
+        plc.disconnect()
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    # No verdict without a trigger: trigger mode publishes one per trigger, in order, with its ids.
+    assert [(v["part_id"], v["trigger_id"]) for v in verdicts] == [(p, t) for p, t, _ in sent]
+    for verdict, (_, _, sent_at) in zip(verdicts, sent):
+        jsonschema.validate(verdict, VERDICT_SCHEMA)
+        assert verdict["evaluation"]["state"] in ("OK", "NG") and verdict["score"] is not None
+        # The frame was captured after the command was sent, not before.
+        assert datetime.fromisoformat(verdict["captured_at"].replace("Z", "+00:00")) > sent_at
+    assert [(a["outcome"], a["part_id"]) for a in answers] == [("accepted", p) for p, _, _ in sent]
+    metrics = json.loads(sub.on("/metrics")[-1].payload)
+    assert metrics["trigger"]["mode"] == "mqtt" and metrics["results"]["UNDEFINED"] == 0
+
+
+def test_a_reloaded_model_the_tiles_do_not_suit_is_refused_and_the_running_one_goes_on(
+        mosquitto_broker, mqtt_subscriber, make_bundle, make_video, make_edge_config, tmp_path):
+    bundle = make_bundle(tmp_path / "bundle")  # 32x32
+    video = make_video(tmp_path / "line.avi", [False] * 10, fps=20.0)
+    sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, f"{BASE}/#")
+    config = make_edge_config(bundle, video, mosquitto_broker, source={"loop": True, "max_fps": 10},
+                              inspection={"tiling": "tiles", "roi": {"x": 0, "y": 0, "width": 40, "height": 40},
+                                          "tile_overlap": 8})
+    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    plc = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-mes-{os.getpid()}")
+    plc.connect(mosquitto_broker.host, mosquitto_broker.port)
+    plc.loop_start()
+    try:
+        assert len(sub.wait_for("/verdict", 3, timeout=30)) >= 3
+        make_bundle(bundle, height=64, width=64)  # the line's engineer copies a model with larger tiles
+        plc.publish(f"{BASE}/cmd/reload", json.dumps({"command_id": "R-1"}), qos=1).wait_for_publish(10)
+        answers = [json.loads(m.payload) for m in sub.wait_for("/cmd/result", 1, timeout=30)]
+        n = len(sub.on("/verdict"))
+        assert len(sub.wait_for("/verdict", n + 3, timeout=20)) >= n + 3  # it goes on with the old model
+    finally:
+        plc.loop_stop()
+        plc.disconnect()
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert answers[0]["outcome"] == "rejected", answers
+    assert "inspection.roi 40x40 is smaller than the model's 64x64 tiles" in answers[0]["reason"]
+    verdicts = [json.loads(m.payload) for m in sub.on("/verdict")]
+    assert {v["model"]["sha256"] for v in verdicts} == {verdicts[0]["model"]["sha256"]}
+    assert all(v["evaluation"]["state"] == "OK" for v in verdicts)

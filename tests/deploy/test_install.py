@@ -1,0 +1,178 @@
+"""deploy/install.sh into a scratch root: the files, owners, modes and config it leaves, run twice, then removed.
+
+The install is real: a virtual environment built by pip from this checkout with the edge
+extra (wheels come from pip's cache or the package index), a system user created with
+useradd in the scratch root's own /etc/passwd, the unit checked by systemd-analyze.
+useradd and chown need root, as the install does on a station.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+INSTALL = REPO / "deploy" / "install.sh"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="install.sh creates a user and chowns files: needs root"),
+]
+
+
+def _install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(INSTALL), "--root", str(root), *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def _scratch_root(path: Path) -> Path:
+    """A folder with the /etc files useradd needs: root and the video group, nothing else."""
+    etc = path / "etc"
+    etc.mkdir(parents=True)
+    (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n", encoding="utf-8")
+    (etc / "group").write_text("root:x:0:\nvideo:x:44:\n", encoding="utf-8")
+    (etc / "shadow").write_text("root:*:19000:0:99999:7:::\n", encoding="utf-8")
+    (etc / "gshadow").write_text("root:*::\nvideo:!::\n", encoding="utf-8")
+    for name in ("shadow", "gshadow"):
+        (etc / name).chmod(0o640)
+    return path
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, subprocess.CompletedProcess[str]]]:
+    root = _scratch_root(tmp_path_factory.mktemp("scratch-root"))
+    result = _install(root, "--site", "plant1", "--line", "line3", "--station", "cam1", "--camera-id", "046d:0825")
+    yield root, result
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _ids(root: Path) -> tuple[int, int]:
+    for line in (root / "etc/passwd").read_text(encoding="utf-8").splitlines():
+        fields = line.split(":")
+        if fields[0] == "ganspect":
+            return int(fields[2]), int(fields[3])
+    raise AssertionError("no ganspect user in the scratch root's /etc/passwd")
+
+
+def _owner_mode(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+def test_install_creates_the_user_in_the_video_group(installed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    root, result = installed
+    assert result.returncode == 0, result.stdout + result.stderr
+    uid, gid = _ids(root)
+    assert uid < 1000  # a system user
+    video = next(line for line in (root / "etc/group").read_text().splitlines() if line.startswith("video:"))
+    assert video.split(":")[3].split(",") == ["ganspect"]
+    passwd = next(line for line in (root / "etc/passwd").read_text().splitlines() if line.startswith("ganspect:"))
+    assert passwd.endswith(":/var/lib/ganspect:/usr/sbin/nologin")
+
+
+def test_files_owners_and_modes(installed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    root, _ = installed
+    uid, gid = _ids(root)
+    # Config: readable by the daemon's group, not by everyone (it names credentials files).
+    assert _owner_mode(root / "etc/ganspect") == (0, gid, 0o750)
+    assert _owner_mode(root / "etc/ganspect/edge.yaml") == (0, gid, 0o640)
+    # Data: the daemon's own.
+    assert _owner_mode(root / "var/lib/ganspect") == (uid, gid, 0o750)
+    assert _owner_mode(root / "var/lib/ganspect/models") == (uid, gid, 0o750)
+    unit = root / "etc/systemd/system/ganspect-edge.service"
+    assert _owner_mode(unit) == (0, 0, 0o644)
+    assert (unit.read_bytes() == (REPO / "deploy/ganspect-edge.service").read_bytes())
+    assert (root / "etc/systemd/user/ganspect-edge-window.service").is_file()
+    rule = (root / "etc/udev/rules.d/70-ganspect-camera.rules").read_text(encoding="utf-8")
+    assert 'ATTRS{idVendor}=="046d", ATTRS{idProduct}=="0825"' in rule and 'SYMLINK+="ganspect-camera"' in rule
+    assert (root / "opt/ganspect/docs/deploy.md").is_file()
+
+
+def test_venv_has_the_edge_extra_and_no_torch(installed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    root, _ = installed
+    python = root / "opt/ganspect/venv/bin/python"
+    listed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True,
+                            check=True).stdout.lower()
+    names = {line.split("==")[0] for line in listed.splitlines()}
+    assert {"ganspect", "onnxruntime", "paho-mqtt", "opencv-python"} <= names
+    assert "torch" not in names and "opencv-python-headless" not in names
+    help_text = subprocess.run([str(root / "opt/ganspect/venv/bin/ganspect"), "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    assert "doctor" in help_text and "edge" in help_text
+
+
+def test_generated_config_names_the_station_and_validates(
+        installed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    root, _ = installed
+    config_path = root / "etc/ganspect/edge.yaml"
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    assert config["station"] == {"site": "plant1", "line": "line3", "station": "cam1"}
+    assert config["model"]["bundle"] == "/var/lib/ganspect/models/current"
+    assert config["data"]["dir"] == "/var/lib/ganspect"
+    check = subprocess.run([str(root / "opt/ganspect/venv/bin/ganspect"), "edge", "--config", str(config_path),
+                            "--check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_unit_passes_systemd_analyze_verify(installed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    root, _ = installed
+    # --root: ExecStart's /opt/ganspect/venv/bin/ganspect is looked up inside the scratch root.
+    result = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "--recursive-errors=no",
+                             str(root / "etc/systemd/system/ganspect-edge.service")], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_second_run_keeps_the_config_and_the_data(installed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    root, _ = installed
+    config = root / "etc/ganspect/edge.yaml"
+    edited = config.read_text(encoding="utf-8").replace("host: 127.0.0.1", "host: broker.plant1")
+    config.write_text(edited, encoding="utf-8")
+    outbox = root / "var/lib/ganspect/outbox.sqlite3"
+    outbox.write_bytes(b"verdicts waiting for the broker")
+    users_before = (root / "etc/passwd").read_text(encoding="utf-8")
+    again = _install(root)  # no station flags needed: the config exists
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "kept the existing" in again.stdout
+    assert config.read_text(encoding="utf-8") == edited
+    assert outbox.read_bytes() == b"verdicts waiting for the broker"
+    assert (root / "etc/passwd").read_text(encoding="utf-8") == users_before
+
+
+def test_uninstall_keeps_data_unless_purged(installed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    root, _ = installed
+    removed = _install(root, "--uninstall")
+    assert removed.returncode == 0, removed.stderr
+    assert not (root / "opt/ganspect").exists()
+    assert not (root / "etc/systemd/system/ganspect-edge.service").exists()
+    assert (root / "etc/ganspect/edge.yaml").is_file() and (root / "var/lib/ganspect").is_dir()
+    purged = _install(root, "--uninstall", "--purge")
+    assert purged.returncode == 0, purged.stderr
+    assert not (root / "etc/ganspect").exists() and not (root / "var/lib/ganspect").exists()
+    assert "ganspect:" not in (root / "etc/passwd").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((), "give --site, --line and --station"),
+    (("--site", "plant 1", "--line", "l", "--station", "s"), "letters, digits"),
+    (("--site", "p", "--line", "l", "--station", "s", "--opencv", "both"), "gui or headless"),
+    (("--site", "p", "--line", "l", "--station", "s", "--camera-id", "logitech"), "VENDOR:PRODUCT"),
+])
+def test_bad_arguments_change_nothing(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    root = _scratch_root(tmp_path / "root")
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    result = _install(root, *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
+def test_scripts_pass_shellcheck() -> None:
+    scripts = sorted((REPO / "deploy").glob("*.sh")) + [REPO / ".ci" / "run"]
+    result = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

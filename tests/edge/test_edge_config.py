@@ -202,3 +202,19 @@ def test_trigger_mode_without_mqtt_is_refused_at_start_up(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(_write(tmp_path, text))
     assert "edge.yaml:14: trigger.mode: mqtt needs mqtt.commands.enabled: true with trigger in" in str(info.value)
+
+
+# Found by tests/fuzz: both ended in a traceback or a two-line message before.
+def test_a_character_yaml_forbids_is_one_line_with_its_line_number(tmp_path):
+    path = _write(tmp_path, GOOD + "  host: a\x1fb\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}:11: not valid YAML")
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "edge.yaml"
+    path.write_bytes(GOOD.encode() + "  host: M\xfcnchen\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"edge.yaml:11: not UTF-8 text \(byte 0xfc"):
+        load_config(path)

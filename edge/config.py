@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from ganspect.edge.errors import ConfigError
+from ganspect.edge.errors import ConfigError, key_path
 
 # Names that become MQTT topic levels: no wildcards, no separators, no spaces.
 _TOPIC_LEVEL = r"^[A-Za-z0-9_.\-]+$"
@@ -381,7 +381,7 @@ def _describe(exc: ValidationError, path: Path, root: yaml.Node | None) -> str:
     # An unknown key first: a misspelt key also makes the key it was meant to be "missing".
     err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
     loc = tuple(p for p in err["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
+    key = key_path(loc) or "(top level)"
     line = _line_of(root, loc)
     where = f"{path}:{line}" if line else str(path)
     if err["type"] == "extra_forbidden":

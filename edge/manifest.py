@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ganspect.edge.errors import BundleError
+from ganspect.edge.errors import BundleError, key_path
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -162,7 +162,7 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
 def _validation_summary(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        where = key_path(err["loc"]) or "(top level)"
         parts.append(f"{where}: {err['msg']}")
     return "; ".join(parts)
 

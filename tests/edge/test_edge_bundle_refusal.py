@@ -86,3 +86,19 @@ def test_file_that_is_not_onnx_is_refused(tmp_path, make_bundle):
 def test_requested_precision_missing_is_refused(tiny_bundle):
     with pytest.raises(BundleError, match="bundle has no int8 model"):
         Scorer.load(tiny_bundle, precision="int8")
+
+
+def test_a_manifest_key_with_a_newline_stays_one_line(tiny_bundle):
+    # Found by tests/fuzz: the key is quoted instead of breaking the message in two.
+    import json
+
+    from ganspect.edge.errors import BundleError
+    from ganspect.edge.manifest import load_bundle
+
+    path = tiny_bundle / "manifest.json"
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest["outputs"]["\n"] = None
+    path.write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(BundleError) as err:
+        load_bundle(tiny_bundle)
+    assert "\n" not in str(err.value) and "outputs.'\\n': Extra inputs are not permitted" in str(err.value)

@@ -105,6 +105,7 @@ def test_random_sigkills_with_a_bouncing_broker_lose_nothing(start_broker, mqtt_
     # One clean run sends whatever the kills left on disk.
     final = _daemon(config, verdict_log)
     try:
+        _wait(lambda: len(_complete_lines(verdict_log)) > len(produced), 30, "the final run's first verdict")
         wanted = {p["result_id"] for p in produced}
         _wait(lambda: wanted <= {json.loads(m.payload)["result_id"] for m in sub.on("/verdict")}, 60,
               "every verdict produced before the kills at the subscriber")

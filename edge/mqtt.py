@@ -331,6 +331,7 @@ class VerdictPublisher:
         self._lock = threading.Lock()  # guards the fields below; never held while calling paho
         self._connected = threading.Event()  # CONNACK accepted
         self._ready = threading.Event()  # ... and the `online` status acknowledged (see the module docstring)
+        self._was_ready = False  # ready at least once in this run
         self._online_mid: int | None = None
         self._status_mids: set[int] = set()
         self._other_mids: set[int] = set()  # status and command answers published by _publish_other, not yet acked
@@ -433,6 +434,7 @@ class VerdictPublisher:
                 log.info("MQTT connected to %s; verdicts go to %s%s", self.where, self.verdict_topic,
                          f" ({backlog} waiting in the outbox are sent first)" if backlog else "")
                 self._ready.set()
+                self._was_ready = True
             elif not is_status:
                 self._verdict_acked(mid, reason_code)
             self._wake.set()
@@ -671,7 +673,10 @@ class VerdictPublisher:
         What the broker has not acknowledged stays on disk for the next start.
         """
         deadline = time.monotonic() + self._config.drain_timeout_s
-        while self._outbox.stats().backlog and self._ready.is_set() and time.monotonic() < deadline:
+        # A broker that answered in this run and is away for a moment (a restart) gets the rest of the
+        # drain time to come back; one that never answered is not waited for.
+        while self._outbox.stats().backlog and time.monotonic() < deadline and (
+                self._ready.is_set() or (self._was_ready and not (self._refused or self._tls_failure))):
             self._wake.set()
             time.sleep(0.02)
         self._stop_sender.set()

@@ -248,3 +248,29 @@ def test_only_the_brokers_ack_removes_a_verdict_from_the_outbox(
         validator.validate(payload)
     seqs = [p["seq"] for p in _first_copies(received)]
     assert seqs == list(range(1, seqs[-1] + 1))
+
+
+def test_sigterm_during_a_broker_restart_waits_for_it_within_the_drain_time(
+        start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path):
+    broker = start_broker(persistent=True)
+    sub = mqtt_subscriber(broker.host, broker.port, f"{BASE_TOPIC}/verdict", persistent=True)
+    video = make_video(tmp_path / "parts.avi", PATTERN)
+    config = make_edge_config(tiny_bundle, video, broker, source={"loop": True, "max_fps": 50},
+                              mqtt={"reconnect_max_delay_s": 1, "keepalive": 5, "drain_timeout_s": 20})
+    verdict_log = tmp_path / "verdicts.jsonl"
+    proc = _daemon(config, verdict_log)
+    try:
+        _wait(lambda: len(sub.on("/verdict")) >= 10, 30, "10 live verdicts")
+        broker.stop()
+        time.sleep(1.0)  # verdicts pile up in the outbox
+        proc.send_signal(signal.SIGTERM)  # the station is stopped while the broker restarts
+        time.sleep(1.0)
+        start_broker(broker.port, persistent=True)
+        stdout, stderr = _finish(proc, sig=None)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "left in the outbox 0" in stdout, stdout
+    wanted = {p["result_id"] for p in _logged(verdict_log)}
+    _wait(lambda: wanted <= {p["result_id"] for p in _received(sub)}, 15, "every produced verdict")

@@ -20,6 +20,7 @@ import csv
 import json
 import logging
 import os
+import pickle
 import random
 import time
 from pathlib import Path
@@ -133,8 +134,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise GanspectError(f"no checkpoint at {path}: train first, or check the run folder")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's text spans paragraphs and suggests weights_only=False, which would run the file's code.
+        detail = next((line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line),
+                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise GanspectError(f"{path} is not a readable ganspect checkpoint: it holds Python objects besides "
+                            f"tensors ({detail}), and loading those could run code; use a checkpoint that "
+                            "ganspect train wrote") from exc
     except Exception as exc:  # torch raises several types for damaged or foreign files
-        raise GanspectError(f"{path} is not a readable ganspect checkpoint: {exc}") from exc
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GanspectError(f"{path} is not a readable ganspect checkpoint: {first_line}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise GanspectError(f"{path} is not a ganspect checkpoint (format {CHECKPOINT_FORMAT} expected)")
     return ckpt

@@ -171,3 +171,16 @@ class ModelStore:
                     and not entry.name.startswith(_INCOMING) and (entry / MANIFEST_NAME).is_file():
                 shutil.rmtree(entry, ignore_errors=True)
                 log.info("model: removed the old bundle %s", entry.name)
+
+
+def install_model(config_path: Path, bundle: Path) -> Installed:
+    """`ganspect edge install-model BUNDLE --config FILE`: install into the folder of the config's model.bundle.
+
+    A running daemon notices the new `current` between frames and swaps it in (or, should
+    it fail there, restores the previous bundle and keeps scoring with it).
+    """
+    from ganspect.edge.config import load_config
+
+    config = load_config(config_path)
+    installed = ModelStore(config.model.bundle).install(bundle)
+    return installed

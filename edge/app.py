@@ -47,7 +47,9 @@ from ganspect.edge.config import EdgeConfig, read_password
 from ganspect.edge.errors import GanspectError
 from ganspect.edge.health import Health, log_line
 from ganspect.edge.images import ImageStore
+from ganspect.edge.model_store import BundleWatch, load_current_or_previous
 from ganspect.edge.mqtt import DeliveryReport, VerdictPublisher, build_verdict, verdict_json
+from ganspect.edge.notify import SystemdNotifier, Watchdog, watchdog_interval_s
 from ganspect.edge.overlay import OverlayWindow, StatusLine, display_available, render_overlay
 from ganspect.edge.remote import LiveModel, RemoteCommands
 from ganspect.edge.scorer import Scorer
@@ -196,6 +198,10 @@ class EdgeDaemon:
         self._triggers: queue.Queue[TriggerRequest] = queue.Queue(maxsize=config.trigger.queue_size)
         # Set in run(); None until then (and for the parts that are switched off).
         self.live: LiveModel | None = None  # the model and threshold in force; cmd/reload and cmd/threshold change them
+        self._bundle_watch: BundleWatch | None = None  # swaps in what `install-model` installs
+        # systemd (Type=notify): READY=1 once inspecting, WATCHDOG=1 from this loop only (see notify.py).
+        self._notifier = SystemdNotifier()
+        self._watchdog = Watchdog(self._notifier, watchdog_interval_s())
         self.inspector: Inspector | None = None
         self.capture: Capture | None = None
         self.publisher: VerdictPublisher | None = None
@@ -229,12 +235,15 @@ class EdgeDaemon:
         with ExitStack() as stack:
             # First, so that a signal during start-up (a slow model load, a broker wait) is a clean stop too.
             stack.enter_context(stop_on_signals(self.stop))
-            scorer = Scorer.load(config.model.bundle, config.model.precision, config.model.intra_op_threads)
+            stack.callback(self._notifier.close)
+            scorer = load_current_or_previous(config.model)
             self.inspector = Inspector(config.inspection)
             self.inspector.check(scorer.manifest.input)
             # A reloaded model the ROI and tiles do not suit is refused; the running one keeps scoring.
             inspector = self.inspector
             self.live = LiveModel(scorer, config, check_model=lambda new: inspector.check(new.manifest.input))
+            self._bundle_watch = BundleWatch(self.live, config.model.bundle)
+            stack.callback(self._bundle_watch.close)
             show_window = window_wanted(config, self._headless)
             reader = open_source(config.source)
             stack.callback(reader.close)
@@ -267,6 +276,8 @@ class EdgeDaemon:
             log.info("inspecting %s (%s, delivery %s), trigger mode %s, tiling %s", reader.name,
                      "live" if reader.live else "file", self.capture.delivery, config.trigger.mode,
                      config.inspection.tiling)
+            self._notifier.ready(f"inspecting {reader.name} with {scorer.manifest.name}")
+            stack.callback(self._notifier.stopping)  # unwound first: systemd hears of the stop at once
             self._loop()
             self._report_health()
         return self.summary
@@ -304,7 +315,7 @@ class EdgeDaemon:
         """Wait a little while keeping the window, the stop event and the health report alive."""
         if self.window is not None and not self.window.poll():
             self.stop.set()
-        self._maybe_report_health()
+        self._housekeeping()
         self.stop.wait(max(0.0, seconds))
 
     def _wait_for_frame(self, deadline: float, captured_after: float | None = None) -> Frame | _EndOfSource | None:
@@ -398,7 +409,7 @@ class EdgeDaemon:
         _log_verdict(payload, self._last_logged)
         if self.window is not None and shown is not None and not self.window.show(shown):
             self.stop.set()
-        self._maybe_report_health()
+        self._housekeeping()
 
     def _inspect(self, work: Work, scorer: Scorer, threshold: float) -> tuple[Inspection | None, str | None]:
         if work.frame is None or work.undefined_reason is not None:
@@ -473,7 +484,11 @@ class EdgeDaemon:
         return (time.perf_counter() - t0) * 1000.0
 
     # -- health -------------------------------------------------------------------------------
-    def _maybe_report_health(self) -> None:
+    def _housekeeping(self) -> None:
+        """Once per loop turn, on the loop's own thread: a loop that hangs stops the watchdog pings."""
+        self._watchdog.beat()
+        if self._bundle_watch is not None:
+            self._bundle_watch.poll()
         if time.monotonic() >= self._next_health:
             self._next_health = time.monotonic() + self.config.health.interval_s
             self._report_health()
@@ -516,7 +531,9 @@ class EdgeDaemon:
         except Exception:  # noqa: BLE001 - health must never stop the inspection
             log.exception("health report failed")
             return
-        log.info(log_line(metrics))
+        line = log_line(metrics)
+        log.info(line)
+        self._notifier.status(line)
         if self.publisher is not None and self.config.health.publish:
             self.publisher.publish_metrics(metrics)
 

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", choices=["install-model"],
+                   help="install-model BUNDLE: verify BUNDLE completely and make it the station's model.bundle "
+                   "(the previous one is kept); a running daemon swaps it in between frames")
+    p.add_argument("bundle", nargs="?", type=Path, help="with install-model: the bundle folder ganspect export wrote")
     p.add_argument("--config", type=Path, default=None, help="edge config YAML, e.g. configs/edge.yaml (required)")
     p.add_argument("--model", type=Path, default=None, help="model bundle folder (overrides model.bundle)")
     p.add_argument("--source", default=None,
@@ -41,6 +45,8 @@ def _run(args: argparse.Namespace) -> int:
         args.config, args.check = args.check_config, True
     if args.config is None:
         raise ConfigError("give the config file: --config FILE (or --check-config FILE to only check it)")
+    if args.action == "install-model":
+        return _install_model(args.config, args.bundle)
     config = load_config(args.config)
     if args.max_frames is not None and args.max_frames < 1:
         raise ConfigError(f"--max-frames must be at least 1, got {args.max_frames}")
@@ -64,6 +70,21 @@ def _run(args: argparse.Namespace) -> int:
     print("ganspect edge summary:")
     for line in summary.lines():
         print(f"  {line}")
+    return 0
+
+
+def _install_model(config: Path, bundle: Path | None) -> int:
+    from ganspect.edge.errors import ConfigError
+    from ganspect.edge.model_store import install_model
+
+    if bundle is None:
+        raise ConfigError("install-model needs the bundle folder: ganspect edge install-model BUNDLE --config FILE")
+    installed = install_model(config, bundle)
+    if installed.unchanged:
+        print(f"model {installed.name} is already installed as {installed.path} (verified again)")
+    else:
+        print(f"model {installed.name} verified and installed as {installed.path}"
+              + (f"; the previous one, {installed.previous.name}, is kept" if installed.previous else ""))
     return 0
 
 

@@ -20,11 +20,20 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ganspect.edge.errors import BundleError, GanspectError
 from ganspect.edge.manifest import MANIFEST_NAME, load_bundle, sha256_file
+
+if TYPE_CHECKING:  # onnxruntime is imported only where a bundle is loaded
+    from ganspect.edge.config import ModelConfig
+    from ganspect.edge.remote import LiveModel
+    from ganspect.edge.scorer import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +130,19 @@ class ModelStore:
             else:
                 shutil.rmtree(stray, ignore_errors=True)
 
-    def install(self, source: Path) -> Installed:
-        """Verify `source`, copy it in, verify the copy, swap `current`; BundleError leaves everything as it was."""
+    def install(self, source: Path, suits: Callable[[Path], None] | None = None) -> Installed:
+        """Verify `source`, copy it in, verify the copy, swap `current`; BundleError leaves everything as it was.
+
+        `suits(path)` may refuse a sound bundle that does not fit this station (its precision,
+        its inspection ROI) by raising GanspectError.
+        """
         source = source.resolve()
         if not (source / MANIFEST_NAME).is_file():
             raise BundleError(f"{source} is not a model bundle (no {MANIFEST_NAME}); give the folder "
                               "`ganspect export` wrote")
         name = verify_bundle(source)
+        if suits is not None:
+            suits(source)
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_incoming()
         self._adopt_plain_folder()
@@ -173,6 +188,74 @@ class ModelStore:
                 log.info("model: removed the old bundle %s", entry.name)
 
 
+class BundleWatch:
+    """Notices a new `current` (from `install-model`) between frames and swaps it into the running daemon.
+
+    `poll()` is called by the scoring loop and costs one `realpath` per interval. The load
+    and self-test run on a worker thread through `LiveModel.reload`, so the loop keeps
+    scoring with the old model meanwhile. When the new bundle fails *here* (this CPU, this
+    ROI), `current` is pointed back at the bundle that keeps running, so a restart does not
+    pick the failed one up either.
+    """
+
+    def __init__(self, live: LiveModel, link: Path, interval_s: float = 2.0) -> None:
+        self._live = live
+        self._store = ModelStore(link)
+        self._interval_s = interval_s
+        self._loaded = os.path.realpath(link)
+        self._next_check = time.monotonic() + interval_s
+        self._worker: threading.Thread | None = None
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        if now < self._next_check or (self._worker is not None and self._worker.is_alive()):
+            return
+        self._next_check = now + self._interval_s
+        target = os.path.realpath(self._store.current_link)
+        if target != self._loaded:
+            self._worker = threading.Thread(target=self._swap, args=(target,), name="ganspect-model-swap",
+                                            daemon=True)
+            self._worker.start()
+
+    def _swap(self, target: str) -> None:
+        try:
+            problem, _ = self._live.reload()
+            if problem is None:
+                log.warning("model: %s now points to %s; swapped in between frames", self._store.current_link,
+                            Path(target).name)
+                self._loaded = target
+                return
+            log.error("model: the new bundle %s failed in the daemon (%s); the running one keeps scoring",
+                      Path(target).name, problem)
+            previous = self._store.target(self._store.previous_link)
+            if previous is not None and str(previous) == self._loaded:
+                self._store.restore_previous()
+        except Exception:  # noqa: BLE001 - a failed swap must never end the inspection
+            log.exception("model swap failed; the running model keeps scoring")
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.join(timeout=60)
+
+
+def load_current_or_previous(model: ModelConfig) -> Scorer:
+    """The configured bundle; if it cannot be used and the store keeps a previous one, that one (restored)."""
+    from ganspect.edge.scorer import Scorer
+
+    try:
+        return Scorer.load(model.bundle, model.precision, model.intra_op_threads)
+    except BundleError as exc:
+        store = ModelStore(model.bundle)
+        previous = store.target(store.previous_link)
+        if previous is None or str(previous) == os.path.realpath(model.bundle):
+            raise
+        log.error("model: %s cannot be used (%s); restoring the last good bundle %s", model.bundle, exc,
+                  previous.name)
+        Scorer.load(previous, model.precision, model.intra_op_threads)  # verify before pointing at it
+        store.restore_previous()
+        return Scorer.load(model.bundle, model.precision, model.intra_op_threads)
+
+
 def install_model(config_path: Path, bundle: Path) -> Installed:
     """`ganspect edge install-model BUNDLE --config FILE`: install into the folder of the config's model.bundle.
 
@@ -180,7 +263,14 @@ def install_model(config_path: Path, bundle: Path) -> Installed:
     it fail there, restores the previous bundle and keeps scoring with it).
     """
     from ganspect.edge.config import load_config
+    from ganspect.edge.scorer import Scorer
+    from ganspect.edge.tiling import Inspector
 
     config = load_config(config_path)
-    installed = ModelStore(config.model.bundle).install(bundle)
-    return installed
+
+    def suits_the_station(path: Path) -> None:
+        # What the daemon will run: the configured precision, cut into the configured ROI and tiles.
+        scorer = Scorer.load(path, config.model.precision, config.model.intra_op_threads)
+        Inspector(config.inspection).check(scorer.manifest.input)
+
+    return ModelStore(config.model.bundle).install(bundle, suits=suits_the_station)

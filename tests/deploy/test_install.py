@@ -116,8 +116,10 @@ def test_generated_config_names_the_station_and_validates(
     assert config["station"] == {"site": "plant1", "line": "line3", "station": "cam1"}
     assert config["model"]["bundle"] == "/var/lib/ganspect/models/current"
     assert config["data"]["dir"] == "/var/lib/ganspect"
-    check = subprocess.run([str(root / "opt/ganspect/venv/bin/ganspect"), "edge", "--config", str(config_path),
-                            "--check"], capture_output=True, text=True)
+    # The installed software validates it (`--check` would also load the model, which comes later).
+    check = subprocess.run([str(root / "opt/ganspect/venv/bin/python"), "-c",
+                            "import sys; from ganspect.edge.config import load_config; load_config(sys.argv[1])",
+                            str(config_path)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
 
 

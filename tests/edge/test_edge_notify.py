@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,3 +102,93 @@ def test_watchdog_pings_at_most_once_per_interval_and_stops_with_the_beats(
     assert 2 <= len(pings) <= elapsed / 0.1 + 1, (len(pings), beats, elapsed)
     time.sleep(0.3)  # the loop stalls: no beats
     assert _drain(server) == []
+
+
+def test_the_daemon_is_ready_pings_while_scoring_and_stops_pinging_when_its_loop_hangs(
+        notify_socket: tuple[str, socket.socket], tiny_bundle: Path, make_video: Any, make_edge_config: Any,
+        tmp_path: Path) -> None:
+    """READY=1 after start-up, WATCHDOG=1 while frames are scored, none while the loop is stuck, STOPPING=1.
+
+    The stall is real: the verdict log is a FIFO that the test stops reading, so once the
+    pipe's buffer is full the scoring loop blocks in its write, as it would on a hung disk.
+    """
+    import subprocess
+    import sys
+    import threading
+
+    address, server = notify_socket
+    fifo = tmp_path / "verdicts.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so the daemon's open() for writing does not block
+    draining = threading.Event()
+    draining.set()
+
+    def drain() -> None:
+        while True:
+            if draining.is_set():
+                try:
+                    if os.read(reader, 65536) == b"":
+                        time.sleep(0.01)
+                except BlockingIOError:
+                    time.sleep(0.01)
+                except OSError:
+                    return
+            else:
+                time.sleep(0.01)
+
+    threading.Thread(target=drain, daemon=True).start()
+    video = make_video(tmp_path / "parts.avi", [False, True, False, False])
+    config = make_edge_config(tiny_bundle, video, source={"loop": True, "max_fps": 100})
+    env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"}  # a ping every 0.2 s
+    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless",
+                             "--verdict-log", str(fifo)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+    def messages_for(seconds: float) -> list[tuple[float, str]]:
+        got = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            server.settimeout(max(0.01, end - time.monotonic()))
+            try:
+                got.append((time.monotonic(), server.recv(4096).decode()))
+            except TimeoutError:
+                break
+        return got
+
+    try:
+        ready = None
+        deadline = time.monotonic() + 30
+        while ready is None and time.monotonic() < deadline:
+            for _, message in messages_for(1):
+                if message.startswith("READY=1"):
+                    ready = message
+        assert ready is not None and "STATUS=inspecting parts with tiny-test" in ready
+
+        scoring = [m for _, m in messages_for(1.5)]
+        assert scoring.count("WATCHDOG=1") >= 4, scoring
+
+        draining.clear()  # the verdict log stops being read: the loop will block in its write
+        quiet_since = None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            pings = [t for t, m in messages_for(0.5) if m == "WATCHDOG=1"]
+            quiet_since = (quiet_since or time.monotonic()) if not pings else None
+            if quiet_since is not None and time.monotonic() - quiet_since >= 2.0:
+                break
+        assert quiet_since is not None and time.monotonic() - quiet_since >= 2.0, "pings went on while stalled"
+        assert proc.poll() is None  # hung, not dead: exactly what the watchdog is for
+
+        draining.set()  # the disk answers again
+        resumed = [m for _, m in messages_for(2.0)]
+        assert resumed.count("WATCHDOG=1") >= 3, resumed
+
+        proc.send_signal(signal.SIGTERM)
+        stopping = [m for _, m in messages_for(10) if m.startswith("STOPPING=1")]
+        assert stopping, "no STOPPING=1 after SIGTERM"
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        os.close(reader)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 IMAGES_FOLDER = "images"
 _FREE_SPACE_CHECK_S = 1.0  # statvfs at most once a second
+_FAILURE_LOG_INTERVAL_S = 10.0  # a read-only disk fails every image: one line per interval, with the count
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class ImageStore:
         self._queue: queue.Queue[ImageJob | None] = queue.Queue(maxsize=config.queue_size)
         self._lock = threading.Lock()
         self._saved = self._dropped_full = self._dropped_disk = self._failed = self._deleted = 0
+        self._last_failure_logged = float("-inf")
         self._ok_seen = 0
         self._free_checked = float("-inf")
         self._free_bytes = 0
@@ -133,6 +135,15 @@ class ImageStore:
                 return
             try:
                 self._write(job)
+            except OSError as exc:  # a full or read-only disk: expected on a station, so no traceback
+                with self._lock:
+                    self._failed += 1
+                    failed = self._failed
+                now = time.monotonic()
+                if now - self._last_failure_logged >= _FAILURE_LOG_INTERVAL_S:
+                    self._last_failure_logged = now
+                    log.error("images: cannot write %s: %s (image dropped, %d so far; verdicts still flow)",
+                              job.path, exc.strerror or exc, failed)
             except Exception:  # noqa: BLE001 - one bad image must not end the writer
                 with self._lock:
                     self._failed += 1

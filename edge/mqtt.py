@@ -74,7 +74,7 @@ from ganspect.edge.config import MqttConfig, StationConfig, TlsConfig
 from ganspect.edge.errors import ConfigError, GanspectError
 from ganspect.edge.manifest import Manifest, ModelFile
 from ganspect.edge.scorer import Score
-from ganspect.edge.spool import Outbox, Row
+from ganspect.edge.spool import Outbox, OutboxError, Row
 
 log = logging.getLogger(__name__)
 
@@ -541,6 +541,9 @@ class VerdictPublisher:
             self._wake.clear()
             try:
                 self._send_ready_rows()
+            except OutboxError as exc:  # the disk: say what, without a traceback, and try again
+                log.error("sending verdicts from the outbox failed: %s; retrying", exc)
+                self._stop_sender.wait(1.0)
             except Exception:  # noqa: BLE001 - a disk error must not end delivery for good
                 log.exception("sending verdicts from the outbox failed; retrying")
                 self._stop_sender.wait(1.0)

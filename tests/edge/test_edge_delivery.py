@@ -126,12 +126,14 @@ def test_a_ten_second_broker_outage_loses_no_verdict_and_keeps_production_order(
     span = _utc(produced[-1]["captured_at"]) - _utc(produced[0]["captured_at"])
     assert len(produced) / span >= 20, f"only {len(produced) / span:.1f} verdicts/s"
     # Those made while the broker was away are marked replayed (in every copy), live ones not.
-    # The daemon learns of the loss from its network thread, which a loaded 2-core machine can hold up for
-    # a moment; a verdict sent before that is paho's to resend (DUP), not a replay from the outbox.
-    outage = {p["result_id"] for p in produced if stopped_at + 1.5 < _utc(p["captured_at"]) < restarted_at}
+    # captured_at is when the frame was read; it is scored a moment later (a file is read ahead into a short
+    # queue), and the daemon learns of the loss from its network thread, which a loaded 2-core machine can
+    # hold up a moment: frames near either edge of the outage may fall on either side, so they are left out.
+    outage = {p["result_id"] for p in produced
+              if stopped_at + 1.5 < _utc(p["captured_at"]) < restarted_at - 1.0}
     live = {p["result_id"] for p in produced
-            if _utc(p["captured_at"]) < stopped_at - 0.5 or _utc(p["captured_at"]) > restarted_at + 4}
-    assert len(outage) >= 150, len(outage)  # about 212 at 25 verdicts/s
+            if _utc(p["captured_at"]) < stopped_at - 1.5 or _utc(p["captured_at"]) > restarted_at + 4}
+    assert len(outage) >= 150, len(outage)  # about 187 at 25 verdicts/s
     assert all(p["replayed"] for p in received if p["result_id"] in outage)
     assert not any(p["replayed"] for p in received if p["result_id"] in live)
     flags = [p["replayed"] for p in first]

@@ -213,13 +213,17 @@ class ImageFolderSource:
                 self._next = 0
             path = self._paths[self._next]
             self._next += 1
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            try:
+                image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+                why = "OpenCV cannot read it as an image"
+            except cv2.error as exc:  # e.g. a header claiming more pixels than OpenCV will allocate
+                image, why = None, f"OpenCV refused it ({str(exc).strip().splitlines()[-1]})"
             if image is not None:
                 frame = _stamp(image, self._index)
                 self._index += 1
                 return frame
             # One unreadable file should not stop the line; say which one.
-            log.warning("skipping %s: OpenCV cannot read it as an image", path)
+            log.warning("skipping %s: %s", path, why)
         return None
 
     def reopen(self) -> None:

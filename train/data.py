@@ -70,7 +70,11 @@ def _read(path: Path, flags: int) -> np.ndarray:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
         raise GanspectError(f"cannot read image {path}: {exc.strerror}") from None
-    image = cv2.imdecode(data, flags) if data.size else None
+    try:
+        image = cv2.imdecode(data, flags) if data.size else None
+    except cv2.error as exc:  # e.g. a header claiming more pixels than OpenCV will allocate
+        raise GanspectError(f"cannot decode image {path}: OpenCV refused it "
+                            f"({str(exc).strip().splitlines()[-1]})") from None
     if image is None:
         raise GanspectError(f"cannot decode image {path}: not a readable image file")
     return image

@@ -419,3 +419,50 @@ def test_the_daemon_can_refuse_a_reloaded_model_that_does_not_suit_its_inspectio
     assert (answer["code"], answer["reason"]) == ("bundle_refused", "the model takes 24 px, the configured tiles 32 px")
     now = station.live.in_force()
     assert (now.scorer.model_file.sha256, now.threshold, now.threshold_source) == (old_sha, 0.15, "bundle")
+
+
+# -- fuzzing (docs/reliability.md): whatever arrives, one schema-valid answer and no internal error ----
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_FUZZ = settings(max_examples=int(__import__("os").environ.get("GANSPECT_FUZZ_EXAMPLES", "150")), deadline=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+_json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=30)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+    max_leaves=20)
+_names = st.one_of(st.sampled_from(["trigger", "threshold", "reload"]), st.text(max_size=20))
+_VALID = {"trigger": {"part_id": "P-1", "trigger_id": "T-1"}, "threshold": {"value": 0.16},
+          "reload": {"command_id": "R-1"}}
+
+
+def _fuzz_answer(station: Station, name: str, payload: bytes) -> dict[str, Any]:
+    answer = station.send(name, payload)  # asserts exactly one answer, validated against cmd-result.schema.json
+    assert answer["code"] != "internal_error", answer
+    return answer
+
+
+@_FUZZ
+@given(name=_names, payload=st.binary(max_size=600))
+def test_fuzz_random_bytes(station, name, payload):
+    _fuzz_answer(station, name, payload)
+
+
+@_FUZZ
+@given(name=_names, document=_json_values)
+def test_fuzz_random_json(station, name, document):
+    _fuzz_answer(station, name, json.dumps(document).encode())
+
+
+@_FUZZ
+@given(name=st.sampled_from(sorted(_VALID)), key=st.sampled_from(["part_id", "trigger_id", "value", "command_id",
+                                                                  "station", "extra"]),
+       value=st.one_of(_json_values, st.text(min_size=200, max_size=6000), st.just("\x00\n\x1b[31m")),
+       depth=st.integers(0, 3000))
+def test_fuzz_mutated_valid_commands(station, name, key, value, depth):
+    document = dict(_VALID[name])
+    document[key] = value
+    text = json.dumps(document)
+    if depth:  # deep nesting around the payload
+        text = "[" * depth + text + "]" * depth
+    _fuzz_answer(station, name, text.encode())

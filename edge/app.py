@@ -253,7 +253,8 @@ class EdgeDaemon:
                 self.publisher = VerdictPublisher(config.mqtt, config.station, self._outbox, read_password(config.mqtt))
                 # cmd/trigger, cmd/reload and cmd/threshold; a trigger goes to accept_trigger's queue.
                 remote = RemoteCommands(config, self.live, self.accept_trigger, self.publisher.publish_result)
-                self.publisher.start(on_command=remote.handle if config.mqtt.commands.enabled else None)
+                self.publisher.start(on_command=remote.handle if config.mqtt.commands.enabled else None,
+                                     stop=self.stop)
                 stack.callback(self._close_publisher)
                 # Unwound first: a reload under way finishes and its answer goes out before the publisher closes.
                 stack.callback(remote.close)

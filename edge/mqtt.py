@@ -578,8 +578,10 @@ class VerdictPublisher:
         return True
 
     # -- the daemon's side -----------------------------------------------------------------
-    def start(self, on_command: CommandSink | None = None) -> None:
+    def start(self, on_command: CommandSink | None = None, stop: threading.Event | None = None) -> None:
         """Connect in the background; wait up to connect_timeout_s for the broker (see the module docstring).
+
+        A set `stop` (SIGTERM during start-up) ends the wait at once: the daemon is stopping anyway.
 
         With `on_command`, every (re)connect subscribes to `cmd/+` and each command is handed
         to it on paho's network thread: it must not block (see `remote.RemoteCommands`).
@@ -599,10 +601,10 @@ class VerdictPublisher:
         self._sender.start()
         deadline = time.monotonic() + self._config.connect_timeout_s
         while not self._ready.wait(0.05):
-            if self._refused or self._tls_failure or time.monotonic() > deadline:
+            if self._refused or self._tls_failure or time.monotonic() > deadline or (stop and stop.is_set()):
                 break
         self._starting = False
-        if self._ready.is_set():
+        if self._ready.is_set() or (stop is not None and stop.is_set()):
             return
         refused, tls_failure = self._refused, self._tls_failure
         if tls_failure:

@@ -267,3 +267,16 @@ def test_window_on_with_a_display_that_does_not_answer_is_one_clear_line(
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "display.window is on but no display answers (DISPLAY='127.0.0.1:59')" in proc.stderr
+
+
+def test_sigterm_while_starting_is_a_clean_stop(tiny_bundle, tiny_video, make_edge_config, unused_port, tmp_path):
+    # Start-up waits for a broker that never answers (connect_timeout_s); systemd may stop the unit meanwhile.
+    config = make_edge_config(tiny_bundle, tiny_video.path, ("127.0.0.1", unused_port),
+                              mqtt={"connect_timeout_s": 20}, source={"loop": True})
+    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)  # past the imports and the model load, inside the broker wait
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=15)  # not the 20 s broker wait: a stop ends it
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr

@@ -438,6 +438,8 @@ class VerdictPublisher:
             elif not is_status:
                 self._verdict_acked(mid, reason_code)
             self._wake.set()
+        except OutboxError as exc:  # the disk (full, read-only): the row stays and is sent again; no traceback
+            log.error("MQTT: recording the acknowledgement of message %s failed: %s", mid, exc)
         except Exception:  # noqa: BLE001
             log.exception("MQTT on_publish bookkeeping failed for message %s", mid)
 

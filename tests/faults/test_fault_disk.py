@@ -1,6 +1,6 @@
 """The data folder fills up or turns read-only under a running daemon: a clear stop, nothing lost.
 
-The data folder is a real small filesystem (a tmpfs mounted by the test, so it needs root),
+The data folder is a real small filesystem (a 4 MiB tmpfs mounted by the test, so it needs root),
 filled up while the daemon runs, or mounted read-only before it starts. What the daemon does:
 NG images are dropped first (`images.min_free_bytes`), and when the outbox itself can no
 longer be written the daemon stops with one line (exit 2) instead of publishing verdicts it
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs 
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     folder = tmp_path / "data"
     folder.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], check=True)
     try:
         yield folder
     finally:
@@ -50,7 +50,7 @@ def test_a_full_disk_stops_the_daemon_clearly_and_loses_nothing(small_disk, star
     sub = mqtt_subscriber(broker.host, broker.port, f"{BASE_TOPIC}/verdict", persistent=True)
     video = make_video(tmp_path / "parts.avi", [i % 2 == 0 for i in range(10)])
     config = make_edge_config(tiny_bundle, video, broker, source={"loop": True, "max_fps": 100},
-                              data={"dir": str(small_disk)}, images={"save": "ng", "min_free_bytes": 256 * 1024})
+                              data={"dir": str(small_disk)}, images={"save": "ng", "min_free_bytes": 1024 * 1024})
     verdict_log = tmp_path / "verdicts.jsonl"
     command = [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless",
                "--verdict-log", str(verdict_log)]
@@ -61,13 +61,12 @@ def test_a_full_disk_stops_the_daemon_clearly_and_loses_nothing(small_disk, star
         while len(_lines(verdict_log)) < 30 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(_lines(verdict_log)) >= 30, "the daemon did not start inspecting"
-        with open(filler, "wb") as f:  # everything that is left
-            try:
+        try:  # everything that is left; unbuffered, so nothing is left to fail at close
+            with open(filler, "wb", buffering=0) as f:
                 while True:
                     f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        except OSError:
+            pass
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

@@ -5,21 +5,30 @@ writes the manifest through this module and the edge reads it through this modul
 the two cannot disagree about a field. This module imports neither torch nor
 onnxruntime: it only validates JSON and hashes files.
 
-The ONNX graph's interface (fixed by format version 1):
+The ONNX graph's interface (fixed by format version 2):
 
-- input `image`: uint8, shape (N, H, W, C), pixels exactly as the edge hands them over
-  after resizing to (W, H) with `input.resize_interpolation`; C = 1 for `GRAY`, 3 for
-  `BGR` (OpenCV's order). Normalisation happens inside the graph.
+- input `image`: uint8, shape (N, H, W, C), layout NHWC, pixels exactly as the edge hands
+  them over after resizing to (W, H) with `input.resize_interpolation`; C = 1 for `GRAY`,
+  3 for `BGR` (OpenCV's order). Normalisation happens inside the graph.
 - output `score`: float32, shape (N,): the anomaly score, higher = more anomalous,
-  compared with `threshold.value` (score > threshold means NG).
+  compared with the running file's own `files[].threshold` (score > threshold means NG).
 - output `heatmap`: float32, shape (N, H, W): smoothed per-pixel residual, scaled inside
   the graph so that 1.0 is the largest residual seen on normal validation images.
+- output `peak`: int64, shape (N, 2): (row, column) of the heatmap maximum, the first one
+  in row-major order on ties (numpy's argmax rule). The edge does no model maths.
+
+Version 2 over version 1: the `peak` output; a threshold per model file (an INT8 model is
+calibrated on its own scores); golden images with each file's expected outputs, which the
+edge runs as a self-test at load; and `content_sha256`, a digest of the manifest itself so
+that a manifest edited after export is refused. The digest catches accidents and
+hand edits, not an attacker (anyone can recompute it): it is not a signature.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ganspect.edge.errors import BundleError, key_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 
@@ -59,6 +68,8 @@ class InputSpec(_Strict):
 class OutputSpec(_Strict):
     score: str = Field("score", description="Name of the (N,) float32 score output.")
     heatmap: str = Field("heatmap", description="Name of the (N, H, W) float32 heatmap output.")
+    peak: str = Field("peak", description="Name of the (N, 2) int64 output: (row, column) of the heatmap maximum, "
+                                          "the first in row-major order on ties.")
 
 
 class Normalisation(_Strict):
@@ -79,10 +90,10 @@ class ScoreSpec(_Strict):
 
 
 class ThresholdSpec(_Strict):
-    value: float = Field(description="Decision threshold: score > value means NG.")
-    method: Literal["normal_quantile", "f1_optimal", "manual"] = Field(description="How the value was chosen.")
+    method: Literal["normal_quantile", "f1_optimal", "manual"] = Field(
+        description="How each file's threshold was chosen; every file's value comes from its own scores.")
     nu: float | None = Field(None, ge=0.0, le=1.0, description="Tolerated false-alarm rate for normal_quantile.")
-    n_images: int = Field(ge=0, description="Number of images the threshold was calibrated on.")
+    n_images: int = Field(ge=0, description="Number of images the thresholds were calibrated on.")
 
 
 class HeatmapSpec(_Strict):
@@ -91,11 +102,39 @@ class HeatmapSpec(_Strict):
     inside_graph: Literal[True] = Field(True, description="Always true: the heatmap output is already scaled.")
 
 
+_SHA256 = r"^[0-9a-f]{64}$"
+
+
+class GoldenExpectation(_Strict):
+    """What one model file must output for the bundle's golden images, in their order."""
+
+    scores: list[float] = Field(description="Expected score per golden image, as computed at export.")
+    heatmap_peaks: list[float] = Field(description="Expected heatmap maximum per golden image.")
+    atol: float = Field(ge=0.0, description="Allowed |actual - expected| is atol + rtol * |expected| "
+                                            "(scores and heatmap peaks alike).")
+    rtol: float = Field(ge=0.0, description="See atol.")
+
+    def allowed(self, expected: float) -> float:
+        return self.atol + self.rtol * abs(expected)
+
+
 class ModelFile(_Strict):
     path: str = Field(description="File name inside the bundle folder.")
     precision: Literal["fp32", "int8"] = Field(description="Numeric precision of the graph.")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the file, lower-case hex.")
+    sha256: str = Field(pattern=_SHA256, description="SHA-256 of the file, lower-case hex.")
     bytes: int = Field(ge=1, description="File size.")
+    threshold: float = Field(description="Decision threshold for this file's scores (score > threshold means NG), "
+                                         "calibrated on this file's own scores by `threshold.method`.")
+    golden: GoldenExpectation = Field(description="Expected outputs for the golden images (load-time self-test).")
+
+
+class GoldenImage(_Strict):
+    """A model-sized image stored losslessly in the bundle, scored by the edge at load."""
+
+    path: str = Field(description="PNG path relative to the bundle folder, e.g. golden/0_normal.png.")
+    sha256: str = Field(pattern=_SHA256, description="SHA-256 of the file, lower-case hex.")
+    bytes: int = Field(ge=1, description="File size.")
+    origin: str = Field(description="Where the image came from (held-out normal, test anomaly, ...).")
 
 
 class TrainingData(_Strict):
@@ -105,7 +144,7 @@ class TrainingData(_Strict):
 
 
 class Manifest(_Strict):
-    format_version: Literal[1] = Field(description="Bundle format version.")
+    format_version: Literal[2] = Field(description="Bundle format version.")
     name: str = Field(min_length=1, description="Model name shown in verdicts.")
     kind: Literal["efficient_gan", "anogan"] = Field(description="Model family.")
     created_at: datetime = Field(description="UTC time of export.")
@@ -119,6 +158,23 @@ class Manifest(_Strict):
     training_data: TrainingData
     metrics: dict[str, float | None] = Field(default_factory=dict, description="Metrics measured at export.")
     files: list[ModelFile] = Field(min_length=1, description="ONNX files in the bundle with their hashes.")
+    golden: list[GoldenImage] = Field(min_length=1, description="Golden images for the load-time self-test.")
+    content_sha256: str | None = Field(
+        None, pattern=_SHA256,
+        description="SHA-256 of this manifest's canonical JSON (sorted keys, no spaces) without this field; "
+                    "written by write_manifest, required by load_bundle.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        precisions = [f.precision for f in self.files]
+        if len(set(precisions)) != len(precisions):
+            raise ValueError(f"files: one file per precision, got {precisions}")
+        for f in self.files:
+            n = len(self.golden)
+            if len(f.golden.scores) != n or len(f.golden.heatmap_peaks) != n:
+                raise ValueError(f"files: {f.path} has {len(f.golden.scores)} golden scores and "
+                                 f"{len(f.golden.heatmap_peaks)} heatmap peaks for {n} golden images")
+        return self
 
     def model_file(self, precision: Literal["fp32", "int8"] | None = None) -> ModelFile:
         """The file to run: the requested precision, or INT8 when present, else FP32."""
@@ -148,14 +204,31 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_file(root: Path, name: str, precision: Literal["fp32", "int8"]) -> ModelFile:
+def describe_file(root: Path, name: str, precision: Literal["fp32", "int8"], threshold: float,
+                  golden: GoldenExpectation) -> ModelFile:
     path = root / name
-    return ModelFile(path=name, precision=precision, sha256=sha256_file(path), bytes=path.stat().st_size)
+    return ModelFile(path=name, precision=precision, sha256=sha256_file(path), bytes=path.stat().st_size,
+                     threshold=threshold, golden=golden)
+
+
+def describe_golden(root: Path, name: str, origin: str) -> GoldenImage:
+    path = root / name
+    return GoldenImage(path=name, sha256=sha256_file(path), bytes=path.stat().st_size, origin=origin)
+
+
+def manifest_digest(raw: Mapping[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON without `content_sha256` (key order and spacing do not count)."""
+    body = {k: v for k, v in raw.items() if k != "content_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def write_manifest(root: Path, manifest: Manifest) -> Path:
+    """Write manifest.json with its `content_sha256` filled in (any value the model held is replaced)."""
+    raw = manifest.model_dump(mode="json", by_alias=True, exclude={"content_sha256"})
+    raw["content_sha256"] = manifest_digest(raw)
     path = Path(root) / MANIFEST_NAME
-    path.write_text(manifest.model_dump_json(by_alias=True, indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
 
 
@@ -182,25 +255,37 @@ def load_bundle(root: str | Path) -> Bundle:
     if isinstance(raw, dict) and raw.get("format_version") not in (None, FORMAT_VERSION):
         raise BundleError(
             f"{manifest_path} has format_version {raw.get('format_version')!r}; "
-            f"this ganspect reads format_version {FORMAT_VERSION}"
+            f"this ganspect reads format_version {FORMAT_VERSION}: re-export the run with this version's `ganspect export`"
         )
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         raise BundleError(f"{manifest_path} is not a valid manifest: {_validation_summary(exc)}") from exc
-    for model_file in manifest.files:
-        path = root / model_file.path
-        if Path(model_file.path).name != model_file.path:
-            raise BundleError(f"{manifest_path}: file {model_file.path!r} must be a plain name inside the bundle")
-        if not path.is_file():
-            raise BundleError(f"model bundle {root} is missing {model_file.path} named in its manifest")
-        actual = sha256_file(path)
-        if actual != model_file.sha256:
-            raise BundleError(
-                f"{path} does not match its manifest (SHA-256 {actual[:12]}…, expected "
-                f"{model_file.sha256[:12]}…): the file was changed or damaged; re-export or re-copy the bundle"
-            )
+    if manifest.content_sha256 is None:
+        raise BundleError(f"{manifest_path} has no content_sha256: it was not written by `ganspect export`")
+    if manifest_digest(raw) != manifest.content_sha256:
+        raise BundleError(
+            f"{manifest_path} was changed after export (its content no longer matches content_sha256): "
+            "re-export or re-copy the bundle; never edit a manifest by hand")
+    entries = [(f.path, f.sha256) for f in manifest.files] + [(g.path, g.sha256) for g in manifest.golden]
+    for name, expected in entries:
+        _verify_file(root, manifest_path, name, expected)
     return Bundle(root=root, manifest=manifest)
+
+
+def _verify_file(root: Path, manifest_path: Path, name: str, expected_sha256: str) -> None:
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise BundleError(f"{manifest_path}: file {name!r} must be a path inside the bundle")
+    path = root / relative
+    if not path.is_file():
+        raise BundleError(f"model bundle {root} is missing {name} named in its manifest")
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise BundleError(
+            f"{path} does not match its manifest (SHA-256 {actual[:12]}…, expected "
+            f"{expected_sha256[:12]}…): the file was changed or damaged; re-export or re-copy the bundle"
+        )
 
 
 def manifest_json_schema() -> dict[str, Any]:

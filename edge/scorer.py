@@ -2,8 +2,10 @@
 
 `Scorer.load` verifies the bundle (hashes, manifest) through `ganspect.edge.manifest`,
 opens the chosen file on the CPU, checks that the graph's input and outputs are the
-ones the manifest promises, and warms the session up once, so the first real frame is
-not slow and a wrong graph is refused before the line starts.
+ones the manifest promises, warms the session up once, and runs the golden self-test:
+the bundle's golden images must score what they scored at export, within the file's
+stated tolerance. So the first real frame is not slow, and a wrong graph, or one that
+computes differently on this machine, is refused before the line starts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ganspect.edge.errors import BundleError
+from ganspect.edge.golden import read_golden_image
 from ganspect.edge.manifest import Bundle, Manifest, ModelFile, load_bundle
 from ganspect.edge.preprocess import preprocess
 
@@ -29,7 +32,7 @@ class Score:
     score: float
     threshold: float
     heatmap: np.ndarray  # (H, W) float32, model pixels; 1.0 = largest normal residual
-    peak_x: int  # column of the heatmap maximum, model pixels
+    peak_x: int  # column of the heatmap maximum, model pixels (from the graph's peak output)
     peak_y: int  # row of the heatmap maximum, model pixels
     peak_value: float
     preprocess_ms: float
@@ -58,7 +61,8 @@ class Scorer:
         self.manifest: Manifest = bundle.manifest
         self.model_file = model_file
         self._session = session
-        self._outputs = [self.manifest.outputs.score, self.manifest.outputs.heatmap]
+        outputs = self.manifest.outputs
+        self._outputs = [outputs.score, outputs.heatmap, outputs.peak]
 
     @classmethod
     def load(cls, root: str | Path, precision: Literal["auto", "fp32", "int8"] = "auto",
@@ -78,8 +82,10 @@ class Scorer:
         scorer = cls(bundle, model_file, session)
         scorer._check_interface(path)
         scorer._warm_up(path)
-        log.info("model %s (%s, %s) loaded from %s; threshold %.4g", scorer.manifest.name, scorer.manifest.kind,
-                 model_file.precision, path, scorer.manifest.threshold.value)
+        scorer._self_test(path)
+        log.info("model %s (%s, %s) loaded from %s; threshold %.4g; golden self-test passed on %d images",
+                 scorer.manifest.name, scorer.manifest.kind, model_file.precision, path, model_file.threshold,
+                 len(scorer.manifest.golden))
         return scorer
 
     def _check_interface(self, path: Path) -> None:
@@ -108,28 +114,45 @@ class Scorer:
         spec = self.manifest.input
         blank = np.zeros((1, spec.height, spec.width, spec.channels), np.uint8)
         try:
-            score, heatmap = self._session.run(self._outputs, {spec.name: blank})
+            score, heatmap, peak = self._session.run(self._outputs, {spec.name: blank})
         except Exception as exc:
             raise BundleError(f"{path} fails on a blank {spec.height}x{spec.width} image: "
                               f"{str(exc).strip().splitlines()[0]}") from exc
-        if np.shape(score) != (1,) or np.shape(heatmap) != (1, spec.height, spec.width):
+        if np.shape(score) != (1,) or np.shape(heatmap) != (1, spec.height, spec.width) or np.shape(peak) != (1, 2):
             raise BundleError(
-                f"{path} returned score {np.shape(score)} and heatmap {np.shape(heatmap)}; the contract is "
-                f"(1,) and (1, {spec.height}, {spec.width}) for one image"
+                f"{path} returned score {np.shape(score)}, heatmap {np.shape(heatmap)} and peak {np.shape(peak)}; "
+                f"the contract is (1,), (1, {spec.height}, {spec.width}) and (1, 2) for one image"
             )
+
+    def _self_test(self, path: Path) -> None:
+        """Score each golden image (batch 1, as on the line) and compare with what the exporter recorded."""
+        expected = self.model_file.golden
+        spec = self.manifest.input
+        for i, golden in enumerate(self.manifest.golden):
+            image = read_golden_image(self.bundle.root / golden.path, spec)
+            score, heatmap, _ = self._session.run(self._outputs, {spec.name: image[None]})
+            checks = (("score", float(score[0]), expected.scores[i]),
+                      ("heatmap peak", float(np.max(heatmap[0])), expected.heatmap_peaks[i]))
+            for what, actual, wanted in checks:
+                # Written so that NaN fails too.
+                if not abs(actual - wanted) <= expected.allowed(wanted):
+                    raise BundleError(
+                        f"{path} fails its golden self-test: {what} {actual:.6g} on {golden.path}, expected "
+                        f"{wanted:.6g} ± {expected.allowed(wanted):.2g} ({self.model_file.precision}); this machine "
+                        "does not compute what the export machine did, so the model is not used")
 
     def score(self, frame_bgr: np.ndarray) -> Score:
         """Score one frame: preprocess, one session.run, peak of the heatmap."""
         t0 = time.perf_counter()
         batch = preprocess(frame_bgr, self.manifest.input)  # (1, H, W, C) uint8
         t1 = time.perf_counter()
-        score, heatmap = self._session.run(self._outputs, {self.manifest.input.name: batch})
+        score, heatmap, peak = self._session.run(self._outputs, {self.manifest.input.name: batch})
         t2 = time.perf_counter()
         heat = np.asarray(heatmap[0], dtype=np.float32)  # (H, W)
-        peak_y, peak_x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        peak_y, peak_x = (int(v) for v in peak[0])  # the graph's argmax: the edge does no model maths
         return Score(
             score=float(score[0]),
-            threshold=self.manifest.threshold.value,
+            threshold=self.model_file.threshold,
             heatmap=heat,
             peak_x=int(peak_x),
             peak_y=int(peak_y),

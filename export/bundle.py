@@ -1,18 +1,30 @@
-"""Turn a trained run folder into a model bundle: `model.onnx` + `manifest.json`.
+"""Turn a trained run folder into a model bundle.
+
+    model.onnx           FP32 graph: uint8 NHWC image -> score, heatmap, peak
+    model.int8.onnx      (--int8) QDQ INT8 graph, kept only when the accuracy guard passes (or --force)
+    golden/*.png         golden images; the manifest holds each file's expected outputs for them
+    manifest.json        the contract (ganspect.edge.manifest), with SHA-256 of every file
+    export_report.md     parity, guard, latency and size figures measured by this export
 
 The bundle is assembled in a temporary sibling folder and renamed into place only after
-the ONNX graph has passed the parity check against PyTorch, so a failed export leaves
-nothing half-written. An existing bundle at the destination is replaced; any other
-non-empty folder is refused.
+the ONNX graph has passed the parity check against PyTorch (and, with --int8, the INT8
+model has passed its guard), so a failed export leaves nothing half-written. An existing
+bundle at the destination is replaced; any other non-empty folder is refused.
+
+The export is generic over the run's scoring module (`ganspect.train.loop.load_run_model`):
+any module whose forward is `uint8 (N, H, W, C) -> (score (N,), heatmap (N, H, W))` and that
+carries `threshold` and `heatmap_scale` buffers and a `cfg` with the input size.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -22,26 +34,42 @@ import numpy as np
 from ganspect.edge.errors import GanspectError
 from ganspect.edge.manifest import (
     MANIFEST_NAME,
+    GoldenExpectation,
+    GoldenImage,
     HeatmapSpec,
     InputSpec,
     Manifest,
+    ModelFile,
     Normalisation,
     ScoreSpec,
     ThresholdSpec,
     TrainingData,
     describe_file,
-    write_manifest,
+    describe_golden,
     utc_now,
+    write_manifest,
 )
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-SCORE_FORMULA = (
-    "A(x) = (1 - lambda) * L_R + lambda * L_D with lambda = {lam:g}; x = image / 127.5 - 1; "
-    "r = mean over channels of |x - G(E(x))|; L_R = {residual}; "
-    "L_D = mean |f_D(x, E(x)) - f_D(G(E(x)), E(x))| (feature matching)"
-)
+INT8_FILE = "model.int8.onnx"
+REPORT_FILE = "export_report.md"
+FORMAT_VERSION = 2
+# Golden self-test tolerances: |actual - expected| <= atol + rtol * |expected|. FP32 differs
+# between CPUs only by float summation order; INT8 also by rounding at each quantize step,
+# and by saturation on CPUs without VNNI, which is what the looser bound still catches.
+GOLDEN_TOLERANCE = {"fp32": (1e-4, 1e-3), "int8": (1e-3, 2e-2)}
+SCORE_FORMULAS = {
+    "efficient_gan": (
+        "A(x) = (1 - lambda) * L_R + lambda * L_D with lambda = {lam:g}; x = image / 127.5 - 1; "
+        "r = mean over channels of |x - G(E(x))|; L_R = {residual}; "
+        "L_D = mean |f_D(x, E(x)) - f_D(G(E(x)), E(x))| (feature matching)"),
+    "anogan": (
+        "A(x) = (1 - lambda) * L_R + lambda * L_D with lambda = {lam:g}; x = image / 127.5 - 1; z = E(x) from the "
+        "encoder trained with the GAN frozen; r = mean over channels of |x - G(z)|; L_R = {residual}; "
+        "L_D = mean |f_D(x) - f_D(G(z))| (feature matching)"),
+}
 RESIDUAL_FORMULA = {"mean": "mean of r over H, W", "peak": "max over H, W of Gaussian-smoothed r"}
 
 
@@ -52,18 +80,76 @@ def _ganspect_version() -> str:
         return "unknown"
 
 
-def _parity_images(run_info: dict[str, Any], size: int, channels: int, holdout: float, seed: int) -> np.ndarray:
-    """The run's held-out normal images when its data set is still there, else seeded random pixels."""
-    from ganspect.train.data import load_normal_images, split_holdout
+@dataclass
+class RunImages:
+    """The run's images, re-read from its data set (same size, channels and held-out split as training)."""
 
-    source = Path(run_info["source"])
-    if source.exists():
-        images = load_normal_images(source, size, channels)
-        _, held = split_holdout(images, holdout, seed)
-        if len(held.images):
-            return np.ascontiguousarray(held.images)
-    log.warning("training data %s is gone: checking ONNX parity on random images instead", source)
-    return np.random.default_rng(seed).integers(0, 256, (16, size, size, channels), dtype=np.uint8)
+    train: np.ndarray          # normal training images (INT8 calibration)
+    holdout: np.ndarray        # held-out normals (thresholds; first part of the guard set)
+    holdout_names: list[str]
+    test: np.ndarray | None    # the data set's test images, when it has an MVTec-style test/ folder
+    test_labels: np.ndarray | None
+    test_names: list[str]
+    test_kinds: list[str]
+
+
+def _run_images(source: Path, size: int, channels: int, holdout: float, seed: int) -> RunImages | None:
+    from ganspect.train.data import is_mvtec_layout, load_normal_images, load_test_set, split_holdout
+
+    if not source.exists():
+        return None
+    train, held = split_holdout(load_normal_images(source, size, channels), holdout, seed)
+    test = load_test_set(source, size, channels) if is_mvtec_layout(source) else None
+    return RunImages(
+        train=np.ascontiguousarray(train.images), holdout=np.ascontiguousarray(held.images),
+        holdout_names=list(held.names),
+        test=None if test is None or not len(test.images) else np.ascontiguousarray(test.images),
+        test_labels=None if test is None else np.asarray(test.labels).astype(int),
+        test_names=[] if test is None else list(test.names), test_kinds=[] if test is None else list(test.kinds))
+
+
+def _guard_data(images: RunImages) -> Any:
+    from ganspect.export.quantize import GuardData
+
+    parts, labels = [images.holdout], [np.zeros(len(images.holdout), int)]
+    description = f"{len(images.holdout)} held-out normal training images"
+    if images.test is not None and images.test_labels is not None:
+        parts.append(images.test)
+        labels.append(images.test_labels)
+        n_bad = int(images.test_labels.sum())
+        description += (f" + the data set's {len(images.test)} test images ({len(images.test) - n_bad} good, "
+                        f"{n_bad} anomalous), used only to measure the guard, never to choose anything")
+    return GuardData(images=np.concatenate(parts), labels=np.concatenate(labels), n_holdout=len(images.holdout),
+                     description=description)
+
+
+def _golden_choice(images: RunImages | None, size: int, channels: int, seed: int) -> list[tuple[np.ndarray, str]]:
+    """Two held-out normals and up to two test anomalies of different kinds; seeded noise without data."""
+    if images is None:
+        rng = np.random.default_rng(seed)
+        return [(rng.integers(0, 256, (size, size, channels), dtype=np.uint8), f"seeded random pixels #{i}")
+                for i in range(2)]
+    chosen = [(images.holdout[i], f"held-out normal {images.holdout_names[i]}") for i in range(min(2, len(images.holdout)))]
+    if images.test is not None and images.test_labels is not None:
+        seen: set[str] = set()
+        for i, label in enumerate(images.test_labels):
+            if label == 1 and images.test_kinds[i] not in seen and len(seen) < 2:
+                seen.add(images.test_kinds[i])
+                chosen.append((images.test[i], f"test anomaly {images.test_names[i]}"))
+    return chosen
+
+
+def _golden_expectation(path: Path, golden: list[np.ndarray], precision: str) -> GoldenExpectation:
+    """What the file outputs for each golden image, scored one at a time as the edge does."""
+    from ganspect.export.onnx_export import run_onnx
+
+    scores, peaks = [], []
+    for image in golden:
+        out = run_onnx(path, image[None])
+        scores.append(float(out.score[0]))
+        peaks.append(float(out.heatmap[0].max()))
+    atol, rtol = GOLDEN_TOLERANCE[precision]
+    return GoldenExpectation(scores=scores, heatmap_peaks=peaks, atol=atol, rtol=rtol)
 
 
 def _scalar_metrics(run: Path) -> dict[str, float | None]:
@@ -93,57 +179,174 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_run(run: Path, out: Path) -> Path:
-    """Export the run's calibrated model to ONNX, verify parity, write the bundle; return its folder."""
-    from ganspect.export.onnx_export import check_parity, export_onnx, opset_of
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, settings: Any = None,
+               latency_budget_s: float = 2.0) -> Path:
+    """Export the run's calibrated model to ONNX (and INT8), verify it, write the bundle; return its folder.
+
+    `settings` is an Int8Settings (defaults when None); `latency_budget_s` is the time spent
+    timing each file at each thread count (at least 20 runs).
+    """
+    import onnx
+
+    from ganspect.export.onnx_export import compare, export_onnx, opset_of, parameter_names, run_onnx, run_torch
+    from ganspect.export.quantize import (GuardResult, Int8Settings, describe_layers, judge, learned_layers, quantize,
+                                          sensitive_layers)
+    from ganspect.export.report import Latency, measure_latency, write_report
     from ganspect.train.loop import load_run_model, read_run_config, read_run_info
 
     run, out = Path(run), Path(out)
+    settings = settings or Int8Settings()
+    if force and not int8:
+        raise GanspectError("--force only applies to --int8 (it ships an INT8 model that failed its guard)")
     _prepare_destination(out)
     config = read_run_config(run)
     info = read_run_info(run)
+    kind = config.model.kind
+    if kind not in SCORE_FORMULAS:
+        raise GanspectError(f"{run}: model kind {kind!r} cannot be exported by this ganspect")
     model, ckpt = load_run_model(run)
     if not ckpt.get("calibrated"):
         raise GanspectError(f"{run}: training did not finish (not calibrated); resume it before exporting")
     cfg = model.cfg
-    images = _parity_images(info, cfg.image_size, cfg.channels, config.data.holdout, config.train.seed)
+    size, channels = cfg.image_size, cfg.channels
+    images = _run_images(Path(info["source"]), size, channels, config.data.holdout, config.train.seed)
+    if images is None:
+        if int8:
+            raise GanspectError(f"--int8 needs the run's training data at {info['source']} (calibration and the "
+                                "accuracy guard run on it); it is gone")
+        log.warning("training data %s is gone: checking ONNX parity on random images instead", info["source"])
+    guard_data = _guard_data(images) if images is not None else None
+    if guard_data is not None:
+        check_images, check_description = guard_data.images, guard_data.description
+    else:
+        check_images = np.random.default_rng(config.train.seed).integers(0, 256, (16, size, size, channels), np.uint8)
+        check_description = "16 images of seeded random pixels (the training data is gone)"
+    cal = json.loads((run / "calibration.json").read_text(encoding="utf-8"))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        onnx_path = export_onnx(model, tmp / MODEL_FILE, cfg.image_size, cfg.channels)
-        parity = check_parity(model, onnx_path, images)
-        if not parity.ok:
+        log.info("exporting %s (%s, %dx%dx%d) to ONNX", run, kind, size, size, channels)
+        fp32_path = export_onnx(model, tmp / MODEL_FILE, size, channels)
+        torch_out = run_torch(model, check_images)
+        fp32_out = run_onnx(fp32_path, check_images)
+        parity = {"PyTorch eval vs ONNX FP32": compare(torch_out, fp32_out)}
+        fp32_parity = parity["PyTorch eval vs ONNX FP32"]
+        if not fp32_parity.ok:
             raise GanspectError(
-                f"ONNX and PyTorch disagree on {parity.n_images} held-out images (max score difference "
-                f"{parity.max_abs_score_diff:.3g}, heatmap {parity.max_abs_heatmap_diff:.3g}); bundle not written")
+                f"ONNX and PyTorch disagree on {fp32_parity.n_images} images (max score difference "
+                f"{fp32_parity.max_abs_score_diff:.3g}, heatmap {fp32_parity.max_abs_heatmap_diff:.3g}, same peak "
+                f"{fp32_parity.peak_agreement:.0%}); bundle not written")
         log.info("ONNX opset %d; parity on %d images: max |score diff| %.2e, max |heatmap diff| %.2e",
-                 opset_of(onnx_path), parity.n_images, parity.max_abs_score_diff, parity.max_abs_heatmap_diff)
-        cal = json.loads((run / "calibration.json").read_text(encoding="utf-8"))
+                 opset_of(fp32_path), fp32_parity.n_images, fp32_parity.max_abs_score_diff,
+                 fp32_parity.max_abs_heatmap_diff)
+        thresholds = {MODEL_FILE: float(model.threshold)}
+        nu = float(cal.get("nu", config.calibration.nu))
+
+        guard: list[GuardResult] | None = None
+        if int8:
+            assert images is not None and guard_data is not None
+            rng = np.random.default_rng(config.train.seed)
+            n_cal = min(settings.calibration_images, len(images.train))
+            calibration = images.train[np.sort(rng.choice(len(images.train), n_cal, replace=False))]
+            proto = onnx.load(str(fp32_path))
+            layers = learned_layers(proto, parameter_names(model))
+            keep = sensitive_layers(proto, layers)
+            attempts = [("all learned layers INT8", []),
+                        ("first/last layers and D's feature layer kept in FP32", describe_layers(proto, keep))]
+            guard = []
+            int8_path = tmp / INT8_FILE
+            for (label, kept_names), kept in zip(attempts, ([], keep)):
+                log.info("quantizing to INT8 (%s) on %d normal training images", label, n_cal)
+                quantize(fp32_path, int8_path, calibration, layers, kept, settings)
+                int8_out = run_onnx(int8_path, check_images)
+                result = judge(label, kept_names, guard_data, fp32_out, thresholds[MODEL_FILE], int8_out, nu, settings)
+                guard.append(result)
+                log.info("INT8 guard (%s): %s", label, "pass" if result.ok else "; ".join(result.failures))
+                if result.ok:
+                    break
+            final = guard[-1]
+            if not final.ok and not force:
+                raise GanspectError(
+                    f"INT8 model refused by the accuracy guard: {'; '.join(final.failures)} (also with "
+                    f"{len(keep)} sensitive layers kept in FP32); nothing was written: export without --int8, "
+                    "or pass --force to ship it anyway")
+            if not final.ok:
+                log.warning("INT8 model failed its guard (%s) and is shipped because of --force",
+                            "; ".join(final.failures))
+            thresholds[INT8_FILE] = final.int8_threshold
+            parity["ONNX FP32 vs ONNX INT8"] = compare(fp32_out, int8_out)
+            parity["PyTorch eval vs ONNX INT8"] = compare(torch_out, int8_out)
+
+        golden_images = _golden_choice(images, size, channels, config.train.seed)
+        golden: list[GoldenImage] = []
+        from ganspect.edge.golden import write_golden_image
+
+        for i, (image, origin) in enumerate(golden_images):
+            name = f"golden/{i}.png"
+            write_golden_image(tmp / name, image)
+            golden.append(describe_golden(tmp, name, origin))
+        precisions = {MODEL_FILE: "fp32", INT8_FILE: "int8"}
+        files: list[ModelFile] = [
+            describe_file(tmp, name, precisions[name], thresholds[name],  # type: ignore[arg-type]
+                          _golden_expectation(tmp / name, [g for g, _ in golden_images], precisions[name]))
+            for name in thresholds]
+
+        log.info("measuring batch-1 latency")
+        latency: dict[str, list[Latency]] = {
+            name: [measure_latency(tmp / name, check_images[0], threads, budget_s=latency_budget_s)
+                   for threads in (1, 0)] for name in thresholds}
+
         metrics = _scalar_metrics(run)
-        metrics.update({"parity_max_abs_score_diff": parity.max_abs_score_diff,
-                        "parity_max_abs_heatmap_diff": parity.max_abs_heatmap_diff})
+        for label, key in (("PyTorch eval vs ONNX FP32", "fp32"), ("ONNX FP32 vs ONNX INT8", "int8_vs_fp32")):
+            if label in parity:
+                metrics[f"parity_{key}_max_abs_score_diff"] = parity[label].max_abs_score_diff
+                metrics[f"parity_{key}_max_abs_heatmap_diff"] = parity[label].max_abs_heatmap_diff
+                metrics[f"parity_{key}_peak_agreement"] = parity[label].peak_agreement
+        for name, lat in latency.items():
+            tag = precisions[name]
+            metrics[f"latency_ms_{tag}_1_thread"] = lat[0].median_ms
+            metrics[f"latency_ms_{tag}_all_threads"] = lat[1].median_ms
+        if guard is not None:
+            final = guard[-1]
+            metrics.update({"int8_guard_passed": float(final.ok), "int8_guard_spearman": final.spearman,
+                            "int8_guard_agreement": final.agreement, "int8_guard_fp32_auroc": final.fp32_auroc,
+                            "int8_guard_int8_auroc": final.int8_auroc,
+                            "int8_layers_kept_fp32": float(len(final.fp32_nodes))})
+        metrics = {k: _finite(v) for k, v in metrics.items()}
+
         manifest = Manifest(
-            format_version=1,
-            name=f"efficient_gan-{run.resolve().name}",
-            kind="efficient_gan",
+            format_version=FORMAT_VERSION,
+            name=f"{kind}-{run.resolve().name}",
+            kind=kind,
             created_at=utc_now(),
             ganspect_version=_ganspect_version(),
-            input=InputSpec(height=cfg.image_size, width=cfg.image_size, channels=cfg.channels,
-                            colour_order="GRAY" if cfg.channels == 1 else "BGR", resize_interpolation="area"),
+            input=InputSpec(height=size, width=size, channels=channels,
+                            colour_order="GRAY" if channels == 1 else "BGR", resize_interpolation="area"),
             normalisation=Normalisation(scale=1 / 127.5, offset=-1.0),
             score=ScoreSpec(
-                formula=SCORE_FORMULA.format(lam=cfg.lambda_, residual=RESIDUAL_FORMULA[cfg.residual_reduction]),
+                formula=SCORE_FORMULAS[kind].format(lam=cfg.lambda_, residual=RESIDUAL_FORMULA[cfg.residual_reduction]),
                 lambda_=cfg.lambda_, discrimination="feature_matching", residual_reduction=cfg.residual_reduction),
-            threshold=ThresholdSpec(value=float(model.threshold), method=cal.get("method", "normal_quantile"),
-                                    nu=cal.get("nu"), n_images=int(cal.get("n_images", 0))),
+            threshold=ThresholdSpec(method=cal.get("method", "normal_quantile"), nu=cal.get("nu"),
+                                    n_images=int(cal.get("n_images", 0))),
             heatmap=HeatmapSpec(scale=float(model.heatmap_scale), smoothing_sigma=cfg.heatmap_sigma),
             training_data=TrainingData(source=str(info["source"]), n_train=int(info["n_train"]),
                                        n_val=int(info["n_val"])),
             metrics=metrics,
-            files=[describe_file(tmp, MODEL_FILE, "fp32")],
+            files=files,
+            golden=golden,
         )
         write_manifest(tmp, manifest)
+        write_report(tmp / REPORT_FILE, name=manifest.name, kind=kind, image_size=size, channels=channels,
+                     files={f.path: f.bytes for f in files}, thresholds=thresholds, latency=latency, parity=parity,
+                     parity_images=check_description, guard=guard,
+                     guard_data=guard_data.description if guard_data is not None else None,
+                     settings=settings if int8 else None, forced=force,
+                     golden=[f"{g.path}: {g.origin}" for g in golden])
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

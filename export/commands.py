@@ -1,4 +1,4 @@
-"""The `ganspect export` sub-command: run folder -> model bundle (model.onnx + manifest.json).
+"""The `ganspect export` sub-command: run folder -> model bundle (model.onnx [+ model.int8.onnx] + manifest.json).
 
 The parser is built without importing torch; `run` imports the exporter.
 """
@@ -15,15 +15,23 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run folder written by `ganspect train` (and, for metrics, `ganspect eval`)")
     p.add_argument("--out", type=Path, required=True,
                    help="bundle folder to write; an existing bundle there is replaced, any other content refused")
+    p.add_argument("--int8", action="store_true",
+                   help="add model.int8.onnx: static INT8 quantization calibrated on normal training images, "
+                        "kept only if it passes the accuracy guard against FP32")
+    p.add_argument("--force", action="store_true", help="with --int8: ship the INT8 model even if it fails its guard")
+    p.add_argument("--int8-reduce-range", action="store_true",
+                   help="7-bit INT8 weights, for edge CPUs without VNNI (AVX2 only) where 8-bit products can saturate")
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ganspect.export.bundle import export_run
+    from ganspect.export.bundle import REPORT_FILE, export_run
+    from ganspect.export.quantize import Int8Settings
 
-    bundle = export_run(args.run, args.out)
-    print(f"bundle written to {bundle}")
+    bundle = export_run(args.run, args.out, int8=args.int8, force=args.force,
+                        settings=Int8Settings(reduce_range=args.int8_reduce_range))
+    print(f"bundle written to {bundle} (report: {bundle / REPORT_FILE})")
     return 0
 
 
-EXPORT = Command("export a trained run to an ONNX model bundle, checked for parity with PyTorch",
+EXPORT = Command("export a trained run to an ONNX model bundle (optionally INT8), checked for parity with PyTorch",
                  _configure, _run, extra="train")

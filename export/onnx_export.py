@@ -1,9 +1,14 @@
-"""ONNX export of a model's inference `forward`, and the PyTorch-vs-onnxruntime parity check.
+"""ONNX export of a scoring module, and the PyTorch-vs-onnxruntime parity check.
 
 The graph is the edge contract of ganspect.edge.manifest: input `image` uint8
-(N, H, W, C) with a dynamic batch axis, outputs `score` (N,) and `heatmap` (N, H, W).
-We use the dynamo exporter (torch.export based, torch's default since 2.9) with
-`external_data=False` so that the bundle is one self-contained file.
+(N, H, W, C) with a dynamic batch axis, outputs `score` (N,), `heatmap` (N, H, W) and
+`peak` (N, 2) int64 (see ganspect.export.graph). We use the dynamo exporter (torch.export
+based, torch's default since 2.9) with `external_data=False` so that the bundle is one
+self-contained file.
+
+Parity tolerances (PyTorch eval vs onnxruntime FP32, same images): scores within
+rtol 1e-3 / atol 1e-4, heatmaps within atol 1e-3 (+ rtol 1e-3), and peaks identical
+except where the two positions are a tie in PyTorch's heatmap (within the heatmap atol).
 """
 
 from __future__ import annotations
@@ -17,19 +22,20 @@ import numpy as np
 import torch
 
 from ganspect.edge.errors import GanspectError
+from ganspect.export.graph import EdgeGraph, inference_copy
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("score", "heatmap")
+OUTPUT_NAMES = ("score", "heatmap", "peak")
 
 
 def export_onnx(model: torch.nn.Module, path: Path, image_size: int, channels: int, opset: int = OPSET) -> Path:
-    """Export `model` (uint8 NHWC -> score, heatmap) to `path` with a dynamic batch axis."""
+    """Export a scoring module (uint8 NHWC -> score, heatmap) as the edge graph (+ peak), dynamic batch axis."""
     import onnx
 
-    model = model.eval().cpu()
+    model = EdgeGraph(inference_copy(model)).eval()
     # Batch 2, not 1: the exporter may specialise a size-1 dimension to a constant.
     example = torch.zeros(2, image_size, image_size, channels, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -49,6 +55,11 @@ def export_onnx(model: torch.nn.Module, path: Path, image_size: int, channels: i
     onnx.checker.check_model(proto)
     _check_interface(proto, image_size, channels)
     return Path(path)
+
+
+def parameter_names(model: torch.nn.Module) -> list[str]:
+    """Parameter names as they appear as initializers in the exported graph (the learned weights)."""
+    return [name for name, _ in EdgeGraph(inference_copy(model)).named_parameters()]
 
 
 def _forward_params(model: torch.nn.Module) -> list[str]:
@@ -82,55 +93,94 @@ def opset_of(path: Path) -> int:
     return max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def run_onnx(path: Path, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Score uint8 NHWC images with onnxruntime on CPU: (scores (N,), heatmaps (N, H, W))."""
+@dataclass
+class Outputs:
+    """The graph's three outputs for a set of images."""
+
+    score: np.ndarray    # (N,) float32
+    heatmap: np.ndarray  # (N, H, W) float32
+    peak: np.ndarray     # (N, 2) int64 (row, column)
+
+
+def _concat(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Outputs:
+    return Outputs(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
+
+
+def onnx_session(path: Path, threads: int = 0) -> object:
+    """A CPU onnxruntime session; `threads` 0 = onnxruntime's default (all cores)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    scores, heatmaps = [], []
-    for start in range(0, len(images), batch_size):
-        s, h = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[start:start + batch_size]})
-        scores.append(s)
-        heatmaps.append(h)
-    return np.concatenate(scores), np.concatenate(heatmaps)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def run_torch(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    model = model.eval().cpu()
-    scores, heatmaps = [], []
+def run_onnx(path: Path, images: np.ndarray, batch_size: int = 64) -> Outputs:
+    """Score uint8 NHWC images with onnxruntime on CPU."""
+    session = onnx_session(path)
+    return _concat([tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[i:i + batch_size]}))  # type: ignore[attr-defined]
+                    for i in range(0, len(images), batch_size)])
+
+
+def run_torch(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> Outputs:
+    """Score with the PyTorch scoring module in eval mode, wrapped exactly as it is exported."""
+    graph = EdgeGraph(model.eval().cpu())
+    parts = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            s, h = model(torch.from_numpy(images[start:start + batch_size]))
-            scores.append(s.numpy())
-            heatmaps.append(h.numpy())
-    return np.concatenate(scores), np.concatenate(heatmaps)
+            s, h, p = graph(torch.from_numpy(images[start:start + batch_size]))
+            parts.append((s.numpy(), h.numpy(), p.numpy()))
+    return _concat(parts)
 
 
 @dataclass
 class Parity:
+    """How far one set of outputs is from a reference set on the same images."""
+
     n_images: int
     max_abs_score_diff: float
     max_rel_score_diff: float
     max_abs_heatmap_diff: float
+    peak_agreement: float       # share of images with the very same peak position
+    max_peak_distance: float    # pixels, largest distance between the two peaks
     ok: bool
 
     def to_dict(self) -> dict[str, float | int | bool]:
         return dict(self.__dict__)
 
 
-def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray,
-                 rtol: float = 1e-3, atol: float = 1e-4, heatmap_atol: float = 1e-3) -> Parity:
-    """Compare PyTorch and onnxruntime outputs on the same images (scores: rtol/atol; heatmaps: atol)."""
-    ts, th = run_torch(model, images)
-    os_, oh = run_onnx(onnx_path, images)
-    if os_.shape != ts.shape or oh.shape != th.shape:
-        raise GanspectError(f"ONNX output shapes {os_.shape}, {oh.shape} differ from PyTorch's {ts.shape}, {th.shape}")
-    abs_diff = np.abs(os_ - ts)
-    ok = bool(np.allclose(os_, ts, rtol=rtol, atol=atol) and np.allclose(oh, th, rtol=rtol, atol=heatmap_atol))
+def compare(reference: Outputs, other: Outputs, rtol: float = 1e-3, atol: float = 1e-4,
+            heatmap_atol: float = 1e-3) -> Parity:
+    """Compare outputs: scores (rtol/atol), heatmaps (atol), peaks (equal or a tie in the reference heatmap)."""
+    if (other.score.shape != reference.score.shape or other.heatmap.shape != reference.heatmap.shape
+            or other.peak.shape != reference.peak.shape):
+        raise GanspectError(f"output shapes {other.score.shape}, {other.heatmap.shape}, {other.peak.shape} differ from "
+                            f"{reference.score.shape}, {reference.heatmap.shape}, {reference.peak.shape}")
+    abs_diff = np.abs(other.score - reference.score)
+    rows = np.arange(len(reference.peak))
+    same_peak = np.all(other.peak == reference.peak, axis=1)
+    # Where the peaks differ, the reference heatmap must hold (nearly) its maximum at the other's peak too.
+    at_other = reference.heatmap[rows, other.peak[:, 0], other.peak[:, 1]] if len(rows) else np.zeros(0)
+    at_ref = reference.heatmap[rows, reference.peak[:, 0], reference.peak[:, 1]] if len(rows) else np.zeros(0)
+    peaks_tie = same_peak | (np.abs(at_ref - at_other) <= heatmap_atol)
+    distance = np.hypot(*(other.peak - reference.peak).T.astype(np.float64)) if len(rows) else np.zeros(0)
+    ok = bool(np.allclose(other.score, reference.score, rtol=rtol, atol=atol)
+              and np.allclose(other.heatmap, reference.heatmap, rtol=rtol, atol=heatmap_atol)
+              and peaks_tie.all())
     return Parity(
-        n_images=len(images),
+        n_images=len(reference.score),
         max_abs_score_diff=float(abs_diff.max(initial=0.0)),
-        max_rel_score_diff=float((abs_diff / np.maximum(np.abs(ts), 1e-12)).max(initial=0.0)),
-        max_abs_heatmap_diff=float(np.abs(oh - th).max(initial=0.0)),
+        max_rel_score_diff=float((abs_diff / np.maximum(np.abs(reference.score), 1e-12)).max(initial=0.0)),
+        max_abs_heatmap_diff=float(np.abs(other.heatmap - reference.heatmap).max(initial=0.0)),
+        peak_agreement=float(same_peak.mean()) if len(rows) else 1.0,
+        max_peak_distance=float(distance.max(initial=0.0)),
         ok=ok,
     )
+
+
+def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray,
+                 rtol: float = 1e-3, atol: float = 1e-4, heatmap_atol: float = 1e-3) -> Parity:
+    """Compare PyTorch (eval) and onnxruntime FP32 outputs on the same images, with the module's tolerances."""
+    return compare(run_torch(model, images), run_onnx(onnx_path, images), rtol, atol, heatmap_atol)

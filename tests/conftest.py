@@ -5,9 +5,12 @@ shared one on 1883), the bundle is an ONNX graph built with `onnx.helper` (no to
 and verified by `ganspect.edge.manifest`, and the video is written by OpenCV with the
 lossless FFV1 codec so the test knows each frame's pixels exactly.
 
-The tiny model: heatmap = mean over channels of |x/255 - 0.5| / HEATMAP_SCALE, and
-score = mean over the image of |x/255 - 0.5|. A mid-grey part scores about 0.02; a part
-with a large white or black patch scores about 0.3, above the threshold 0.15 (NG).
+The tiny model: heatmap = mean over channels of |x/255 - 0.5| / HEATMAP_SCALE,
+score = mean over the image of |x/255 - 0.5|, and peak = (row, column) of the heatmap's
+first maximum. A mid-grey part scores about 0.02; a part with a large white or black
+patch scores about 0.3, above the threshold 0.15 (NG). The bundle's golden images (one
+good, one defective part) carry expected outputs computed here with numpy, independently
+of onnxruntime.
 """
 
 from __future__ import annotations
@@ -242,12 +245,21 @@ def build_tiny_model(height: int, width: int, channels: int) -> bytes:
         helper.make_node("ReduceMean", ["dev"], ["dev_hw"], axes=[3], keepdims=0),  # (N, H, W)
         helper.make_node("Mul", ["dev_hw", "inv_scale"], ["heatmap"]),  # (N, H, W)
         helper.make_node("ReduceMean", ["dev_hw"], ["score"], axes=[1, 2], keepdims=0),  # (N,)
+        # peak: argmax over the flattened heatmap -> (row, column), as numpy's argmax + unravel_index.
+        helper.make_node("Constant", [], ["flat_shape"], value=helper.make_tensor("fs", TensorProto.INT64, [2], [0, -1])),
+        helper.make_node("Constant", [], ["width"], value=helper.make_tensor("w", TensorProto.INT64, [], [width])),
+        helper.make_node("Reshape", ["heatmap", "flat_shape"], ["flat"]),  # (N, H*W)
+        helper.make_node("ArgMax", ["flat"], ["index"], axis=1, keepdims=1),  # (N, 1) int64
+        helper.make_node("Div", ["index", "width"], ["row"]),  # integer division
+        helper.make_node("Mod", ["index", "width"], ["col"]),
+        helper.make_node("Concat", ["row", "col"], ["peak"], axis=1),  # (N, 2)
     ]
     graph = helper.make_graph(
         nodes, "tiny",
         [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", height, width, channels])],
         [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
-         helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, ["N", height, width])],
+         helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, ["N", height, width]),
+         helper.make_tensor_value_info("peak", TensorProto.INT64, ["N", 2])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="ganspect-tests")
     model.ir_version = 8
@@ -258,23 +270,38 @@ def build_tiny_model(height: int, width: int, channels: int) -> bytes:
 def write_tiny_bundle(root: Path, *, height: int = 32, width: int = 32,
                       colour_order: Literal["GRAY", "BGR"] = "GRAY", threshold: float = TINY_THRESHOLD,
                       graph_shape: tuple[int, int, int] | None = None) -> Path:
-    """Write model.onnx + manifest.json into `root`; `graph_shape` (H, W, C) builds a graph that disagrees."""
-    from ganspect.edge.manifest import (HeatmapSpec, InputSpec, Manifest, Normalisation, ScoreSpec, ThresholdSpec,
-                                        TrainingData, describe_file, utc_now, write_manifest)
+    """Write model.onnx, golden images + manifest.json into `root`; `graph_shape` (H, W, C) builds a graph that disagrees."""
+    from ganspect.edge.golden import write_golden_image
+    from ganspect.edge.manifest import (GoldenExpectation, HeatmapSpec, InputSpec, Manifest, Normalisation,
+                                        ScoreSpec, ThresholdSpec, TrainingData, describe_file, describe_golden,
+                                        utc_now, write_manifest)
+    from ganspect.edge.preprocess import preprocess
 
     root.mkdir(parents=True, exist_ok=True)
     channels = 1 if colour_order == "GRAY" else 3
     (root / "model.onnx").write_bytes(build_tiny_model(*(graph_shape or (height, width, channels))))
+    spec = InputSpec(height=height, width=width, channels=channels, colour_order=colour_order)
+    golden, scores, peaks = [], [], []
+    for index, ng in enumerate([False, True]):
+        image = preprocess(part_image(ng, index), spec)[0]  # (H, W, C) as the edge feeds it
+        name = f"golden/{index}_{'ng' if ng else 'ok'}.png"
+        write_golden_image(root / name, image)
+        golden.append(describe_golden(root, name, "tests/conftest.py part_image"))
+        deviation = np.abs(image.astype(np.float64) / 255.0 - 0.5).mean(axis=2)  # (H, W)
+        scores.append(float(deviation.mean()))
+        peaks.append(float(deviation.max() / HEATMAP_SCALE))
+    expectation = GoldenExpectation(scores=scores, heatmap_peaks=peaks, atol=1e-5, rtol=1e-4)
     manifest = Manifest(
-        format_version=1, name="tiny-test", kind="efficient_gan", created_at=utc_now(), ganspect_version="0.1.0",
-        input=InputSpec(height=height, width=width, channels=channels, colour_order=colour_order),
+        format_version=2, name="tiny-test", kind="efficient_gan", created_at=utc_now(), ganspect_version="0.1.0",
+        input=spec,
         normalisation=Normalisation(scale=1 / 255, offset=-0.5),
         score=ScoreSpec(formula="mean |x/255 - 0.5| (test model)", lambda_=0.1, discrimination="feature_matching",
                             residual_reduction="mean"),
-        threshold=ThresholdSpec(value=threshold, method="manual", n_images=0),
+        threshold=ThresholdSpec(method="manual", n_images=0),
         heatmap=HeatmapSpec(scale=HEATMAP_SCALE, smoothing_sigma=0.0),
         training_data=TrainingData(source="tests/conftest.py", n_train=0, n_val=0),
-        files=[describe_file(root, "model.onnx", "fp32")],
+        files=[describe_file(root, "model.onnx", "fp32", threshold, expectation)],
+        golden=golden,
     )
     write_manifest(root, manifest)
     return root

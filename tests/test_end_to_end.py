@@ -53,6 +53,6 @@ def test_trained_model_runs_on_the_edge_and_every_frame_reaches_the_subscriber(
         jsonschema.validate(verdict, SCHEMA)
     assert [v["part_id"] for v in verdicts] == [f"conveyor:{p.frame_index}" for p in parts]
     assert {v["model"]["sha256"] for v in verdicts} == {bundle.manifest.model_file().sha256}
-    assert {v["threshold"]["value"] for v in verdicts} == {bundle.manifest.threshold.value}
+    assert {v["threshold"]["value"] for v in verdicts} == {bundle.manifest.model_file().threshold}
     assert all(v["evaluation"]["state"] == ("NG" if v["score"] > v["threshold"]["value"] else "OK")
                for v in verdicts)

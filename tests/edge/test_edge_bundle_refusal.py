@@ -1,4 +1,9 @@
-"""The daemon refuses a bundle that does not match its manifest: one line, exit 2, no traceback."""
+"""The daemon refuses a bundle that does not match its manifest: one line, exit 2, no traceback.
+
+Each fault gets its own message: a changed ONNX file, a changed manifest, a missing file,
+a changed golden image, an invalid manifest field, an old format version, a wrong input
+shape, and a graph that fails the golden self-test.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,12 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from typing import Any
+
 import pytest
 
 from ganspect.edge.errors import BundleError
+from ganspect.edge.manifest import manifest_digest
 from ganspect.edge.scorer import Scorer
 
 
@@ -25,23 +33,75 @@ def _delete_model(bundle: Path) -> str:
     return "is missing model.onnx named in its manifest"
 
 
+def _reseal(bundle: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Edit the manifest and recompute its content digest, as a foreign tool writing a manifest would."""
+    raw = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    edit(raw)
+    raw["content_sha256"] = manifest_digest(raw)
+    (bundle / "manifest.json").write_text(json.dumps(raw), encoding="utf-8")
+
+
 def _invalid_field(bundle: Path) -> str:
-    manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
-    manifest["input"]["colour_order"] = "RGB"
-    (bundle / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    _reseal(bundle, lambda raw: raw["input"].update(colour_order="RGB"))
     return "is not a valid manifest: input.colour_order"
+
+
+def _edited_threshold(bundle: Path) -> str:
+    # Someone "tunes" the threshold by hand: valid JSON, valid manifest, but not what was exported.
+    raw = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    raw["files"][0]["threshold"] = 0.5
+    (bundle / "manifest.json").write_text(json.dumps(raw, indent=2), encoding="utf-8")
+    return "manifest.json was changed after export (its content no longer matches content_sha256)"
+
+
+def _delete_golden(bundle: Path) -> str:
+    (bundle / "golden" / "1_ng.png").unlink()
+    return "is missing golden/1_ng.png named in its manifest"
+
+
+def _changed_golden(bundle: Path) -> str:
+    import cv2
+
+    path = bundle / "golden" / "0_ok.png"
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    image[0, 0] ^= 1
+    cv2.imwrite(str(path), image)
+    return "0_ok.png does not match its manifest (SHA-256"
+
+
+def _old_format(bundle: Path) -> str:
+    _reseal(bundle, lambda raw: raw.update(format_version=1))
+    return "has format_version 1; this ganspect reads format_version 2: re-export"
+
+
+def _golden_mismatch(bundle: Path) -> str:
+    # A graph that scores differently on this machine cannot be produced on demand with real
+    # onnxruntime, so the recorded expectation is moved instead (and the manifest resealed).
+    def edit(raw: dict[str, Any]) -> None:
+        raw["files"][0]["golden"]["scores"][1] += 0.01
+    _reseal(bundle, edit)
+    return "fails its golden self-test: score"
 
 
 TAMPERINGS: dict[str, Callable[[Path], str]] = {
     "changed byte": _tamper_byte,
     "missing model file": _delete_model,
     "invalid manifest field": _invalid_field,
+    "edited manifest": _edited_threshold,
+    "missing golden image": _delete_golden,
+    "changed golden image": _changed_golden,
+    "old format version": _old_format,
+    "golden self-test fails": _golden_mismatch,
 }
 
 
 @pytest.mark.parametrize("how", list(TAMPERINGS))
 def test_damaged_bundle_is_refused_by_the_daemon(how, tiny_bundle, tiny_video, make_edge_config, ganspect_cli):
+    Scorer.load(tiny_bundle)  # intact, it loads and passes its self-test
     words = TAMPERINGS[how](tiny_bundle)
+    with pytest.raises(BundleError) as refused:
+        Scorer.load(tiny_bundle)
+    assert words in str(refused.value) and "\n" not in str(refused.value)
     config = make_edge_config(tiny_bundle, tiny_video.path, None)
     proc = ganspect_cli("edge", "--config", str(config), "--headless")
     assert proc.returncode == 2
@@ -78,7 +138,9 @@ def test_file_that_is_not_onnx_is_refused(tmp_path, make_bundle):
     bundle = make_bundle(tmp_path / "bundle")
     (bundle / "model.onnx").write_bytes(b"\x00not an onnx model at all")
     manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text(encoding="utf-8"))
-    write_manifest(bundle, manifest.model_copy(update={"files": [describe_file(bundle, "model.onnx", "fp32")]}))
+    old = manifest.files[0]
+    write_manifest(bundle, manifest.model_copy(
+        update={"files": [describe_file(bundle, "model.onnx", "fp32", old.threshold, old.golden)]}))
     with pytest.raises(BundleError, match="is not a model onnxruntime can load"):
         Scorer.load(bundle)
 

@@ -15,40 +15,20 @@ from ganspect.edge.errors import GanspectError
 from ganspect.edge.manifest import load_bundle
 from ganspect.export.bundle import export_run
 from ganspect.export.onnx_export import check_parity, export_onnx, opset_of
-from ganspect.train.config import config_from_dict
 from ganspect.train.data import load_normal_images, split_holdout
-from ganspect.train.evaluate import evaluate_run
-from ganspect.train.loop import load_run_model, train
+from ganspect.train.loop import load_run_model
 from ganspect.train.models.efficient_gan import EfficientGANConfig, build_model
-from ganspect.train.synth import synthesize_dataset
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("parts") / "parts32"
-    synthesize_dataset(root, size=32, n_train=20, n_test_good=4, n_test_bad=4, seed=2)
-    return root
-
-
-@pytest.fixture(scope="module")
-def run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = config_from_dict({
-        "model": {"image_size": 32, "channels": 3, "latent_dim": 8, "base_width": 8},
-        "train": {"steps": 4, "batch_size": 8, "threads": 2},
-    })
-    out = train(config, data=data, out=tmp_path_factory.mktemp("runs") / "run")
-    evaluate_run(out, data=None)
-    return out
 
 
 def test_bundle_loads_and_onnxruntime_matches_pytorch(run: Path, data: Path, tmp_path: Path) -> None:
-    bundle_dir = export_run(run, tmp_path / "bundle")
+    bundle_dir = export_run(run, tmp_path / "bundle", latency_budget_s=0.05)
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
     assert (m.kind, m.input.height, m.input.channels, m.input.colour_order) == ("efficient_gan", 32, 3, "BGR")
     calibration = json.loads((run / "calibration.json").read_text(encoding="utf-8"))
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-    assert m.threshold.value == pytest.approx(calibration["threshold"])
+    assert m.model_file("fp32").threshold == pytest.approx(calibration["threshold"])
+    assert [f.path for f in m.files] == ["model.onnx"]  # no INT8 unless asked
     assert m.threshold.method == "normal_quantile" and m.threshold.n_images == calibration["n_images"]
     assert m.heatmap.scale == pytest.approx(calibration["heatmap_scale"])
     assert m.metrics["image_auroc"] == pytest.approx(metrics["image_auroc"])
@@ -62,12 +42,16 @@ def test_bundle_loads_and_onnxruntime_matches_pytorch(run: Path, data: Path, tmp
     model, _ = load_run_model(run)
     for n in (1, 3):
         batch = held.images[:n]
-        score, heatmap = session.run(["score", "heatmap"], {"image": batch})
-        assert score.shape == (n,) and heatmap.shape == (n, 32, 32)
+        score, heatmap, peak = session.run(["score", "heatmap", "peak"], {"image": batch})
+        assert score.shape == (n,) and heatmap.shape == (n, 32, 32) and peak.shape == (n, 2)
+        assert peak.dtype == np.int64
         with torch.no_grad():
             t_score, t_heatmap = model(torch.from_numpy(batch))
         np.testing.assert_allclose(score, t_score.numpy(), rtol=1e-3, atol=1e-4)
         np.testing.assert_allclose(heatmap, t_heatmap.numpy(), rtol=1e-3, atol=1e-3)
+        # The graph's peak is numpy's argmax rule on its own heatmap: (row, column) of the first maximum.
+        expected = np.stack(np.unravel_index(heatmap.reshape(n, -1).argmax(axis=1), (32, 32)), axis=1)
+        np.testing.assert_array_equal(peak, expected)
 
 
 def test_bundle_destination_rules(run: Path, tmp_path: Path) -> None:
@@ -75,13 +59,13 @@ def test_bundle_destination_rules(run: Path, tmp_path: Path) -> None:
     other.mkdir()
     (other / "keep.txt").write_text("mine", encoding="utf-8")
     with pytest.raises(GanspectError, match="not a model bundle"):
-        export_run(run, other)
+        export_run(run, other, latency_budget_s=0.05)
     assert [p.name for p in other.iterdir()] == ["keep.txt"]
 
     bundle = tmp_path / "bundle"
-    export_run(run, bundle)
+    export_run(run, bundle, latency_budget_s=0.05)
     first = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))["created_at"]
-    export_run(run, bundle)  # replacing a previous bundle is allowed
+    export_run(run, bundle, latency_budget_s=0.05)  # replacing a previous bundle is allowed
     assert json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))["created_at"] >= first
     load_bundle(bundle)
     # Nothing half-written or left over beside it.
@@ -104,8 +88,12 @@ def test_parity_check_catches_a_different_graph(tmp_path: Path) -> None:
 def test_export_command(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", str(run), "--out", str(tmp_path / "b")]) == 0
     assert "bundle written" in capsys.readouterr().out
+    assert (tmp_path / "b" / "export_report.md").is_file()
     load_bundle(tmp_path / "b")
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "f").write_text("", encoding="utf-8")
     assert main(["export", str(run), "--out", str(tmp_path / "x")]) == 2
     assert "not a model bundle" in capsys.readouterr().err
+    assert main(["export", str(run), "--out", str(tmp_path / "c"), "--force"]) == 2
+    assert "--force only applies to --int8" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -198,16 +198,19 @@ def judge(attempt: str, keep_fp32: list[str], data: GuardData, fp32: Outputs, fp
     from ganspect.train.calibrate import normal_quantile_threshold
 
     int8_threshold = normal_quantile_threshold(int8.score[:data.n_holdout], nu)
-    if np.ptp(fp32.score) == 0 or np.ptp(int8.score) == 0:
+    finite = bool(np.all(np.isfinite(int8.score)))
+    if not finite:
+        rho = float("nan")
+    elif np.ptp(fp32.score) == 0 or np.ptp(int8.score) == 0:
         rho = 1.0 if np.array_equal(fp32.score, int8.score) else 0.0
     else:
         rho = float(spearmanr(fp32.score, int8.score).statistic)
     # Written so that NaN scores count as NG, as at the edge.
     agreement = float(np.mean((~(fp32.score <= fp32_threshold)) == (~(int8.score <= int8_threshold))))
     result = GuardResult(attempt=attempt, fp32_nodes=list(keep_fp32), int8_threshold=int8_threshold,
-                         spearman=rho, agreement=agreement,
-                         fp32_auroc=_auroc(data.labels, fp32.score), int8_auroc=_auroc(data.labels, int8.score))
-    if not np.all(np.isfinite(int8.score)):
+                         spearman=rho, agreement=agreement, fp32_auroc=_auroc(data.labels, fp32.score),
+                         int8_auroc=_auroc(data.labels, int8.score) if finite else None)
+    if not finite:
         result.failures.append("INT8 scores are not all finite")
     drop = result.auroc_drop
     if drop is not None and drop > settings.max_auroc_drop:

@@ -142,6 +142,8 @@ class Parity:
     n_images: int
     max_abs_score_diff: float
     max_rel_score_diff: float
+    median_rel_score_diff: float
+    p95_rel_score_diff: float
     max_abs_heatmap_diff: float
     peak_agreement: float       # share of images with the very same peak position
     max_peak_distance: float    # pixels, largest distance between the two peaks
@@ -159,6 +161,7 @@ def compare(reference: Outputs, other: Outputs, rtol: float = 1e-3, atol: float 
         raise GanspectError(f"output shapes {other.score.shape}, {other.heatmap.shape}, {other.peak.shape} differ from "
                             f"{reference.score.shape}, {reference.heatmap.shape}, {reference.peak.shape}")
     abs_diff = np.abs(other.score - reference.score)
+    rel_diff = abs_diff / np.maximum(np.abs(reference.score), 1e-12)
     rows = np.arange(len(reference.peak))
     same_peak = np.all(other.peak == reference.peak, axis=1)
     # Where the peaks differ, the reference heatmap must hold (nearly) its maximum at the other's peak too.
@@ -172,7 +175,9 @@ def compare(reference: Outputs, other: Outputs, rtol: float = 1e-3, atol: float 
     return Parity(
         n_images=len(reference.score),
         max_abs_score_diff=float(abs_diff.max(initial=0.0)),
-        max_rel_score_diff=float((abs_diff / np.maximum(np.abs(reference.score), 1e-12)).max(initial=0.0)),
+        max_rel_score_diff=float(rel_diff.max(initial=0.0)),
+        median_rel_score_diff=float(np.median(rel_diff)) if len(rows) else 0.0,
+        p95_rel_score_diff=float(np.percentile(rel_diff, 95)) if len(rows) else 0.0,
         max_abs_heatmap_diff=float(np.abs(other.heatmap - reference.heatmap).max(initial=0.0)),
         peak_agreement=float(same_peak.mean()) if len(rows) else 1.0,
         max_peak_distance=float(distance.max(initial=0.0)),

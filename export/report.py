@@ -66,9 +66,10 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 
 
 def _parity_row(label: str, p: Parity) -> str:
-    return (f"| {label} | {p.n_images} | {p.max_abs_score_diff:.2e} | {p.max_rel_score_diff:.2e} | "
-            f"{p.max_abs_heatmap_diff:.2e} | {p.peak_agreement:.0%} | {p.max_peak_distance:.1f} | "
-            f"{'yes' if p.ok else 'no'} |")
+    gate = ("yes" if p.ok else "no") if "INT8" not in label else "n/a (the guard decides)"
+    return (f"| {label} | {p.n_images} | {p.max_abs_score_diff:.2e} | {p.median_rel_score_diff:.2e} / "
+            f"{p.p95_rel_score_diff:.2e} / {p.max_rel_score_diff:.2e} | {p.max_abs_heatmap_diff:.2e} | "
+            f"{p.peak_agreement:.0%} | {p.max_peak_distance:.1f} | {gate} |")
 
 
 def write_report(path: Path, *, name: str, kind: str, image_size: int, channels: int, files: dict[str, int],
@@ -96,11 +97,12 @@ def write_report(path: Path, *, name: str, kind: str, image_size: int, channels:
         lines += ["", f"INT8 speed-up over FP32: {', '.join(speedups)}."]
 
     lines += ["", "## Parity", "", f"Images: {parity_images}.", "",
-              "Tolerances: PyTorch vs ONNX FP32 scores within rtol 1e-3 + atol 1e-4, heatmaps within atol 1e-3, "
-              "peaks equal or tied (within 1e-3) in the reference heatmap. INT8 is judged by the guard below; its "
-              "figures are reported, not bounded by these tolerances.", "",
-              "| comparison | images | max abs score diff | max rel score diff | max abs heatmap diff | "
-              "same peak | max peak distance (px) | within FP32 tolerances |",
+              "Tolerances (the export gate): PyTorch vs ONNX FP32 scores within rtol 1e-3 + atol 1e-4, heatmaps "
+              "within atol 1e-3, peaks equal or tied (within 1e-3) in the reference heatmap. INT8 rounds every "
+              "learned layer's activations to 8 bits, so its figures are reported and the accuracy guard below "
+              "decides. On a flat normal heatmap the peak may move far between near-equal pixels.", "",
+              "| comparison | images | max abs score diff | rel score diff median / p95 / max | "
+              "max abs heatmap diff | same peak | max peak distance (px) | within FP32 tolerances |",
               "|---|---|---|---|---|---|---|---|"]
     lines += [_parity_row(label, p) for label, p in parity.items()]
 

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from ganspect.edge.errors import BundleError
 from ganspect.edge.golden import read_golden_image
-from ganspect.edge.manifest import Bundle, Manifest, ModelFile, load_bundle
+from ganspect.edge.manifest import Bundle, Manifest, ModelFile, load_bundle, manifest_for
 from ganspect.edge.preprocess import preprocess
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ class Scorer:
 
     def __init__(self, bundle: Bundle, model_file: ModelFile, session: ort.InferenceSession) -> None:
         self.bundle = bundle
-        self.manifest: Manifest = bundle.manifest
+        # The view in which threshold.value is the running file's own threshold (INT8 has its own).
+        self.manifest: Manifest = manifest_for(bundle.manifest, model_file)
         self.model_file = model_file
         self._session = session
         outputs = self.manifest.outputs

@@ -63,12 +63,16 @@ GOLDEN_TOLERANCE = {"fp32": (1e-4, 1e-3), "int8": (1e-3, 2e-2)}
 SCORE_FORMULAS = {
     "efficient_gan": (
         "A(x) = (1 - lambda) * L_R + lambda * L_D with lambda = {lam:g}; x = image / 127.5 - 1; "
-        "r = mean over channels of |x - G(E(x))|; L_R = {residual}; "
-        "L_D = mean |f_D(x, E(x)) - f_D(G(E(x)), E(x))| (feature matching)"),
+        "r = mean over channels of |x - G(E(x))|; L_R = {residual}; L_D = {discrimination}"),
     "anogan": (
         "A(x) = (1 - lambda) * L_R + lambda * L_D with lambda = {lam:g}; x = image / 127.5 - 1; z = E(x) from the "
         "encoder trained with the GAN frozen; r = mean over channels of |x - G(z)|; L_R = {residual}; "
-        "L_D = mean |f_D(x) - f_D(G(z))| (feature matching)"),
+        "L_D = {discrimination}"),
+}
+DISCRIMINATION_FORMULA = {
+    ("efficient_gan", "feature_matching"): "mean |f_D(x, E(x)) - f_D(G(E(x)), E(x))| (feature matching)",
+    ("efficient_gan", "cross_entropy"): "BCE(D(x, E(x)), real) (cross-entropy)",
+    ("anogan", "feature_matching"): "mean |f_D(x) - f_D(G(z))| (feature matching)",
 }
 RESIDUAL_FORMULA = {"mean": "mean of r over H, W", "peak": "max over H, W of Gaussian-smoothed r"}
 
@@ -184,7 +188,7 @@ def _finite(value: float | None) -> float | None:
 
 
 def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, settings: Any = None,
-               latency_budget_s: float = 2.0) -> Path:
+               latency_budget_s: float = 1.0) -> Path:
     """Export the run's calibrated model to ONNX (and INT8), verify it, write the bundle; return its folder.
 
     `settings` is an Int8Settings (defaults when None); `latency_budget_s` is the time spent
@@ -213,6 +217,9 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
         raise GanspectError(f"{run}: training did not finish (not calibrated); resume it before exporting")
     cfg = model.cfg
     size, channels = cfg.image_size, cfg.channels
+    discrimination = getattr(cfg, "discrimination", "feature_matching")
+    if (kind, discrimination) not in DISCRIMINATION_FORMULA:
+        raise GanspectError(f"{run}: {kind} with discrimination {discrimination!r} cannot be exported by this ganspect")
     images = _run_images(Path(info["source"]), size, channels, config.data.holdout, config.train.seed)
     if images is None:
         if int8:
@@ -329,8 +336,9 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
                             colour_order="GRAY" if channels == 1 else "BGR", resize_interpolation="area"),
             normalisation=Normalisation(scale=1 / 127.5, offset=-1.0),
             score=ScoreSpec(
-                formula=SCORE_FORMULAS[kind].format(lam=cfg.lambda_, residual=RESIDUAL_FORMULA[cfg.residual_reduction]),
-                lambda_=cfg.lambda_, discrimination="feature_matching", residual_reduction=cfg.residual_reduction),
+                formula=SCORE_FORMULAS[kind].format(lam=cfg.lambda_, residual=RESIDUAL_FORMULA[cfg.residual_reduction],
+                                                    discrimination=DISCRIMINATION_FORMULA[(kind, discrimination)]),
+                lambda_=cfg.lambda_, discrimination=discrimination, residual_reduction=cfg.residual_reduction),
             threshold=ThresholdSpec(method=cal.get("method", "normal_quantile"), nu=cal.get("nu"),
                                     n_images=int(cal.get("n_images", 0))),
             heatmap=HeatmapSpec(scale=float(model.heatmap_scale), smoothing_sigma=cfg.heatmap_sigma),

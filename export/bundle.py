@@ -196,6 +196,7 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
     """
     import onnx
 
+    from ganspect.edge.golden import write_golden_image
     from ganspect.export.onnx_export import compare, export_onnx, opset_of, parameter_names, run_onnx, run_torch
     from ganspect.export.quantize import (GuardResult, Int8Settings, describe_layers, judge, learned_layers, quantize,
                                           sensitive_layers)
@@ -291,8 +292,6 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
 
         golden_images = _golden_choice(images, size, channels, config.train.seed)
         golden: list[GoldenImage] = []
-        from ganspect.edge.golden import write_golden_image
-
         for i, (image, origin) in enumerate(golden_images):
             name = f"golden/{i}.png"
             write_golden_image(tmp / name, image)

@@ -30,9 +30,13 @@ class EdgeGraph(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """uint8 (N, H, W, C) -> score (N,), heatmap (N, H, W), peak (N, 2) int64 (row, column)."""
         score, heatmap = self.scoring(image)
+        # Two argmaxes instead of index // W (which the exporter would route through float
+        # division): the first row holding the global maximum, then the first column in it,
+        # which is exactly the first maximum in row-major order.
+        row = heatmap.amax(dim=2).argmax(dim=1)  # (N,)
         width = heatmap.shape[-1]
-        index = heatmap.flatten(1).argmax(dim=1)  # (N,) first maximum, row-major
-        peak = torch.stack([torch.div(index, width, rounding_mode="floor"), index % width], dim=1)  # (N, 2)
+        in_row = heatmap.gather(1, row.view(-1, 1, 1).expand(-1, 1, width)).squeeze(1)  # (N, W)
+        peak = torch.stack([row, in_row.argmax(dim=1)], dim=1)  # (N, 2) int64
         return score, heatmap, peak
 
 

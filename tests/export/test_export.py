@@ -97,3 +97,24 @@ def test_export_command(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["export", str(run), "--out", str(tmp_path / "c"), "--force"]) == 2
     assert "--force only applies to --int8" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+class _PixelsAsHeatmap(torch.nn.Module):
+    """Scoring module whose heatmap is the image itself, so the test can place ties exactly."""
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heatmap = image[..., 0].to(torch.float32)  # (N, H, W)
+        return heatmap.mean(dim=(1, 2)), heatmap
+
+
+def test_graph_peak_is_the_first_maximum_in_row_major_order(tmp_path: Path) -> None:
+    images = np.random.default_rng(3).integers(0, 200, (6, 32, 32, 1), dtype=np.uint8)
+    images[1, 5, 30] = images[1, 9, 2] = images[1, 5, 31] = 255  # ties: first row wins, then first column
+    images[2, 31, 0] = images[2, 31, 31] = 250
+    images[3] = 7  # all equal: (0, 0)
+    path = export_onnx(_PixelsAsHeatmap(), tmp_path / "pixels.onnx", 32, 1)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (peak,) = session.run(["peak"], {"image": images})
+    expected = np.stack(np.unravel_index(images[..., 0].reshape(6, -1).argmax(axis=1), (32, 32)), axis=1)
+    np.testing.assert_array_equal(peak, expected)
+    assert peak[1].tolist() == [5, 30] and peak[2].tolist() == [31, 0] and peak[3].tolist() == [0, 0]

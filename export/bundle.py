@@ -145,13 +145,14 @@ def _golden_choice(images: RunImages | None, size: int, channels: int, seed: int
 
 def _golden_expectation(path: Path, golden: list[np.ndarray], precision: str) -> GoldenExpectation:
     """What the file outputs for each golden image, scored one at a time as the edge does."""
-    from ganspect.export.onnx_export import run_onnx
+    from ganspect.export.onnx_export import INPUT_NAME, OUTPUT_NAMES, onnx_session
 
+    session: Any = onnx_session(path)
     scores, peaks = [], []
     for image in golden:
-        out = run_onnx(path, image[None])
-        scores.append(float(out.score[0]))
-        peaks.append(float(out.heatmap[0].max()))
+        score, heatmap, _ = session.run(list(OUTPUT_NAMES), {INPUT_NAME: image[None]})
+        scores.append(float(score[0]))
+        peaks.append(float(heatmap[0].max()))
     atol, rtol = GOLDEN_TOLERANCE[precision]
     return GoldenExpectation(scores=scores, heatmap_peaks=peaks, atol=atol, rtol=rtol)
 

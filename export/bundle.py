@@ -95,21 +95,28 @@ class RunImages:
     test_labels: np.ndarray | None
     test_names: list[str]
     test_kinds: list[str]
+    test_source: str
 
 
-def _run_images(source: Path, size: int, channels: int, holdout: float, seed: int) -> RunImages | None:
+def _run_images(source: Path, size: int, channels: int, holdout: float, seed: int,
+                guard_source: Path | None = None) -> RunImages | None:
+    """The run's images; the test images come from `guard_source` when given, else from the run's data set."""
     from ganspect.train.data import is_mvtec_layout, load_normal_images, load_test_set, split_holdout
 
     if not source.exists():
         return None
     train, held = split_holdout(load_normal_images(source, size, channels), holdout, seed)
-    test = load_test_set(source, size, channels) if is_mvtec_layout(source) else None
+    if guard_source is not None and not is_mvtec_layout(guard_source):
+        raise GanspectError(f"--guard-data {guard_source} has no MVTec-style test/ folder (test/good, test/<defect>)")
+    test_source = guard_source if guard_source is not None else source
+    test = load_test_set(test_source, size, channels) if is_mvtec_layout(test_source) else None
     return RunImages(
         train=np.ascontiguousarray(train.images), holdout=np.ascontiguousarray(held.images),
         holdout_names=list(held.names),
         test=None if test is None or not len(test.images) else np.ascontiguousarray(test.images),
         test_labels=None if test is None else np.asarray(test.labels).astype(int),
-        test_names=[] if test is None else list(test.names), test_kinds=[] if test is None else list(test.kinds))
+        test_names=[] if test is None else list(test.names), test_kinds=[] if test is None else list(test.kinds),
+        test_source=str(test_source))
 
 
 def _guard_data(images: RunImages) -> Any:
@@ -121,7 +128,7 @@ def _guard_data(images: RunImages) -> Any:
         parts.append(images.test)
         labels.append(images.test_labels)
         n_bad = int(images.test_labels.sum())
-        description += (f" + the data set's {len(images.test)} test images ({len(images.test) - n_bad} good, "
+        description += (f" + {len(images.test)} test images of {images.test_source} ({len(images.test) - n_bad} good, "
                         f"{n_bad} anomalous), used only to measure the guard, never to choose anything")
     return GuardData(images=np.concatenate(parts), labels=np.concatenate(labels), n_holdout=len(images.holdout),
                      description=description)
@@ -189,11 +196,13 @@ def _finite(value: float | None) -> float | None:
 
 
 def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, settings: Any = None,
-               latency_budget_s: float = 1.0) -> Path:
+               latency_budget_s: float = 1.0, guard_data: Path | None = None) -> Path:
     """Export the run's calibrated model to ONNX (and INT8), verify it, write the bundle; return its folder.
 
     `settings` is an Int8Settings (defaults when None); `latency_budget_s` is the time spent
-    timing each file at each thread count (at least 20 runs).
+    timing each file at each thread count (at least 20 runs); `guard_data` is an MVTec-layout
+    data set whose test images (good and defective) join the held-out normals in the parity
+    checks and the INT8 guard, instead of the run's own data set's test images.
     """
     import onnx
 
@@ -222,15 +231,16 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
     discrimination = getattr(cfg, "discrimination", "feature_matching")
     if (kind, discrimination) not in DISCRIMINATION_FORMULA:
         raise GanspectError(f"{run}: {kind} with discrimination {discrimination!r} cannot be exported by this ganspect")
-    images = _run_images(Path(info["source"]), size, channels, config.data.holdout, config.train.seed)
+    images = _run_images(Path(info["source"]), size, channels, config.data.holdout, config.train.seed,
+                         Path(guard_data) if guard_data is not None else None)
     if images is None:
         if int8:
             raise GanspectError(f"--int8 needs the run's training data at {info['source']} (calibration and the "
                                 "accuracy guard run on it); it is gone")
         log.warning("training data %s is gone: checking ONNX parity on random images instead", info["source"])
-    guard_data = _guard_data(images) if images is not None else None
-    if guard_data is not None:
-        check_images, check_description = guard_data.images, guard_data.description
+    guard_set = _guard_data(images) if images is not None else None
+    if guard_set is not None:
+        check_images, check_description = guard_set.images, guard_set.description
     else:
         check_images = np.random.default_rng(config.train.seed).integers(0, 256, (16, size, size, channels), np.uint8)
         check_description = "16 images of seeded random pixels (the training data is gone)"
@@ -258,7 +268,7 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
 
         guard: list[GuardResult] | None = None
         if int8:
-            assert images is not None and guard_data is not None
+            assert images is not None and guard_set is not None
             rng = np.random.default_rng(config.train.seed)
             n_cal = min(settings.calibration_images, len(images.train))
             calibration = images.train[np.sort(rng.choice(len(images.train), n_cal, replace=False))]
@@ -273,7 +283,7 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
                 log.info("quantizing to INT8 (%s) on %d normal training images", label, n_cal)
                 quantize(fp32_path, int8_path, calibration, layers, kept, settings)
                 int8_out = run_onnx(int8_path, check_images)
-                result = judge(label, kept_names, guard_data, fp32_out, thresholds[MODEL_FILE], int8_out, nu, settings)
+                result = judge(label, kept_names, guard_set, fp32_out, thresholds[MODEL_FILE], int8_out, nu, settings)
                 guard.append(result)
                 log.info("INT8 guard (%s): %s", label, "pass" if result.ok else "; ".join(result.failures))
                 if result.ok:
@@ -352,7 +362,7 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
         write_report(tmp / REPORT_FILE, name=manifest.name, kind=kind, image_size=size, channels=channels,
                      files={f.path: f.bytes for f in files}, thresholds=thresholds, latency=latency, parity=parity,
                      parity_images=check_description, guard=guard,
-                     guard_data=guard_data.description if guard_data is not None else None,
+                     guard_data=guard_set.description if guard_set is not None else None,
                      settings=settings if int8 else None, forced=force,
                      golden=[f"{g.path}: {g.origin}" for g in golden])
         _move_into_place(tmp, out)

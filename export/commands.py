@@ -18,6 +18,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true",
                    help="add model.int8.onnx: static INT8 quantization calibrated on normal training images, "
                         "kept only if it passes the accuracy guard against FP32")
+    p.add_argument("--guard-data", type=Path, default=None,
+                   help="MVTec-layout data set whose test images (good and defective) join the held-out normals in "
+                        "the parity checks and the INT8 guard; default: the run's data set's test images, if any")
     p.add_argument("--force", action="store_true", help="with --int8: ship the INT8 model even if it fails its guard")
     p.add_argument("--int8-reduce-range", action="store_true",
                    help="7-bit INT8 weights, for edge CPUs without VNNI (AVX2 only) where 8-bit products can saturate")
@@ -28,7 +31,7 @@ def _run(args: argparse.Namespace) -> int:
     from ganspect.export.quantize import Int8Settings
 
     bundle = export_run(args.run, args.out, int8=args.int8, force=args.force,
-                        settings=Int8Settings(reduce_range=args.int8_reduce_range))
+                        settings=Int8Settings(reduce_range=args.int8_reduce_range), guard_data=args.guard_data)
     print(f"bundle written to {bundle} (report: {bundle / REPORT_FILE})")
     return 0
 

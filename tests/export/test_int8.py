@@ -179,10 +179,19 @@ def test_guard_refusal_retries_then_refuses_unless_forced(run: Path, tmp_path: P
 
 
 def test_int8_export_command(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["export", str(run), "--out", str(tmp_path / "b"), "--int8", "--int8-reduce-range"]) == 0
+    from ganspect.train.synth import synthesize_dataset
+
+    other = tmp_path / "other_parts"
+    synthesize_dataset(other, size=32, n_train=2, n_test_good=3, n_test_bad=5, seed=9)
+    assert main(["export", str(run), "--out", str(tmp_path / "b"), "--int8", "--int8-reduce-range",
+                 "--guard-data", str(other)]) == 0
     assert "bundle written" in capsys.readouterr().out
     assert load_bundle(tmp_path / "b").manifest.model_file("int8").path == "model.int8.onnx"
-    assert "reduce_range=True" in (tmp_path / "b" / "export_report.md").read_text(encoding="utf-8")
+    report = (tmp_path / "b" / "export_report.md").read_text(encoding="utf-8")
+    assert "reduce_range=True" in report and f"8 test images of {other} (3 good, 5 anomalous)" in report
+
+    assert main(["export", str(run), "--out", str(tmp_path / "c"), "--int8", "--guard-data", str(run)]) == 2
+    assert "has no MVTec-style test/ folder" in capsys.readouterr().err
 
 
 def test_edge_refuses_a_real_bundle_whose_model_computes_otherwise(int8_bundle: Path, tmp_path: Path,

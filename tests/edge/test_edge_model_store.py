@@ -19,7 +19,7 @@ def store(tmp_path: Path) -> ModelStore:
 
 
 def _threshold(link: Path) -> float:
-    return load_bundle(link).manifest.threshold.value
+    return load_bundle(link).manifest.model_file().threshold
 
 
 def test_first_install_links_current(store: ModelStore, make_bundle: Callable[..., Path], tmp_path: Path) -> None:

@@ -29,11 +29,12 @@ class Scored:
     l_d: np.ndarray        # (N,)
     residual: np.ndarray   # (N, H, W) smoothed residual before dividing by heatmap_scale
     heatmap: np.ndarray    # (N, H, W) residual / heatmap_scale, as the model's forward
+    recon: np.ndarray | None = None  # (N, H, W, C) uint8 reconstructions, when asked for (keep_recon)
 
 
 def score_images(model: ScoringModel, images: np.ndarray, batch_size: int = 64,
                  device: str | torch.device = "cpu", scoring: str = "model", search_steps: int = 500,
-                 search_lr: float = 0.05, seed: int = 0, progress: bool = False) -> Scored:
+                 search_lr: float = 0.05, seed: int = 0, progress: bool = False, keep_recon: bool = False) -> Scored:
     """Score uint8 (N, H, W, C) images with the model in eval mode.
 
     scoring "model" is the model's own one-pass `score_parts` (what `forward` and the
@@ -51,6 +52,7 @@ def score_images(model: ScoringModel, images: np.ndarray, batch_size: int = 64,
     model.to(device)
     lam = model.cfg.lambda_
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("score", "l_r", "l_d", "residual", "heatmap")}
+    recons: list[np.ndarray] = []
     gen = torch.Generator().manual_seed(seed)
     bar = None
     if progress and scoring == "search":
@@ -72,13 +74,16 @@ def score_images(model: ScoringModel, images: np.ndarray, batch_size: int = 64,
             out["l_d"].append(parts.l_d.cpu().numpy())
             out["residual"].append(parts.residual.cpu().numpy())
             out["heatmap"].append((parts.residual / model.heatmap_scale).cpu().numpy())
+            if keep_recon:
+                recons.append(((parts.recon + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+                              .permute(0, 2, 3, 1).cpu().numpy())
     if bar is not None:
         bar.close()
     model.train(was_training)
     h, w = images.shape[1:3]
     cat = {k: np.concatenate(v) if v else np.zeros((0, h, w) if k in ("residual", "heatmap") else (0,), np.float32)
            for k, v in out.items()}
-    return Scored(**cat)
+    return Scored(**cat, recon=np.concatenate(recons) if keep_recon and recons else None)
 
 
 def normal_quantile_threshold(scores: np.ndarray, nu: float) -> float:

@@ -61,7 +61,7 @@ def make_config(args: argparse.Namespace, seed: int) -> object:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1500, help="Efficient GAN steps of batch 32 (default 1500)")
+    p.add_argument("--steps", type=int, default=1000, help="Efficient GAN steps of batch 32 (default 1000)")
     p.add_argument("--size", type=int, default=64, help="image side (default 64)")
     p.add_argument("--types", nargs="+", default=["mono", "poly"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -59,9 +59,9 @@ def split(labels: np.ndarray, digit: int, seed: int) -> tuple[np.ndarray, np.nda
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1000, help="Efficient GAN steps of batch 64 (default 1000)")
-    p.add_argument("--anogan-steps", type=int, default=1000, help="AnoGAN DCGAN steps of batch 64 (default 1000)")
-    p.add_argument("--encoder-steps", type=int, default=500, help="AnoGAN encoder steps (default 500)")
+    p.add_argument("--steps", type=int, default=600, help="Efficient GAN steps of batch 64 (default 600)")
+    p.add_argument("--anogan-steps", type=int, default=600, help="AnoGAN DCGAN steps of batch 64 (default 600)")
+    p.add_argument("--encoder-steps", type=int, default=300, help="AnoGAN encoder steps (default 300)")
     p.add_argument("--digits", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)

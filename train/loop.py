@@ -38,7 +38,9 @@ import math
 import os
 import pickle
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -479,6 +481,22 @@ def _check_resume_compatible(config: TrainConfig, ckpt: dict[str, Any]) -> None:
         raise GanspectError("--resume: train.ema_decay cannot be switched on or off in a running run")
 
 
+def _sigterm_as_interrupt() -> Any:
+    """Treat SIGTERM (kill, systemd, a batch scheduler) like Ctrl-C: save a checkpoint, then stop.
+
+    Returns the function that puts the previous handler back. Signal handlers can only be
+    set from the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def data_warnings(n_train: int, n_val: int, image_size: int, nu: float, threshold: str) -> list[str]:
     """What is worth telling the user about the amount of data, one sentence each."""
     warnings = []
@@ -565,6 +583,7 @@ def train_arrays(config: TrainConfig, train_images: np.ndarray, holdout_images: 
     total = trainer.total_steps
     bar = progress_bar(total, initial=min(trainer.step, total), desc=f"train {m.kind}")
     best_path = out / BEST_CHECKPOINT
+    restore_sigterm = _sigterm_as_interrupt()
     try:
         with open(losses_path, "w" if new_file else "a", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
@@ -605,6 +624,8 @@ def train_arrays(config: TrainConfig, train_images: np.ndarray, holdout_images: 
         save_checkpoint(ckpt_path, trainer.state(data_info))
         log.warning("interrupted at step %d; checkpoint saved, continue with --resume", trainer.step)
         raise
+    finally:
+        restore_sigterm()
     bar.close()
 
     scoring = trainer.scoring_model

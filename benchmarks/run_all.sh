@@ -11,5 +11,5 @@ mkdir -p benchmarks/logs
 nohup nice -n 10 bash -c "$PY benchmarks/seed000_lambda.py && $PY benchmarks/seed003_anogan.py && $PY benchmarks/elpv.py" \
     > benchmarks/logs/chain_seeds_elpv.log 2>&1 &
 echo "chain seed000 -> seed003 -> elpv: pid $! (log benchmarks/logs/chain_seeds_elpv.log)"
-nohup nice -n 10 $PY benchmarks/paper_mnist.py > benchmarks/logs/paper_mnist.log 2>&1 &
-echo "paper_mnist: pid $! (log benchmarks/logs/paper_mnist.log)"
+nohup nice -n 10 bash -c "$PY benchmarks/paper_mnist.py && $PY benchmarks/ocnn_mnist.py" > benchmarks/logs/paper_mnist.log 2>&1 &
+echo "chain paper_mnist -> ocnn_mnist: pid $! (log benchmarks/logs/paper_mnist.log)"

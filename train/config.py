@@ -119,6 +119,16 @@ class AnoGANSection(_Section):
     search_lr: float = Field(0.05, gt=0.0, description="Adam learning rate on z in the latent search.")
 
 
+class OCNNSection(_Section):
+    enabled: bool = Field(False, description="Train a one-class network (OC-NN, seed 004) on the encoder's frozen "
+                          "latent codes after training; eval reports its score beside the GAN's.")
+    nu: float = Field(0.1, gt=0.0, lt=1.0, description="Share of training codes allowed outside the boundary; "
+                      "r is set to the nu-quantile of the outputs after each update.")
+    hidden: int = Field(32, ge=1, le=4096, description="Hidden units of the OC-NN.")
+    steps: int = Field(1000, ge=1, description="Full-batch Adam updates of the OC-NN.")
+    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of the OC-NN.")
+
+
 class CalibrationSection(_Section):
     nu: float = Field(0.01, ge=0.0, lt=1.0,
                       description="Tolerated false-alarm rate: threshold = (1 - nu) quantile of held-out normal scores.")
@@ -147,6 +157,7 @@ class TrainConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection, description="Optimisation settings.")
     anogan: AnoGANSection = Field(default_factory=AnoGANSection,
                                   description="AnoGAN only: encoder training and latent search.")
+    ocnn: OCNNSection = Field(default_factory=OCNNSection, description="Optional OC-NN head on the latent codes.")
     calibration: CalibrationSection = Field(default_factory=CalibrationSection,
                                             description="Threshold and heatmap scale from held-out normals.")
 

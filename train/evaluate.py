@@ -129,7 +129,7 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
     """
     from ganspect.train.calibrate import choose_threshold, heatmap_scale, score_images
     from ganspect.train.data import is_mvtec_layout, load_test_set
-    from ganspect.train.loop import load_run_model, read_run_config, read_run_info
+    from ganspect.train.loop import latent_codes, load_ocnn_head, load_run_model, read_run_config, read_run_info
 
     if scoring not in ("encoder", "search"):
         raise GanspectError(f"--scoring must be encoder or search, got {scoring!r}")
@@ -201,6 +201,20 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
             None if held is None else held.l_d, nu)
     metrics["pixel_auroc"] = pixel_auroc(scored.heatmap, test.masks) if test.masks is not None else None
     metrics["data"] = str(data)
+    head = load_ocnn_head(ckpt)
+    if head is not None and len(np.unique(labels)) == 2:
+        import torch
+
+        with torch.no_grad():
+            ocnn_scores = head.score(latent_codes(model, test.images, batch_size=bs)).numpy()
+        ocnn = image_metrics(ocnn_scores, labels, 0.0)  # outside the boundary (r - y > 0) = anomalous
+        # Whether it helps: beside the GAN score, and as a rank average with it.
+        from scipy.stats import rankdata
+
+        combined = (rankdata(scored.score) + rankdata(ocnn_scores)) / (2 * len(labels))
+        ocnn["combined_image_auroc"] = image_metrics(combined, labels, 0.5)["image_auroc"]
+        ocnn["gan_image_auroc"] = metrics["image_auroc"]
+        metrics["ocnn"] = ocnn
 
     name = "metrics.json" if scoring == "encoder" else "metrics_search.json"
     (run / name).write_text(json.dumps(_json_safe(metrics), indent=2) + "\n", encoding="utf-8")
@@ -245,6 +259,10 @@ def format_metrics(metrics: dict[str, Any]) -> str:
                      f"F1 {fmt(metrics['f1_at_f1_optimal'])} (chosen on the test set: information only)")
     for kind, auc in (metrics.get("image_auroc_by_kind") or {}).items():
         lines.append(f"  AUROC {kind:<20} {fmt(auc)}")
+    if metrics.get("ocnn"):
+        o = metrics["ocnn"]
+        lines.append(f"OC-NN head      AUROC {fmt(o['image_auroc'])}, F1 {fmt(o['f1'])} at its boundary; "
+                     f"rank average with the GAN score: AUROC {fmt(o['combined_image_auroc'])}")
     if metrics.get("lambda_sweep"):
         lines.append("lambda sweep    " + "  ".join(
             f"{r['lambda']:.1f}:{fmt(r['image_auroc'])[:5]}" for r in metrics["lambda_sweep"]) + "  (AUROC)")

@@ -481,6 +481,48 @@ def _check_resume_compatible(config: TrainConfig, ckpt: dict[str, Any]) -> None:
         raise GanspectError("--resume: train.ema_decay cannot be switched on or off in a running run")
 
 
+def latent_codes(model: ScoringModel, images: np.ndarray, batch_size: int = 256,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """z = E(x) (N, latent) of uint8 (N, H, W, C) images, in eval mode, detached, on the CPU."""
+    model.eval()
+    codes = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = to_model_input(images[start:start + batch_size]).to(device)
+            codes.append(model.encoder(x).cpu())
+    return torch.cat(codes)
+
+
+def _fit_ocnn_head(config: TrainConfig, model: ScoringModel, train_images: np.ndarray, ckpt_path: Path
+                   ) -> dict[str, Any]:
+    """Fit the OC-NN on the frozen training codes and store it in the checkpoint under `ocnn`."""
+    from ganspect.train.models.ocnn import fit_ocnn
+
+    o = config.ocnn
+    device = next(model.parameters()).device
+    fit = fit_ocnn(latent_codes(model, train_images, device=device), nu=o.nu, hidden=o.hidden, steps=o.steps,
+                   lr=o.lr, seed=config.train.seed)
+    ckpt = load_checkpoint(ckpt_path)
+    ckpt["ocnn"] = {"state": {k: v.detach().cpu() for k, v in fit.model.state_dict().items()},
+                    "in_dim": int(fit.model.V.in_features), "hidden": o.hidden, "nu": o.nu}
+    save_checkpoint(ckpt_path, ckpt)
+    log.info("OC-NN head: r %.4f, %.1f %% of training codes outside (nu %.2f)",
+             float(fit.model.r), 100 * fit.outside, o.nu)
+    return {"nu": o.nu, "r": float(fit.model.r), "train_outside": fit.outside, "final_loss": fit.losses[-1]}
+
+
+def load_ocnn_head(ckpt: dict[str, Any]) -> Any:
+    """The OC-NN head stored in a checkpoint, or None."""
+    from ganspect.train.models.ocnn import OCNN
+
+    head = ckpt.get("ocnn")
+    if not head:
+        return None
+    model = OCNN(int(head["in_dim"]), int(head["hidden"]), float(head["nu"]))
+    model.load_state_dict(head["state"])
+    return model.eval()
+
+
 def _sigterm_as_interrupt() -> Any:
     """Treat SIGTERM (kill, systemd, a batch scheduler) like Ctrl-C: save a checkpoint, then stop.
 
@@ -641,6 +683,8 @@ def train_arrays(config: TrainConfig, train_images: np.ndarray, holdout_images: 
     save_checkpoint(ckpt_path, trainer.state(data_info))
     cal_dict = cal.to_dict()
     cal_dict["kept_step"] = trainer.best_step if t.keep == "best" and best_path.is_file() else trainer.step
+    if config.ocnn.enabled:
+        cal_dict["ocnn"] = _fit_ocnn_head(config, scoring, train_images, ckpt_path)
     (out / "calibration.json").write_text(json.dumps(cal_dict, indent=2) + "\n", encoding="utf-8")
     log.info("trained %d steps; threshold %.5f (%s, nu %.3f on %d held-out normals), heatmap scale %.5f",
              trainer.step, cal.threshold, cal.method, cal.nu, cal.n_images, cal.heatmap_scale)

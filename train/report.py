@@ -226,6 +226,12 @@ def write_report(run: Path, metrics: dict[str, Any], test: Any, scored: Any, hel
     ]
     for kind, auc in (metrics.get("image_auroc_by_kind") or {}).items():
         lines.append(f"| AUROC, good vs {kind} | {_fmt(auc)} |")
+    ocnn = metrics.get("ocnn")
+    if ocnn:
+        lines.append(f"| OC-NN on the latent codes (seed 004): AUROC / F1 at its boundary | "
+                     f"{_fmt(ocnn['image_auroc'])} / {_fmt(ocnn['f1'])} |")
+        lines.append(f"| rank average of the GAN score and the OC-NN score: AUROC | "
+                     f"{_fmt(ocnn['combined_image_auroc'])} |")
     if metrics.get("lambda_sweep"):
         lines += ["", "## λ sweep", "", "| λ | AUROC | AUPRC | F1 (held-out threshold) | F1 (best test threshold) |",
                   "|---|---|---|---|---|"]

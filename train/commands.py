@@ -54,14 +54,22 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run folder written by `ganspect train`")
     p.add_argument("--data", type=Path, default=None,
                    help="MVTec-layout data set with a test/ folder (default: the data set the run was trained on)")
+    p.add_argument("--scoring", choices=("encoder", "search"), default="encoder",
+                   help="encoder = the one-pass forward that is exported (default; the only one for Efficient GAN); "
+                        "search = AnoGAN's latent search (anogan.search_steps per image: slow)")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="write metrics only, no report/ folder with figures")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from ganspect.train.evaluate import evaluate_run, format_metrics
 
-    metrics = evaluate_run(args.run, data=args.data)
+    metrics = evaluate_run(args.run, data=args.data, scoring=args.scoring, report=args.report)
     print(format_metrics(metrics))
-    print(f"metrics written to {args.run / 'metrics.json'}")
+    name = "metrics.json" if args.scoring == "encoder" else "metrics_search.json"
+    print(f"metrics written to {args.run / name}")
+    if metrics.get("report"):
+        print(f"report written to {metrics['report']}")
     return 0
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ganspect.edge.config import read_yaml_file
 from ganspect.edge.errors import ConfigError
@@ -22,22 +22,26 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    kind: Literal["efficient_gan"] = Field("efficient_gan", description="Model family to train.")
+    kind: Literal["efficient_gan", "anogan"] = Field(
+        "efficient_gan", description="Model family: efficient_gan (BiGAN with encoder) or anogan (DCGAN, "
+        "latent search, plus a one-pass encoder trained afterwards; see the anogan section).")
     image_size: int = Field(64, description="Square input side in pixels: a power of two from 32 to 256.")
     channels: Literal[1, 3] = Field(3, description="1 = grayscale, 3 = colour (BGR, as OpenCV reads it).")
     latent_dim: int = Field(64, ge=2, le=1024, description="Size of the latent code z = E(x).")
     base_width: int = Field(16, ge=4, le=256, description="Feature maps of the first conv stage; doubles per stage.")
     lambda_: float = Field(0.1, alias="lambda", ge=0.0, le=1.0,
                            description="Score weight: A(x) = (1 - lambda) * L_R + lambda * L_D.")
-    discrimination: Literal["feature_matching"] = Field(
-        "feature_matching", description="L_D: mean |f_D(x, E(x)) - f_D(G(E(x)), E(x))| over D's joint features.")
+    discrimination: Literal["feature_matching", "cross_entropy"] = Field(
+        "feature_matching", description="L_D: feature_matching = mean |f_D(x, E(x)) - f_D(G(E(x)), E(x))| over "
+        "D's joint features; cross_entropy = BCE(D(x, E(x)), real) (Efficient GAN only; AnoGAN always "
+        "feature-matches).")
     residual_reduction: Literal["peak", "mean"] = Field(
         "peak", description="L_R from the per-pixel residual: peak = max of the smoothed residual (local defects), "
         "mean = the papers' mean absolute residual (whole-image anomalies such as another MNIST digit).")
     heatmap_sigma: float | None = Field(
         None, ge=0.0, description="Gaussian smoothing of the heatmap in pixels; null = image_size / 32 (2 px at 64).")
     norm: Literal["batch", "group", "none"] = Field(
-        "batch", description="Normalisation in E and G; G's BatchNorm statistics are re-estimated on E(x) after training.")
+        "batch", description="Normalisation in E and G; their BatchNorm statistics are re-estimated after training.")
     spectral_norm: bool = Field(True, description="Spectral normalisation on D's layers (stabilises the GAN).")
     d_dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout in D during training (BiGAN practice).")
 
@@ -48,12 +52,22 @@ class ModelSection(_Section):
             raise ValueError(f"must be a power of two from 32 to 256, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _anogan_feature_matching(self) -> ModelSection:
+        if self.kind == "anogan" and self.discrimination != "feature_matching":
+            raise ValueError("discrimination: AnoGAN scores with feature_matching only")
+        return self
+
 
 class AugmentSection(_Section):
     hflip: bool = Field(False, description="Random horizontal flips (only if a mirrored part is still a good part).")
     vflip: bool = Field(False, description="Random vertical flips (same caveat as hflip).")
     shift: int = Field(2, ge=0, le=32, description="Random shift of up to this many pixels (edge pixels repeated).")
+    rotation: float = Field(0.0, ge=0.0, le=45.0,
+                            description="Random rotation of up to +/- this many degrees about the centre.")
     brightness: float = Field(0.05, ge=0.0, le=0.5, description="Random brightness change of up to +/- this fraction.")
+    contrast: float = Field(0.0, ge=0.0, le=0.5,
+                            description="Random contrast change of up to +/- this fraction (about mid-grey).")
 
 
 class DataSection(_Section):
@@ -63,19 +77,56 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
-    steps: int = Field(1000, ge=1, description="Optimisation steps (one batch each for D and for E+G).")
+    steps: int = Field(1000, ge=1, description="Optimisation steps of the GAN (one batch each for D and for "
+                       "E+G, or G for AnoGAN); AnoGAN's encoder steps come after (anogan.encoder_steps).")
     batch_size: int = Field(16, ge=2, le=1024, description="Images per step.")
     lr: float = Field(5e-4, gt=0.0, description="Adam learning rate for E and G.")
     lr_d: float = Field(5e-4, gt=0.0, description="Adam learning rate for D.")
     beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam beta1 (0.5 as in DCGAN/BiGAN).")
     recon_weight: float = Field(
         100.0, ge=0.0,
-        description="Weight of an explicit L1 term |x - G(E(x))| in the E+G loss; 0 = pure BiGAN losses.")
+        description="Efficient GAN: weight of an explicit L1 term |x - G(E(x))| in the E+G loss; 0 = pure BiGAN "
+        "losses. AnoGAN ignores it (its G never sees real images).")
     seed: int = Field(0, description="Seed for torch, numpy and python; also chooses the held-out images.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available, else CPU.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; null = torch's default.")
     checkpoint_every: int = Field(500, ge=1, description="Write out/checkpoints/last.pt every this many steps.")
     log_every: int = Field(25, ge=1, description="Append losses to out/losses.csv every this many steps.")
+    ema_decay: float = Field(
+        0.999, ge=0.0, lt=1.0,
+        description="Exponential moving average of the weights, used for scoring, calibration and export "
+        "(the reference implementation scores with 0.999); 0 = score with the last weights.")
+    validate_every: int = Field(
+        0, ge=0, description="Every this many steps, the mean residual of the held-out normals (validation "
+        "loss, written to losses.csv); 0 = never. Only normal data: the test set is never looked at.")
+    keep: Literal["last", "best"] = Field(
+        "last", description="Weights to keep: last = at the final step; best = at the lowest validation loss "
+        "(needs validate_every > 0).")
+    early_stop_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without improvement; null = never "
+        "(needs validate_every > 0).")
+
+
+class AnoGANSection(_Section):
+    encoder_steps: int = Field(
+        1000, ge=0, description="Steps of encoder training after the GAN (G and D frozen; izi_f loss); "
+        "the one-pass scoring and the export use this encoder.")
+    encoder_lr: float = Field(1e-3, gt=0.0, description="Adam learning rate for the encoder.")
+    encoder_kappa: float = Field(
+        1.0, ge=0.0, description="Weight of D's feature distance in the encoder loss "
+        "mean |x - G(E(x))| + kappa * mean |f(x) - f(G(E(x)))|.")
+    search_steps: int = Field(500, ge=1, description="Gradient steps on z per image for latent-search scoring.")
+    search_lr: float = Field(0.05, gt=0.0, description="Adam learning rate on z in the latent search.")
+
+
+class OCNNSection(_Section):
+    enabled: bool = Field(False, description="Train a one-class network (OC-NN, seed 004) on the encoder's frozen "
+                          "latent codes after training; eval reports its score beside the GAN's.")
+    nu: float = Field(0.1, gt=0.0, lt=1.0, description="Share of training codes allowed outside the boundary; "
+                      "r is set to the nu-quantile of the outputs after each update.")
+    hidden: int = Field(32, ge=1, le=4096, description="Hidden units of the OC-NN.")
+    steps: int = Field(1000, ge=1, description="Full-batch Adam updates of the OC-NN.")
+    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of the OC-NN.")
 
 
 class CalibrationSection(_Section):
@@ -85,14 +136,37 @@ class CalibrationSection(_Section):
         1.0, gt=0.0, le=1.0,
         description="Quantile of all held-out normal smoothed residual pixels that maps to heatmap 1.0 (1.0 = max).")
     batch_size: int = Field(64, ge=1, description="Images per batch when scoring.")
+    threshold: Literal["normal_quantile", "f1_optimal"] = Field(
+        "normal_quantile", description="normal_quantile = the (1 - nu) quantile of held-out normal scores; "
+        "f1_optimal = the F1-maximising cut between held-out normals and the labelled anomalies in `anomalies`.")
+    anomalies: Path | None = Field(
+        None, description="Folder of labelled anomalous images for threshold: f1_optimal (never the test set).")
+
+    @model_validator(mode="after")
+    def _f1_needs_anomalies(self) -> CalibrationSection:
+        if self.threshold == "f1_optimal" and self.anomalies is None:
+            raise ValueError("threshold: f1_optimal needs calibration.anomalies, a folder of anomalous images")
+        return self
 
 
 class TrainConfig(_Section):
+    """The whole training config; `model.kind` chooses the model family."""
+
     model: ModelSection = Field(default_factory=ModelSection, description="Network and score settings.")
     data: DataSection = Field(default_factory=DataSection, description="Held-out split and augmentation.")
     train: TrainSection = Field(default_factory=TrainSection, description="Optimisation settings.")
+    anogan: AnoGANSection = Field(default_factory=AnoGANSection,
+                                  description="AnoGAN only: encoder training and latent search.")
+    ocnn: OCNNSection = Field(default_factory=OCNNSection, description="Optional OC-NN head on the latent codes.")
     calibration: CalibrationSection = Field(default_factory=CalibrationSection,
                                             description="Threshold and heatmap scale from held-out normals.")
+
+    @model_validator(mode="after")
+    def _validation_needed(self) -> TrainConfig:
+        t = self.train
+        if t.validate_every == 0 and (t.keep == "best" or t.early_stop_patience is not None):
+            raise ValueError("train.keep: best and train.early_stop_patience need train.validate_every > 0")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able dict with the file's key names (`lambda`, not `lambda_`)."""

@@ -1,8 +1,9 @@
-"""Evaluate a run on a labelled test set (MVTec AD layout) and write `run/metrics.json`.
+"""Evaluate a run on a labelled test set (MVTec AD layout) and write `run/metrics.json` and a report.
 
 The threshold comes from calibration on held-out normal training images (stored in the
-checkpoint); the test set never chooses it. The F1-optimal threshold on the test set is
-reported beside it, for information only, as `f1_optimal_threshold`.
+checkpoint); the test set never chooses it, and is read here only. The F1-optimal
+threshold on the test set is reported beside it, for information only, as
+`f1_optimal_threshold`.
 """
 
 from __future__ import annotations
@@ -74,26 +75,72 @@ def per_kind_auroc(scores: np.ndarray, labels: np.ndarray, kinds: list[str]) -> 
     return result
 
 
-def lambda_sweep(l_r: np.ndarray, l_d: np.ndarray, labels: np.ndarray) -> list[dict[str, float]]:
-    """Image AUROC for lambda = 0.0 ... 1.0 (seed 000's table), from the score parts."""
-    from sklearn.metrics import roc_auc_score
+def lambda_sweep(l_r: np.ndarray, l_d: np.ndarray, labels: np.ndarray, held_l_r: np.ndarray | None = None,
+                 held_l_d: np.ndarray | None = None, nu: float = 0.01) -> list[dict[str, float | None]]:
+    """Seed 000's table from the score parts: for lambda = 0.0 ... 1.0, image AUROC and AUPRC, and F1.
 
-    from ganspect.train.models.efficient_gan import weighted_score
+    F1 is measured at that lambda's own threshold, the (1 - nu) quantile of the held-out
+    normal scores with that lambda (when their parts are given), so that no test label
+    chooses it; the F1-optimal F1 on the test set is beside it, for information only.
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score
 
-    return [{"lambda": lam, "image_auroc": float(roc_auc_score(labels, weighted_score(l_r, l_d, lam)))}
-            for lam in LAMBDA_SWEEP]
+    from ganspect.train.calibrate import normal_quantile_threshold
+    from ganspect.train.models.common import weighted_score
+
+    rows: list[dict[str, float | None]] = []
+    for lam in LAMBDA_SWEEP:
+        scores = weighted_score(l_r, l_d, lam)
+        row: dict[str, float | None] = {
+            "lambda": lam,
+            "image_auroc": float(roc_auc_score(labels, scores)),
+            "image_auprc": float(average_precision_score(labels, scores)),
+            "f1_optimal": f1_optimal_threshold(scores, labels)[1],
+            "threshold": None,
+            "f1": None,
+        }
+        if held_l_r is not None and held_l_d is not None and len(held_l_r):
+            thr = normal_quantile_threshold(weighted_score(held_l_r, held_l_d, lam), nu)
+            row["threshold"] = thr
+            row["f1"] = image_metrics(scores, labels, thr)["f1"]
+        rows.append(row)
+    return rows
 
 
-def evaluate_run(run: Path, data: Path | None) -> dict[str, Any]:
-    """Score the run's held-out normals and the test set under `data` (default: the training data)."""
-    from ganspect.train.calibrate import score_images
+def _held_out_images(config: Any, info: dict[str, Any], size: int, channels: int) -> np.ndarray | None:
+    """The run's held-out normal training images, re-drawn exactly as training drew them; None if gone."""
+    from ganspect.train.data import load_normal_images, split_holdout
+
+    source = Path(info["source"])
+    if not source.exists():
+        return None
+    images = load_normal_images(source, size, channels)
+    _, held = split_holdout(images, config.data.holdout, config.train.seed)
+    return held.images
+
+
+def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report: bool = True) -> dict[str, Any]:
+    """Score the run's held-out normals and the test set under `data` (default: the training data).
+
+    scoring "encoder" is the model's one-pass forward (the exported computation; the
+    only choice for Efficient GAN); "search" is AnoGAN's latent search, slow, with its
+    own threshold and heatmap scale from the held-out normals scored the same way.
+    Writes `metrics.json` (encoder) or `metrics_search.json` (search), and the report.
+    """
+    from ganspect.train.calibrate import choose_threshold, heatmap_scale, score_images
     from ganspect.train.data import is_mvtec_layout, load_test_set
-    from ganspect.train.loop import load_run_model, read_run_config, read_run_info
+    from ganspect.train.loop import latent_codes, load_ocnn_head, load_run_model, read_run_config, read_run_info
 
+    if scoring not in ("encoder", "search"):
+        raise GanspectError(f"--scoring must be encoder or search, got {scoring!r}")
     run = Path(run)
     config = read_run_config(run)
     info = read_run_info(run)
     model, ckpt = load_run_model(run)
+    kind = ckpt.get("kind", "efficient_gan")
+    if scoring == "search" and kind != "anogan":
+        raise GanspectError(f"--scoring search is AnoGAN's latent search; {run} holds an {kind} model "
+                            "(it scores in one pass: use --scoring encoder)")
     if not ckpt.get("calibrated"):
         raise GanspectError(f"{run}: training did not finish (no calibration yet); resume it with --resume")
     data = Path(data) if data is not None else Path(info["source"])
@@ -106,31 +153,75 @@ def evaluate_run(run: Path, data: Path | None) -> dict[str, Any]:
     if len(labels) == 0:
         raise GanspectError(f"{data}/test holds no images")
     bs = config.calibration.batch_size
-    scored = score_images(model, test.images, batch_size=bs)
-    threshold = float(model.threshold)
+    kw = dict(batch_size=bs, scoring="search" if scoring == "search" else "model",
+              search_steps=config.anogan.search_steps, search_lr=config.anogan.search_lr,
+              seed=config.train.seed, progress=True)
+    held_images = _held_out_images(config, info, size, channels)
+    held = score_images(model, held_images, **kw) if held_images is not None else None
+    scored = score_images(model, test.images, keep_recon=report, **kw)
     cal_path = run / "calibration.json"
     cal = json.loads(cal_path.read_text(encoding="utf-8")) if cal_path.is_file() else {}
+    nu = float(cal.get("nu", config.calibration.nu))
+    threshold = float(model.threshold)
+    method = cal.get("method", "normal_quantile")
+    if scoring == "search":
+        if held is None:
+            raise GanspectError(f"latent-search evaluation needs the held-out normals to set its threshold, "
+                                f"but the training data {info['source']} is gone")
+        # The search finds other reconstructions than the encoder: its scores need their own threshold.
+        method = "normal_quantile"
+        threshold = choose_threshold(held.score, nu, method)
+        scale = heatmap_scale(held.residual, config.calibration.heatmap_quantile)
+        scored.heatmap = scored.residual / scale
+        held.heatmap = held.residual / scale
 
     metrics: dict[str, Any] = image_metrics(scored.score, labels, threshold)
     metrics.update({
+        "kind": kind,
+        "scoring": scoring,
         "threshold": threshold,
-        "threshold_method": cal.get("method", "normal_quantile"),
-        "nu": cal.get("nu", config.calibration.nu),
+        "threshold_method": method,
+        "nu": nu,
         "lambda": model.cfg.lambda_,
+        "discrimination": model.cfg.discrimination,
+        "residual_reduction": model.cfg.residual_reduction,
         "n_test_good": int((labels == 0).sum()),
         "n_test_bad": int((labels == 1).sum()),
-        "n_calibration": int(cal.get("n_images", 0)),
+        "n_calibration": int(cal.get("n_images", 0)) if held is None else len(held.score),
     })
+    if held is not None:
+        metrics["false_alarm_rate_held_out"] = float((held.score > threshold).mean())
     if len(np.unique(labels)) == 2:
         thr, f1 = f1_optimal_threshold(scored.score, labels)
         metrics["f1_optimal_threshold"] = thr
         metrics["f1_at_f1_optimal"] = f1
         metrics["image_auroc_by_kind"] = per_kind_auroc(scored.score, labels, list(test.kinds))
-        metrics["lambda_sweep"] = lambda_sweep(scored.l_r, scored.l_d, labels)
+        metrics["lambda_sweep"] = lambda_sweep(
+            scored.l_r, scored.l_d, labels, None if held is None else held.l_r,
+            None if held is None else held.l_d, nu)
     metrics["pixel_auroc"] = pixel_auroc(scored.heatmap, test.masks) if test.masks is not None else None
     metrics["data"] = str(data)
+    head = load_ocnn_head(ckpt)
+    if head is not None and len(np.unique(labels)) == 2:
+        import torch
 
-    (run / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2) + "\n", encoding="utf-8")
+        with torch.no_grad():
+            ocnn_scores = head.score(latent_codes(model, test.images, batch_size=bs)).numpy()
+        ocnn = image_metrics(ocnn_scores, labels, 0.0)  # outside the boundary (r - y > 0) = anomalous
+        # Whether it helps: beside the GAN score, and as a rank average with it.
+        from scipy.stats import rankdata
+
+        combined = (rankdata(scored.score) + rankdata(ocnn_scores)) / (2 * len(labels))
+        ocnn["combined_image_auroc"] = image_metrics(combined, labels, 0.5)["image_auroc"]
+        ocnn["gan_image_auroc"] = metrics["image_auroc"]
+        metrics["ocnn"] = ocnn
+
+    name = "metrics.json" if scoring == "encoder" else "metrics_search.json"
+    (run / name).write_text(json.dumps(_json_safe(metrics), indent=2) + "\n", encoding="utf-8")
+    if report:
+        from ganspect.train.report import write_report
+
+        metrics["report"] = str(write_report(run, metrics, test, scored, held))
     return metrics
 
 
@@ -153,6 +244,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     lines = [
+        f"model           {metrics.get('kind', 'efficient_gan')}, scoring {metrics.get('scoring', 'encoder')}",
         f"test images     {metrics.get('n_test_good')} good, {metrics.get('n_test_bad')} defective",
         f"image AUROC     {fmt(metrics.get('image_auroc'))}",
         f"image AUPRC     {fmt(metrics.get('image_auprc'))}",
@@ -167,4 +259,11 @@ def format_metrics(metrics: dict[str, Any]) -> str:
                      f"F1 {fmt(metrics['f1_at_f1_optimal'])} (chosen on the test set: information only)")
     for kind, auc in (metrics.get("image_auroc_by_kind") or {}).items():
         lines.append(f"  AUROC {kind:<20} {fmt(auc)}")
+    if metrics.get("ocnn"):
+        o = metrics["ocnn"]
+        lines.append(f"OC-NN head      AUROC {fmt(o['image_auroc'])}, F1 {fmt(o['f1'])} at its boundary; "
+                     f"rank average with the GAN score: AUROC {fmt(o['combined_image_auroc'])}")
+    if metrics.get("lambda_sweep"):
+        lines.append("lambda sweep    " + "  ".join(
+            f"{r['lambda']:.1f}:{fmt(r['image_auroc'])[:5]}" for r in metrics["lambda_sweep"]) + "  (AUROC)")
     return "\n".join(lines)

@@ -1,27 +1,46 @@
-"""Training loop for Efficient GAN, with checkpoints, resume and calibration.
+"""Training loop for Efficient GAN and AnoGAN, with EMA weights, checkpoints, resume and calibration.
 
 Run folder layout (`out/`):
 
     config.yaml            the resolved config (file + overrides)
-    run.json               data source, image counts, the held-out image names
-    losses.csv             step, loss_d, loss_eg, loss_recon, seconds
-    checkpoints/last.pt    state dicts + config dicts + step + optimiser and RNG state
-    calibration.json       threshold (normal_quantile), nu, n_images, heatmap_scale
+    run.json               data source, image counts, the held-out image names, warnings
+    losses.csv             step, phase, losses, validation loss (when measured), seconds
+    checkpoints/last.pt    scoring weights (`model`), live weights, optimisers, step, RNG state
+    checkpoints/best.pt    scoring weights at the lowest validation loss (train.keep: best)
+    calibration.json       threshold (and how it was chosen), nu, n_images, heatmap_scale
 
 The checkpoint holds only tensors, dicts, lists, strings and numbers, so it loads with
-`torch.load(..., weights_only=True)`. BiGAN losses: D learns (x, E(x)) = real and
-(G(z), z) = fake; E and G learn to fool it jointly (labels swapped), plus an optional
-explicit L1 reconstruction term weighted by `train.recon_weight`.
+`torch.load(..., weights_only=True)`. Its `model` entry is always the *scoring* model:
+the exponential moving average (EMA) of the weights when `train.ema_decay` > 0, the
+live weights otherwise; `live` holds what the optimisers work on, for `--resume`.
+
+Efficient GAN (BiGAN losses): D learns (x, E(x)) = real and (G(z), z) = fake; E and G
+learn to fool it jointly (labels swapped), plus an optional explicit L1 reconstruction
+term weighted by `train.recon_weight`.
+
+AnoGAN, in two phases on one step counter: steps 0..train.steps train the DCGAN (D: x
+real, G(z) fake; G: non-saturating loss); then anogan.encoder_steps train the encoder
+with G and D frozen at their EMA weights (izi_f: mean |x - G(E(x))| + kappa * mean
+|f(x) - f(G(E(x)))|), so that AnoGAN scores in one forward pass.
+
+Only normal images are used here: validation (checkpoint selection, early stopping)
+and calibration use the held-out slice of the training normals; the test set is read by
+`ganspect eval` alone.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
+import math
 import os
 import pickle
 import random
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,27 +51,40 @@ import torch.nn.functional as F
 import yaml
 
 from ganspect.edge.errors import GanspectError
-from ganspect.train.calibrate import calibrate
+from ganspect.train.calibrate import Calibration, calibrate
 from ganspect.train.config import AugmentSection, TrainConfig, config_from_dict
+from ganspect.train.models.anogan import AnoGAN, AnoGANConfig, build_anogan, load_anogan
+from ganspect.train.models.common import ScoringModel
 from ganspect.train.models.efficient_gan import EfficientGAN, EfficientGANConfig, build_model, load_model
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "ganspect-checkpoint/1"
 CHECKPOINT = Path("checkpoints") / "last.pt"
+BEST_CHECKPOINT = Path("checkpoints") / "best.pt"
 # With fewer normal training images than this the GAN mostly memorises them; we say so.
 MIN_TRAIN_IMAGES = 30
+# Images needed per training run at each size before we stop warning: the networks gain
+# a stride-2 stage (and about four times the parameters in its widest layers) per doubling,
+# while a factory's few hundred good parts stay a few hundred.
+MIN_IMAGES_FOR_SIZE = {32: 30, 64: 30, 128: 60, 256: 120}
+LOSS_COLUMNS = ("loss_d", "loss_g", "loss_recon", "loss_feature")
 
 
-def model_config_from(config: TrainConfig) -> EfficientGANConfig:
+def model_config_from(config: TrainConfig) -> EfficientGANConfig | AnoGANConfig:
     m = config.model
     sigma = m.heatmap_sigma if m.heatmap_sigma is not None else m.image_size / 32
-    return EfficientGANConfig(
-        image_size=m.image_size, channels=m.channels, latent_dim=m.latent_dim, base_width=m.base_width,
-        lambda_=m.lambda_, discrimination=m.discrimination, residual_reduction=m.residual_reduction,
-        heatmap_sigma=sigma,
-        spectral_norm=m.spectral_norm, d_dropout=m.d_dropout, norm=m.norm,
-    )
+    common = dict(image_size=m.image_size, channels=m.channels, latent_dim=m.latent_dim, base_width=m.base_width,
+                  lambda_=m.lambda_, residual_reduction=m.residual_reduction, heatmap_sigma=sigma,
+                  spectral_norm=m.spectral_norm, norm=m.norm)
+    if m.kind == "anogan":
+        return AnoGANConfig(**common)
+    return EfficientGANConfig(**common, discrimination=m.discrimination, d_dropout=m.d_dropout)
+
+
+def build_for(config: TrainConfig) -> ScoringModel:
+    cfg = model_config_from(config)
+    return build_anogan(cfg) if isinstance(cfg, AnoGANConfig) else build_model(cfg)
 
 
 def seed_everything(seed: int) -> None:
@@ -70,12 +102,21 @@ def pick_device(choice: str) -> torch.device:
 
 
 def to_model_input(images_uint8_nhwc: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1], the same as EfficientGAN.normalise."""
-    return EfficientGAN.normalise(torch.from_numpy(images_uint8_nhwc))
+    """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1], the same as the models' normalise."""
+    return ScoringModel.normalise(torch.from_numpy(images_uint8_nhwc))
+
+
+def progress_bar(total: int, initial: int = 0, desc: str = "train", unit: str = "step") -> Any:
+    """A tqdm bar that redraws often on a terminal and rarely (every 30 s) into a log file."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=tty,
+                mininterval=0.5 if tty else 30.0, maxinterval=60.0 if tty else 600.0)
 
 
 def augment(x: torch.Tensor, cfg: AugmentSection) -> torch.Tensor:
-    """Random flips, shifts (border replicated) and brightness on a (N, C, H, W) batch in [-1, 1]."""
+    """Random flips, shift/rotation (border replicated), brightness and contrast on (N, C, H, W) in [-1, 1]."""
     n = x.shape[0]
     if cfg.hflip:
         flip = torch.rand(n, device=x.device) < 0.5
@@ -83,27 +124,39 @@ def augment(x: torch.Tensor, cfg: AugmentSection) -> torch.Tensor:
     if cfg.vflip:
         flip = torch.rand(n, device=x.device) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(2), x)
-    if cfg.shift:
-        s = cfg.shift
+    if cfg.shift or cfg.rotation:
         h, w = x.shape[2:]
-        padded = F.pad(x, (s, s, s, s), mode="replicate")  # (N, C, H+2s, W+2s)
-        offsets = torch.randint(0, 2 * s + 1, (n, 2)).tolist()
-        x = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+        angle = (torch.rand(n, device=x.device) * 2 - 1) * math.radians(cfg.rotation)
+        # affine_grid works in [-1, 1] coordinates: a shift of s pixels is 2 s / side.
+        shift = (torch.rand(n, 2, device=x.device) * 2 - 1) * cfg.shift
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([
+            torch.stack([cos, -sin, shift[:, 0] * 2 / w], dim=1),
+            torch.stack([sin, cos, shift[:, 1] * 2 / h], dim=1),
+        ], dim=1)  # (N, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if cfg.brightness:
         gain = 1.0 + (torch.rand(n, 1, 1, 1, device=x.device) * 2 - 1) * cfg.brightness
         x = ((x + 1.0) * gain - 1.0).clamp(-1.0, 1.0)
+    if cfg.contrast:
+        factor = 1.0 + (torch.rand(n, 1, 1, 1, device=x.device) * 2 - 1) * cfg.contrast
+        x = (x * factor).clamp(-1.0, 1.0)  # 0 is mid-grey in [-1, 1]
     return x
 
 
-def refresh_generator_batchnorm(model: EfficientGAN, x: torch.Tensor, batch_size: int = 64) -> None:
-    """Re-estimate G's BatchNorm running statistics on reconstructions G(E(x)) of training images.
+def refresh_batchnorm(model: ScoringModel, x: torch.Tensor, batch_size: int = 64, seed: int = 0) -> None:
+    """Re-estimate the BatchNorm running statistics of E and G on what they see at inference.
 
-    While training, G also runs on prior samples z ~ N(0, I) for the adversarial game, so
-    its running statistics mix two distributions; at inference G only ever sees E(x).
-    Recomputing them on E(x) alone ("precise BN") makes eval-mode reconstructions match
-    what the reconstruction loss trained. A no-op for GroupNorm or no normalisation.
+    Efficient GAN: while training, G also runs on prior samples z ~ N(0, I) for the
+    adversarial game, so its running statistics mix two distributions; at inference G
+    only ever sees E(x). AnoGAN: G's inference inputs are prior-like codes, E's are the
+    training images. Running statistics accumulated under momentum also lag the EMA
+    weights that score. Recomputing them ("precise BN") makes eval-mode outputs match the
+    weights. A no-op for GroupNorm or no normalisation.
     """
-    norms = [m for m in model.generator.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    norms = [m for part in (model.encoder, model.generator) for m in part.modules()
+             if isinstance(m, torch.nn.BatchNorm2d)]
     if not norms:
         return
     was_training = model.training
@@ -113,12 +166,49 @@ def refresh_generator_batchnorm(model: EfficientGAN, x: torch.Tensor, batch_size
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches below
         m.train()
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            model.generator(model.encoder(x[start:start + batch_size]))
+            batch = x[start:start + batch_size]
+            z = model.encoder(batch)
+            if isinstance(model, AnoGAN):
+                z = torch.randn(z.shape, generator=gen).to(z.device)  # AnoGAN's G is trained on the prior
+            model.generator(z)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.train(was_training)
+
+
+# The former name, kept for callers written against the first trainer.
+refresh_generator_batchnorm = refresh_batchnorm
+
+
+class EMA:
+    """Exponential moving average of a model's parameters; buffers are copied as they are.
+
+    The decay warms up as min(decay, (1 + t) / (10 + t)) (TensorFlow's num_updates rule),
+    so that the average does not keep the random initial weights for thousands of steps.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        self.model.requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for p_ema, p in zip(self.model.parameters(), model.parameters()):
+            p_ema.lerp_(p.detach(), 1.0 - d)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module, part: str) -> None:
+        """Copy the averaged weights of one sub-network (e.g. "generator") into `model`."""
+        model.get_submodule(part).load_state_dict(self.model.get_submodule(part).state_dict())
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -149,53 +239,120 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def load_run_model(run: Path) -> tuple[EfficientGAN, dict[str, Any]]:
-    """The trained (and, if training finished, calibrated) model of a run folder, in eval mode."""
+def model_from_checkpoint(ckpt: dict[str, Any]) -> ScoringModel:
+    """The scoring model of a checkpoint dict, whichever kind it holds."""
+    kind = ckpt.get("kind", "efficient_gan")
+    if kind == "anogan":
+        return load_anogan(ckpt)
+    if kind == "efficient_gan":
+        return load_model(ckpt)
+    raise GanspectError(f"checkpoint holds an unknown model kind {kind!r}")
+
+
+def load_run_model(run: Path) -> tuple[ScoringModel, dict[str, Any]]:
+    """The trained (and, if training finished, calibrated) scoring model of a run folder, in eval mode.
+
+    For either kind it is a module whose `forward(uint8 NHWC)` returns (score, heatmap)
+    in one pass: Efficient GAN's E -> G -> D, or AnoGAN's encoder -> G -> D.
+    """
     ckpt = load_checkpoint(Path(run) / CHECKPOINT)
-    model = load_model(ckpt)
+    model = model_from_checkpoint(ckpt)
     model.eval()
     return model, ckpt
 
 
 class _Trainer:
-    """Holds the model, optimisers and step counter of one run."""
+    """Holds the model, its EMA, the optimisers and the step counter of one run."""
 
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
-        self.model = build_model(model_config_from(config)).to(device)
+        self.kind = config.model.kind
+        self.model = build_for(config).to(device)
         t = config.train
         m = self.model
-        self.opt_d = torch.optim.Adam(m.discriminator.parameters(), lr=t.lr_d, betas=(t.beta1, 0.999))
-        self.opt_eg = torch.optim.Adam(
-            list(m.encoder.parameters()) + list(m.generator.parameters()), lr=t.lr, betas=(t.beta1, 0.999))
+        betas = (t.beta1, 0.999)
+        self.opt_d = torch.optim.Adam(m.discriminator.parameters(), lr=t.lr_d, betas=betas)
+        if self.kind == "anogan":
+            self.opt_g = torch.optim.Adam(m.generator.parameters(), lr=t.lr, betas=betas)
+            self.opt_e = torch.optim.Adam(m.encoder.parameters(), lr=config.anogan.encoder_lr, betas=(0.9, 0.999))
+            self.optimisers = {"opt_d": self.opt_d, "opt_g": self.opt_g, "opt_e": self.opt_e}
+        else:
+            self.opt_eg = torch.optim.Adam(
+                list(m.encoder.parameters()) + list(m.generator.parameters()), lr=t.lr, betas=betas)
+            self.optimisers = {"opt_d": self.opt_d, "opt_eg": self.opt_eg}
+        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.step = 0
         self.calibrated = False
+        self.best_val = math.inf
+        self.best_step = -1
+        self.bad_validations = 0
+        self.stopped_early = False
+
+    @property
+    def gan_steps(self) -> int:
+        return self.config.train.steps
+
+    @property
+    def total_steps(self) -> int:
+        extra = self.config.anogan.encoder_steps if self.kind == "anogan" else 0
+        return self.gan_steps + extra
+
+    def phase(self) -> str:
+        return "encoder" if self.kind == "anogan" and self.step >= self.gan_steps else "gan"
+
+    @property
+    def scoring_model(self) -> ScoringModel:
+        return self.ema.model if self.ema is not None else self.model
 
     def state(self, data_info: dict[str, Any]) -> dict[str, Any]:
-        return {
+        state = {
             "format": CHECKPOINT_FORMAT,
-            "kind": "efficient_gan",
+            "kind": self.kind,
             "model_config": self.model.cfg.to_dict(),
             "train_config": self.config.to_dict(),
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "opt_d": self.opt_d.state_dict(),
-            "opt_eg": self.opt_eg.state_dict(),
+            "model": {k: v.detach().cpu() for k, v in self.scoring_model.state_dict().items()},
+            "live": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "ema_updates": self.ema.updates if self.ema is not None else 0,
             "step": self.step,
             "rng": torch.get_rng_state(),
             "calibrated": self.calibrated,
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "bad_validations": self.bad_validations,
+            "stopped_early": self.stopped_early,
             "data": data_info,
         }
+        state.update({name: opt.state_dict() for name, opt in self.optimisers.items()})
+        return state
 
     def restore(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.opt_d.load_state_dict(ckpt["opt_d"])
-        self.opt_eg.load_state_dict(ckpt["opt_eg"])
+        self.model.load_state_dict(ckpt.get("live", ckpt["model"]))
+        if self.ema is not None:
+            self.ema.model.load_state_dict(ckpt["model"])
+            self.ema.updates = int(ckpt.get("ema_updates", ckpt["step"]))
+        for name, opt in self.optimisers.items():
+            opt.load_state_dict(ckpt[name])
         self.step = int(ckpt["step"])
+        self.best_val = float(ckpt.get("best_val", math.inf))
+        self.best_step = int(ckpt.get("best_step", -1))
+        self.bad_validations = int(ckpt.get("bad_validations", 0))
+        self.stopped_early = bool(ckpt.get("stopped_early", False))
         torch.set_rng_state(ckpt["rng"])
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
-        """One D update and one E+G update on a (N, C, H, W) batch in [-1, 1]."""
+        """One optimisation step on a (N, C, H, W) batch in [-1, 1]; then the EMA follows."""
+        if self.kind == "anogan":
+            losses = self._encoder_step(x) if self.phase() == "encoder" else self._dcgan_step(x)
+        else:
+            losses = self._bigan_step(x)
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return losses
+
+    def _bigan_step(self, x: torch.Tensor) -> dict[str, float]:
+        """One D update and one E+G update (Efficient GAN)."""
         m = self.model
         n = x.shape[0]
         ones = torch.ones(n, device=self.device)
@@ -229,8 +386,64 @@ class _Trainer:
         self.opt_eg.zero_grad(set_to_none=True)
         loss_eg.backward()
         self.opt_eg.step()
-        self.step += 1
-        return {"loss_d": loss_d.item(), "loss_eg": loss_adv.item(), "loss_recon": loss_recon.item()}
+        return {"loss_d": loss_d.item(), "loss_g": loss_adv.item(), "loss_recon": loss_recon.item()}
+
+    def _dcgan_step(self, x: torch.Tensor) -> dict[str, float]:
+        """One D update and one G update (AnoGAN's DCGAN, non-saturating G loss)."""
+        m = self.model
+        n = x.shape[0]
+        ones = torch.ones(n, device=self.device)
+        zeros = torch.zeros(n, device=self.device)
+        z = torch.randn(n, m.cfg.latent_dim, device=self.device)
+        with torch.no_grad():
+            x_gen = m.generator(z)
+        logit_real, _ = m.discriminator(x)
+        logit_fake, _ = m.discriminator(x_gen)
+        loss_d = (F.binary_cross_entropy_with_logits(logit_real, ones)
+                  + F.binary_cross_entropy_with_logits(logit_fake, zeros))
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+
+        logit_fake, _ = m.discriminator(m.generator(z))
+        loss_g = F.binary_cross_entropy_with_logits(logit_fake, ones)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+        return {"loss_d": loss_d.item(), "loss_g": loss_g.item()}
+
+    def start_encoder_phase(self) -> None:
+        """Freeze G and D at the weights that will score (their EMA) before the encoder learns."""
+        if self.ema is not None:
+            self.ema.copy_to(self.model, "generator")
+            self.ema.copy_to(self.model, "discriminator")
+
+    def _encoder_step(self, x: torch.Tensor) -> dict[str, float]:
+        """izi_f: E learns x -> z with G and D frozen (eval mode: no BatchNorm updates in G)."""
+        m = self.model
+        m.generator.eval().requires_grad_(False)
+        m.discriminator.eval().requires_grad_(False)
+        m.encoder.train()
+        recon = m.generator(m.encoder(x))
+        loss_recon = (x - recon).abs().mean()
+        loss_feature = (m.discriminator.features(x) - m.discriminator.features(recon)).abs().mean()
+        loss = loss_recon + self.config.anogan.encoder_kappa * loss_feature
+        self.opt_e.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_e.step()
+        return {"loss_recon": loss_recon.item(), "loss_feature": loss_feature.item()}
+
+    def validation_loss(self, x_train: torch.Tensor, x_val: torch.Tensor, batch_size: int) -> float:
+        """Mean absolute residual of the held-out normals under the scoring weights (fresh BatchNorm stats)."""
+        probe = copy.deepcopy(self.scoring_model)
+        refresh_batchnorm(probe, x_train[:512], batch_size=batch_size, seed=self.config.train.seed)
+        probe.eval()
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(x_val), batch_size):
+                xb = x_val[start:start + batch_size]
+                total += float((xb - probe.score_parts(xb).recon).abs().mean(dim=(1, 2, 3)).sum())
+        return total / max(1, len(x_val))
 
 
 def _write_config(out: Path, config: TrainConfig) -> None:
@@ -261,14 +474,115 @@ def _check_resume_compatible(config: TrainConfig, ckpt: dict[str, Any]) -> None:
     if saved.data.holdout != config.data.holdout or saved.train.seed != config.train.seed:
         raise GanspectError("--resume: data.holdout and train.seed must stay as in the checkpoint "
                             "(they choose the held-out images)")
+    if (saved.model.kind == "anogan" and saved.train.steps != config.train.steps
+            and int(ckpt["step"]) > min(saved.train.steps, config.train.steps)):
+        raise GanspectError("--resume: AnoGAN's encoder phase has begun; train.steps (the GAN's) can no longer change")
+    if (saved.train.ema_decay > 0) != (config.train.ema_decay > 0):
+        raise GanspectError("--resume: train.ema_decay cannot be switched on or off in a running run")
+
+
+def latent_codes(model: ScoringModel, images: np.ndarray, batch_size: int = 256,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """z = E(x) (N, latent) of uint8 (N, H, W, C) images, in eval mode, detached, on the CPU."""
+    model.eval()
+    codes = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = to_model_input(images[start:start + batch_size]).to(device)
+            codes.append(model.encoder(x).cpu())
+    return torch.cat(codes)
+
+
+def _fit_ocnn_head(config: TrainConfig, model: ScoringModel, train_images: np.ndarray, ckpt_path: Path
+                   ) -> dict[str, Any]:
+    """Fit the OC-NN on the frozen training codes and store it in the checkpoint under `ocnn`."""
+    from ganspect.train.models.ocnn import fit_ocnn
+
+    o = config.ocnn
+    device = next(model.parameters()).device
+    fit = fit_ocnn(latent_codes(model, train_images, device=device), nu=o.nu, hidden=o.hidden, steps=o.steps,
+                   lr=o.lr, seed=config.train.seed)
+    ckpt = load_checkpoint(ckpt_path)
+    ckpt["ocnn"] = {"state": {k: v.detach().cpu() for k, v in fit.model.state_dict().items()},
+                    "in_dim": int(fit.model.V.in_features), "hidden": o.hidden, "nu": o.nu}
+    save_checkpoint(ckpt_path, ckpt)
+    log.info("OC-NN head: r %.4f, %.1f %% of training codes outside (nu %.2f)",
+             float(fit.model.r), 100 * fit.outside, o.nu)
+    return {"nu": o.nu, "r": float(fit.model.r), "train_outside": fit.outside, "final_loss": fit.losses[-1]}
+
+
+def load_ocnn_head(ckpt: dict[str, Any]) -> Any:
+    """The OC-NN head stored in a checkpoint, or None."""
+    from ganspect.train.models.ocnn import OCNN
+
+    head = ckpt.get("ocnn")
+    if not head:
+        return None
+    model = OCNN(int(head["in_dim"]), int(head["hidden"]), float(head["nu"]))
+    model.load_state_dict(head["state"])
+    return model.eval()
+
+
+def _sigterm_as_interrupt() -> Any:
+    """Treat SIGTERM (kill, systemd, a batch scheduler) like Ctrl-C: save a checkpoint, then stop.
+
+    Returns the function that puts the previous handler back. Signal handlers can only be
+    set from the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def data_warnings(n_train: int, n_val: int, image_size: int, nu: float, threshold: str) -> list[str]:
+    """What is worth telling the user about the amount of data, one sentence each."""
+    warnings = []
+    need = MIN_IMAGES_FOR_SIZE.get(image_size, MIN_TRAIN_IMAGES)
+    if n_train < need:
+        warnings.append(
+            f"only {n_train} normal training images at {image_size}x{image_size} (at least {need} advised): "
+            "expect the GAN to memorise them; turn on augmentation (data.augment) or use a smaller model.image_size")
+    if threshold == "normal_quantile" and n_val * nu < 1:
+        warnings.append(
+            f"{n_val} held-out normals x nu {nu:g} = {n_val * nu:.2g} < 1: the (1 - nu) quantile lies above all "
+            f"but {n_val * nu:.2g} held-out scores, so the threshold is (nearly) their maximum and the real false-"
+            f"alarm rate is not measured; hold out at least {math.ceil(1 / nu) if nu > 0 else 'more'} normals "
+            "(data.holdout) or raise calibration.nu")
+    return warnings
 
 
 def train(config: TrainConfig, data: Path, out: Path, resume: bool = False) -> Path:
     """Train on the normal images under `data`, calibrate on a held-out slice; return the run folder."""
-    from tqdm import tqdm
-
     from ganspect.train.data import load_normal_images, split_holdout
 
+    m = config.model
+    images = load_normal_images(data, m.image_size, m.channels)
+    train_set, holdout_set = split_holdout(images, config.data.holdout, config.train.seed)
+    if len(train_set.images) < 2 or len(holdout_set.images) < 1:
+        raise GanspectError(f"{data}: {len(images.images)} normal images are too few to train and hold out; "
+                            "at least 10 are needed")
+    anomalies = None
+    if config.calibration.threshold == "f1_optimal":
+        assert config.calibration.anomalies is not None  # the config validator guarantees it
+        anomalies = load_normal_images(config.calibration.anomalies, m.image_size, m.channels).images
+    return train_arrays(config, train_set.images, holdout_set.images, out, resume=resume,
+                        source=str(Path(data).resolve()), holdout_names=list(holdout_set.names),
+                        anomaly_images=anomalies)
+
+
+def train_arrays(config: TrainConfig, train_images: np.ndarray, holdout_images: np.ndarray, out: Path,
+                 resume: bool = False, source: str = "arrays", holdout_names: list[str] | None = None,
+                 anomaly_images: np.ndarray | None = None) -> Path:
+    """Train on uint8 (N, H, W, C) normal images, calibrate on the held-out ones; return the run folder.
+
+    `anomaly_images` (labelled anomalies, never test images) are needed only for
+    calibration.threshold: f1_optimal. The benchmarks call this directly with MNIST arrays.
+    """
     out = Path(out)
     ckpt_path = out / CHECKPOINT
     if resume and not ckpt_path.is_file():
@@ -283,17 +597,12 @@ def train(config: TrainConfig, data: Path, out: Path, resume: bool = False) -> P
     seed_everything(t.seed)
 
     m = config.model
-    images = load_normal_images(data, m.image_size, m.channels)
-    train_set, holdout_set = split_holdout(images, config.data.holdout, t.seed)
-    if len(train_set.images) < 2 or len(holdout_set.images) < 1:
-        raise GanspectError(f"{data}: {len(images.images)} normal images are too few to train and hold out; "
-                            "at least 10 are needed")
-    if len(train_set.images) < MIN_TRAIN_IMAGES:
-        log.warning("only %d normal training images at %dx%d: expect memorisation; augmentation helps",
-                    len(train_set.images), m.image_size, m.image_size)
+    warnings = data_warnings(len(train_images), len(holdout_images), m.image_size, config.calibration.nu,
+                             config.calibration.threshold)
+    for line in warnings:
+        log.warning("%s", line)
 
-    data_info = {"source": str(Path(data).resolve()), "n_train": len(train_set.images),
-                 "n_val": len(holdout_set.images)}
+    data_info = {"source": source, "n_train": len(train_images), "n_val": len(holdout_images)}
     trainer = _Trainer(config, device)
     if resume:
         ckpt = load_checkpoint(ckpt_path)
@@ -304,29 +613,51 @@ def train(config: TrainConfig, data: Path, out: Path, resume: bool = False) -> P
     out.mkdir(parents=True, exist_ok=True)
     _write_config(out, config)
     (out / "run.json").write_text(json.dumps({
-        **data_info, "device": str(device), "holdout_names": list(holdout_set.names),
+        **data_info, "kind": m.kind, "device": str(device), "warnings": warnings,
+        "holdout_names": list(holdout_names or []),
     }, indent=2) + "\n", encoding="utf-8")
 
-    x_all = to_model_input(train_set.images).to(device)  # (N, C, H, W), small data sets fit in memory
+    x_all = to_model_input(train_images).to(device)  # (N, C, H, W), small data sets fit in memory
+    x_val = to_model_input(holdout_images).to(device)
     losses_path = out / "losses.csv"
     new_file = not losses_path.exists() or not resume
     started = time.monotonic()
-    bar = tqdm(total=t.steps, initial=min(trainer.step, t.steps), desc="train", unit="step",
-               dynamic_ncols=True, mininterval=0.5)
+    total = trainer.total_steps
+    bar = progress_bar(total, initial=min(trainer.step, total), desc=f"train {m.kind}")
+    best_path = out / BEST_CHECKPOINT
+    restore_sigterm = _sigterm_as_interrupt()
     try:
         with open(losses_path, "w" if new_file else "a", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             if new_file:
-                writer.writerow(["step", "loss_d", "loss_eg", "loss_recon", "seconds"])
+                writer.writerow(["step", "phase", *LOSS_COLUMNS, "val_loss", "seconds"])
             trainer.model.train()
-            while trainer.step < t.steps:
+            while trainer.step < total and not trainer.stopped_early:
+                if trainer.kind == "anogan" and trainer.step == trainer.gan_steps:
+                    trainer.start_encoder_phase()
+                phase = trainer.phase()
                 idx = torch.randint(0, len(x_all), (min(t.batch_size, len(x_all)),), device=device)
                 losses = trainer.train_step(augment(x_all[idx], config.data.augment))
                 bar.update(1)
-                if trainer.step % t.log_every == 0 or trainer.step == t.steps:
-                    bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in losses.items()})
-                    writer.writerow([trainer.step, *(f"{losses[k]:.5f}" for k in ("loss_d", "loss_eg", "loss_recon")),
-                                     f"{time.monotonic() - started:.1f}"])
+                val = None
+                validating = t.validate_every and trainer.step % t.validate_every == 0 and (
+                    trainer.kind != "anogan" or trainer.phase() == "encoder" and trainer.step > trainer.gan_steps)
+                if validating:
+                    val = trainer.validation_loss(x_all, x_val, config.calibration.batch_size)
+                    if val < trainer.best_val:
+                        trainer.best_val, trainer.best_step, trainer.bad_validations = val, trainer.step, 0
+                        save_checkpoint(best_path, trainer.state(data_info))
+                    else:
+                        trainer.bad_validations += 1
+                        if t.early_stop_patience and trainer.bad_validations >= t.early_stop_patience:
+                            trainer.stopped_early = True
+                            log.info("early stop at step %d: no better validation loss since step %d",
+                                     trainer.step, trainer.best_step)
+                if trainer.step % t.log_every == 0 or trainer.step == total or val is not None:
+                    bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
+                    writer.writerow([trainer.step, phase,
+                                     *(f"{losses[k]:.5f}" if k in losses else "" for k in LOSS_COLUMNS),
+                                     "" if val is None else f"{val:.5f}", f"{time.monotonic() - started:.1f}"])
                     f.flush()
                 if trainer.step % t.checkpoint_every == 0:
                     save_checkpoint(ckpt_path, trainer.state(data_info))
@@ -335,15 +666,29 @@ def train(config: TrainConfig, data: Path, out: Path, resume: bool = False) -> P
         save_checkpoint(ckpt_path, trainer.state(data_info))
         log.warning("interrupted at step %d; checkpoint saved, continue with --resume", trainer.step)
         raise
+    finally:
+        restore_sigterm()
     bar.close()
 
-    refresh_generator_batchnorm(trainer.model, x_all, batch_size=config.calibration.batch_size)
-    cal = calibrate(trainer.model, holdout_set.images, nu=config.calibration.nu,
+    scoring = trainer.scoring_model
+    if t.keep == "best" and best_path.is_file():
+        best = load_checkpoint(best_path)
+        scoring.load_state_dict(best["model"])
+        log.info("keeping the weights of step %d (lowest validation loss %.5f)", trainer.best_step, trainer.best_val)
+    refresh_batchnorm(scoring, x_all, batch_size=config.calibration.batch_size, seed=t.seed)
+    cal = calibrate(scoring, holdout_images, nu=config.calibration.nu,
                     quantile=config.calibration.heatmap_quantile, batch_size=config.calibration.batch_size,
-                    device=device)
+                    device=device, anomaly_images=anomaly_images, method=config.calibration.threshold)
     trainer.calibrated = True
     save_checkpoint(ckpt_path, trainer.state(data_info))
-    (out / "calibration.json").write_text(json.dumps(cal.to_dict(), indent=2) + "\n", encoding="utf-8")
-    log.info("trained %d steps; threshold %.5f (nu %.3f on %d held-out normals), heatmap scale %.5f",
-             trainer.step, cal.threshold, cal.nu, cal.n_images, cal.heatmap_scale)
+    cal_dict = cal.to_dict()
+    cal_dict["kept_step"] = trainer.best_step if t.keep == "best" and best_path.is_file() else trainer.step
+    if config.ocnn.enabled:
+        cal_dict["ocnn"] = _fit_ocnn_head(config, scoring, train_images, ckpt_path)
+    (out / "calibration.json").write_text(json.dumps(cal_dict, indent=2) + "\n", encoding="utf-8")
+    log.info("trained %d steps; threshold %.5f (%s, nu %.3f on %d held-out normals), heatmap scale %.5f",
+             trainer.step, cal.threshold, cal.method, cal.nu, cal.n_images, cal.heatmap_scale)
     return out
+
+
+__all__ = ["Calibration", "EfficientGAN", "AnoGAN", "load_run_model", "train", "train_arrays"]

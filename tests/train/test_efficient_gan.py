@@ -132,3 +132,22 @@ def test_checkpoint_round_trip_with_weights_only() -> None:
     with torch.no_grad():
         for a, b in zip(model(batch), restored(batch)):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_cross_entropy_discrimination_is_bce_of_d_against_real(lam: float) -> None:
+    model = tiny(lambda_=lam, residual_reduction="mean", discrimination="cross_entropy")
+    batch = images(4, 32, 1)
+    with torch.no_grad():
+        score, _ = model(batch)
+        x = batch.float().permute(0, 3, 1, 2) / 127.5 - 1
+        z = model.encoder(x)
+        logit = model.discriminator.head(model.discriminator.features(x, z)).squeeze(1)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, torch.ones(4), reduction="none")
+        l_r = (x - model.generator(z)).abs().mean(dim=(1, 2, 3))
+    torch.testing.assert_close(score, l_r if lam == 0.0 else bce)
+
+
+def test_unknown_discrimination_is_refused() -> None:
+    with pytest.raises(ValueError, match="discrimination"):
+        EfficientGANConfig(discrimination="wasserstein")

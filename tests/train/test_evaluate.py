@@ -14,6 +14,7 @@ from ganspect.train.evaluate import (
     f1_optimal_threshold,
     format_metrics,
     image_metrics,
+    lambda_sweep,
     per_kind_auroc,
     pixel_auroc,
 )
@@ -78,3 +79,46 @@ def test_evaluate_run_writes_metrics(tmp_path: Path) -> None:
     assert [row["lambda"] for row in written["lambda_sweep"]] == pytest.approx([i / 10 for i in range(11)])
     text = format_metrics(metrics)
     assert "image AUROC" in text and "pixel AUROC" in text
+    # Each lambda has its own held-out threshold and F1 at it.
+    assert all(row["threshold"] is not None and 0.0 <= row["f1"] <= 1.0 for row in written["lambda_sweep"])
+    assert written["scoring"] == "encoder" and written["kind"] == "efficient_gan"
+    assert 0.0 <= written["false_alarm_rate_held_out"] <= 1.0
+
+    report = run / "report"
+    text = (report / "report.md").read_text(encoding="utf-8")
+    for png in ("losses.png", "scores.png", "roc_pr.png", "lambda_sweep.png", "examples.png"):
+        assert (report / png).stat().st_size > 5000, png
+        assert f"]({png})" in text
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| image AUROC |" in text
+
+
+def test_lambda_sweep_by_hand() -> None:
+    l_r = np.array([0.1, 0.2, 0.9, 0.8])
+    l_d = np.array([0.9, 0.8, 0.1, 0.2])
+    labels = np.array([0, 0, 1, 1])
+    held_r = np.array([0.1, 0.3])
+    held_d = np.array([0.5, 0.7])
+    rows = lambda_sweep(l_r, l_d, labels, held_r, held_d, nu=0.0)
+    assert [r["lambda"] for r in rows] == pytest.approx([i / 10 for i in range(11)])
+    # lambda 0: the residual alone separates perfectly; lambda 1: the feature distance ranks backwards.
+    assert rows[0]["image_auroc"] == pytest.approx(1.0) and rows[10]["image_auroc"] == pytest.approx(0.0)
+    # Thresholds: max of the held-out scores (nu = 0): lambda 0 -> 0.3; lambda 1 -> 0.7.
+    assert rows[0]["threshold"] == pytest.approx(0.3) and rows[10]["threshold"] == pytest.approx(0.7)
+    assert rows[0]["f1"] == pytest.approx(1.0)  # 0.9, 0.8 > 0.3; 0.1, 0.2 are not
+    # lambda 1: scores 0.9, 0.8 (normals) > 0.7 are NG, anomalies 0.1, 0.2 are not: F1 0.
+    assert rows[10]["f1"] == pytest.approx(0.0)
+    # lambda 0.5: every image scores 0.5, held-out 0.3 and 0.5 -> threshold 0.5 -> nothing NG.
+    assert rows[5]["threshold"] == pytest.approx(0.5) and rows[5]["f1"] == pytest.approx(0.0)
+    assert lambda_sweep(l_r, l_d, labels)[0]["f1"] is None
+
+
+def test_latent_search_evaluation_is_refused_for_efficient_gan(tmp_path: Path, ganspect_cli) -> None:
+    data = tmp_path / "parts32"
+    synthesize_dataset(data, size=32, n_train=12, n_test_good=2, n_test_bad=2, seed=1)
+    config = config_from_dict({"model": {"image_size": 32, "channels": 1, "latent_dim": 8, "base_width": 8},
+                               "train": {"steps": 1, "batch_size": 4, "threads": 2}})
+    run = train(config, data=data, out=tmp_path / "run")
+    proc = ganspect_cli("eval", str(run), "--scoring", "search")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "latent search" in proc.stderr and "efficient_gan" in proc.stderr

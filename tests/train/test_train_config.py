@@ -74,3 +74,10 @@ def test_every_field_has_a_description() -> None:
                 walk(annotation)
 
     walk(TrainConfig)
+
+
+def test_shipped_anogan_config_validates() -> None:
+    config = load_train_config(REPO / "configs" / "train" / "anogan.yaml", [])
+    assert config.model.kind == "anogan" and config.model.discrimination == "feature_matching"
+    assert config.anogan.search_steps == 500
+    assert config.train.ema_decay == pytest.approx(0.999)

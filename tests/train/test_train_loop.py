@@ -114,3 +114,32 @@ def test_interrupt_saves_a_checkpoint(data: Path, tmp_path: Path, monkeypatch: p
         loop.train(tiny_config(steps=50, checkpoint_every=100), data=data, out=out)
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 5 and ckpt["calibrated"] is False
+
+
+def test_sigterm_saves_a_checkpoint(data: Path, tmp_path: Path) -> None:
+    """A real `ganspect train` subprocess stopped with SIGTERM, as kill or systemd would stop it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    raw = json.loads(json.dumps(TINY))
+    raw["train"].update({"steps": 100000, "checkpoint_every": 100000})
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ganspect.edge", "train", "--config", str(config), "--data", str(data),
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "losses.csv").is_file() or len((out / "losses.csv").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "checkpoint saved" in stderr and "Traceback" not in stderr
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] >= 4 and ckpt["calibrated"] is False

@@ -1,0 +1,175 @@
+"""AnoGAN (Schlegl et al. 2017) with a one-pass encoder (f-AnoGAN's izi_f, Schlegl et al. 2019).
+
+    G: z -> x        DCGAN generator (the same network as Efficient GAN's G)
+    D: x -> real?    DCGAN discriminator; f(x) = its last conv maps, flattened, for feature matching
+    E: x -> z        encoder, trained after the GAN with G and D frozen
+
+Two ways to score an image x (in [-1, 1]), both with
+
+    A(x) = (1 - lambda) * L_R + lambda * L_D,   L_D = mean |f(x) - f(G(z))|   (feature matching)
+
+and L_R reduced from the per-pixel residual r = mean_C |x - G(z)| as in Efficient GAN
+("mean" or "peak", see ganspect.train.models.efficient_gan):
+
+- **latent search** (the paper, seeds 002 and 003): z starts from N(0, I) and follows
+  Adam on `(1 - lambda) * mean |x - G(z)| + lambda * L_D` for a set number of steps,
+  independently per image (G in eval mode, so images in a batch do not interact).
+  Slow by design: it stays on the workstation (`AnoGAN.search_parts`).
+- **one pass**: z = E(x). `AnoGAN.forward(images_uint8_nhwc)` is the edge contract
+  (uint8 NHWC in, score (N,) and heatmap (N, H, W) out), the same as Efficient GAN's,
+  with the same calibration buffers, so the export path does not care which model it has.
+
+The encoder is trained izi_f style: minimise mean |x - G(E(x))| + kappa * mean |f(x) - f(G(E(x)))|
+over the training normals, G and D frozen (f-AnoGAN uses squared errors; we use the same
+L1 distances the score uses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from ganspect.train.models.common import (
+    Encoder,
+    Generator,
+    ScoreParts,
+    ScoringModel,
+    StagedConfig,
+    check_common,
+    dcgan_init,
+)
+
+
+@dataclass
+class AnoGANConfig(StagedConfig):
+    image_size: int = 64          # square side, power of two in [32, 256]
+    channels: int = 1             # 1 gray, 3 BGR
+    latent_dim: int = 32          # seeds 002/003 used 20 and 30
+    base_width: int = 32          # feature maps of the first conv stage; doubles per stage
+    max_width: int = 512
+    lambda_: float = 0.1          # score weight of L_D
+    discrimination: str = "feature_matching"  # AnoGAN's L_D is always feature matching
+    residual_reduction: str = "peak"
+    heatmap_sigma: float = 2.0
+    spectral_norm: bool = True
+    norm: str = "batch"           # E and G normalisation
+
+    def __post_init__(self) -> None:
+        check_common(self.image_size, self.channels, self.lambda_, self.norm, self.residual_reduction)
+        if self.discrimination != "feature_matching":
+            raise ValueError(f"AnoGAN scores with feature matching only, got discrimination {self.discrimination!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AnoGANConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class ImageDiscriminator(nn.Module):
+    """D(x): DCGAN conv trunk; `features(x)` = the last conv maps flattened, (N, w_last * 16)."""
+
+    def __init__(self, cfg: AnoGANConfig) -> None:
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm if cfg.spectral_norm else (lambda m: m)
+        layers: list[nn.Module] = []
+        in_ch = cfg.channels
+        for i in range(cfg.n_stages):
+            layers += [sn(nn.Conv2d(in_ch, cfg.width(i), 4, 2, 1)), nn.LeakyReLU(0.2)]  # halves H, W
+            in_ch = cfg.width(i)
+        self.trunk = nn.Sequential(*layers)  # (N, w_last, 4, 4)
+        self.head = sn(nn.Linear(cfg.width(cfg.n_stages - 1) * 16, 1))  # (N, 1) logit
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x).flatten(1)  # (N, w_last * 16)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x)
+        return self.head(f).squeeze(1), f  # logit (N,), features (N, F)
+
+
+@dataclass
+class SearchResult:
+    parts: ScoreParts
+    z: torch.Tensor                 # (N, latent) the latent codes found
+    loss_history: torch.Tensor      # (steps + 1, N) per-image search loss before each step and at the end
+
+
+class AnoGAN(ScoringModel):
+    def __init__(self, cfg: AnoGANConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.generator = Generator(cfg)
+        self.discriminator = ImageDiscriminator(cfg)
+        self.encoder = Encoder(cfg)
+        self._init_scoring(cfg.heatmap_sigma)
+
+    def parts_from_latent(self, x: torch.Tensor, z: torch.Tensor) -> ScoreParts:
+        """Score parts of images x (N, C, H, W) in [-1, 1] reconstructed from latent codes z (N, latent)."""
+        recon = self.generator(z)                                   # (N, C, H, W)
+        l_r, residual = self.residual_terms(x, recon)               # (N,), (N, H, W)
+        l_d = (self.discriminator.features(x) - self.discriminator.features(recon)).abs().mean(dim=1)  # (N,)
+        return ScoreParts(l_r=l_r, l_d=l_d, residual=residual, recon=recon)
+
+    def score_parts(self, x: torch.Tensor) -> ScoreParts:
+        """One pass: z = E(x). Call in eval mode for deterministic scores."""
+        return self.parts_from_latent(x, self.encoder(x))
+
+    def search_loss(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Per-image latent-search objective (N,): (1 - lambda) * mean |x - G(z)| + lambda * L_D."""
+        recon = self.generator(z)
+        l_r = (x - recon).abs().mean(dim=(1, 2, 3))
+        l_d = (self.discriminator.features(x) - self.discriminator.features(recon)).abs().mean(dim=1)
+        return (1.0 - self.cfg.lambda_) * l_r + self.cfg.lambda_ * l_d
+
+    def search(self, x: torch.Tensor, steps: int = 500, lr: float = 0.05,
+               generator: torch.Generator | None = None, z_init: torch.Tensor | None = None) -> SearchResult:
+        """Latent search: Adam on z for `steps` steps, each image on its own; G and D untouched.
+
+        The batch's losses are summed, so each z gets exactly its own image's gradient.
+        z starts at `z_init` or at a draw from N(0, I) (seeded by `generator`).
+        """
+        was_training = self.training
+        self.eval()
+        params = [p for p in self.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            if z_init is None:
+                z_init = torch.randn(x.shape[0], self.cfg.latent_dim, generator=generator).to(x.device)
+            z = z_init.detach().clone().requires_grad_(True)
+            opt = torch.optim.Adam([z], lr=lr)
+            history = []
+            with torch.enable_grad():
+                for _ in range(steps):
+                    loss = self.search_loss(x, z)      # (N,)
+                    history.append(loss.detach())
+                    opt.zero_grad(set_to_none=True)
+                    loss.sum().backward()
+                    opt.step()
+            with torch.no_grad():
+                history.append(self.search_loss(x, z))
+                parts = self.parts_from_latent(x, z)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+            self.train(was_training)
+        return SearchResult(parts=parts, z=z.detach(), loss_history=torch.stack(history))
+
+
+def build_anogan(cfg: AnoGANConfig) -> AnoGAN:
+    model = AnoGAN(cfg)
+    dcgan_init(model)
+    return model
+
+
+def load_anogan(checkpoint: dict[str, Any]) -> AnoGAN:
+    cfg = AnoGANConfig.from_dict(checkpoint["model_config"])
+    model = AnoGAN(cfg)
+    model.load_state_dict(checkpoint["model"])
+    return model

@@ -1,0 +1,203 @@
+"""What every ganspect scoring model shares: the edge contract and its calibration buffers.
+
+A scoring model maps uint8 NHWC images to (score (N,), heatmap (N, H, W)) in `forward`,
+with normalisation, Gaussian smoothing and heatmap scaling inside the graph. Subclasses
+implement `score_parts(x)` on normalised float input; this base turns the parts into the
+weighted score and the scaled heatmap, and holds the calibration buffers
+(`heatmap_scale`, `threshold`) that travel in checkpoints and in the exported graph.
+
+The export side relies on exactly these attributes: `cfg.image_size`, `cfg.channels`,
+`cfg.lambda_`, `cfg.residual_reduction`, `cfg.heatmap_sigma`, `cfg.discrimination`,
+and the two buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def weighted_score(l_r: Any, l_d: Any, lam: float) -> Any:
+    """A(x) = (1 - lambda) * L_R + lambda * L_D, for tensors or arrays alike: the one place it is written."""
+    return (1.0 - lam) * l_r + lam * l_d
+
+
+def gaussian_kernel_1d(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian, radius ceil(3 sigma); sigma 0 gives the identity [1]."""
+    if sigma <= 0:
+        return torch.ones(1)
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+@dataclass
+class ScoreParts:
+    """What scoring computes before weighting; evaluation uses it for the lambda sweep."""
+
+    l_r: torch.Tensor        # (N,)
+    l_d: torch.Tensor        # (N,)
+    residual: torch.Tensor   # (N, H, W) smoothed, not yet divided by heatmap_scale
+    recon: torch.Tensor      # (N, C, H, W) the reconstruction in [-1, 1]
+
+
+class ScoringModel(nn.Module):
+    """Base of EfficientGAN and AnoGAN: normalisation, smoothing, L_R, buffers, `forward`."""
+
+    cfg: Any  # a dataclass with image_size, channels, lambda_, residual_reduction, heatmap_sigma
+
+    def _init_scoring(self, heatmap_sigma: float) -> None:
+        k = gaussian_kernel_1d(heatmap_sigma)
+        # Separable smoothing as two fixed convs: (1, 1, 1, K) and (1, 1, K, 1).
+        self.register_buffer("smooth_h", k.view(1, 1, 1, -1), persistent=False)
+        self.register_buffer("smooth_v", k.view(1, 1, -1, 1), persistent=False)
+        # Calibration, set after training from held-out normals; persistent so the
+        # checkpoint and the exported graph carry them.
+        self.register_buffer("heatmap_scale", torch.tensor(1.0))
+        self.register_buffer("threshold", torch.tensor(float("inf")))
+
+    @staticmethod
+    def normalise(images_uint8_nhwc: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1], exactly x / 127.5 - 1."""
+        x = images_uint8_nhwc.to(torch.float32).permute(0, 3, 1, 2)
+        return x / 127.5 - 1.0
+
+    def smooth(self, residual: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) -> (N, H, W) Gaussian-smoothed, border pixels replicated."""
+        r = residual.unsqueeze(1)  # (N, 1, H, W)
+        pad = self.smooth_h.shape[-1] // 2
+        if pad:
+            r = F.pad(r, (pad, pad, pad, pad), mode="replicate")
+            r = F.conv2d(F.conv2d(r, self.smooth_h), self.smooth_v)
+        return r.squeeze(1)
+
+    def residual_terms(self, x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_R (N,), smoothed residual (N, H, W)) of images x against their reconstructions."""
+        per_pixel = (x - recon).abs().mean(dim=1)             # (N, H, W)
+        residual = self.smooth(per_pixel)                     # (N, H, W)
+        if self.cfg.residual_reduction == "peak":
+            l_r = residual.amax(dim=(1, 2))                   # (N,)
+        else:
+            l_r = per_pixel.mean(dim=(1, 2))                  # (N,)
+        return l_r, residual
+
+    def score_parts(self, x: torch.Tensor) -> ScoreParts:
+        raise NotImplementedError
+
+    def forward(self, images_uint8_nhwc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The edge contract: uint8 (N, H, W, C) -> score (N,), heatmap (N, H, W)."""
+        parts = self.score_parts(self.normalise(images_uint8_nhwc))
+        score = weighted_score(parts.l_r, parts.l_d, self.cfg.lambda_)
+        heatmap = parts.residual / self.heatmap_scale
+        return score, heatmap
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """Feature normalisation for encoders and generators.
+
+    BatchNorm (DCGAN's choice) reconstructed far better in our CPU-minute budget. In a
+    BiGAN, G sees batches of prior samples z ~ N(0, I) and of encodings E(x), whose
+    statistics differ, so the trainer re-estimates the running statistics on E(x) after
+    training (ganspect.train.loop.refresh_batchnorm). GroupNorm avoids the issue by
+    normalising each image on its own, but learned much more slowly here.
+    """
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels // 4), channels)
+    return nn.Identity()
+
+
+def dcgan_init(model: nn.Module) -> None:
+    """DCGAN initialisation: N(0, 0.02) convs, N(1, 0.02) normalisation scales."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+            nn.init.normal_(w, 0.0, 0.02)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class StagedConfig:
+    """Mixin for model configs: DCGAN stride-2 stages from image_size down to 4x4."""
+
+    image_size: int
+    base_width: int
+    max_width: int
+
+    @property
+    def n_stages(self) -> int:
+        """Stride-2 stages from image_size down to 4x4 (64 -> 4 stages)."""
+        return int(math.log2(self.image_size)) - 2
+
+    def width(self, stage: int) -> int:
+        return min(self.base_width * 2**stage, self.max_width)
+
+
+def check_common(image_size: int, channels: int, lambda_: float, norm: str, residual_reduction: str) -> None:
+    """Validate the settings every model config shares (ValueError names the setting)."""
+    if image_size < 32 or image_size > 256 or image_size & (image_size - 1):
+        raise ValueError(f"image_size must be a power of two from 32 to 256, got {image_size}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if not 0.0 <= lambda_ <= 1.0:
+        raise ValueError(f"lambda must be in [0, 1], got {lambda_}")
+    if norm not in ("group", "batch", "none"):
+        raise ValueError(f"norm must be group, batch or none, got {norm!r}")
+    if residual_reduction not in ("mean", "peak"):
+        raise ValueError(f"residual_reduction must be mean or peak, got {residual_reduction!r}")
+
+
+class Encoder(nn.Module):
+    """x (N, C, S, S) -> z (N, latent): DCGAN stride-2 convs down to 4x4, then 4x4 -> 1x1."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(cfg.channels, cfg.width(0), 4, 2, 1),  # w x S/2 x S/2
+            nn.LeakyReLU(0.2),
+        ]
+        for i in range(1, cfg.n_stages):
+            layers += [
+                nn.Conv2d(cfg.width(i - 1), cfg.width(i), 4, 2, 1, bias=False),  # w*2^i x S/2^(i+1)
+                norm_layer(cfg.norm, cfg.width(i)),
+                nn.LeakyReLU(0.2),
+            ]
+        # (w_last) x 4 x 4 -> latent x 1 x 1
+        layers.append(nn.Conv2d(cfg.width(cfg.n_stages - 1), cfg.latent_dim, 4, 1, 0))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten(1)  # (N, latent)
+
+
+class Generator(nn.Module):
+    """z (N, latent) -> x (N, C, S, S): the encoder's mirror image, tanh output in [-1, 1]."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        top = cfg.n_stages - 1
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(cfg.latent_dim, cfg.width(top), 4, 1, 0, bias=False),  # w_last x 4 x 4
+            norm_layer(cfg.norm, cfg.width(top)),
+            nn.ReLU(),
+        ]
+        for i in range(top, 0, -1):
+            layers += [
+                nn.ConvTranspose2d(cfg.width(i), cfg.width(i - 1), 4, 2, 1, bias=False),  # doubles H, W
+                norm_layer(cfg.norm, cfg.width(i - 1)),
+                nn.ReLU(),
+            ]
+        layers += [nn.ConvTranspose2d(cfg.width(0), cfg.channels, 4, 2, 1), nn.Tanh()]  # C x S x S
+        self.net = nn.Sequential(*layers)
+        self.latent_dim = cfg.latent_dim
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z.view(-1, self.latent_dim, 1, 1))  # (N, C, S, S)

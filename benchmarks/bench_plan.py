@@ -1,0 +1,63 @@
+"""What a quick and a full run measure, and how many times."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from benchmarks.bench_stats import Budget
+
+SECTIONS = ("inference", "edge", "search", "training", "accuracy")
+
+
+@dataclass
+class Plan:
+    mode: str                                   # quick or full
+    kinds: list[str]
+    sizes: list[int]
+    channels: list[int]
+    inference_budget: Budget
+    matmul_budget_s: float
+    matmul_n: int
+    edge_frames: int                            # throughput run, frames scored
+    edge_paced_frames: int
+    edge_paced_fps: float
+    edge_video_frames: int                      # distinct frames in the video (looped)
+    edge_cores: list[int]
+    edge_model: tuple[str, int, int]            # kind, size, channels of the daemon's bundle
+    search_size: int
+    search_steps_timed: int
+    search_steps_target: int
+    search_repeats: int
+    training_size: int
+    training_steps: int
+    training_batch: int
+    training_evaluate: bool
+    training_data: tuple[int, int, int]         # n_train, n_test_good, n_test_bad
+    profile_runs: int
+    sections: list[str] = field(default_factory=lambda: list(SECTIONS))
+
+
+def quick_plan() -> Plan:
+    return Plan(
+        mode="quick", kinds=["efficient_gan", "anogan"], sizes=[64, 128, 256], channels=[3],
+        inference_budget=Budget(seconds=0.6, min_runs=30, max_runs=400),
+        matmul_budget_s=0.8, matmul_n=512,
+        edge_frames=600, edge_paced_frames=300, edge_paced_fps=60.0, edge_video_frames=40, edge_cores=[1, 2],
+        edge_model=("efficient_gan", 64, 3),
+        search_size=64, search_steps_timed=20, search_steps_target=500, search_repeats=3,
+        training_size=128, training_steps=12, training_batch=16, training_evaluate=False,
+        training_data=(40, 4, 4), profile_runs=10,
+    )
+
+
+def full_plan() -> Plan:
+    return Plan(
+        mode="full", kinds=["efficient_gan", "anogan"], sizes=[64, 128, 256], channels=[1, 3],
+        inference_budget=Budget(seconds=5.0, min_runs=300, max_runs=3000, warmup=10),
+        matmul_budget_s=3.0, matmul_n=512,
+        edge_frames=10_000, edge_paced_frames=3000, edge_paced_fps=60.0, edge_video_frames=200,
+        edge_cores=[1, 2], edge_model=("efficient_gan", 64, 3),
+        search_size=64, search_steps_timed=500, search_steps_target=500, search_repeats=3,
+        training_size=128, training_steps=1000, training_batch=16, training_evaluate=True,
+        training_data=(400, 40, 60), profile_runs=50,
+    )

@@ -1,0 +1,94 @@
+"""The benchmark command end to end on its smallest piece, and the FLOP count it reports.
+
+No timed assertions: the figures are whatever this machine gives; what is checked is that
+the command runs from the repository root, writes RESULTS.md with the machine, the
+targets (each met, missed or not measured) and a measured inference row, and that the
+multiply-accumulate count matches a graph whose count is known by hand.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# `benchmarks` is a folder of the repository, not an installed package: `python -m pytest`
+# finds it from the root, a bare `pytest` does not.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+@pytest.mark.slow
+def test_quick_inference_piece_writes_results_file(tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "inference", "--sizes", "32", "--kinds",
+         "efficient_gan", "--channels", "3", "--budget-s", "0.05", "--min-runs", "5", "--out", str(out),
+         "--workdir", str(tmp_path / "work")],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = out.read_text(encoding="utf-8")
+
+    for heading in ("# ganspect benchmarks", "## Machine", "## Targets", "## 1. Inference",
+                    "## 2. End to end: the edge daemon", "## 3. One pass vs latent search", "## 4. Training",
+                    "## 5. Accuracy summary"):
+        assert f"\n{heading}\n" in f"\n{text}", heading
+    assert re.search(r"^- CPU: .+ logical CPU", text, re.MULTILINE)
+    assert re.search(r"^- versions: Python [\d.]+, .*onnxruntime [\d.]+", text, re.MULTILINE)
+    assert re.search(r"load average .*: [\d.]+ / [\d.]+ / [\d.]+ at start, [\d.]+ / [\d.]+ / [\d.]+ at the end", text)
+    assert re.search(r"matrix-multiply peak, 1 thread: \d+ GFLOP/s", text)
+
+    targets = re.findall(r"^\| (.+?) \| \**(met|missed|not measured)\** \| (.+) \|$", text, re.MULTILINE)
+    assert len(targets) == 7, targets
+    statements = " ".join(t[0] for t in targets)
+    for phrase in ("INT8 at least 2x faster", "256x256 colour INT8 at most 5 ms", "128x128 colour INT8 under 3 ms",
+                   "under 20 MB", ">= 60 frames per second", "under 250 MB", "300x faster"):
+        assert phrase in statements, phrase
+    # Sections this run skipped are not measured, and say why.
+    daemon = next(t for t in targets if "60 frames per second" in t[0])
+    assert daemon[1] == "not measured" and "--only" in daemon[2]
+    assert "193 ms per image on one core" in text and "16.5 GFLOP" in text
+
+    row = re.search(r"^\| efficient_gan \| 32 \| colour \| fp32 \| 1 \| ([\d.]+) \| ([\d.]+) \| (\d+) \| ([\d.]+) \|",
+                    text, re.MULTILINE)
+    assert row, text
+    median, p99, runs, gflop = float(row[1]), float(row[2]), int(row[3]), float(row[4])
+    assert 0 < median <= p99 and runs >= 5 and gflop > 0
+    # INT8 is either measured or says why it is not.
+    assert re.search(r"^\| efficient_gan \| 32 \| colour \| int8 \| (1|–) \|", text, re.MULTILINE)
+
+
+def test_graph_macs_counts_conv_convtranspose_and_gemm(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from benchmarks.bench_models import graph_macs
+
+    def weight(name: str, shape: list[int]) -> object:
+        return helper.make_tensor(name, TensorProto.FLOAT, shape, np.zeros(shape, np.float32).ravel())
+
+    nodes = [
+        # (1, 3, 16, 16) -> (1, 8, 8, 8): 8*8*8 outputs x 3*4*4 = 24,576 MACs
+        helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1]),
+        # (1, 8, 8, 8) -> (1, 4, 16, 16): 8*8*8 inputs x 4*4*4 = 32,768 MACs
+        helper.make_node("ConvTranspose", ["c1", "w2"], ["c2"], kernel_shape=[4, 4], strides=[2, 2],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Flatten", ["c2"], ["f"]),
+        # (1, 1024) x (1024, 10): 10,240 MACs
+        helper.make_node("Gemm", ["f", "w3"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "macs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
+        initializer=[weight("w1", [8, 3, 4, 4]), weight("w2", [8, 4, 4, 4]), weight("w3", [1024, 10])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "macs.onnx"
+    onnx.save(model, str(path))
+
+    macs = graph_macs(path)
+    assert macs == {"Conv": 24_576, "ConvTranspose": 32_768, "Gemm": 10_240, "MatMul": 0}

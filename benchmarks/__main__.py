@@ -125,7 +125,7 @@ def run_edge_section(r: bench_report.Results, work: Path) -> None:
     precision = "int8" if "int8" in built.files else "fp32"
     r.edge_model = f"{spec.label} {precision.upper()} (untrained)"
     _say(f"[edge] writing a 640x480 video of {plan.edge_video_frames} parts")
-    video = write_video(work / "edge" / "parts-640x480.avi", plan.edge_video_frames)
+    video = write_video(work / "edge" / "parts-640x480.avi", plan.edge_video_frames, plan.edge_paced_fps)
     broker = Broker(work / "edge")
     subscriber = Subscriber(broker.port)
     try:

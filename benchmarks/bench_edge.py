@@ -50,8 +50,11 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 # Video
 
 
-def write_video(path: Path, n_frames: int, seed: int = 0) -> Path:
+def write_video(path: Path, n_frames: int, fps: float, seed: int = 0) -> Path:
     """A 640x480 MJPG video of synthetic parts (the project's renderer), one part per frame.
+
+    `fps` goes into the header: a build whose capture paces a file like a camera (delivery
+    `latest`) reads it at that rate, so it is the paced run's rate.
 
     MJPG, as USB cameras deliver 640x480 at high rates: the daemon pays the JPEG decode a
     camera would cost it. The 480x480 rendering is widened to 640 with a reflected border.
@@ -61,7 +64,7 @@ def write_video(path: Path, n_frames: int, seed: int = 0) -> Path:
     from ganspect.train.synth import DEFECT_KINDS, render_part
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (FRAME_W, FRAME_H), True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (FRAME_W, FRAME_H), True)
     if not writer.isOpened():
         raise RuntimeError(f"OpenCV cannot write an MJPG video at {path}")
     pad = (FRAME_W - FRAME_H) // 2
@@ -193,6 +196,10 @@ def edge_config(bundle: Path, video: Path, port: int, data_dir: Path, threads: i
         "display": {"window": "off"},
         "run": {"max_frames": max_frames},
     }
+    if max_fps and _edge_has("source", "delivery"):
+        # Like a camera: frames come at their rate whether or not scoring keeps up, and the
+        # newest is scored (a file read under `every_frame` would wait for scoring instead).
+        config["source"]["delivery"] = "latest"
     if _edge_has("health", "interval_s"):
         config["health"] = {"interval_s": 2.0}  # the publish stage's timing comes from here
     if _edge_has("images", "save"):
@@ -228,6 +235,8 @@ class EdgeRun:
     offered_fps: float | None       # pace asked for (None = as fast as it goes)
     fps: float | None = None        # sustained, after warm-up
     stages: dict[str, Stats | None] = field(default_factory=dict)
+    stages_in_build: set[str] = field(default_factory=set)   # keys of this build's processing_ms
+    skipped_frames: int | None = None   # frames the capture replaced before scoring took them (health metrics)
     publish_from_metrics: dict[str, float] | None = None   # the daemon's own p50/p99 of the publish stage
     frame_to_published: Stats | None = None
     received: int = 0
@@ -307,6 +316,7 @@ def _analyse(run: EdgeRun, verdict_log: Path, subscriber: Subscriber, samples: l
     captured = np.array([_parse_time(v["captured_at"]) for v in steady])
     if len(captured) > 1 and captured[-1] > captured[0]:
         run.fps = (len(captured) - 1) / float(captured[-1] - captured[0])
+    run.stages_in_build = set(verdicts[-1].get("processing_ms", {}))
     for stage in STAGES:
         values = [v["processing_ms"].get(stage) for v in steady]
         values = [x for x in values if isinstance(x, (int, float))]
@@ -315,13 +325,17 @@ def _analyse(run: EdgeRun, verdict_log: Path, subscriber: Subscriber, samples: l
         publish = subscriber.metrics[-1].get("latency_ms", {}).get("publish")
         if isinstance(publish, dict):
             run.publish_from_metrics = {k: float(publish[k]) for k in ("p50", "p99") if k in publish}
+        camera = subscriber.metrics[-1].get("camera")
+        if isinstance(camera, dict) and isinstance(camera.get("skipped_frames"), int):
+            run.skipped_frames = camera["skipped_frames"]
     received = subscriber.received
     run.received = len(received)
     delays = [(received[str(v.get("result_id") or v.get("seq"))] - _parse_time(v["captured_at"])) * 1000.0
               for v in steady if str(v.get("result_id") or v.get("seq")) in received]
     if delays:
         run.frame_to_published = Stats.of(delays)
-    after_warm = [(n, rss) for n, rss in samples if n >= warm]
+    # Samples while it inspected: from warm-up until the last verdict (not its shutdown).
+    after_warm = [(n, rss) for n, rss in samples if warm <= n < len(verdicts)]
     if after_warm:
         run.rss_warm_mib = after_warm[0][1] / 1024
         run.rss_end_mib = after_warm[-1][1] / 1024

@@ -275,15 +275,16 @@ def _inference_section(r: Results) -> list[str]:
               "edge scorer's session options; untrained models (speed does not depend on training) built by the "
               "trainer and exported by `ganspect export`. FLOP = 2 x the multiply-accumulates of the Conv, "
               "ConvTranspose, Gemm and MatMul nodes (from the FP32 graph's shapes); % of peak against the matrix-"
-              "multiply peak at the same thread count.", "",
-              "| model | size | input | precision | threads | median ms | p99 ms | runs | GFLOP/image | GFLOP/s "
-              "| % of peak | vs reference |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "multiply peak at the same thread count. *fastest* is the quickest single run: on a shared machine, "
+              "what the model does when nothing else runs.", "",
+              "| model | size | input | precision | threads | median ms | p99 ms | fastest ms | runs | GFLOP/image "
+              "| GFLOP/s | % of peak | vs reference |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in r.built:
         s = b.spec
         for precision in PRECISIONS:
             if precision in b.unavailable:
                 lines.append(f"| {s.kind} | {s.size} | {s.colour} | {precision} | – | {b.unavailable[precision]} "
-                             "| | | | | | |")
+                             "| | | | | | | |")
                 continue
             for threads in (1, 0):
                 f = _find(r, s.kind, s.size, s.channels, precision, threads)
@@ -296,7 +297,7 @@ def _inference_section(r: Results) -> list[str]:
                     ref = f"{ref_ms / f.ms.median:.0f}x faster"
                 lines.append(
                     f"| {s.kind} | {s.size} | {s.colour} | {precision} | {threads or 'all'} | {fmt(f.ms.median)} | "
-                    f"{fmt(f.ms.p99)} | {f.ms.runs} | {2 * f.macs / 1e9:.3f} | {f.gflops:.1f} | "
+                    f"{fmt(f.ms.p99)} | {fmt(f.ms.best)} | {f.ms.runs} | {2 * f.macs / 1e9:.3f} | {f.gflops:.1f} | "
                     f"{(100 * f.gflops / peak) if peak else 0:.0f} % | {ref} |")
     lines += ["", "INT8 speed-up (FP32 median / INT8 median):", "", "| model | size | input | 1 thread | all threads |",
               "|---|---|---|---|---|"]
@@ -366,6 +367,8 @@ def _edge_section(r: Results) -> list[str]:
             elif stage == "publish" and e.publish_from_metrics:
                 cells.append(f"{fmt(e.publish_from_metrics.get('p50'))} / {fmt(e.publish_from_metrics.get('p99'))}"
                              " (health)")
+            elif stage == "overlay" and stage in e.stages_in_build:
+                cells.append("– (headless)")
             else:
                 cells.append("not in this build")
         f2p = e.frame_to_published
@@ -376,11 +379,15 @@ def _edge_section(r: Results) -> list[str]:
     for e in r.edge:
         results = ", ".join(f"{k} {v}" for k, v in sorted(e.results.items()))
         lines.append("")
+        skipped = f", {e.skipped_frames} frames skipped by the capture" if e.skipped_frames is not None else ""
         lines.append(f"- {e.cores} core(s), {e.mode}: {e.frames} verdicts ({results}), {e.received} received by the "
-                     f"subscriber, precision {e.precision or '?'}, {e.wall_s:.1f} s wall"
+                     f"subscriber{skipped}, precision {e.precision or '?'}, {e.wall_s:.1f} s wall"
                      + (f"; **{e.error}**" if e.error else ""))
     lines += ["", "Stages a build does not time say *not in this build* (the capture thread and per-stage timings "
-              "come with the edge issue). The untrained model's OK/NG split means nothing; NG images are not saved "
+              "come with the edge issue); *publish* comes from the daemon's health metrics (its last report, "
+              "the most recent frames), as the verdict is sealed before it is sent. In throughput mode a file's "
+              "frames wait in the capture's read-ahead queue, so their capture age is queueing, not camera "
+              "latency; the paced run reads the file like a camera. The untrained model's OK/NG split means nothing; NG images are not saved "
               "where the build can save them, so that the split does not change the load.", ""]
     return lines
 

@@ -14,13 +14,15 @@ class Stats:
     median: float
     p99: float
     runs: int
+    best: float = float("nan")   # the fastest run: what the machine does when nothing else runs
+
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Stats:
         if not len(values):
             raise ValueError("no measurements")
         a = np.asarray(values, dtype=np.float64)
-        return cls(median=float(np.median(a)), p99=float(np.percentile(a, 99)), runs=len(a))
+        return cls(median=float(np.median(a)), p99=float(np.percentile(a, 99)), runs=len(a), best=float(a.min()))
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ class BuiltModel:
     unavailable: dict[str, str] = field(default_factory=dict)     # precision -> why not
     build_s: float = 0.0
     params: int | None = None                                      # learned weights in the FP32 graph
+    macs_by_part: dict[str, int] = field(default_factory=dict)     # encoder, generator, discriminator, ...
     notes: list[str] = field(default_factory=list)
 
 
@@ -165,6 +166,7 @@ def build_model(spec: ModelSpec, work: Path, data: Path, latency_budget_s: float
             built.unavailable[precision] = f"the exporter wrote no {name}"
     if "fp32" in built.files:
         built.params = parameter_count(built.files["fp32"])
+        built.macs_by_part = graph_macs(built.files["fp32"], by="part")
     if "int8" in built.files:
         built.notes.append("INT8 exported with --force: the accuracy guard cannot pass on an untrained model")
     return built
@@ -196,8 +198,17 @@ def _numel(shape: list[int | None]) -> int:
     return int(np.prod([d if d else 1 for d in shape])) if shape else 1
 
 
-def graph_macs(path: Path) -> dict[str, int]:
-    """Multiply-accumulates per image (batch 1) by op type, from the ONNX graph's shapes.
+# Network parts, recognised in the names of the weights a node multiplies by (the
+# exporter keeps the PyTorch module paths, e.g. `scoring.encoder.net.0.weight`).
+PARTS = ("encoder", "generator", "discriminator", "smooth")
+
+
+def _part_of(weight_name: str) -> str:
+    return next((p for p in PARTS if p in weight_name), "other")
+
+
+def graph_macs(path: Path, by: str = "op") -> dict[str, int]:
+    """Multiply-accumulates per image (batch 1) by op type (`by="op"`) or network part (`"part"`).
 
     Conv: each output element takes C_in/groups * kH * kW MACs. ConvTranspose: each input
     element is scattered to C_out/groups * kH * kW outputs. Gemm/MatMul: M * N * K.
@@ -206,25 +217,26 @@ def graph_macs(path: Path) -> dict[str, int]:
 
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
     shapes = _shapes(model)
-    macs = {op: 0 for op in COUNTED_OPS}
+    macs = {op: 0 for op in COUNTED_OPS} if by == "op" else {part: 0 for part in (*PARTS, "other")}
     unknown = 0
     for node in model.graph.node:
         if node.op_type not in COUNTED_OPS:
             continue
+        key = node.op_type if by == "op" else _part_of(node.input[1] if len(node.input) > 1 else "")
         try:
             if node.op_type == "Conv":
                 w = shapes[node.input[1]]          # (C_out, C_in/groups, kH, kW)
-                macs["Conv"] += _numel(shapes[node.output[0]]) * _numel(w[1:])
+                macs[key] += _numel(shapes[node.output[0]]) * _numel(w[1:])
             elif node.op_type == "ConvTranspose":
                 w = shapes[node.input[1]]          # (C_in, C_out/groups, kH, kW)
-                macs["ConvTranspose"] += _numel(shapes[node.input[0]]) * _numel(w[1:])
+                macs[key] += _numel(shapes[node.input[0]]) * _numel(w[1:])
             else:
                 a, out = shapes[node.input[0]], shapes[node.output[0]]
                 k = a[-1]
                 trans_a = any(attr.name == "transA" and attr.i for attr in node.attribute)
                 if node.op_type == "Gemm" and trans_a:
                     k = a[0]
-                macs[node.op_type] += _numel(out) * int(k or 1)
+                macs[key] += _numel(out) * int(k or 1)
         except (KeyError, IndexError):
             unknown += 1
     if unknown:

@@ -315,8 +315,10 @@ def _inference_section(r: Results) -> list[str]:
         lines.append("")
         lines.append("No INT8 figures: " + next((b.unavailable["int8"] for b in r.built if "int8" in b.unavailable),
                                                 "no INT8 model was built") + ".")
-    lines += ["", "Model files:", "", "| model | size | input | parameters | FP32 file | INT8 file | INT8 bundle |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "Model files, and where the multiply-accumulates are (E encoder, G generator, D discriminator, "
+              "which scores both the image and its reconstruction; S the heatmap's Gaussian smoothing):", "",
+              "| model | size | input | parameters | FP32 file | INT8 file | INT8 bundle | MACs: E / G / D / S |",
+              "|---|---|---|---|---|---|---|---|"]
     for b in r.built:
         s = b.spec
         if b.bundle is None:
@@ -326,6 +328,9 @@ def _inference_section(r: Results) -> list[str]:
         ib = int8_bundle_bytes(b)
         cells = [f"{b.params / 1e6:.2f} M" if b.params else "–", f"{fp.stat().st_size / MB:.1f} MB" if fp else "–",
                  f"{q.stat().st_size / MB:.1f} MB" if q else "–", f"{ib / MB:.1f} MB" if ib else "–"]
+        total = sum(b.macs_by_part.values())
+        cells.append(" / ".join(f"{100 * b.macs_by_part.get(part, 0) / total:.0f} %"
+                                for part in ("encoder", "generator", "discriminator", "smooth")) if total else "–")
         lines.append(f"| {s.kind} | {s.size} | {s.colour} | " + " | ".join(cells) + " |")
     notes = sorted({n for b in r.built for n in b.notes})
     if notes:
@@ -419,8 +424,13 @@ def _search_section(r: Results) -> list[str]:
     lines.append("")
     seed = r.seed003
     if seed:
-        lines.append(f"AUROC of search vs encoder on the same data: the trainer's seed-003 experiment "
-                     f"(`benchmarks/results/{seed['file']}`), summarised in section 5.")
+        lines += [f"AUROC of search vs encoder on the same data, from the trainer's seed-003 experiment "
+                  f"(`benchmarks/results/{seed['file']}`, trained models, its own machine and settings):", "",
+                  "| unit | search AUROC | encoder AUROC | search ms/image | encoder ms/image |", "|---|---|---|---|---|"]
+        for unit, u in sorted(seed.get("units", {}).items()):
+            se, en = u.get("search") or {}, u.get("encoder") or {}
+            lines.append(f"| {unit} | {fmt(se.get('auroc'), 3)} | {fmt(en.get('auroc'), 3)} | "
+                         f"{fmt(se.get('ms_per_image'), 1)} | {fmt(en.get('ms_per_image'), 2)} |")
     else:
         lines.append("AUROC of each on the same data: not yet measured (the trainer's seed-003 experiment, "
                      "`benchmarks/seed003_anogan.py`, writes it to `benchmarks/results/`).")

@@ -98,6 +98,18 @@ def run_inference(r: bench_report.Results, work: Path) -> None:
                             threads=threads, ms=ms, macs=macs, file_bytes=path.stat().st_size))
                         _say(f"[inference]   {precision} {threads or 'all'} thread(s): median {ms.median:.2f} ms, "
                              f"p99 {ms.p99:.2f} ms ({ms.runs} runs)")
+    for kind, size, channels, overrides in plan.levers:
+        spec = ModelSpec(kind, size, channels, tuple(overrides))
+        _say(f"[levers] building {spec.label}")
+        built = build_model(spec, work, synthetic_parts(work / "data", size))
+        r.levers.append(built)
+        image = part_image(synthetic_parts(work / "data", size), channels)
+        for precision, path in built.files.items():
+            ms = time_file(path, image, 1, plan.inference_budget)
+            r.lever_figures.append(InferenceFigure(
+                label=spec.label, kind=kind, size=size, channels=channels, precision=precision, threads=1, ms=ms,
+                macs=sum(built.macs_by_part.values()), file_bytes=path.stat().st_size))
+            _say(f"[levers]   {precision} 1 thread: median {ms.median:.2f} ms")
     # The hot path of the largest Efficient GAN: INT8 when there is one (what ships), else FP32.
     largest = [b for b in r.built if b.spec.kind == "efficient_gan" and b.files]
     if largest:
@@ -174,7 +186,7 @@ def run_search_section(r: bench_report.Results, work: Path) -> None:
             label=spec.label, kind=kind, size=size, channels=3, precision="fp32", threads=1,
             ms=time_file(built.files["fp32"], image, 1, plan.inference_budget),
             macs=sum(graph_macs(built.files["fp32"]).values()), file_bytes=built.files["fp32"].stat().st_size)
-    run = work / "runs" / f"anogan-{size}-colour"
+    run = work / "runs" / ModelSpec("anogan", size, 3).folder
     _say(f"[search] timing {plan.search_steps_timed}-step latent search x {plan.search_repeats}")
     r.search = measure_search(run, image, plan.search_steps_timed, plan.search_steps_target, plan.search_repeats,
                               plan.inference_budget)

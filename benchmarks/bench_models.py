@@ -47,14 +47,24 @@ class ModelSpec:
     kind: str
     size: int
     channels: int
+    overrides: tuple[str, ...] = ()   # extra `--set` settings of a variant (a lever), e.g. model.base_width=8
 
     @property
     def colour(self) -> str:
         return "colour" if self.channels == 3 else "gray"
 
     @property
+    def variant(self) -> str:
+        return ", ".join(self.overrides)
+
+    @property
     def label(self) -> str:
-        return f"{self.kind} {self.size}x{self.size} {self.colour}"
+        return f"{self.kind} {self.size}x{self.size} {self.colour}" + (f" ({self.variant})" if self.overrides else "")
+
+    @property
+    def folder(self) -> str:
+        extra = "".join("-" + "".join(c if c.isalnum() else "_" for c in o) for o in self.overrides)
+        return f"{self.kind}-{self.size}-{self.colour}{extra}"
 
 
 @dataclass
@@ -126,7 +136,7 @@ def build_model(spec: ModelSpec, work: Path, data: Path, latency_budget_s: float
     built = BuiltModel(spec=spec, bundle=None)
     label, kind_overrides = MODEL_KINDS[spec.kind]
     overrides = [*kind_overrides, f"model.image_size={spec.size}", f"model.channels={spec.channels}",
-                 "train.steps=1", "train.batch_size=2", "train.seed=0", "train.device=cpu"]
+                 "train.steps=1", "train.batch_size=2", "train.seed=0", "train.device=cpu", *spec.overrides]
     started = time.perf_counter()
     try:
         config = load_train_config(base_config(spec.kind), overrides)
@@ -135,7 +145,7 @@ def build_model(spec: ModelSpec, work: Path, data: Path, latency_budget_s: float
         reason = f"not available in this build: the trainer does not accept it ({str(exc).split(': ', 1)[-1]})"
         built.unavailable = {p: reason for p in PRECISIONS}
         return built
-    run = work / "runs" / f"{spec.kind}-{spec.size}-{spec.colour}"
+    run = work / "runs" / spec.folder
     bundle = work / "bundles" / run.name
     int8_reason = int8_unavailable_reason()
     kwargs: dict[str, Any] = {}

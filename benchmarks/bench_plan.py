@@ -34,6 +34,8 @@ class Plan:
     training_evaluate: bool
     training_data: tuple[int, int, int]         # n_train, n_test_good, n_test_bad
     profile_runs: int
+    # Variants that show what a change would buy: (kind, size, channels, trainer --set overrides)
+    levers: list[tuple[str, int, int, list[str]]] = field(default_factory=list)
     sections: list[str] = field(default_factory=lambda: list(SECTIONS))
 
 
@@ -47,6 +49,7 @@ def quick_plan() -> Plan:
         search_size=64, search_steps_timed=20, search_steps_target=500, search_repeats=3,
         training_size=128, training_steps=12, training_batch=16, training_evaluate=False,
         training_data=(40, 4, 4), profile_runs=10,
+        levers=[("efficient_gan", 256, 3, ["model.base_width=8"])],
     )
 
 
@@ -60,4 +63,5 @@ def full_plan() -> Plan:
         search_size=64, search_steps_timed=500, search_steps_target=500, search_repeats=3,
         training_size=128, training_steps=1000, training_batch=16, training_evaluate=True,
         training_data=(400, 40, 60), profile_runs=50,
+        levers=[("efficient_gan", size, 3, ["model.base_width=8"]) for size in (128, 256)],
     )

@@ -41,6 +41,8 @@ class Results:
     elapsed_s: float = 0.0
     peaks: dict[int, MatmulPeak] = field(default_factory=dict)          # threads (1, 0 = all) -> peak
     built: list[BuiltModel] = field(default_factory=list)
+    levers: list[BuiltModel] = field(default_factory=list)
+    lever_figures: list[InferenceFigure] = field(default_factory=list)
     inference: list[InferenceFigure] = field(default_factory=list)
     profile: tuple[str, str, dict[str, float]] | None = None            # label, precision, ms by op
     edge: list[EdgeRun] = field(default_factory=list)
@@ -335,6 +337,7 @@ def _inference_section(r: Results) -> list[str]:
     notes = sorted({n for b in r.built for n in b.notes})
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
+    lines += _levers_lines(r)
     if r.profile:
         label, precision, per_op = r.profile
         total = sum(per_op.values()) or 1.0
@@ -346,6 +349,29 @@ def _inference_section(r: Results) -> list[str]:
         if rest:
             lines.append(f"| (other) | {rest:.2f} | {100 * rest / total:.0f} % |")
     return lines + [""]
+
+
+def _levers_lines(r: Results) -> list[str]:
+    if not r.levers:
+        return []
+    lines = ["", "Levers: what a change to the model would buy (same build and timing, 1 thread; accuracy of a "
+             "variant must be measured by training it):", "",
+             "| model | change | GFLOP/image | FP32 median ms | INT8 median ms | FP32 file |", "|---|---|---|---|---|---|"]
+    for b in [*[x for x in r.built if any((x.spec.kind, x.spec.size, x.spec.channels) ==
+                                          (v.spec.kind, v.spec.size, v.spec.channels) for v in r.levers)], *r.levers]:
+        s = b.spec
+        if not b.files:
+            lines.append(f"| {s.kind} {s.size} {s.colour} | {s.variant or 'none (as configured)'} | "
+                         f"{next(iter(b.unavailable.values()), '–')} | | | |")
+            continue
+        figures = r.lever_figures if s.overrides else r.inference
+        ms = {p: next((f.ms.median for f in figures if f.label == s.label and f.precision == p and f.threads == 1),
+                      None) for p in PRECISIONS}
+        total = sum(b.macs_by_part.values())
+        fp = b.files.get("fp32")
+        lines.append(f"| {s.kind} {s.size} {s.colour} | {s.variant or 'none (as configured)'} | {2 * total / 1e9:.3f} | "
+                     f"{fmt(ms['fp32'])} | {fmt(ms['int8'])} | {f'{fp.stat().st_size / MB:.1f} MB' if fp else '–'} |")
+    return lines
 
 
 def _edge_section(r: Results) -> list[str]:

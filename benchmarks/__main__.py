@@ -52,12 +52,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     plan = quick_plan() if args.quick else full_plan()
     if args.only:
         plan.sections = list(args.only)
-    if args.sizes:
-        plan.sizes = args.sizes
-    if args.kinds:
-        plan.kinds = args.kinds
-    if args.channels:
-        plan.channels = args.channels
+    if args.sizes or args.kinds or args.channels:
+        kinds = args.kinds or sorted({k for k, _, _ in plan.models})
+        sizes = args.sizes or sorted({s for _, s, _ in plan.models})
+        channels = args.channels or sorted({c for _, _, c in plan.models}, reverse=True)
+        plan.models = [(k, s, c) for k in kinds for s in sizes for c in channels]
     if args.budget_s is not None or args.min_runs is not None:
         b = plan.inference_budget
         plan.inference_budget = type(b)(seconds=args.budget_s if args.budget_s is not None else b.seconds,
@@ -71,33 +70,31 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def run_inference(r: bench_report.Results, work: Path) -> None:
-    from benchmarks.bench_inference import InferenceFigure, op_profile, time_file
+    from benchmarks.bench_inference import InferenceFigure, Profile, op_profile, time_file
     from benchmarks.bench_models import MODEL_KINDS, ModelSpec, build_model, graph_macs, part_image, synthetic_parts
 
     plan = r.plan
-    for kind in plan.kinds:
+    for kind, size, channels in plan.models:
         if kind not in MODEL_KINDS:
             raise SystemExit(f"unknown model kind {kind!r}; known: {', '.join(MODEL_KINDS)}")
-        for size in plan.sizes:
-            data = synthetic_parts(work / "data", size)
-            for channels in plan.channels:
-                spec = ModelSpec(kind, size, channels)
-                _say(f"[inference] building {spec.label}")
-                built = build_model(spec, work, data)
-                r.built.append(built)
-                if not built.files:
-                    _say(f"[inference]   {next(iter(built.unavailable.values()), 'not built')}")
-                    continue
-                macs = sum(graph_macs(built.files["fp32"]).values())
-                image = part_image(data, channels)
-                for precision, path in built.files.items():
-                    for threads in (1, 0):
-                        ms = time_file(path, image, threads, plan.inference_budget)
-                        r.inference.append(InferenceFigure(
-                            label=spec.label, kind=kind, size=size, channels=channels, precision=precision,
-                            threads=threads, ms=ms, macs=macs, file_bytes=path.stat().st_size))
-                        _say(f"[inference]   {precision} {threads or 'all'} thread(s): median {ms.median:.2f} ms, "
-                             f"p99 {ms.p99:.2f} ms ({ms.runs} runs)")
+        data = synthetic_parts(work / "data", size)
+        spec = ModelSpec(kind, size, channels)
+        _say(f"[inference] building {spec.label}")
+        built = build_model(spec, work, data)
+        r.built.append(built)
+        if not built.files:
+            _say(f"[inference]   {next(iter(built.unavailable.values()), 'not built')}")
+            continue
+        macs = sum(graph_macs(built.files["fp32"]).values())
+        image = part_image(data, channels)
+        for precision, path in built.files.items():
+            for threads in (1, 0):
+                ms = time_file(path, image, threads, plan.inference_budget)
+                r.inference.append(InferenceFigure(
+                    label=spec.label, kind=kind, size=size, channels=channels, precision=precision,
+                    threads=threads, ms=ms, macs=macs, file_bytes=path.stat().st_size))
+                _say(f"[inference]   {precision} {threads or 'all'} thread(s): median {ms.median:.2f} ms, "
+                     f"p99 {ms.p99:.2f} ms ({ms.runs} runs)")
     for kind, size, channels, overrides in plan.levers:
         spec = ModelSpec(kind, size, channels, tuple(overrides))
         _say(f"[levers] building {spec.label}")
@@ -116,8 +113,8 @@ def run_inference(r: bench_report.Results, work: Path) -> None:
         b = max(largest, key=lambda b: (b.spec.size, b.spec.channels))
         precision = "int8" if "int8" in b.files else "fp32"
         data = synthetic_parts(work / "data", b.spec.size)
-        r.profile = (b.spec.label, precision,
-                     op_profile(b.files[precision], part_image(data, b.spec.channels), 1, plan.profile_runs))
+        by_op, by_part = op_profile(b.files[precision], part_image(data, b.spec.channels), 1, plan.profile_runs)
+        r.profile = Profile(b.spec.label, precision, by_op, by_part)
 
 
 def run_edge_section(r: bench_report.Results, work: Path) -> None:

@@ -8,8 +8,10 @@ every output of the graph is fetched, as the edge does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,8 +54,57 @@ def time_file(path: Path, image: np.ndarray, threads: int, budget: Budget) -> St
     return time_calls(lambda: session.run(None, feed), budget)  # type: ignore[attr-defined]
 
 
-def op_profile(path: Path, image: np.ndarray, threads: int, runs: int = 20) -> dict[str, float]:
-    """Where a `session.run` spends its time: ms per image by ONNX op type (onnxruntime's profiler)."""
+def _part_lookup(path: Path) -> Callable[[str, str], str]:
+    """Map a profiled node (name, op type) to the network part whose weights it uses (bench_models.PARTS).
+
+    onnxruntime renames the nodes it fuses or re-lays out (`<name>_token_N`, `<output>_nchwc`;
+    a Conv fused with its activation takes the activation's output name), so a name is tried
+    as a node name and as an output name, and a weighted op found as its activation is traced
+    back to the node that feeds it.
+    """
+    import re
+
+    import onnx
+
+    from benchmarks.bench_models import PARTS
+
+    graph = onnx.load(str(path)).graph
+    by_name: dict[str, Any] = {}
+    producer: dict[str, Any] = {}
+    for node in graph.node:
+        by_name[node.name] = node
+        for out in node.output:
+            producer[out] = node
+
+    def weights_part(node: Any) -> str | None:
+        return next((p for p in PARTS for i in node.input if p in i), None)
+
+    def part(name: str, op: str) -> str:
+        weighted = any(k in op for k in ("Conv", "Gemm", "MatMul"))
+        for candidate in (name, re.sub(r"(_token_\d+|_nchwc)+$", "", name)):
+            node = by_name.get(candidate) or by_name.get(f"node_{candidate}") or producer.get(candidate)
+            for _ in range(3 if weighted else 1):
+                if node is None:
+                    break
+                found = weights_part(node)
+                if found:
+                    return found
+                node = producer.get(node.input[0]) if node.input else None
+        return "elementwise and other"
+
+    return part
+
+
+@dataclass
+class Profile:
+    label: str
+    precision: str
+    by_op: dict[str, float]      # ms per image by ONNX op type
+    by_part: dict[str, float]    # ms per image by network part
+
+
+def op_profile(path: Path, image: np.ndarray, threads: int, runs: int = 20) -> tuple[dict[str, float], dict[str, float]]:
+    """Where a `session.run` spends its time: ms per image by op type and by network part (onnxruntime's profiler)."""
     import json
 
     import onnxruntime as ort
@@ -71,9 +122,15 @@ def op_profile(path: Path, image: np.ndarray, threads: int, runs: int = 20) -> d
     trace = Path(session.end_profiling())
     events = json.loads(trace.read_text(encoding="utf-8"))
     trace.unlink(missing_ok=True)
-    per_op: dict[str, float] = {}
+    part_of = _part_lookup(path)
+    by_op: dict[str, float] = {}
+    by_part: dict[str, float] = {}
     node_events = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
     for event in node_events[len(node_events) * 3 // (3 + runs):]:  # the timed runs only, not the warm-up
         op = event.get("args", {}).get("op_name", "?")
-        per_op[op] = per_op.get(op, 0.0) + float(event.get("dur", 0)) / 1000.0 / runs
-    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+        ms = float(event.get("dur", 0)) / 1000.0 / runs
+        by_op[op] = by_op.get(op, 0.0) + ms
+        part = part_of(event["name"][: -len("_kernel_time")], op)
+        by_part[part] = by_part.get(part, 0.0) + ms
+    ordered = lambda d: dict(sorted(d.items(), key=lambda kv: -kv[1]))  # noqa: E731
+    return ordered(by_op), ordered(by_part)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_edge import STAGES, EdgeRun
-from benchmarks.bench_inference import InferenceFigure
+from benchmarks.bench_inference import InferenceFigure, Profile
 from benchmarks.bench_machine import BUSY_LOAD_PER_CPU, Machine, MatmulPeak
 from benchmarks.bench_models import PRECISIONS, BuiltModel
 from benchmarks.bench_plan import Plan
@@ -44,7 +44,7 @@ class Results:
     levers: list[BuiltModel] = field(default_factory=list)
     lever_figures: list[InferenceFigure] = field(default_factory=list)
     inference: list[InferenceFigure] = field(default_factory=list)
-    profile: tuple[str, str, dict[str, float]] | None = None            # label, precision, ms by op
+    profile: Profile | None = None
     edge: list[EdgeRun] = field(default_factory=list)
     edge_model: str = ""
     search: SearchFigure | None = None
@@ -339,15 +339,19 @@ def _inference_section(r: Results) -> list[str]:
         lines += [""] + [f"- {n}" for n in notes]
     lines += _levers_lines(r)
     if r.profile:
-        label, precision, per_op = r.profile
-        total = sum(per_op.values()) or 1.0
-        lines += ["", f"Where the time goes: {label} {precision}, 1 thread, onnxruntime's profiler, ms per image "
-                  "by op type (node kernels only):", "", "| op | ms | share |", "|---|---|---|"]
-        for op, ms in list(per_op.items())[:8]:
-            lines.append(f"| {op} | {ms:.2f} | {100 * ms / total:.0f} % |")
-        rest = sum(list(per_op.values())[8:])
-        if rest:
-            lines.append(f"| (other) | {rest:.2f} | {100 * rest / total:.0f} % |")
+        pr = r.profile
+        total = sum(pr.by_op.values()) or 1.0
+        lines += ["", f"Where the time goes: {pr.label} {pr.precision.upper()}, 1 thread, onnxruntime's profiler, "
+                  f"ms per image of node kernels ({total:.2f} ms in all), by op type and by network part:", "",
+                  "| op | ms | share |  | part | ms | share |", "|---|---|---|---|---|---|---|"]
+        ops = list(pr.by_op.items())
+        ops = ops[:7] + ([("(other ops)", sum(v for _, v in ops[7:]))] if len(ops) > 7 else [])
+        parts = list(pr.by_part.items())
+        for i in range(max(len(ops), len(parts))):
+            left = f"{ops[i][0]} | {ops[i][1]:.2f} | {100 * ops[i][1] / total:.0f} %" if i < len(ops) else " | | "
+            right = (f"{parts[i][0]} | {parts[i][1]:.2f} | {100 * parts[i][1] / total:.0f} %" if i < len(parts)
+                     else " | | ")
+            lines.append(f"| {left} |  | {right} |")
     return lines + [""]
 
 
@@ -513,8 +517,9 @@ def render(r: Results) -> str:
     head = [
         "# ganspect benchmarks", "",
         f"Written by `{r.command}` ({p.mode} mode), {r.started_utc} to {r.finished_utc}, {r.elapsed_s / 60:.1f} min. "
-        + ("Quick mode: fewer runs per figure, colour models only, a shorter daemon run and training, latent search "
-           "timed over fewer steps; `python -m benchmarks` (full mode) measures everything the issue asks. "
+        + ("Quick mode: fewer runs per figure, colour models only (AnoGAN at 64x64 only), a shorter daemon run and "
+           "training, latent search timed over fewer steps; `python -m benchmarks` (full mode) measures everything "
+           "the issue asks. "
            if p.mode == "quick" else "")
         + "Medians and p99s are over the runs counted in each table. How to run: `benchmarks/README.md`.", "",
     ]

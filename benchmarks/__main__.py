@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def run_inference(r: bench_report.Results, work: Path) -> None:
 
 
 def run_edge_section(r: bench_report.Results, work: Path) -> None:
-    from benchmarks.bench_edge import Broker, Subscriber, run_daemon, write_video
+    from benchmarks.bench_edge import Broker, Subscriber, py_spy, run_daemon, write_video
     from benchmarks.bench_models import ModelSpec, build_model, synthetic_parts
 
     plan = r.plan
@@ -148,6 +149,15 @@ def run_edge_section(r: bench_report.Results, work: Path) -> None:
                 _say(f"[edge] {cores} core(s) {run.mode}: {run.frames} frames, {run.fps or 0:.1f} fps, "
                      f"frame-to-published p99 {f2p.p99 if f2p else float('nan'):.1f} ms, RSS end "
                      f"{run.rss_end_mib or 0:.0f} MiB" + (f" ({run.error})" if run.error else ""))
+        if py_spy() is None:
+            r.edge_profile_note = "py-spy is not installed (`pip install py-spy`): no profile of the daemon's threads"
+        else:
+            # A run of its own: the sampler takes CPU, so this run's speed is not reported.
+            frames = plan.edge_paced_frames * 2
+            _say(f"[edge] profiling the daemon's threads with py-spy over {frames} frames")
+            r.edge_profiled = run_daemon(built.bundle, video, broker, subscriber, work / "edge", 2, frames, None,
+                                         warmup_frames=max(20, frames // 10), timeout_s=120 + frames / 10,
+                                         profile_s=plan.edge_profile_s)
     finally:
         subscriber.close()
         broker.stop()
@@ -205,7 +215,7 @@ def run_training_section(r: bench_report.Results, work: Path) -> None:
     _say(f"[training]   {r.training.images_per_s or 0:.1f} images/s")
 
 
-def run_accuracy_section(r: bench_report.Results) -> None:
+def run_accuracy_section(r: bench_report.Results, work: Path) -> None:
     results = HERE / "results"
     files = sorted(results.glob("*.md")) if results.is_dir() else []
     kept = [p for p in files if "smoke" not in p.name]
@@ -217,12 +227,12 @@ def run_accuracy_section(r: bench_report.Results) -> None:
             r.accuracy_missing.append(what)
 
 
-SECTION_RUNNERS = {
-    "inference": lambda r, work: run_inference(r, work),
-    "edge": lambda r, work: run_edge_section(r, work),
-    "search": lambda r, work: run_search_section(r, work),
-    "training": lambda r, work: run_training_section(r, work),
-    "accuracy": lambda r, work: run_accuracy_section(r),
+SECTION_RUNNERS: dict[str, Callable[[bench_report.Results, Path], None]] = {
+    "inference": run_inference,
+    "edge": run_edge_section,
+    "search": run_search_section,
+    "training": run_training_section,
+    "accuracy": run_accuracy_section,
 }
 
 

@@ -245,9 +245,62 @@ class EdgeRun:
     rss_peak_mib: float | None = None
     rss_slope_kib_per_1000: float | None = None
     precision: str | None = None
+    profile: DaemonProfile | None = None
     results: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     wall_s: float = 0.0
+
+
+@dataclass
+class DaemonProfile:
+    """py-spy samples of the daemon's threads: share of all samples, and the busiest project lines."""
+
+    samples: int
+    threads: list[tuple[str, float, list[tuple[str, float]]]]   # (thread, share, [(frame, share), ...])
+
+
+def py_spy() -> str | None:
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return found if Path(found).is_file() else None
+
+
+def profile_daemon(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """Start py-spy sampling `pid` for `seconds` (raw collapsed stacks into `out`); None without py-spy."""
+    tool = py_spy()
+    if tool is None:
+        return None
+    return subprocess.Popen([tool, "record", "--format", "raw", "-o", str(out), "--duration", f"{max(1, int(seconds))}",
+                             "--pid", str(pid), "--threads", "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def read_profile(raw: Path, top: int = 4) -> DaemonProfile | None:
+    """Per thread: its share of the samples and the project lines (ganspect) it spent them in."""
+    if not raw.is_file():
+        return None
+    threads: dict[str, float] = {}
+    lines: dict[str, dict[str, float]] = {}
+    total = 0
+    for line in raw.read_text(encoding="utf-8", errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        # "thread (1234): MainThread" -> "MainThread"; the id changes from run to run.
+        thread = frames[0].split(": ", 1)[-1]
+        ours = [f for f in frames[1:] if "ganspect" in f or "edge/" in f]
+        where = ours[-1] if ours else (frames[-1] if len(frames) > 1 else "(idle)")
+        total += n
+        threads[thread] = threads.get(thread, 0) + n
+        lines.setdefault(thread, {})[where] = lines.get(thread, {}).get(where, 0) + n
+    if not total:
+        return None
+    out = []
+    for thread, n in sorted(threads.items(), key=lambda kv: -kv[1]):
+        busiest = sorted(lines[thread].items(), key=lambda kv: -kv[1])[:top]
+        out.append((thread, n / total, [(where, m / total) for where, m in busiest]))
+    return DaemonProfile(samples=total, threads=out)
 
 
 def _parse_time(text: str) -> float:
@@ -255,8 +308,10 @@ def _parse_time(text: str) -> float:
 
 
 def run_daemon(bundle: Path, video: Path, broker: Broker, subscriber: Subscriber, work: Path, cores: int,
-               frames: int, max_fps: float | None, warmup_frames: int, timeout_s: float) -> EdgeRun:
-    mode = "paced" if max_fps else "throughput"
+               frames: int, max_fps: float | None, warmup_frames: int, timeout_s: float,
+               profile_s: float | None = None) -> EdgeRun:
+    """One daemon run; with `profile_s`, py-spy samples it for that long after warm-up (mode "profiled")."""
+    mode = "profiled" if profile_s else "paced" if max_fps else "throughput"
     run = EdgeRun(mode=mode, cores=cores, frames=0, offered_fps=max_fps)
     folder = Path(tempfile.mkdtemp(prefix=f"edge-{mode}-{cores}c-", dir=work))
     config_path = folder / "edge.yaml"
@@ -269,6 +324,8 @@ def run_daemon(bundle: Path, video: Path, broker: Broker, subscriber: Subscriber
     subscriber.reset()
     samples: list[tuple[int, int]] = []   # (verdicts received, VmRSS KiB)
     peak: int | None = None
+    spy: subprocess.Popen[bytes] | None = None
+    raw = folder / "py-spy.txt"
     started = time.monotonic()
     with open(folder / "daemon.log", "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -278,6 +335,8 @@ def run_daemon(bundle: Path, video: Path, broker: Broker, subscriber: Subscriber
                 if rss is not None:
                     samples.append((subscriber.count(), rss))
                     peak = hwm
+                if profile_s and spy is None and subscriber.count() >= warmup_frames:
+                    spy = profile_daemon(proc.pid, profile_s, raw)
                 if time.monotonic() - started > timeout_s:
                     proc.send_signal(signal.SIGTERM)
                     run.error = f"stopped after {timeout_s:.0f} s (timeout)"
@@ -288,7 +347,14 @@ def run_daemon(bundle: Path, video: Path, broker: Broker, subscriber: Subscriber
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            if spy is not None:
+                try:
+                    spy.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
+                    spy.wait()
     run.wall_s = time.monotonic() - started
+    run.profile = read_profile(raw)
     if proc.returncode not in (0, None) and run.error is None:
         tail = (folder / "daemon.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
         run.error = f"exit code {proc.returncode}: {' | '.join(tail)}"

@@ -17,6 +17,7 @@ import contextlib
 import inspect
 import io
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,7 @@ def int8_unavailable_reason() -> str | None:
     return None
 
 
-def _quietly() -> contextlib.ExitStack:
+def quietly() -> contextlib.ExitStack:
     """Silence progress bars and INFO logs of the trainer and exporter while they build throwaway models."""
     stack = contextlib.ExitStack()
     stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
@@ -157,9 +158,10 @@ def build_model(spec: ModelSpec, work: Path, data: Path, latency_budget_s: float
     if "latency_budget_s" in params:
         kwargs["latency_budget_s"] = latency_budget_s  # we time the files ourselves
     try:
-        with _quietly():
-            if not (run / "calibration.json").is_file():
-                train(config, data, run)
+        # Always a fresh run: a run folder left in --workdir may hold an older architecture.
+        shutil.rmtree(run, ignore_errors=True)
+        with quietly():
+            train(config, data, run)
             export_run(run, bundle, **kwargs)
     except Exception as exc:  # any failure of a piece under construction becomes a row that says so
         reason = f"not available in this build: building it failed ({type(exc).__name__}: {str(exc).strip()[:200]})"

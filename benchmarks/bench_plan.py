@@ -22,6 +22,7 @@ class Plan:
     edge_video_frames: int                      # distinct frames in the video (looped)
     edge_cores: list[int]
     edge_model: tuple[str, int, int]            # kind, size, channels of the daemon's bundle
+    edge_profile_s: float                       # py-spy sampling of a separate 2-core run
     search_size: int
     search_steps_timed: int
     search_steps_target: int
@@ -45,7 +46,7 @@ def quick_plan() -> Plan:
         inference_budget=Budget(seconds=0.6, min_runs=30, max_runs=400),
         matmul_budget_s=0.8, matmul_n=512,
         edge_frames=600, edge_paced_frames=300, edge_paced_fps=60.0, edge_video_frames=40, edge_cores=[1, 2],
-        edge_model=("efficient_gan", 64, 3),
+        edge_model=("efficient_gan", 64, 3), edge_profile_s=4,
         search_size=64, search_steps_timed=20, search_steps_target=500, search_repeats=3,
         training_size=128, training_steps=12, training_batch=16, training_evaluate=False,
         training_data=(40, 4, 4), profile_runs=10,
@@ -61,7 +62,7 @@ def full_plan() -> Plan:
         inference_budget=Budget(seconds=5.0, min_runs=300, max_runs=3000, warmup=10),
         matmul_budget_s=3.0, matmul_n=512,
         edge_frames=10_000, edge_paced_frames=3000, edge_paced_fps=60.0, edge_video_frames=200,
-        edge_cores=[1, 2], edge_model=("efficient_gan", 64, 3),
+        edge_cores=[1, 2], edge_model=("efficient_gan", 64, 3), edge_profile_s=20,
         search_size=64, search_steps_timed=500, search_steps_target=500, search_repeats=3,
         training_size=128, training_steps=1000, training_batch=16, training_evaluate=True,
         training_data=(400, 40, 60), profile_runs=50,

@@ -47,6 +47,8 @@ class Results:
     profile: Profile | None = None
     edge: list[EdgeRun] = field(default_factory=list)
     edge_model: str = ""
+    edge_profiled: EdgeRun | None = None
+    edge_profile_note: str = ""
     search: SearchFigure | None = None
     search_onepass_onnx: InferenceFigure | None = None
     search_efficient_gan: InferenceFigure | None = None
@@ -418,6 +420,16 @@ def _edge_section(r: Results) -> list[str]:
         lines.append(f"- {e.cores} core(s), {e.mode}: {e.frames} verdicts ({results}), {e.received} received by the "
                      f"subscriber{skipped}, precision {e.precision or '?'}, {e.wall_s:.1f} s wall"
                      + (f"; **{e.error}**" if e.error else ""))
+    prof = r.edge_profiled.profile if r.edge_profiled else None
+    if prof:
+        lines += ["", f"Where the daemon's time goes (2 cores, flat out, a separate run sampled by py-spy: {prof.samples} "
+                  "samples of running threads (py-spy leaves idle waits out); per thread its share and the project lines it was "
+                  "in, innermost):", "", "| thread | share | busiest lines (share of all samples) |", "|---|---|---|"]
+        for thread, share, busiest in prof.threads[:6]:
+            where = "; ".join(f"`{w[:90]}` {100 * m:.0f} %" for w, m in busiest)
+            lines.append(f"| {thread} | {100 * share:.0f} % | {where} |")
+    elif r.edge_profile_note or (r.edge_profiled and r.edge_profiled.error):
+        lines += ["", f"Daemon profile: {r.edge_profile_note or r.edge_profiled.error}"]  # type: ignore[union-attr]
     lines += ["", "Stages a build does not time say *not in this build* (the capture thread and per-stage timings "
               "come with the edge issue); *publish* comes from the daemon's health metrics (its last report, "
               "the most recent frames), as the verdict is sealed before it is sent. In throughput mode a file's "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench_models import _quietly, base_config
+from benchmarks.bench_models import base_config, quietly
 from benchmarks.bench_stats import Budget, Stats, time_calls
 
 
@@ -64,8 +65,9 @@ def measure_training(work: Path, data: Path, size: int, channels: int, steps: in
         f"model.image_size={size}", f"model.channels={channels}", f"train.steps={steps}",
         f"train.batch_size={batch_size}", f"train.log_every={log_every}", f"train.checkpoint_every={steps}",
         "train.seed=0", "train.device=cpu"])
+    shutil.rmtree(run, ignore_errors=True)  # the trainer refuses a folder that holds a run
     started = time.perf_counter()
-    with _quietly():
+    with quietly():
         train(config, data, run)
     wall = time.perf_counter() - started
     rate, loop_s = _loop_rate(run / "losses.csv", batch_size)
@@ -80,7 +82,7 @@ def _evaluate(figure: TrainingFigure, run: Path, data: Path, work: Path) -> None
     from ganspect.export.bundle import export_run
     from ganspect.train.evaluate import evaluate_run
 
-    with _quietly():
+    with quietly():
         metrics = evaluate_run(run, data)
     auroc = metrics.get("image_auroc")
     figure.auroc_fp32 = float(auroc) if isinstance(auroc, (int, float)) else None
@@ -88,7 +90,7 @@ def _evaluate(figure: TrainingFigure, run: Path, data: Path, work: Path) -> None
         figure.int8_error = "not available in this build: the exporter has no INT8 quantization yet (issue 4)"
         return
     try:
-        with _quietly():
+        with quietly():
             # force: a refused INT8 model still shows its AUROC; the guard's verdict is reported as is.
             bundle = export_run(run, work / "bundles" / run.name, int8=True, force=True)
         manifest = json.loads((Path(bundle) / "manifest.json").read_text(encoding="utf-8"))

@@ -517,10 +517,22 @@ def _accuracy_section(r: Results) -> list[str]:
         return lines + [r.skipped["accuracy"], ""]
     lines.append("Collected from the trainer's experiments (`benchmarks/results/*.md`, each with its own machine and "
                  "command); runs tagged *smoke* are plumbing checks and are left out.")
+    t = r.training
+    measured_here = t is not None and t.auroc_fp32 is not None
+    if measured_here:
+        g = t.int8_guard  # type: ignore[union-attr]
+        lines.append(f"- the synthetic parts, measured by this run (section 4): image AUROC {t.auroc_fp32:.4f} FP32"  # type: ignore[union-attr]
+                     + (f", {float(g['int8_guard_int8_auroc']):.4f} INT8" if g.get("int8_guard_int8_auroc") is not None
+                        else "")
+                     + f" (Efficient GAN {t.size}x{t.size}, {t.steps} steps)")  # type: ignore[union-attr]
     for what in r.accuracy_missing:
-        lines.append(f"- {what}: not yet measured")
+        if not (measured_here and what == "the synthetic parts"):
+            lines.append(f"- {what}: not yet measured")
     for name, text in r.accuracy:
-        lines += ["", f"### {name}", "", _demote(text.strip())]
+        first, _, rest = text.strip().partition("\n")
+        title = first.lstrip("#").strip() if first.startswith("#") else name
+        body = rest if first.startswith("#") else text
+        lines += ["", f"### {title} (`benchmarks/results/{name}`)", "", _demote(body.strip())]
     return lines + [""]
 
 

@@ -139,14 +139,16 @@ def run_edge_section(r: bench_report.Results, work: Path) -> None:
     broker = Broker(work / "edge")
     subscriber = Subscriber(broker.port)
     try:
-        for cores in plan.edge_cores:
+        for cores, threads in plan.edge_runs:
             for frames, fps in ((plan.edge_frames, None), (plan.edge_paced_frames, plan.edge_paced_fps)):
                 expected_s = frames / (fps or 30.0)
                 run = run_daemon(built.bundle, video, broker, subscriber, work / "edge", cores, frames, fps,
-                                 warmup_frames=max(20, frames // 20), timeout_s=60 + 4 * expected_s)
+                                 warmup_frames=max(20, frames // 20), timeout_s=60 + 4 * expected_s,
+                                 inference_threads=threads)
                 r.edge.append(run)
                 f2p = run.frame_to_published
-                _say(f"[edge] {cores} core(s) {run.mode}: {run.frames} frames, {run.fps or 0:.1f} fps, "
+                _say(f"[edge] {cores} core(s), {threads} inference thread(s), {run.mode}: {run.frames} frames, "
+                     f"{run.fps or 0:.1f} fps, "
                      f"frame-to-published p99 {f2p.p99 if f2p else float('nan'):.1f} ms, RSS end "
                      f"{run.rss_end_mib or 0:.0f} MiB" + (f" ({run.error})" if run.error else ""))
         if py_spy() is None:

@@ -229,8 +229,9 @@ def _rss_kib(pid: int) -> tuple[int | None, int | None]:
 
 @dataclass
 class EdgeRun:
-    mode: str                       # throughput or paced
+    mode: str                       # throughput, paced or profiled
     cores: int
+    inference_threads: int          # model.intra_op_threads
     frames: int                     # verdicts in the log
     offered_fps: float | None       # pace asked for (None = as fast as it goes)
     fps: float | None = None        # sustained, after warm-up
@@ -309,13 +310,17 @@ def _parse_time(text: str) -> float:
 
 def run_daemon(bundle: Path, video: Path, broker: Broker, subscriber: Subscriber, work: Path, cores: int,
                frames: int, max_fps: float | None, warmup_frames: int, timeout_s: float,
-               profile_s: float | None = None) -> EdgeRun:
-    """One daemon run; with `profile_s`, py-spy samples it for that long after warm-up (mode "profiled")."""
+               profile_s: float | None = None, inference_threads: int | None = None) -> EdgeRun:
+    """One daemon run on `cores` cores, onnxruntime on `inference_threads` of them (default: all).
+
+    With `profile_s`, py-spy samples it for that long after warm-up (mode "profiled").
+    """
     mode = "profiled" if profile_s else "paced" if max_fps else "throughput"
-    run = EdgeRun(mode=mode, cores=cores, frames=0, offered_fps=max_fps)
-    folder = Path(tempfile.mkdtemp(prefix=f"edge-{mode}-{cores}c-", dir=work))
+    threads = inference_threads or cores
+    run = EdgeRun(mode=mode, cores=cores, frames=0, offered_fps=max_fps, inference_threads=threads)
+    folder = Path(tempfile.mkdtemp(prefix=f"edge-{mode}-{cores}c{threads}t-", dir=work))
     config_path = folder / "edge.yaml"
-    config_path.write_text(yaml.safe_dump(edge_config(bundle, video, broker.port, folder / "data", cores, frames,
+    config_path.write_text(yaml.safe_dump(edge_config(bundle, video, broker.port, folder / "data", threads, frames,
                                                       max_fps), sort_keys=False), encoding="utf-8")
     verdict_log = folder / "verdicts.jsonl"
     cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:cores])

@@ -261,12 +261,14 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # one broken section must not lose the others' figures
                 traceback.print_exc()
                 r.skipped[section] = f"Failed in this run: {type(exc).__name__}: {str(exc).strip()[:300]}"
-    r.machine.load_end = load_average()
-    r.finished_utc = _now()
-    r.elapsed_s = time.monotonic() - started
-    path = bench_report.write(r, args.out)
+        r.machine.load_end = load_average()
+        r.finished_utc = _now()
+        r.elapsed_s = time.monotonic() - started
+        # Written while the work folder exists: the report reads the model files' sizes.
+        path = bench_report.write(r, args.out)
+        targets = bench_report.evaluate_targets(r)
     _say(f"wrote {path} in {r.elapsed_s / 60:.1f} min")
-    for t in bench_report.evaluate_targets(r):
+    for t in targets:
         _say(f"  {t.status:>12}: {t.statement}")
     return 0
 

@@ -66,7 +66,7 @@ def _part_lookup(path: Path) -> Callable[[str, str], str]:
 
     import onnx
 
-    from benchmarks.bench_models import PARTS
+    from benchmarks.bench_models import node_part
 
     graph = onnx.load(str(path)).graph
     by_name: dict[str, Any] = {}
@@ -76,8 +76,6 @@ def _part_lookup(path: Path) -> Callable[[str, str], str]:
         for out in node.output:
             producer[out] = node
 
-    def weights_part(node: Any) -> str | None:
-        return next((p for p in PARTS for i in node.input if p in i), None)
 
     def part(name: str, op: str) -> str:
         weighted = any(k in op for k in ("Conv", "Gemm", "MatMul"))
@@ -86,7 +84,7 @@ def _part_lookup(path: Path) -> Callable[[str, str], str]:
             for _ in range(3 if weighted else 1):
                 if node is None:
                     break
-                found = weights_part(node)
+                found = node_part(node)
                 if found:
                     return found
                 node = producer.get(node.input[0]) if node.input else None

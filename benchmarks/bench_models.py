@@ -215,8 +215,14 @@ def _numel(shape: list[int | None]) -> int:
 PARTS = ("encoder", "generator", "discriminator", "smooth")
 
 
-def _part_of(weight_name: str) -> str:
-    return next((p for p in PARTS if p in weight_name), "other")
+def node_part(node: Any) -> str | None:
+    """The network part a node's weights belong to, from their names or, where the exporter folded
+    them into an anonymous constant (spectral norm), from the node's module path metadata."""
+    for text in [*node.input[1:], *(p.value for p in node.metadata_props if p.key == "namespace")]:
+        found = next((p for p in PARTS if p in text), None)
+        if found:
+            return found
+    return None
 
 
 def graph_macs(path: Path, by: str = "op") -> dict[str, int]:
@@ -234,7 +240,7 @@ def graph_macs(path: Path, by: str = "op") -> dict[str, int]:
     for node in model.graph.node:
         if node.op_type not in COUNTED_OPS:
             continue
-        key = node.op_type if by == "op" else _part_of(node.input[1] if len(node.input) > 1 else "")
+        key = node.op_type if by == "op" else (node_part(node) or "other")
         try:
             if node.op_type == "Conv":
                 w = shapes[node.input[1]]          # (C_out, C_in/groups, kH, kW)

@@ -53,9 +53,11 @@ def test_soak_with_a_bouncing_broker(start_broker, mqtt_subscriber, tiny_bundle,
     config = make_edge_config(tiny_bundle, video, broker, source={"loop": True}, run={"max_frames": FRAMES},
                               mqtt={"reconnect_max_delay_s": 1, "keepalive": 5, "drain_timeout_s": 60})
     verdict_log = tmp_path / "verdicts.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless",
-                             "--verdict-log", str(verdict_log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    # The daemon's output goes to files: a pipe nobody reads for minutes fills up and blocks its logging.
+    out_path, err_path = tmp_path / "daemon.out", tmp_path / "daemon.err"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless",
+                                 "--verdict-log", str(verdict_log)], stdout=out, stderr=err, text=True)
     samples: list[dict[str, Any]] = []
     bounces = 0
     started = time.monotonic()
@@ -76,11 +78,12 @@ def test_soak_with_a_bouncing_broker(start_broker, mqtt_subscriber, tiny_bundle,
                 bounces += 1
                 next_bounce = time.monotonic() + BOUNCE_EVERY_S
             time.sleep(1.0)
-        stdout, stderr = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-            proc.communicate()
+            proc.wait()
+    stdout, stderr = out_path.read_text(encoding="utf-8"), err_path.read_text(encoding="utf-8")
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, stderr[-2000:]
 

@@ -46,7 +46,7 @@ import numpy as np
 from ganspect.edge.config import EdgeConfig, read_password
 from ganspect.edge.errors import GanspectError
 from ganspect.edge.health import Health, log_line
-from ganspect.edge.images import ImageStore
+from ganspect.edge.images import ImageStore, StoreStats
 from ganspect.edge.model_store import BundleWatch, load_current_or_previous
 from ganspect.edge.mqtt import DeliveryReport, VerdictPublisher, build_verdict, verdict_json
 from ganspect.edge.notify import SystemdNotifier, Watchdog, watchdog_interval_s
@@ -263,6 +263,7 @@ class EdgeDaemon:
             if config.images.save != "none" or config.images.ok_sample_every:
                 self.images = ImageStore(config.data.dir, config.images)
                 self.images.start()
+                stack.callback(self._count_images)  # after close: the writer's last jobs are counted too
                 stack.callback(self.images.close)
             if self._verdict_log_path is not None:
                 self._verdict_log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -508,8 +509,7 @@ class EdgeDaemon:
                       "last_frame_age_s": None if stats.last_frame_age_s is None else round(stats.last_frame_age_s, 3)}
         images: dict[str, int] | None = None
         if self.images is not None:
-            st = self.images.stats()
-            self.summary.images_saved, self.summary.images_dropped = st.saved, st.dropped_queue_full + st.dropped_disk_full
+            st = self._count_images()
             images = {"saved": st.saved, "dropped_queue_full": st.dropped_queue_full,
                       "dropped_disk_full": st.dropped_disk_full, "failed": st.failed, "deleted": st.deleted,
                       "kept": st.kept, "kept_bytes": st.kept_bytes}
@@ -525,6 +525,13 @@ class EdgeDaemon:
             "broker": "disabled" if self.publisher is None else ("online" if self.publisher.online else "offline"),
             "outbox_backlog": self.publisher.report().backlog if self.publisher is not None else None,
         })
+
+    def _count_images(self) -> StoreStats:
+        """The image store's counters, copied into the run summary."""
+        assert self.images is not None
+        st = self.images.stats()
+        self.summary.images_saved, self.summary.images_dropped = st.saved, st.dropped_queue_full + st.dropped_disk_full
+        return st
 
     def _report_health(self) -> None:
         try:

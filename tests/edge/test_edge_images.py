@@ -108,3 +108,14 @@ def test_daemon_keeps_judging_when_the_disk_is_nearly_full(tiny_bundle, tiny_vid
     n_ng = tiny_video.expected.count("NG")
     assert f"images saved 0, dropped {n_ng}" in proc.stdout
     assert "below images.min_free_bytes: image not saved" in proc.stderr
+
+
+def test_the_summary_counts_the_images_the_writer_finished_after_the_last_frame(
+        tiny_bundle, make_video, make_edge_config, ganspect_cli, tmp_path):
+    # The last frames are NG: their images are still being written when the loop ends.
+    video = make_video(tmp_path / "parts.avi", [False, True, True, True, True])
+    config = make_edge_config(tiny_bundle, video, None)
+    proc = ganspect_cli("edge", "--config", str(config), "--headless")
+    assert proc.returncode == 0, proc.stderr
+    assert "images saved 4, dropped 0" in proc.stdout, proc.stdout
+    assert len(list((tmp_path / "edge-data" / "images").rglob("*.jpg"))) == 4

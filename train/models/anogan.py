@@ -26,7 +26,7 @@ L1 distances the score uses).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,14 +61,6 @@ class AnoGANConfig(StagedConfig):
         check_common(self.image_size, self.channels, self.lambda_, self.norm, self.residual_reduction)
         if self.discrimination != "feature_matching":
             raise ValueError(f"AnoGAN scores with feature matching only, got discrimination {self.discrimination!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AnoGANConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class ImageDiscriminator(nn.Module):

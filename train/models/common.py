@@ -14,8 +14,8 @@ and the two buffers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -125,8 +125,11 @@ def dcgan_init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+_Config = TypeVar("_Config", bound="StagedConfig")
+
+
 class StagedConfig:
-    """Mixin for model configs: DCGAN stride-2 stages from image_size down to 4x4."""
+    """Mixin for model config dataclasses: DCGAN stride-2 stages down to 4x4, and the dict a checkpoint stores."""
 
     image_size: int
     base_width: int
@@ -139,6 +142,15 @@ class StagedConfig:
 
     def width(self, stage: int) -> int:
         return min(self.base_width * 2**stage, self.max_width)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+
+    @classmethod
+    def from_dict(cls: type[_Config], d: dict[str, Any]) -> _Config:
+        """Rebuild from a checkpoint's dict; keys a newer or older version wrote are ignored."""
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def check_common(image_size: int, channels: int, lambda_: float, norm: str, residual_reduction: str) -> None:

@@ -35,7 +35,7 @@ trained one.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,14 +79,6 @@ class EfficientGANConfig(StagedConfig):
         if self.discrimination not in DISCRIMINATIONS:
             raise ValueError(f"discrimination must be one of {', '.join(DISCRIMINATIONS)}, "
                              f"got {self.discrimination!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EfficientGANConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class Discriminator(nn.Module):

@@ -10,6 +10,7 @@ from its last checkpoint. The Markdown table is rewritten after every unit.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -69,6 +70,8 @@ class Experiment:
         return RUNS / self.name / unit
 
     def done(self, unit: str) -> bool:
+        if unit not in self.data["units"]:
+            self._merge_from_disk()  # another process on the same experiment may have finished it
         return unit in self.data["units"]
 
     def get(self, unit: str) -> dict[str, Any]:
@@ -90,10 +93,19 @@ class Experiment:
         return result
 
     def save(self) -> None:
-        self.data["updated"] = _now()
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)
+        """Write the results, keeping units that other processes (e.g. `--seeds 2` beside `--seeds 0 1`) stored."""
+        with open(self.path.with_suffix(".lock"), "w", encoding="utf-8") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._merge_from_disk()
+            self.data["updated"] = _now()
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=1) + "\n", encoding="utf-8")
+            os.replace(tmp, self.path)
+
+    def _merge_from_disk(self) -> None:
+        if self.path.is_file():
+            stored = json.loads(self.path.read_text(encoding="utf-8")).get("units", {})
+            self.data["units"] = {**stored, **self.data["units"]}
 
 
 def _now() -> str:

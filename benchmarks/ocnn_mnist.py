@@ -34,6 +34,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--source", default="paper_mnist", help="experiment whose run folders to use")
+    p.add_argument("--digits", type=int, nargs="+", default=list(range(10)),
+                   help="anomalous digits to do (e.g. 0 1 2 3 4 here and 5 6 7 8 9 in a second process)")
     args = p.parse_args()
 
     import torch
@@ -55,6 +57,8 @@ def main() -> int:
             continue
         digit = int(folder.name.split("digit")[1].split("_")[0])
         seed = int(folder.name.split("seed")[1])
+        if digit not in args.digits:
+            continue
 
         def work(folder: Path = folder, digit: int = digit, seed: int = seed) -> dict[str, object]:
             tr, _, te = split(y, digit, seed)

@@ -71,35 +71,37 @@ def inference_copy(model: nn.Module) -> nn.Module:
 
 
 def _rewrite_transposed_convs(seq: nn.Sequential) -> None:
-    """In place: each ConvTranspose2d this module knows, with a BatchNorm right after it folded in."""
+    """In place: each ConvTranspose2d of a shape handled below, with a BatchNorm right after it folded in."""
     names = list(seq._modules)
     for i, name in enumerate(names):
         layer = seq._modules[name]
         if not isinstance(layer, nn.ConvTranspose2d):
             continue
-        if _SubPixelUpsample.handles(layer):
-            weight, bias = _folded(layer, seq, names, i, channel_dim=1)
-            seq._modules[name] = _SubPixelUpsample(weight, bias)
-        elif _LatentToMap.handles(layer):
-            weight, bias = _folded(layer, seq, names, i, channel_dim=1)
-            seq._modules[name] = _LatentToMap(weight, bias)
+        rewrite = next((r for r in (_SubPixelUpsample, _LatentToMap) if r.handles(layer)), None)
+        if rewrite is None:
+            continue
+        following = seq._modules[names[i + 1]] if i + 1 < len(names) else None
+        weight, bias = _with_batchnorm_folded(layer, following)
+        seq._modules[name] = rewrite(weight, bias)
+        if weight is not layer.weight:
+            seq._modules[names[i + 1]] = nn.Identity()
 
 
-def _folded(layer: nn.ConvTranspose2d, seq: nn.Sequential, names: list[str], i: int,
-            channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of `layer` with an eval-mode BatchNorm2d that follows it folded in (then an Identity)."""
-    weight = layer.weight.detach().clone()
-    out_channels = weight.shape[channel_dim]
-    bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(out_channels)
-    following = seq._modules[names[i + 1]] if i + 1 < len(names) else None
-    if isinstance(following, nn.BatchNorm2d) and following.track_running_stats:
-        scale = following.weight.detach() / torch.sqrt(following.running_var + following.eps)
-        shape = [1] * weight.dim()
-        shape[channel_dim] = out_channels
-        weight = weight * scale.view(shape)
-        bias = (bias - following.running_mean) * scale + following.bias.detach()
-        seq._modules[names[i + 1]] = nn.Identity()
-    return weight, bias
+def _with_batchnorm_folded(layer: nn.ConvTranspose2d, following: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of `layer`, with `following` folded in when it is an eval-mode BatchNorm2d.
+
+    Then weight is a new tensor, not `layer.weight`: the caller replaces the BatchNorm.
+    """
+    out_channels = layer.out_channels
+    bias = layer.bias.detach() if layer.bias is not None else torch.zeros(out_channels)
+    if not (isinstance(following, nn.BatchNorm2d) and following.running_var is not None):
+        return layer.weight, bias
+    scale = 1.0 / torch.sqrt(following.running_var + following.eps)
+    shift = -following.running_mean * scale
+    if following.affine:
+        scale, shift = scale * following.weight.detach(), shift * following.weight.detach() + following.bias.detach()
+    # ConvTranspose2d weight is (in, out, kh, kw): the output channel is dimension 1.
+    return layer.weight.detach() * scale.view(1, -1, 1, 1), bias * scale + shift
 
 
 class _SubPixelUpsample(nn.Module):
@@ -124,7 +126,7 @@ class _SubPixelUpsample(nn.Module):
         # ConvTranspose2d weight is (in, out, kh, kw); Conv2d wants (out, in, kh, kw).
         for a, rows in enumerate(self._TAPS):
             for b, cols in enumerate(self._TAPS):
-                kernel = weight[:, :, rows][:, :, :, cols].transpose(0, 1).contiguous()
+                kernel = weight.detach()[:, :, rows][:, :, :, cols].transpose(0, 1).contiguous()
                 self.register_parameter(f"phase{a}{b}", nn.Parameter(kernel, requires_grad=False))
         self.bias = nn.Parameter(bias, requires_grad=False)
 
@@ -151,7 +153,7 @@ class _LatentToMap(nn.Module):
         channels_in, self.channels, self.height, self.width = weight.shape
         self.linear = nn.Linear(channels_in, self.channels * self.height * self.width)
         with torch.no_grad():
-            self.linear.weight.copy_(weight.reshape(channels_in, -1).t())
+            self.linear.weight.copy_(weight.detach().reshape(channels_in, -1).t())
             self.linear.bias.copy_(bias.repeat_interleave(self.height * self.width))
         self.linear.requires_grad_(False)
 

@@ -218,7 +218,7 @@ PARTS = ("encoder", "generator", "discriminator", "smooth")
 def node_part(node: Any) -> str | None:
     """The network part a node's weights belong to, from their names or, where the exporter folded
     them into an anonymous constant (spectral norm), from the node's module path metadata."""
-    for text in [*node.input[1:], *(p.value for p in node.metadata_props if p.key == "namespace")]:
+    for text in [*node.input, *(p.value for p in node.metadata_props if p.key == "namespace")]:
         found = next((p for p in PARTS if p in text), None)
         if found:
             return found

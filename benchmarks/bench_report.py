@@ -544,8 +544,13 @@ def _accuracy_section(r: Results) -> list[str]:
         first, _, rest = text.strip().partition("\n")
         title = first.lstrip("#").strip() if first.startswith("#") else name
         body = rest if first.startswith("#") else text
-        lines += ["", f"### {title} (`benchmarks/results/{name}`)", "", _demote(body.strip())]
+        lines += ["", f"### {title} (`benchmarks/results/{name}`)", "", _demote(_from_results_folder(body.strip()))]
     return lines + [""]
+
+
+def _from_results_folder(markdown: str) -> str:
+    """Relative links and images of a results/*.md, made relative to RESULTS.md (one folder up)."""
+    return re.sub(r"\]\((?!https?:|/|#)([^)]+)\)", r"](results/\1)", markdown)
 
 
 def render(r: Results) -> str:

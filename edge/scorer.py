@@ -74,6 +74,9 @@ class Scorer:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1  # one frame at a time: no parallel branches worth a thread
+        # Idle inference threads sleep instead of spinning: on a small PC a spinning thread
+        # takes the core that the capture thread needs to decode the next frame.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # onnxruntime warnings would drown the daemon's own log
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])

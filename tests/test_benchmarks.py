@@ -92,3 +92,23 @@ def test_graph_macs_counts_conv_convtranspose_and_gemm(tmp_path: Path) -> None:
 
     macs = graph_macs(path)
     assert macs == {"Conv": 24_576, "ConvTranspose": 32_768, "Gemm": 10_240, "MatMul": 0}
+
+
+def test_node_part_reads_every_input_so_the_smoothing_matmul_counts_as_smoothing() -> None:
+    from onnx import helper
+
+    from benchmarks.bench_models import node_part
+
+    # S @ r: the constant smoothing matrix is the *first* input of the MatMul.
+    assert node_part(helper.make_node("MatMul", ["scoring.smooth_matrix", "abs_1"], ["m"])) == "smooth"
+    assert node_part(helper.make_node("Conv", ["relu_2", "scoring.generator.net.9.phase01"], ["c"])) == "generator"
+    assert node_part(helper.make_node("Add", ["a", "b"], ["c"])) is None
+
+
+def test_accuracy_section_links_point_into_the_results_folder() -> None:
+    from benchmarks.bench_report import _from_results_folder
+
+    text = "![h](seed003_anogan_histogram.png) [r](synthetic128/efficient_gan/report.md) [w](https://x.org/a) [t](#top)"
+    assert _from_results_folder(text) == ("![h](results/seed003_anogan_histogram.png) "
+                                          "[r](results/synthetic128/efficient_gan/report.md) "
+                                          "[w](https://x.org/a) [t](#top)")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -14,6 +15,7 @@ from ganspect.edge.cli import main
 from ganspect.edge.errors import GanspectError
 from ganspect.edge.manifest import load_bundle
 from ganspect.export.bundle import export_run
+from ganspect.export.graph import inference_copy
 from ganspect.export.onnx_export import check_parity, export_onnx, opset_of
 from ganspect.train.data import load_normal_images, split_holdout
 from ganspect.train.loop import load_run_model
@@ -52,6 +54,29 @@ def test_bundle_loads_and_onnxruntime_matches_pytorch(run: Path, data: Path, tmp
         # The graph's peak is numpy's argmax rule on its own heatmap: (row, column) of the first maximum.
         expected = np.stack(np.unravel_index(heatmap.reshape(n, -1).argmax(axis=1), (32, 32)), axis=1)
         np.testing.assert_array_equal(peak, expected)
+    # The generator's transposed convolutions became plain ones (onnxruntime quantizes only those).
+    ops = {node.op_type for node in onnx.load(str(bundle.path_of(m.model_file()))).graph.node}
+    assert "ConvTranspose" not in ops and "Conv" in ops
+
+
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_inference_copy_rewrites_transposed_convolutions_without_changing_a_number(norm: str) -> None:
+    torch.manual_seed(5)
+    model = build_model(EfficientGANConfig(image_size=32, channels=3, latent_dim=8, base_width=4, norm=norm))
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.normal_()  # statistics far from the initial 0 / 1, so a wrong fold would show
+        bn.running_var.uniform_(0.3, 3.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    model.eval()
+    copy = inference_copy(model)
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in copy.modules())
+    z = torch.randn(4, 8)
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(copy.generator(z), model.generator(z), rtol=1e-5, atol=1e-5)
+        for got, want in zip(copy(images), model(images)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_bundle_destination_rules(run: Path, tmp_path: Path) -> None:

@@ -118,15 +118,18 @@ def test_sensitive_layers_are_the_first_and_last_learned_layers(run: Path, tmp_p
     proto = onnx.load(str(export_onnx(model, tmp_path / "m.onnx", 32, 3)))
     layers = learned_layers(proto, parameter_names(model))
     by_name = {n.name: n for n in proto.graph.node}
-    # E: 4 convs, G: 4 transposed convs, D: 3 convs + z dense + f_D dense on x, and again on G(E(x))
+    # E: 4 convs; G: the latent-to-map dense layer and 3 stride-2 transposed convs, each
+    # exported as 4 phase convs; D: 3 convs + z dense + f_D dense on x, and again on G(E(x))
     # except the z dense layer, whose identical second call the exporter's optimiser merged.
-    assert len(layers) == 4 + 4 + 5 + 4
+    assert len(layers) == 4 + (1 + 3 * 4) + 5 + 4
     assert not any(by_name[n].input[1].startswith("smooth") for n in layers)  # smoothing stays float
     sensitive = sensitive_layers(proto, layers)
     weights = sorted(by_name[n].input[1].removeprefix("scoring.") for n in sensitive)
-    # E's and D's first convolutions (D's on x only: on G(E(x)) it follows G), G's output layer, f_D twice.
+    # E's and D's first convolutions (D's on x only: on G(E(x)) it follows G), G's output layer
+    # (its four phases), f_D twice.
     assert weights == ["discriminator.joint.0.weight", "discriminator.joint.0.weight",
-                       "discriminator.x_net.0.weight", "encoder.net.0.weight", "generator.net.9.weight"]
+                       "discriminator.x_net.0.weight", "encoder.net.0.weight",
+                       *(f"generator.net.9.phase{a}{b}" for a in (0, 1) for b in (0, 1))]
 
 
 def test_guard_failures_are_measured_not_assumed() -> None:
@@ -166,14 +169,14 @@ def test_guard_refusal_retries_then_refuses_unless_forced(run: Path, tmp_path: P
 
     monkeypatch.setattr(quantize_module, "judge", failing_judge)
     with pytest.raises(GanspectError, match=r"INT8 model refused by the accuracy guard: simulated guard failure "
-                                            r"\(also with 5 sensitive layers kept in FP32\); nothing was written"):
+                                            r"\(also with 8 sensitive layers kept in FP32\); nothing was written"):
         export_run(run, tmp_path / "refused", int8=True, latency_budget_s=0.05)
     assert not (tmp_path / "refused").exists() and list(tmp_path.iterdir()) == []
-    assert [len(a) for a in attempts] == [0, 5]  # retried with the sensitive layers in FP32
+    assert [len(a) for a in attempts] == [0, 8]  # retried with the sensitive layers (G's last as 4 phase convs) in FP32
 
     forced = export_run(run, tmp_path / "forced", int8=True, force=True, latency_budget_s=0.05)
     m = load_bundle(forced).manifest
-    assert m.metrics["int8_guard_passed"] == 0.0 and m.metrics["int8_layers_kept_fp32"] == 5.0
+    assert m.metrics["int8_guard_passed"] == 0.0 and m.metrics["int8_layers_kept_fp32"] == 8.0
     assert "FAILED, shipped because of --force" in (forced / "export_report.md").read_text(encoding="utf-8")
     Scorer.load(forced, precision="int8")  # shipped as exported: its own golden expectations hold
 

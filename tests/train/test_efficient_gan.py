@@ -118,6 +118,16 @@ def test_heatmap_is_scaled_by_the_buffer_and_smoothing_keeps_constants() -> None
     torch.testing.assert_close(model.smooth(flat), flat)
 
 
+def test_matrix_smoothing_equals_the_separable_convolution_with_replicated_borders() -> None:
+    residual = torch.rand(3, 32, 32)
+    residual[1, 0, 0] = 5.0  # a corner spike: border replication matters most there
+    k = gaussian_kernel_1d(2.0)
+    pad = len(k) // 2
+    padded = torch.nn.functional.pad(residual.unsqueeze(1), (pad, pad, pad, pad), mode="replicate")
+    reference = torch.nn.functional.conv2d(torch.nn.functional.conv2d(padded, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
+    torch.testing.assert_close(tiny().smooth(residual), reference.squeeze(1))
+
+
 def test_checkpoint_round_trip_with_weights_only() -> None:
     model = tiny(channels=3)
     model.heatmap_scale.fill_(0.5)

@@ -39,9 +39,9 @@ class Machine:
     load_end: tuple[float, float, float] | None = None
     notes: list[str] = field(default_factory=list)
 
-    def busy(self) -> bool:
-        loads = [self.load_start[0]] + ([self.load_end[0]] if self.load_end else [])
-        return max(loads) >= BUSY_LOAD_PER_CPU * self.logical_cpus
+    def busy_at_start(self) -> bool:
+        # Only the start: at the end the 1-minute average counts this run's own threads.
+        return self.load_start[0] >= BUSY_LOAD_PER_CPU * self.logical_cpus
 
 
 def _cpuinfo() -> dict[str, str]:

@@ -14,6 +14,9 @@ from benchmarks.bench_models import PRECISIONS, BuiltModel
 from benchmarks.bench_plan import Plan
 from benchmarks.bench_training import SearchFigure, TrainingFigure
 
+# A 1-thread matrix-multiply median below this share of its fastest run means the cores were shared.
+STEADY_PEAK_SHARE = 0.8
+
 # The reference: anomalib's GANomaly on this machine (one image of 256x256).
 REFERENCE = {"model": "anomalib GANomaly", "params_m": 144, "onnx_mb": 576, "gflop_256": 16.5,
              "ms_1_core": 193.0, "ms_2_cores": 104.0, "peak_gflops_per_core": 103.0}
@@ -248,10 +251,19 @@ def _machine_section(r: Results) -> list[str]:
                 " (no VNNI: INT8 dot products run on AVX2 pairs and can saturate)"),
              "- versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()),
              f"- load average (1 / 5 / 15 min): {load(m.load_start)} at start, {load(m.load_end)} at the end"]
-    if m.busy():
-        lines.append(f"- **The machine was busy** (load at or above {BUSY_LOAD_PER_CPU:g} per logical CPU at the start "
-                     "or the end of the run; it is shared): every figure below is slower and noisier than on an "
-                     "idle machine, multi-threaded ones most of all.")
+    single = r.peaks.get(1)
+    steadiness = single.median_gflops / single.best_gflops if single and single.best_gflops else None
+    if steadiness is not None and steadiness < STEADY_PEAK_SHARE:
+        lines.append(f"- **The machine was busy**: the 1-thread matrix-multiply median was {steadiness:.0%} of its "
+                     "fastest run, so other work shared the cores: every figure below is slower and noisier than on "
+                     "an idle machine, multi-threaded ones most of all.")
+    elif steadiness is None and m.busy_at_start():
+        lines.append(f"- **The machine was busy** (load at or above {BUSY_LOAD_PER_CPU:g} per logical CPU at the "
+                     "start): every figure below is slower and noisier than on an idle machine.")
+    elif m.busy_at_start():
+        lines.append(f"- The load average was high at the start, but the 1-thread matrix-multiply median was "
+                     f"{steadiness:.0%} of its fastest run: the cores were free (the 1-minute average lags work "
+                     "that had just ended). The end figure counts this run's own threads.")
     for threads, p in sorted(r.peaks.items(), key=lambda kv: kv[0] or 10**6):
         lines.append(f"- float32 matrix-multiply peak, {'1 thread' if threads == 1 else 'all threads'}: "
                      f"{p.best_gflops:.0f} GFLOP/s (fastest of {p.runs} runs; median {p.median_gflops:.0f}), "

@@ -238,10 +238,10 @@ class EdgeDaemon:
             stack.callback(self._notifier.close)
             scorer = load_current_or_previous(config.model)
             self.inspector = Inspector(config.inspection)
-            self.inspector.check(scorer.manifest.input)
+            self.inspector.check(scorer.manifest)
             # A reloaded model the ROI and tiles do not suit is refused; the running one keeps scoring.
             inspector = self.inspector
-            self.live = LiveModel(scorer, config, check_model=lambda new: inspector.check(new.manifest.input))
+            self.live = LiveModel(scorer, config, check_model=lambda new: inspector.check(new.manifest))
             self._bundle_watch = BundleWatch(self.live, config.model.bundle)
             stack.callback(self._bundle_watch.close)
             show_window = window_wanted(config, self._headless)

@@ -98,7 +98,7 @@ def _check_model(config: EdgeConfig, path: Path) -> None:
         scorer = Scorer.load(config.model.bundle, config.model.precision, config.model.intra_op_threads)
     except BundleError as exc:
         raise ConfigError(f"{path}: model.bundle: {exc}") from exc
-    Inspector(config.inspection).check(scorer.manifest.input)
+    Inspector(config.inspection).check(scorer.manifest)
 
 
 EDGE = Command("run the edge daemon: score camera frames with a model bundle and publish verdicts over MQTT",

@@ -87,6 +87,10 @@ class ScoreSpec(_Strict):
     residual_reduction: Literal["mean", "peak"] = Field(
         description="How L_R reduces the per-pixel residual: its mean, or the peak of its smoothed map."
     )
+    source: Literal["residual", "segmentation"] = Field(
+        "residual", description="residual: the score is the formula's A(x) and the heatmap the smoothed residual; "
+                                "segmentation: both come from the segmentation head's smoothed defect map (the "
+                                "score is its peak).")
 
 
 class ThresholdSpec(_Strict):
@@ -98,6 +102,26 @@ class ThresholdSpec(_Strict):
         description="How each file's threshold was chosen; every file's value comes from its own scores.")
     nu: float | None = Field(None, ge=0.0, le=1.0, description="Tolerated false-alarm rate for normal_quantile.")
     n_images: int = Field(ge=0, description="Number of images the thresholds were calibrated on.")
+
+
+class RegionSpec(_Strict):
+    x: int = Field(ge=0, description="Left edge in frame pixels.")
+    y: int = Field(ge=0, description="Top edge in frame pixels.")
+    width: int = Field(ge=8, description="Width in pixels.")
+    height: int = Field(ge=8, description="Height in pixels.")
+
+
+class TilingSpec(_Strict):
+    """How the model was trained to see a frame; the edge frames it the same way."""
+
+    mode: Literal["resize", "tiles"] = Field(
+        description="resize: the ROI is resized to the input size; tiles: the ROI is cut into input-sized tiles "
+                    "(one frame pixel = one model pixel), scored as one batch, heatmaps stitched with the larger "
+                    "value where tiles overlap, the frame's score the worst tile's.")
+    overlap: int = Field(ge=0, description="tiles: pixels shared by neighbouring tiles; the last tile of a row or "
+                                           "column is flush with the ROI's edge.")
+    roi: RegionSpec | None = Field(None, description="The region of the frame the model was trained on; "
+                                                     "null = the whole frame.")
 
 
 class HeatmapSpec(_Strict):
@@ -159,6 +183,9 @@ class Manifest(_Strict):
     score: ScoreSpec
     threshold: ThresholdSpec
     heatmap: HeatmapSpec
+    tiling: TilingSpec | None = Field(
+        None, description="How frames reach the model, as in training; null (bundles from before tiling was "
+                          "recorded) = as the station's inspection settings say.")
     training_data: TrainingData
     metrics: dict[str, float | None] = Field(default_factory=dict, description="Metrics measured at export.")
     files: list[ModelFile] = Field(min_length=1, description="ONNX files in the bundle with their hashes.")

@@ -271,6 +271,6 @@ def install_model(config_path: Path, bundle: Path) -> Installed:
     def suits_the_station(path: Path) -> None:
         # What the daemon will run: the configured precision, cut into the configured ROI and tiles.
         scorer = Scorer.load(path, config.model.precision, config.model.intra_op_threads)
-        Inspector(config.inspection).check(scorer.manifest.input)
+        Inspector(config.inspection).check(scorer.manifest)
 
     return ModelStore(config.model.bundle).install(bundle, suits=suits_the_station)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ganspect.edge.config import InspectionConfig
+from ganspect.edge.config import InspectionConfig, RoiConfig
 from ganspect.edge.errors import ConfigError
-from ganspect.edge.manifest import InputSpec
+from ganspect.edge.manifest import Manifest
 from ganspect.edge.preprocess import preprocess
 from ganspect.edge.scorer import Score, Scorer
 
@@ -51,8 +51,45 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [min(i * stride, length - tile) for i in range(count)]
 
 
+@dataclass(frozen=True)
+class Framing:
+    """The tiling actually used: the bundle's (how the model was trained) over the station's settings."""
+
+    tiling: str
+    tile_overlap: int
+    roi: RoiConfig | None
+
+
+def framing_for(config: InspectionConfig, manifest: Manifest) -> Framing:
+    """The bundle's tiling where it records one; a station setting that contradicts it is refused.
+
+    A station set to tile differently from its training would score tiles the model was
+    never shown (or squash what it learned at native pixels): it must fail at load, not
+    quietly miss defects.
+    """
+    spec = manifest.tiling
+    if spec is None:
+        return Framing(config.tiling, config.tile_overlap, config.roi)
+    explicit = config.model_fields_set
+    if "tiling" in explicit and config.tiling != spec.mode:
+        raise ConfigError(f"inspection.tiling is {config.tiling} but the model {manifest.name} was trained with "
+                          f"tiling {spec.mode}; remove inspection.tiling (the bundle says how to frame) or retrain")
+    if spec.mode == "tiles" and "tile_overlap" in explicit and config.tile_overlap != spec.overlap:
+        raise ConfigError(f"inspection.tile_overlap is {config.tile_overlap} but the model {manifest.name} was "
+                          f"trained with tiles overlapping by {spec.overlap}; remove inspection.tile_overlap")
+    roi = config.roi
+    if spec.roi is not None:
+        trained = RoiConfig(x=spec.roi.x, y=spec.roi.y, width=spec.roi.width, height=spec.roi.height)
+        if roi is not None and roi != trained:
+            raise ConfigError(f"inspection.roi ({roi.x},{roi.y}) {roi.width}x{roi.height} differs from the region the "
+                              f"model {manifest.name} was trained on ({trained.x},{trained.y}) "
+                              f"{trained.width}x{trained.height}; remove inspection.roi or retrain")
+        roi = trained
+    return Framing(spec.mode, spec.overlap, roi)
+
+
 class Inspector:
-    """Crops, batches and scores frames as `inspection` says; `inspect` is one session.run per frame.
+    """Crops, batches and scores frames as the bundle and `inspection` say; `inspect` is one session.run per frame.
 
     The scorer and threshold come with each call, so a model reload or a threshold
     override between two frames needs nothing from here but `check` of the new model.
@@ -61,9 +98,11 @@ class Inspector:
     def __init__(self, config: InspectionConfig) -> None:
         self._config = config
 
-    def check(self, spec: InputSpec) -> None:
-        """Refuse settings the model cannot serve (tiles larger than the ROI, overlap as large as a tile)."""
-        config = self._config
+    def check(self, manifest: Manifest) -> None:
+        """Refuse settings the model cannot serve (tiles larger than the ROI, overlap as large as a tile,
+        tiling other than the model's training)."""
+        config = framing_for(self._config, manifest)
+        spec = manifest.input
         if config.tiling != "tiles":
             return
         if config.tile_overlap >= min(spec.height, spec.width):
@@ -74,9 +113,8 @@ class Inspector:
             raise ConfigError(f"inspection.roi {roi.width}x{roi.height} is smaller than the model's "
                               f"{spec.width}x{spec.height} tiles; enlarge it or use inspection.tiling: resize")
 
-    def region(self, frame_shape: tuple[int, ...]) -> Region:
+    def region(self, frame_shape: tuple[int, ...], roi: RoiConfig | None = None) -> Region:
         height, width = frame_shape[:2]
-        roi = self._config.roi
         if roi is None:
             return Region(0, 0, width, height)
         if roi.x + roi.width > width or roi.y + roi.height > height:
@@ -87,15 +125,16 @@ class Inspector:
     def inspect(self, frame_bgr: np.ndarray, scorer: Scorer, threshold: float) -> Inspection:
         """Score one frame with `scorer`; NG when the (worst tile's) score is above `threshold`."""
         t0 = time.perf_counter()
-        region = self.region(frame_bgr.shape)
+        framing = framing_for(self._config, scorer.manifest)
+        region = self.region(frame_bgr.shape, framing.roi)
         crop = frame_bgr[region.y: region.y + region.height, region.x: region.x + region.width]
         spec = scorer.manifest.input
-        if self._config.tiling == "resize":
+        if framing.tiling == "resize":
             batch = preprocess(crop, spec)  # (1, H, W, C)
             origins = [(0, 0)]
         else:
-            ys = tile_starts(region.height, spec.height, self._config.tile_overlap)
-            xs = tile_starts(region.width, spec.width, self._config.tile_overlap)
+            ys = tile_starts(region.height, spec.height, framing.tile_overlap)
+            xs = tile_starts(region.width, spec.width, framing.tile_overlap)
             origins = [(y, x) for y in ys for x in xs]
             # Tiles are model-sized already: preprocess only converts colour and adds the batch axis.
             batch = np.concatenate([preprocess(crop[y: y + spec.height, x: x + spec.width], spec)
@@ -103,7 +142,7 @@ class Inspector:
         t1 = time.perf_counter()
         scores, heatmaps = scorer.run_batch(batch)  # (N,), (N, H, W)
         t2 = time.perf_counter()
-        if self._config.tiling == "resize":
+        if framing.tiling == "resize":
             heat = heatmaps[0]
         else:
             heat = np.full((region.height, region.width), -np.inf, np.float32)

@@ -41,8 +41,10 @@ from ganspect.edge.manifest import (
     Manifest,
     ModelFile,
     Normalisation,
+    RegionSpec,
     ScoreSpec,
     ThresholdSpec,
+    TilingSpec,
     TrainingData,
     describe_file,
     describe_golden,
@@ -75,6 +77,10 @@ DISCRIMINATION_FORMULA = {
     ("anogan", "feature_matching"): "mean |f_D(x) - f_D(G(z))| (feature matching)",
 }
 RESIDUAL_FORMULA = {"mean": "mean of r over H, W", "peak": "max over H, W of Gaussian-smoothed r"}
+SEGMENTATION_FORMULA = (
+    "score = max over H, W of the Gaussian-smoothed sigmoid(S(x, G(E(x)), |x - G(E(x))|)), S the segmentation head "
+    "trained on pseudo-defects; x = image / 127.5 - 1 (A(x) with lambda = {lam:g}, L_R = {residual} and "
+    "L_D = {discrimination} stay available on the workstation)")
 
 
 def _ganspect_version() -> str:
@@ -96,20 +102,68 @@ class RunImages:
     test_names: list[str]
     test_kinds: list[str]
     test_source: str
+    # Tiling mode tiles: the held-out normals at native size (their per-image scores set the thresholds);
+    # every other field then holds model-sized tiles cut from the images as the edge cuts them.
+    holdout_frames: Any = None
+
+
+# Tiles drawn per group (training, held-out, test normal, test defect) for INT8 calibration and the guard.
+MAX_GUARD_TILES = 256
+
+
+def _tiles_of(images: Any, size: int, overlap: int, rng: np.random.Generator, masks: Any = None,
+              names: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Up to MAX_GUARD_TILES seeded tiles (T, S, S, C) of the edge's grid; with masks, only tiles on a defect."""
+    from ganspect.train.calibrate import tile_origins
+
+    picked: list[tuple[int, int, int]] = []
+    for i, image in enumerate(images):
+        for y, x in tile_origins(image.shape[0], image.shape[1], size, overlap):
+            if masks is None or masks[i][y:y + size, x:x + size].any():
+                picked.append((i, y, x))
+    chosen = sorted(rng.choice(len(picked), min(MAX_GUARD_TILES, len(picked)), replace=False)) if picked else []
+    tiles = [images[picked[c][0]][picked[c][1]:picked[c][1] + size, picked[c][2]:picked[c][2] + size] for c in chosen]
+    labels = [f"{(names or [])[picked[c][0]] if names else picked[c][0]} tile at ({picked[c][1]}, {picked[c][2]})"
+              for c in chosen]
+    return np.stack(tiles) if tiles else np.zeros((0, size, size, images[0].shape[-1]), np.uint8), labels
 
 
 def _run_images(source: Path, size: int, channels: int, holdout: float, seed: int,
-                guard_source: Path | None = None) -> RunImages | None:
+                guard_source: Path | None = None, tiling: Any = None) -> RunImages | None:
     """The run's images; the test images come from `guard_source` when given, else from the run's data set."""
-    from ganspect.train.data import is_mvtec_layout, load_normal_images, load_test_set, split_holdout
+    from ganspect.train.data import Framing, is_mvtec_layout, load_normal_images, load_test_set, split_holdout
 
     if not source.exists():
         return None
-    train, held = split_holdout(load_normal_images(source, size, channels), holdout, seed)
+    framing = Framing.of(size, tiling)
+    train, held = split_holdout(load_normal_images(source, size, channels, framing), holdout, seed)
     if guard_source is not None and not is_mvtec_layout(guard_source):
         raise GanspectError(f"--guard-data {guard_source} has no MVTec-style test/ folder (test/good, test/<defect>)")
     test_source = guard_source if guard_source is not None else source
-    test = load_test_set(test_source, size, channels) if is_mvtec_layout(test_source) else None
+    test = load_test_set(test_source, size, channels, framing) if is_mvtec_layout(test_source) else None
+    if framing.tiles:
+        rng = np.random.default_rng(seed)
+        overlap = tiling.overlap
+        train_tiles, _ = _tiles_of(train.images, size, overlap, rng)
+        held_tiles, held_names = _tiles_of(held.images, size, overlap, rng, names=list(held.names))
+        test_tiles, test_labels, test_names, test_kinds = None, None, [], []
+        if test is not None and len(test):
+            good = [i for i, label in enumerate(test.labels) if label == 0]
+            bad = [i for i, label in enumerate(test.labels) if label == 1]
+            parts = [_tiles_of([test.images[i] for i in good], size, overlap, rng,
+                               names=[test.names[i] for i in good]),
+                     _tiles_of([test.images[i] for i in bad], size, overlap, rng,
+                               masks=None if test.masks is None else [test.masks[i] for i in bad],
+                               names=[test.names[i] for i in bad])]
+            test_tiles = np.concatenate([parts[0][0], parts[1][0]])
+            test_labels = np.array([0] * len(parts[0][0]) + [1] * len(parts[1][0]))
+            test_names = parts[0][1] + parts[1][1]
+            bad_kinds = {test.names[i]: test.kinds[i] for i in bad}
+            test_kinds = ["good"] * len(parts[0][0]) + [bad_kinds.get(n.split(" tile at ")[0], "defect")
+                                                        for n in parts[1][1]]
+        return RunImages(train=train_tiles, holdout=held_tiles, holdout_names=held_names, test=test_tiles,
+                         test_labels=test_labels, test_names=test_names, test_kinds=test_kinds,
+                         test_source=str(test_source), holdout_frames=held.images)
     return RunImages(
         train=np.ascontiguousarray(train.images), holdout=np.ascontiguousarray(held.images),
         holdout_names=list(held.names),
@@ -117,6 +171,20 @@ def _run_images(source: Path, size: int, channels: int, holdout: float, seed: in
         test_labels=None if test is None else np.asarray(test.labels).astype(int),
         test_names=[] if test is None else list(test.names), test_kinds=[] if test is None else list(test.kinds),
         test_source=str(test_source))
+
+
+def _tiled_threshold(path: Path, frames: Any, config: Any, nu: float) -> float:
+    """The file's threshold on whole frames: the (1 - nu) quantile of the held-out normals' worst-tile scores."""
+    from ganspect.export.onnx_export import run_onnx
+    from ganspect.train.calibrate import normal_quantile_threshold, tile_origins
+
+    size = config.model.image_size
+    worst = []
+    for frame in frames:
+        tiles = np.stack([frame[y:y + size, x:x + size]
+                          for y, x in tile_origins(frame.shape[0], frame.shape[1], size, config.tiling.overlap)])
+        worst.append(float(np.max(run_onnx(path, tiles).score)))
+    return normal_quantile_threshold(np.asarray(worst), nu)
 
 
 def _guard_data(images: RunImages) -> Any:
@@ -232,7 +300,7 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
     if (kind, discrimination) not in DISCRIMINATION_FORMULA:
         raise GanspectError(f"{run}: {kind} with discrimination {discrimination!r} cannot be exported by this ganspect")
     images = _run_images(Path(info["source"]), size, channels, config.data.holdout, config.train.seed,
-                         Path(guard_data) if guard_data is not None else None)
+                         Path(guard_data) if guard_data is not None else None, config.tiling)
     if images is None:
         if int8:
             raise GanspectError(f"--int8 needs the run's training data at {info['source']} (calibration and the "
@@ -283,7 +351,10 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
                 log.info("quantizing to INT8 (%s) on %d normal training images", label, n_cal)
                 quantize(fp32_path, int8_path, calibration, layers, kept, settings)
                 int8_out = run_onnx(int8_path, check_images)
-                result = judge(label, kept_names, guard_set, fp32_out, thresholds[MODEL_FILE], int8_out, nu, settings)
+                frame_threshold = (None if images.holdout_frames is None else
+                                   _tiled_threshold(int8_path, images.holdout_frames, config, nu))
+                result = judge(label, kept_names, guard_set, fp32_out, thresholds[MODEL_FILE], int8_out, nu, settings,
+                               int8_threshold=frame_threshold)
                 guard.append(result)
                 log.info("INT8 guard (%s): %s", label, "pass" if result.ok else "; ".join(result.failures))
                 if result.ok:
@@ -336,6 +407,8 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
                             "int8_layers_kept_fp32": float(len(final.fp32_nodes))})
         metrics = {k: _finite(v) for k, v in metrics.items()}
 
+        source = getattr(cfg, "scoring", "residual")
+        roi = config.tiling.roi
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             name=f"{kind}-{run.resolve().name}",
@@ -346,12 +419,16 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
                             colour_order="GRAY" if channels == 1 else "BGR", resize_interpolation="area"),
             normalisation=Normalisation(scale=1 / 127.5, offset=-1.0),
             score=ScoreSpec(
-                formula=SCORE_FORMULAS[kind].format(lam=cfg.lambda_, residual=RESIDUAL_FORMULA[cfg.residual_reduction],
-                                                    discrimination=DISCRIMINATION_FORMULA[(kind, discrimination)]),
-                lambda_=cfg.lambda_, discrimination=discrimination, residual_reduction=cfg.residual_reduction),
+                formula=(SEGMENTATION_FORMULA if source == "segmentation" else SCORE_FORMULAS[kind]).format(
+                    lam=cfg.lambda_, residual=RESIDUAL_FORMULA[cfg.residual_reduction],
+                    discrimination=DISCRIMINATION_FORMULA[(kind, discrimination)]),
+                lambda_=cfg.lambda_, discrimination=discrimination, residual_reduction=cfg.residual_reduction,
+                source=source),
             threshold=ThresholdSpec(method=cal.get("method", "normal_quantile"), nu=cal.get("nu"),
                                     n_images=int(cal.get("n_images", 0))),
             heatmap=HeatmapSpec(scale=float(model.heatmap_scale), smoothing_sigma=cfg.heatmap_sigma),
+            tiling=TilingSpec(mode=config.tiling.mode, overlap=config.tiling.overlap,
+                              roi=None if roi is None else RegionSpec(**roi.model_dump())),
             training_data=TrainingData(source=str(info["source"]), n_train=int(info["n_train"]),
                                        n_val=int(info["n_val"])),
             metrics=metrics,

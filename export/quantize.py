@@ -191,13 +191,18 @@ def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
 
 
 def judge(attempt: str, keep_fp32: list[str], data: GuardData, fp32: Outputs, fp32_threshold: float,
-          int8: Outputs, nu: float, settings: Int8Settings) -> GuardResult:
-    """Compare the INT8 outputs with FP32's on the guard images; calibrate the INT8 threshold."""
+          int8: Outputs, nu: float, settings: Int8Settings, int8_threshold: float | None = None) -> GuardResult:
+    """Compare the INT8 outputs with FP32's on the guard images; calibrate the INT8 threshold.
+
+    `int8_threshold` is given when the threshold is not one of the guard images' (tiles
+    of frames: the frame's score is its worst tile's, calibrated on whole frames).
+    """
     from scipy.stats import spearmanr
 
     from ganspect.train.calibrate import normal_quantile_threshold
 
-    int8_threshold = normal_quantile_threshold(int8.score[:data.n_holdout], nu)
+    if int8_threshold is None:
+        int8_threshold = normal_quantile_threshold(int8.score[:data.n_holdout], nu)
     finite = bool(np.all(np.isfinite(int8.score)))
     if not finite:
         rho = float("nan")

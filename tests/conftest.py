@@ -269,12 +269,13 @@ def build_tiny_model(height: int, width: int, channels: int) -> bytes:
 
 def write_tiny_bundle(root: Path, *, height: int = 32, width: int = 32,
                       colour_order: Literal["GRAY", "BGR"] = "GRAY", threshold: float = TINY_THRESHOLD,
-                      graph_shape: tuple[int, int, int] | None = None) -> Path:
-    """Write model.onnx, golden images + manifest.json into `root`; `graph_shape` (H, W, C) builds a graph that disagrees."""
+                      graph_shape: tuple[int, int, int] | None = None, tiling: dict[str, Any] | None = None) -> Path:
+    """Write model.onnx, golden images + manifest.json into `root`; `graph_shape` (H, W, C) builds a graph that
+    disagrees; `tiling` is the manifest's tiling record (None: none, as bundles before it)."""
     from ganspect.edge.golden import write_golden_image
     from ganspect.edge.manifest import (GoldenExpectation, HeatmapSpec, InputSpec, Manifest, Normalisation,
-                                        ScoreSpec, ThresholdSpec, TrainingData, describe_file, describe_golden,
-                                        utc_now, write_manifest)
+                                        ScoreSpec, ThresholdSpec, TilingSpec, TrainingData, describe_file,
+                                        describe_golden, utc_now, write_manifest)
     from ganspect.edge.preprocess import preprocess
 
     root.mkdir(parents=True, exist_ok=True)
@@ -299,6 +300,7 @@ def write_tiny_bundle(root: Path, *, height: int = 32, width: int = 32,
                             residual_reduction="mean"),
         threshold=ThresholdSpec(method="manual", n_images=0),
         heatmap=HeatmapSpec(scale=HEATMAP_SCALE, smoothing_sigma=0.0),
+        tiling=None if tiling is None else TilingSpec.model_validate(tiling),
         training_data=TrainingData(source="tests/conftest.py", n_train=0, n_val=0),
         files=[describe_file(root, "model.onnx", "fp32", threshold, expectation)],
         golden=golden,

@@ -11,20 +11,25 @@ largest one), so that heatmap 1.0 means "as large as the largest normal residual
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from ganspect.train.models.common import ScoringModel, weighted_score
+from ganspect.train.models.common import ScoringModel
 
 SCORINGS = ("model", "search")
 
 
 @dataclass
 class Scored:
-    """Per-image score parts of a batch of images (numpy, float32)."""
+    """Per-image score parts of a batch of images (numpy, float32).
 
-    score: np.ndarray      # (N,) (1 - lambda) * l_r + lambda * l_d, as the model's forward
+    From tiles (`score_tiled`), the maps are stitched at the image's own size (a list
+    when the images differ in size) and the per-image values are those of the worst tile.
+    """
+
+    score: np.ndarray      # (N,) the model's score, as its forward
     l_r: np.ndarray        # (N,)
     l_d: np.ndarray        # (N,)
     residual: np.ndarray   # (N, H, W) smoothed residual before dividing by heatmap_scale
@@ -50,7 +55,6 @@ def score_images(model: ScoringModel, images: np.ndarray, batch_size: int = 64,
     was_training = model.training
     model.eval()
     model.to(device)
-    lam = model.cfg.lambda_
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("score", "l_r", "l_d", "residual", "heatmap")}
     recons: list[np.ndarray] = []
     gen = torch.Generator().manual_seed(seed)
@@ -69,11 +73,12 @@ def score_images(model: ScoringModel, images: np.ndarray, batch_size: int = 64,
                     bar.update(len(batch))
             else:
                 parts = model.score_parts(x)
-            out["score"].append(weighted_score(parts.l_r, parts.l_d, lam).cpu().numpy())
+            score, raw_map = model.score_and_map(parts)
+            out["score"].append(score.cpu().numpy())
             out["l_r"].append(parts.l_r.cpu().numpy())
             out["l_d"].append(parts.l_d.cpu().numpy())
-            out["residual"].append(parts.residual.cpu().numpy())
-            out["heatmap"].append((parts.residual / model.heatmap_scale).cpu().numpy())
+            out["residual"].append(raw_map.cpu().numpy())
+            out["heatmap"].append((raw_map / model.heatmap_scale).cpu().numpy())
             if keep_recon:
                 recons.append(((parts.recon + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
                               .permute(0, 2, 3, 1).cpu().numpy())
@@ -86,6 +91,71 @@ def score_images(model: ScoringModel, images: np.ndarray, batch_size: int = 64,
     return Scored(**cat, recon=np.concatenate(recons) if keep_recon and recons else None)
 
 
+def tile_origins(height: int, width: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """(row, column) of every tile, exactly as the edge cuts a region (ganspect.edge.tiling)."""
+    from ganspect.edge.tiling import tile_starts
+
+    return [(y, x) for y in tile_starts(height, size, overlap) for x in tile_starts(width, size, overlap)]
+
+
+def stitch(maps: np.ndarray, origins: list[tuple[int, int]], height: int, width: int) -> np.ndarray:
+    """Tile maps (T, S, S) back into one (height, width) map, the larger value where tiles overlap (as the edge)."""
+    size = maps.shape[-1]
+    out = np.full((height, width), -np.inf, np.float32)
+    for (y, x), tile in zip(origins, maps):
+        window = out[y:y + size, x:x + size]
+        np.maximum(window, tile, out=window)
+    return out
+
+
+def score_tiled(model: ScoringModel, images: Any, overlap: int, batch_size: int = 64,
+                device: str | torch.device = "cpu", keep_recon: bool = False, progress: str | None = None) -> Scored:
+    """Score native-size uint8 images (N, H, W, C) or a list of (H_i, W_i, C) tile by tile, as the edge does.
+
+    Each image is cut into model-sized tiles sharing `overlap` pixels; the image's score
+    and score parts are its worst tile's, its maps are the tiles' maps stitched.
+    """
+    size = model.cfg.image_size
+    keys = ("score", "l_r", "l_d")
+    values: dict[str, list[float]] = {k: [] for k in keys}
+    residuals, heatmaps, recons = [], [], []
+    from ganspect.train.loop import progress_bar
+
+    bar = progress_bar(len(images), desc=progress, unit="image") if progress else None
+    for image in images:
+        h, w = image.shape[:2]
+        origins = tile_origins(h, w, size, overlap)
+        tiles = np.stack([image[y:y + size, x:x + size] for y, x in origins])
+        part = score_images(model, tiles, batch_size=batch_size, device=device, keep_recon=keep_recon)
+        worst = int(np.argmax(part.score))
+        for k in keys:
+            values[k].append(float(getattr(part, k)[worst]))
+        residuals.append(stitch(part.residual, origins, h, w))
+        heatmaps.append(stitch(part.heatmap, origins, h, w))
+        if keep_recon and part.recon is not None:
+            recon = np.zeros_like(image)
+            for (y, x), tile in zip(origins, part.recon):
+                recon[y:y + size, x:x + size] = tile
+            recons.append(recon)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    from ganspect.train.data import stack_if_uniform
+
+    return Scored(**{k: np.asarray(v, np.float32) for k, v in values.items()},
+                  residual=stack_if_uniform(residuals), heatmap=stack_if_uniform(heatmaps),
+                  recon=stack_if_uniform(recons) if keep_recon else None)
+
+
+def score_framed(model: ScoringModel, images: Any, tiles: bool, overlap: int, **kwargs: Any) -> Scored:
+    """`score_tiled` for native images (tiling mode tiles), `score_images` for model-sized ones."""
+    if tiles:
+        return score_tiled(model, images, overlap, progress=f"scoring {len(images)} images in tiles",
+                           **{k: v for k, v in kwargs.items() if k in ("batch_size", "device", "keep_recon")})
+    return score_images(model, images, **kwargs)
+
+
 def normal_quantile_threshold(scores: np.ndarray, nu: float) -> float:
     """The (1 - nu) quantile of normal scores (numpy's default linear interpolation)."""
     if len(scores) == 0:
@@ -95,7 +165,9 @@ def normal_quantile_threshold(scores: np.ndarray, nu: float) -> float:
 
 def heatmap_scale(residuals: np.ndarray, quantile: float) -> float:
     """The `quantile` quantile of all residual pixels (1.0 = max); never below a tiny positive floor."""
-    value = float(np.quantile(np.asarray(residuals, dtype=np.float64).ravel(), quantile))
+    pixels = (np.concatenate([np.ravel(r) for r in residuals]) if isinstance(residuals, list)
+              else np.asarray(residuals).ravel())
+    value = float(np.max(pixels)) if quantile >= 1.0 else float(np.quantile(pixels.astype(np.float64), quantile))
     return max(value, 1e-6)
 
 
@@ -109,8 +181,9 @@ class Calibration:
     method: str = "normal_quantile"
     n_anomalies: int = 0
     normal_quantile_threshold: float | None = None  # always computed, for comparison with f1_optimal
+    confidence: dict[str, float] | None = None  # how sure the threshold is (threshold_confidence)
 
-    def to_dict(self) -> dict[str, float | int | str | None]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "threshold": self.threshold,
             "method": self.method,
@@ -120,7 +193,30 @@ class Calibration:
             "normal_quantile_threshold": self.normal_quantile_threshold,
             "heatmap_scale": self.heatmap_scale,
             "heatmap_quantile": self.heatmap_quantile,
+            "confidence": self.confidence,
         }
+
+
+def threshold_confidence(normal_scores: np.ndarray, threshold: float, nu: float, seed: int = 0,
+                         resamples: int = 2000) -> dict[str, float]:
+    """How far a threshold from n held-out normals can be trusted, in the two ways a line needs it.
+
+    - false alarms: k of the n normals score above it; the one-sided 95 % Clopper-Pearson
+      bound on the real false-alarm rate is what the data can promise (with 31 normals and
+      none above, it is 9 %, whatever nu was asked for);
+    - its spread: the 5th and 95th percentiles of the (1 - nu) quantile over bootstrap
+      resamples of the normals: how much the threshold would move with other normals.
+    """
+    from scipy.stats import beta
+
+    scores = np.asarray(normal_scores, dtype=np.float64)
+    n = len(scores)
+    above = int((scores > threshold).sum())
+    upper = float(beta.ppf(0.95, above + 1, n - above)) if above < n else 1.0
+    rng = np.random.default_rng(seed)
+    boot = np.quantile(scores[rng.integers(0, n, (resamples, n))], 1.0 - nu, axis=1)
+    return {"held_out_above": above, "false_alarm_rate_held_out": above / n, "false_alarm_rate_upper_95": upper,
+            "threshold_p05": float(np.quantile(boot, 0.05)), "threshold_p95": float(np.quantile(boot, 0.95))}
 
 
 def choose_threshold(normal_scores: np.ndarray, nu: float, method: str = "normal_quantile",
@@ -139,18 +235,23 @@ def choose_threshold(normal_scores: np.ndarray, nu: float, method: str = "normal
     raise ValueError(f"unknown threshold method {method!r}")
 
 
-def calibrate(model: ScoringModel, normal_images: np.ndarray, nu: float, quantile: float,
-              batch_size: int = 64, device: str | torch.device = "cpu", anomaly_images: np.ndarray | None = None,
-              method: str = "normal_quantile") -> Calibration:
-    """Compute threshold and heatmap scale on held-out normals and store them in the model's buffers."""
-    scored = score_images(model, normal_images, batch_size=batch_size, device=device)
+def calibrate(model: ScoringModel, normal_images: Any, nu: float, quantile: float,
+              batch_size: int = 64, device: str | torch.device = "cpu", anomaly_images: Any = None,
+              method: str = "normal_quantile", tiles: bool = False, overlap: int = 0) -> Calibration:
+    """Compute threshold and heatmap scale on held-out normals and store them in the model's buffers.
+
+    With `tiles`, the images are native-size and scored tile by tile as the edge scores them.
+    """
+    scored = score_framed(model, normal_images, tiles, overlap, batch_size=batch_size, device=device)
     anomaly_scores = None
     if method == "f1_optimal":
         if anomaly_images is None:
             raise ValueError("the f1_optimal threshold needs labelled anomalous images")
-        anomaly_scores = score_images(model, anomaly_images, batch_size=batch_size, device=device).score
+        anomaly_scores = score_framed(model, anomaly_images, tiles, overlap, batch_size=batch_size,
+                                      device=device).score
+    threshold = choose_threshold(scored.score, nu, method, anomaly_scores)
     cal = Calibration(
-        threshold=choose_threshold(scored.score, nu, method, anomaly_scores),
+        threshold=threshold,
         nu=nu,
         n_images=len(normal_images),
         heatmap_scale=heatmap_scale(scored.residual, quantile),
@@ -158,6 +259,7 @@ def calibrate(model: ScoringModel, normal_images: np.ndarray, nu: float, quantil
         method=method,
         n_anomalies=0 if anomaly_scores is None else len(anomaly_scores),
         normal_quantile_threshold=normal_quantile_threshold(scored.score, nu),
+        confidence=threshold_confidence(scored.score, threshold, nu),
     )
     model.threshold.fill_(cal.threshold)
     model.heatmap_scale.fill_(cal.heatmap_scale)

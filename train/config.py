@@ -44,6 +44,18 @@ class ModelSection(_Section):
         "batch", description="Normalisation in E and G; their BatchNorm statistics are re-estimated after training.")
     spectral_norm: bool = Field(True, description="Spectral normalisation on D's layers (stabilises the GAN).")
     d_dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout in D during training (BiGAN practice).")
+    latent: Literal["vector", "spatial"] = Field(
+        "vector", description="vector = one latent_dim code per image (the papers); spatial = a map of codes, one "
+        "per latent_stride x latent_stride cell: fully convolutional, keeps the detail of textured parts.")
+    latent_stride: int = Field(8, description="Spatial latent only: image pixels per latent cell (power of two, "
+                               "2 to 32, at most image_size / 4).")
+    segmentation_head: bool = Field(
+        False, description="A small defect-segmentation network on (x, G(E(x)), |x - G(E(x))|), trained to mark "
+        "the pseudo-defects painted on normal images (train.pseudo_defects); Efficient GAN only.")
+    head_width: int = Field(8, ge=2, le=64, description="Feature maps of the segmentation head's first stage.")
+    scoring: Literal["residual", "segmentation"] = Field(
+        "residual", description="Where score and heatmap come from: residual = A(x) = (1 - lambda) L_R + lambda L_D "
+        "and the smoothed residual; segmentation = the peak of the head's smoothed defect map, and that map.")
 
     @field_validator("image_size")
     @classmethod
@@ -56,6 +68,14 @@ class ModelSection(_Section):
     def _anogan_feature_matching(self) -> ModelSection:
         if self.kind == "anogan" and self.discrimination != "feature_matching":
             raise ValueError("discrimination: AnoGAN scores with feature_matching only")
+        if self.scoring == "segmentation" and not self.segmentation_head:
+            raise ValueError("scoring: segmentation needs segmentation_head: true")
+        if self.latent == "spatial" and (self.latent_stride not in (2, 4, 8, 16, 32)
+                                         or self.latent_stride > self.image_size // 4):
+            raise ValueError(f"latent_stride: a power of two from 2 to 32 and at most image_size / 4 is needed, "
+                             f"got {self.latent_stride}")
+        if self.kind == "anogan" and (self.latent == "spatial" or self.segmentation_head):
+            raise ValueError("latent: spatial and segmentation_head are Efficient GAN settings")
         return self
 
 
@@ -68,6 +88,25 @@ class AugmentSection(_Section):
     brightness: float = Field(0.05, ge=0.0, le=0.5, description="Random brightness change of up to +/- this fraction.")
     contrast: float = Field(0.0, ge=0.0, le=0.5,
                             description="Random contrast change of up to +/- this fraction (about mid-grey).")
+
+
+class RegionSection(_Section):
+    x: int = Field(ge=0, description="Left edge in image pixels.")
+    y: int = Field(ge=0, description="Top edge in image pixels.")
+    width: int = Field(ge=8, description="Width in pixels.")
+    height: int = Field(ge=8, description="Height in pixels.")
+
+
+class TilingSection(_Section):
+    """How an image (a camera frame) reaches the model: the one definition the trainer and the edge share."""
+
+    mode: Literal["resize", "tiles"] = Field(
+        "resize", description="resize = the image (its ROI) is resized to image_size x image_size; tiles = one "
+        "image pixel is one model pixel: training takes random image_size crops, evaluation and the edge cut the "
+        "ROI into image_size tiles and stitch their heatmaps (the larger value where tiles overlap).")
+    overlap: int = Field(16, ge=0, description="tiles: pixels shared by neighbouring tiles (the last tile of a row "
+                         "or column is flush with the ROI's edge).")
+    roi: RegionSection | None = Field(None, description="Region of every image to inspect; null = the whole image.")
 
 
 class DataSection(_Section):
@@ -105,6 +144,20 @@ class TrainSection(_Section):
     early_stop_patience: int | None = Field(
         None, ge=1, description="Stop after this many validations without improvement; null = never "
         "(needs validate_every > 0).")
+    adversarial_weight: float = Field(
+        1.0, ge=0.0, description="Efficient GAN: weight of the BiGAN losses in the E+G loss; 0 = no adversarial "
+        "game (D is not trained, L_D is then meaningless).")
+    segmentation_weight: float = Field(1.0, ge=0.0, description="Weight of the segmentation head's focal loss.")
+
+
+class PseudoDefectSection(_Section):
+    enabled: bool = Field(False, description="Paint synthetic defects on training images: E and G learn to restore "
+                          "the clean image, the segmentation head (model.segmentation_head) learns to mark them.")
+    probability: float = Field(0.5, gt=0.0, le=1.0, description="Share of the training images that get a defect.")
+    kinds: list[Literal["perlin", "cutpaste", "scratch"]] = Field(
+        ["perlin", "cutpaste", "scratch"], min_length=1,
+        description="perlin = Perlin-noise blobs filled with grey, noise or another image's texture; cutpaste = a "
+        "patch of the image moved elsewhere; scratch = thin lines and cracks.")
 
 
 class AnoGANSection(_Section):
@@ -160,12 +213,21 @@ class TrainConfig(_Section):
     ocnn: OCNNSection = Field(default_factory=OCNNSection, description="Optional OC-NN head on the latent codes.")
     calibration: CalibrationSection = Field(default_factory=CalibrationSection,
                                             description="Threshold and heatmap scale from held-out normals.")
+    tiling: TilingSection = Field(default_factory=TilingSection,
+                                  description="How images reach the model (resize or native-pixel tiles), and the ROI.")
+    pseudo_defects: PseudoDefectSection = Field(default_factory=PseudoDefectSection,
+                                                description="Synthetic defects painted on training images.")
 
     @model_validator(mode="after")
     def _validation_needed(self) -> TrainConfig:
         t = self.train
         if t.validate_every == 0 and (t.keep == "best" or t.early_stop_patience is not None):
             raise ValueError("train.keep: best and train.early_stop_patience need train.validate_every > 0")
+        if self.model.segmentation_head and not self.pseudo_defects.enabled:
+            raise ValueError("model.segmentation_head learns from painted defects: set pseudo_defects.enabled: true")
+        if self.tiling.mode == "tiles" and self.tiling.overlap >= self.model.image_size:
+            raise ValueError(f"tiling.overlap {self.tiling.overlap} must be smaller than the "
+                             f"{self.model.image_size} px tiles (model.image_size)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

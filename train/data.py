@@ -1,8 +1,11 @@
 """Loading image data sets: the MVTec AD layout and plain folders of normal images.
 
-Images are resized with ``cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)``,
-the very call the edge daemon applies to camera frames, so training and inference see
-the same pixels. Colour images stay in OpenCV's BGR order; grayscale is
+Images are cut to the configured region of interest (`tiling.roi`), then either resized
+with ``cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)`` (tiling mode
+``resize``), the very call the edge daemon applies to camera frames, or kept at their
+native pixels (mode ``tiles``; an image smaller than one tile is padded by repeating its
+border), so training and inference see the same pixels. Native images of one size are
+stacked into one array; images of several sizes stay a list. Colour images stay in OpenCV's BGR order; grayscale is
 ``cv2.cvtColor(BGR2GRAY)`` of the colour read, so colour and grey files both load either
 way. Masks are resized with INTER_NEAREST and binarised at 128.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -23,9 +27,11 @@ GOOD = "good"
 
 @dataclass
 class ImageSet:
-    images: np.ndarray  # uint8 (N, H, W, C); C = 1 (gray) or 3 (BGR, OpenCV order)
+    # uint8 (N, H, W, C); C = 1 (gray) or 3 (BGR, OpenCV order); a list of (H_i, W_i, C) for native images of
+    # several sizes
+    images: Any
     labels: np.ndarray  # int64 (N,): 0 normal, 1 anomalous
-    masks: np.ndarray | None  # uint8 (N, H, W) with values 0/1 (all zero for normal images); None without masks
+    masks: Any  # uint8 (N, H, W) with values 0/1 (all zero for normal images), a list like images; None: no masks
     names: list[str]  # path of each image relative to the data root
     kinds: list[str]  # "good" or the defect folder name
 
@@ -35,10 +41,14 @@ class ImageSet:
     def subset(self, indices: np.ndarray | list[int]) -> ImageSet:
         """The images at `indices`, in that order."""
         idx = np.asarray(indices, dtype=np.int64)
+
+        def pick(values: Any) -> Any:
+            return [values[i] for i in idx] if isinstance(values, list) else values[idx]
+
         return ImageSet(
-            images=self.images[idx],
+            images=pick(self.images),
             labels=self.labels[idx],
-            masks=None if self.masks is None else self.masks[idx],
+            masks=None if self.masks is None else pick(self.masks),
             names=[self.names[i] for i in idx],
             kinds=[self.kinds[i] for i in idx],
         )
@@ -80,34 +90,74 @@ def _read(path: Path, flags: int) -> np.ndarray:
     return image
 
 
-def read_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """Read one image as uint8 (size, size, channels): BGR for 3 channels, gray for 1."""
+@dataclass(frozen=True)
+class Framing:
+    """How an image becomes model input: the ROI, then resize to `size` or native pixels (tiles)."""
+
+    size: int
+    tiles: bool = False
+    roi: tuple[int, int, int, int] | None = None  # x, y, width, height
+
+    @classmethod
+    def of(cls, size: int, tiling: Any = None) -> Framing:
+        """From a training config's `tiling` section (None = resize the whole image)."""
+        if tiling is None:
+            return cls(size)
+        roi = tiling.roi
+        return cls(size, tiling.mode == "tiles", None if roi is None else (roi.x, roi.y, roi.width, roi.height))
+
+    def apply(self, image: np.ndarray, path: Path, interpolation: int) -> np.ndarray:
+        if self.roi is not None:
+            x, y, w, h = self.roi
+            if x + w > image.shape[1] or y + h > image.shape[0]:
+                raise GanspectError(f"{path}: tiling.roi ({x},{y}) {w}x{h} does not fit in the "
+                                    f"{image.shape[1]}x{image.shape[0]} image")
+            image = image[y:y + h, x:x + w]
+        if not self.tiles:
+            return cv2.resize(image, (self.size, self.size), interpolation=interpolation)
+        short_y, short_x = max(0, self.size - image.shape[0]), max(0, self.size - image.shape[1])
+        if short_y or short_x:  # smaller than one tile: repeat the border rather than squash the part
+            image = cv2.copyMakeBorder(image, 0, short_y, 0, short_x, cv2.BORDER_REPLICATE)
+        return image
+
+
+def read_image(path: Path, size: int, channels: int, framing: Framing | None = None) -> np.ndarray:
+    """Read one image as uint8 (size, size, channels), or native (H, W, channels) in tile mode: BGR or gray."""
     image = _read(path, cv2.IMREAD_COLOR)  # (H, W, 3) BGR whatever the file holds
-    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    image = (framing or Framing(size)).apply(image, path, cv2.INTER_AREA)
     if channels == 1:
         return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[..., None]
     return image
 
 
-def read_mask(path: Path, size: int) -> np.ndarray:
-    """Read one mask as uint8 (size, size) with values 0/1 (pixels >= 128 are defect)."""
+def read_mask(path: Path, size: int, framing: Framing | None = None) -> np.ndarray:
+    """Read one mask as uint8 (size, size), or native in tile mode, with values 0/1 (pixels >= 128 are defect)."""
     mask = _read(path, cv2.IMREAD_GRAYSCALE)
-    mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+    mask = (framing or Framing(size)).apply(mask, path, cv2.INTER_NEAREST)
     return (mask >= 128).astype(np.uint8)
 
 
-def _stack(paths: list[Path], size: int, channels: int) -> np.ndarray:
-    images = np.empty((len(paths), size, size, channels), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        images[i] = read_image(path, size, channels)
-    return images
+def stack_if_uniform(arrays: list[np.ndarray]) -> Any:
+    """One array when every item has the same shape, else the list itself."""
+    if arrays and all(a.shape == arrays[0].shape for a in arrays):
+        return np.stack(arrays)
+    return arrays
+
+
+def _stack(paths: list[Path], size: int, channels: int, framing: Framing | None = None) -> Any:
+    if framing is None or not framing.tiles:
+        images = np.empty((len(paths), size, size, channels), dtype=np.uint8)
+        for i, path in enumerate(paths):
+            images[i] = read_image(path, size, channels, framing)
+        return images
+    return stack_if_uniform([read_image(path, size, channels, framing) for path in paths])
 
 
 def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def load_normal_images(root: Path, size: int, channels: int) -> ImageSet:
+def load_normal_images(root: Path, size: int, channels: int, framing: Framing | None = None) -> ImageSet:
     """Load the normal (good) images: ``train/good`` of an MVTec layout, else every image under `root`.
 
     In a plain folder, image files (png, jpg, jpeg, bmp, tif, tiff) in `root` and its
@@ -123,7 +173,7 @@ def load_normal_images(root: Path, size: int, channels: int) -> ImageSet:
         raise GanspectError(f"no images found in {where}; expected {', '.join(sorted(IMAGE_SUFFIXES))} files")
     n = len(paths)
     return ImageSet(
-        images=_stack(paths, size, channels),
+        images=_stack(paths, size, channels, framing),
         labels=np.zeros(n, dtype=np.int64),
         masks=None,
         names=[_relative(p, root) for p in paths],
@@ -135,7 +185,7 @@ def _mask_path(root: Path, kind: str, image: Path) -> Path:
     return root / "ground_truth" / kind / f"{image.stem}_mask.png"
 
 
-def load_test_set(root: Path, size: int, channels: int) -> ImageSet:
+def load_test_set(root: Path, size: int, channels: int, framing: Framing | None = None) -> ImageSet:
     """Load an MVTec ``test/`` folder: ``good`` (label 0) and every defect folder (label 1).
 
     Masks come from ``ground_truth/<defect>/<stem>_mask.png`` (all zero for good images);
@@ -154,16 +204,20 @@ def load_test_set(root: Path, size: int, channels: int) -> ImageSet:
         raise GanspectError(f"no images found in the sub-folders of {test}")
     has_truth = (root / "ground_truth").is_dir()
 
-    masks = np.zeros((len(entries), size, size), dtype=np.uint8) if has_truth else None
-    for i, (kind, path) in enumerate(entries):
-        if masks is None or kind == GOOD:
-            continue
-        mask_path = _mask_path(root, kind, path)
-        if not mask_path.is_file():
-            raise GanspectError(f"no mask for {_relative(path, root)}: expected {_relative(mask_path, root)}")
-        masks[i] = read_mask(mask_path, size)
+    images = _stack([p for _, p in entries], size, channels, framing)
+    masks: Any = None
+    if has_truth:
+        masks = [np.zeros(image.shape[:2], dtype=np.uint8) for image in images]
+        for i, (kind, path) in enumerate(entries):
+            if kind == GOOD:
+                continue
+            mask_path = _mask_path(root, kind, path)
+            if not mask_path.is_file():
+                raise GanspectError(f"no mask for {_relative(path, root)}: expected {_relative(mask_path, root)}")
+            masks[i] = read_mask(mask_path, size, framing)
+        masks = stack_if_uniform(masks)
     return ImageSet(
-        images=_stack([p for _, p in entries], size, channels),
+        images=images,
         labels=np.array([0 if kind == GOOD else 1 for kind, _ in entries], dtype=np.int64),
         masks=masks,
         names=[_relative(p, root) for _, p in entries],

@@ -52,14 +52,26 @@ def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float,
     return thr, float(f1[best])
 
 
-def pixel_auroc(heatmaps: np.ndarray, masks: np.ndarray) -> float:
-    """Per-pixel AUROC of heatmaps (N, H, W) against 0/1 masks (N, H, W) over the whole test set."""
+# Above this many pixels, pixel AUROC reads a regular grid of them (every k-th row and column):
+# a thousand 640x640 boards are 410 million pixels, which sklearn would sort in ~10 GB.
+PIXEL_AUROC_MAX_PIXELS = 20_000_000
+
+
+def pixel_auroc(heatmaps: Any, masks: Any) -> float:
+    """Per-pixel AUROC of heatmaps (N, H, W) against 0/1 masks (N, H, W) over the whole test set.
+
+    Lists of maps of several sizes work too. Past PIXEL_AUROC_MAX_PIXELS pixels, every
+    k-th row and column of every map is read, k the smallest stride that fits.
+    """
     from sklearn.metrics import roc_auc_score
 
-    y = (np.asarray(masks).ravel() > 0).astype(np.uint8)
+    total = sum(np.size(m) for m in masks)
+    k = max(1, math.ceil(math.sqrt(total / PIXEL_AUROC_MAX_PIXELS)))
+    y = np.concatenate([(np.asarray(m)[::k, ::k] > 0).ravel() for m in masks]).astype(np.uint8)
     if y.min() == y.max():
         return math.nan
-    return float(roc_auc_score(y, np.asarray(heatmaps, dtype=np.float32).ravel()))
+    scores = np.concatenate([np.asarray(h, dtype=np.float32)[::k, ::k].ravel() for h in heatmaps])
+    return float(roc_auc_score(y, scores))
 
 
 def per_kind_auroc(scores: np.ndarray, labels: np.ndarray, kinds: list[str]) -> dict[str, float]:
@@ -107,14 +119,14 @@ def lambda_sweep(l_r: np.ndarray, l_d: np.ndarray, labels: np.ndarray, held_l_r:
     return rows
 
 
-def _held_out_images(config: Any, info: dict[str, Any], size: int, channels: int) -> np.ndarray | None:
+def _held_out_images(config: Any, info: dict[str, Any], size: int, channels: int) -> Any:
     """The run's held-out normal training images, re-drawn exactly as training drew them; None if gone."""
-    from ganspect.train.data import load_normal_images, split_holdout
+    from ganspect.train.data import Framing, load_normal_images, split_holdout
 
     source = Path(info["source"])
     if not source.exists():
         return None
-    images = load_normal_images(source, size, channels)
+    images = load_normal_images(source, size, channels, Framing.of(size, config.tiling))
     _, held = split_holdout(images, config.data.holdout, config.train.seed)
     return held.images
 
@@ -127,8 +139,8 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
     own threshold and heatmap scale from the held-out normals scored the same way.
     Writes `metrics.json` (encoder) or `metrics_search.json` (search), and the report.
     """
-    from ganspect.train.calibrate import choose_threshold, heatmap_scale, score_images
-    from ganspect.train.data import is_mvtec_layout, load_test_set
+    from ganspect.train.calibrate import choose_threshold, heatmap_scale, score_framed
+    from ganspect.train.data import Framing, is_mvtec_layout, load_test_set
     from ganspect.train.loop import latent_codes, load_ocnn_head, load_run_model, read_run_config, read_run_info
 
     if scoring not in ("encoder", "search"):
@@ -148,7 +160,8 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
         raise GanspectError(f"{data} has no MVTec-style test/ folder with good and defective images to evaluate on")
 
     size, channels = model.cfg.image_size, model.cfg.channels
-    test = load_test_set(data, size, channels)
+    tiles = config.tiling.mode == "tiles"
+    test = load_test_set(data, size, channels, Framing.of(size, config.tiling))
     labels = np.asarray(test.labels).astype(int)
     if len(labels) == 0:
         raise GanspectError(f"{data}/test holds no images")
@@ -157,8 +170,9 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
               search_steps=config.anogan.search_steps, search_lr=config.anogan.search_lr,
               seed=config.train.seed, progress=True)
     held_images = _held_out_images(config, info, size, channels)
-    held = score_images(model, held_images, **kw) if held_images is not None else None
-    scored = score_images(model, test.images, keep_recon=report, **kw)
+    overlap = config.tiling.overlap
+    held = score_framed(model, held_images, tiles, overlap, **kw) if held_images is not None else None
+    scored = score_framed(model, test.images, tiles, overlap, keep_recon=report, **kw)
     cal_path = run / "calibration.json"
     cal = json.loads(cal_path.read_text(encoding="utf-8")) if cal_path.is_file() else {}
     nu = float(cal.get("nu", config.calibration.nu))

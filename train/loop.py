@@ -68,7 +68,7 @@ MIN_TRAIN_IMAGES = 30
 # a stride-2 stage (and about four times the parameters in its widest layers) per doubling,
 # while a factory's few hundred good parts stay a few hundred.
 MIN_IMAGES_FOR_SIZE = {32: 30, 64: 30, 128: 60, 256: 120}
-LOSS_COLUMNS = ("loss_d", "loss_g", "loss_recon", "loss_feature")
+LOSS_COLUMNS = ("loss_d", "loss_g", "loss_recon", "loss_feature", "loss_seg")
 
 
 def model_config_from(config: TrainConfig) -> EfficientGANConfig | AnoGANConfig:
@@ -79,7 +79,9 @@ def model_config_from(config: TrainConfig) -> EfficientGANConfig | AnoGANConfig:
                   spectral_norm=m.spectral_norm, norm=m.norm)
     if m.kind == "anogan":
         return AnoGANConfig(**common)
-    return EfficientGANConfig(**common, discrimination=m.discrimination, d_dropout=m.d_dropout)
+    return EfficientGANConfig(**common, discrimination=m.discrimination, d_dropout=m.d_dropout, latent=m.latent,
+                              latent_stride=m.latent_stride, segmentation_head=m.segmentation_head,
+                              head_width=m.head_width, scoring=m.scoring)
 
 
 def build_for(config: TrainConfig) -> ScoringModel:
@@ -211,6 +213,14 @@ class EMA:
         model.get_submodule(part).load_state_dict(self.model.get_submodule(part).state_dict())
 
 
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Mean focal loss (Lin et al. 2017) of per-pixel logits: defects cover a few pixels in a thousand,
+    and plain cross-entropy would be won by calling every pixel normal."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_true = torch.exp(-bce)
+    return ((1.0 - p_true) ** gamma * bce).mean()
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -278,10 +288,13 @@ class _Trainer:
             self.opt_e = torch.optim.Adam(m.encoder.parameters(), lr=config.anogan.encoder_lr, betas=(0.9, 0.999))
             self.optimisers = {"opt_d": self.opt_d, "opt_g": self.opt_g, "opt_e": self.opt_e}
         else:
+            # The segmentation head learns from detached reconstructions: one optimiser serves all three.
+            head = list(m.segmentation_head.parameters()) if hasattr(m, "segmentation_head") else []
             self.opt_eg = torch.optim.Adam(
-                list(m.encoder.parameters()) + list(m.generator.parameters()), lr=t.lr, betas=betas)
+                list(m.encoder.parameters()) + list(m.generator.parameters()) + head, lr=t.lr, betas=betas)
             self.optimisers = {"opt_d": self.opt_d, "opt_eg": self.opt_eg}
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
+        self.defect_rng = torch.Generator().manual_seed(t.seed + 1)
         self.step = 0
         self.calibrated = False
         self.best_val = math.inf
@@ -352,41 +365,61 @@ class _Trainer:
         return losses
 
     def _bigan_step(self, x: torch.Tensor) -> dict[str, float]:
-        """One D update and one E+G update (Efficient GAN)."""
-        m = self.model
-        n = x.shape[0]
-        ones = torch.ones(n, device=self.device)
-        zeros = torch.zeros(n, device=self.device)
-        z_prior = torch.randn(n, m.cfg.latent_dim, device=self.device)  # (N, latent)
+        """One D update and one E+G (+ segmentation head) update (Efficient GAN).
 
-        # D: real pairs (x, E(x)) vs fake pairs (G(z), z); E and G are held fixed.
-        with torch.no_grad():
-            z_enc = m.encoder(x)
-            x_gen = m.generator(z_prior)
-        logit_real, _ = m.discriminator(x, z_enc)
-        logit_fake, _ = m.discriminator(x_gen, z_prior)
-        loss_d = (F.binary_cross_entropy_with_logits(logit_real, ones)
-                  + F.binary_cross_entropy_with_logits(logit_fake, zeros))
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.opt_d.step()
+        With pseudo-defects, E and G see the painted image and learn to restore the clean
+        one, and the head learns to mark what was painted from (painted, restoration).
+        """
+        m = self.model
+        t = self.config.train
+        pd = self.config.pseudo_defects
+        losses: dict[str, float] = {}
+        x_in, mask = x, None
+        if pd.enabled:
+            from ganspect.train.pseudo_defects import paint
+
+            x_in, mask = paint(x, pd.probability, pd.kinds, self.defect_rng)
+        z_prior = m.prior(x.shape[0], x)
+        adversarial = t.adversarial_weight > 0
+
+        if adversarial:
+            # D: real pairs (x, E(x)) vs fake pairs (G(z), z); E and G are held fixed.
+            with torch.no_grad():
+                z_enc = m.encoder(x)
+                x_gen = m.generator(z_prior)
+            logit_real, _ = m.discriminator(x, z_enc)
+            logit_fake, _ = m.discriminator(x_gen, z_prior)
+            loss_d = (F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))
+                      + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake)))
+            self.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            self.opt_d.step()
+            losses["loss_d"] = loss_d.item()
 
         # E and G together: swap the labels so that both try to fool D.
-        z_enc = m.encoder(x)
-        x_gen = m.generator(z_prior)
-        logit_real, _ = m.discriminator(x, z_enc)
-        logit_fake, _ = m.discriminator(x_gen, z_prior)
-        loss_adv = (F.binary_cross_entropy_with_logits(logit_real, zeros)
-                    + F.binary_cross_entropy_with_logits(logit_fake, ones))
-        loss_recon = torch.zeros((), device=self.device)
-        w = self.config.train.recon_weight
-        if w > 0:
-            loss_recon = (x - m.generator(z_enc)).abs().mean()
-        loss_eg = loss_adv + w * loss_recon
+        z_enc = m.encoder(x_in)
+        recon = m.generator(z_enc)
+        loss_eg = torch.zeros((), device=self.device)
+        if adversarial:
+            logit_real, _ = m.discriminator(x_in, z_enc)
+            logit_fake, _ = m.discriminator(m.generator(z_prior), z_prior)
+            loss_adv = (F.binary_cross_entropy_with_logits(logit_real, torch.zeros_like(logit_real))
+                        + F.binary_cross_entropy_with_logits(logit_fake, torch.ones_like(logit_fake)))
+            loss_eg = loss_eg + t.adversarial_weight * loss_adv
+            losses["loss_g"] = loss_adv.item()
+        loss_recon = (x - recon).abs().mean()
+        if t.recon_weight > 0:
+            loss_eg = loss_eg + t.recon_weight * loss_recon
+        losses["loss_recon"] = loss_recon.item()
+        if mask is not None and hasattr(m, "segmentation_head"):
+            logits = m.segmentation_head(x_in, recon.detach())
+            loss_seg = focal_loss(logits, mask[:, 0])
+            loss_eg = loss_eg + t.segmentation_weight * loss_seg
+            losses["loss_seg"] = loss_seg.item()
         self.opt_eg.zero_grad(set_to_none=True)
         loss_eg.backward()
         self.opt_eg.step()
-        return {"loss_d": loss_d.item(), "loss_g": loss_adv.item(), "loss_recon": loss_recon.item()}
+        return losses
 
     def _dcgan_step(self, x: torch.Tensor) -> dict[str, float]:
         """One D update and one G update (AnoGAN's DCGAN, non-saturating G loss)."""
@@ -558,10 +591,11 @@ def data_warnings(n_train: int, n_val: int, image_size: int, nu: float, threshol
 
 def train(config: TrainConfig, data: Path, out: Path, resume: bool = False) -> Path:
     """Train on the normal images under `data`, calibrate on a held-out slice; return the run folder."""
-    from ganspect.train.data import load_normal_images, split_holdout
+    from ganspect.train.data import Framing, load_normal_images, split_holdout
 
     m = config.model
-    images = load_normal_images(data, m.image_size, m.channels)
+    framing = Framing.of(m.image_size, config.tiling)
+    images = load_normal_images(data, m.image_size, m.channels, framing)
     train_set, holdout_set = split_holdout(images, config.data.holdout, config.train.seed)
     if len(train_set.images) < 2 or len(holdout_set.images) < 1:
         raise GanspectError(f"{data}: {len(images.images)} normal images are too few to train and hold out; "
@@ -569,19 +603,45 @@ def train(config: TrainConfig, data: Path, out: Path, resume: bool = False) -> P
     anomalies = None
     if config.calibration.threshold == "f1_optimal":
         assert config.calibration.anomalies is not None  # the config validator guarantees it
-        anomalies = load_normal_images(config.calibration.anomalies, m.image_size, m.channels).images
+        anomalies = load_normal_images(config.calibration.anomalies, m.image_size, m.channels, framing).images
     return train_arrays(config, train_set.images, holdout_set.images, out, resume=resume,
                         source=str(Path(data).resolve()), holdout_names=list(holdout_set.names),
                         anomaly_images=anomalies)
 
 
-def train_arrays(config: TrainConfig, train_images: np.ndarray, holdout_images: np.ndarray, out: Path,
+class CropPool:
+    """Random model-sized crops of native-size uint8 images (tiling mode tiles), as normalised batches.
+
+    The images stay uint8 on the CPU (a thousand 640x640 boards are 400 MB, four times
+    that as floats); each batch is cut, stacked and moved to the device.
+    """
+
+    def __init__(self, images: Any, size: int, seed: int) -> None:
+        self.images = [torch.from_numpy(np.ascontiguousarray(image)) for image in images]
+        self.size = size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def sample(self, n: int) -> torch.Tensor:
+        """n crops (n, H, W, C) uint8, each from a random image at a random place."""
+        picks = torch.randint(0, len(self.images), (n,), generator=self.gen).tolist()
+        crops = []
+        for i in picks:
+            image = self.images[i]
+            y = int(torch.randint(0, image.shape[0] - self.size + 1, (1,), generator=self.gen))
+            x = int(torch.randint(0, image.shape[1] - self.size + 1, (1,), generator=self.gen))
+            crops.append(image[y:y + self.size, x:x + self.size])
+        return torch.stack(crops)
+
+
+def train_arrays(config: TrainConfig, train_images: Any, holdout_images: Any, out: Path,
                  resume: bool = False, source: str = "arrays", holdout_names: list[str] | None = None,
-                 anomaly_images: np.ndarray | None = None) -> Path:
+                 anomaly_images: Any = None) -> Path:
     """Train on uint8 (N, H, W, C) normal images, calibrate on the held-out ones; return the run folder.
 
-    `anomaly_images` (labelled anomalies, never test images) are needed only for
-    calibration.threshold: f1_optimal. The benchmarks call this directly with MNIST arrays.
+    In tiling mode tiles the images are native-size (a list when their sizes differ) and
+    training takes random model-sized crops. `anomaly_images` (labelled anomalies, never
+    test images) are needed only for calibration.threshold: f1_optimal. The benchmarks
+    call this directly with MNIST arrays.
     """
     out = Path(out)
     ckpt_path = out / CHECKPOINT
@@ -617,8 +677,16 @@ def train_arrays(config: TrainConfig, train_images: np.ndarray, holdout_images: 
         "holdout_names": list(holdout_names or []),
     }, indent=2) + "\n", encoding="utf-8")
 
-    x_all = to_model_input(train_images).to(device)  # (N, C, H, W), small data sets fit in memory
-    x_val = to_model_input(holdout_images).to(device)
+    tiles = config.tiling.mode == "tiles"
+    pool = None
+    if tiles:
+        pool = CropPool(train_images, m.image_size, t.seed)
+        # Fixed crops stand for the data where whole images did: BatchNorm statistics and validation.
+        x_all = to_model_input(CropPool(train_images, m.image_size, t.seed + 2).sample(512).numpy()).to(device)
+        x_val = to_model_input(CropPool(holdout_images, m.image_size, t.seed + 3).sample(256).numpy()).to(device)
+    else:
+        x_all = to_model_input(train_images).to(device)  # (N, C, H, W), small data sets fit in memory
+        x_val = to_model_input(holdout_images).to(device)
     losses_path = out / "losses.csv"
     new_file = not losses_path.exists() or not resume
     started = time.monotonic()
@@ -636,8 +704,11 @@ def train_arrays(config: TrainConfig, train_images: np.ndarray, holdout_images: 
                 if trainer.kind == "anogan" and trainer.step == trainer.gan_steps:
                     trainer.start_encoder_phase()
                 phase = trainer.phase()
-                idx = torch.randint(0, len(x_all), (min(t.batch_size, len(x_all)),), device=device)
-                losses = trainer.train_step(augment(x_all[idx], config.data.augment))
+                if pool is not None:
+                    batch = to_model_input(pool.sample(t.batch_size).numpy()).to(device)
+                else:
+                    batch = x_all[torch.randint(0, len(x_all), (min(t.batch_size, len(x_all)),), device=device)]
+                losses = trainer.train_step(augment(batch, config.data.augment))
                 bar.update(1)
                 val = None
                 validating = t.validate_every and trainer.step % t.validate_every == 0 and (
@@ -678,7 +749,8 @@ def train_arrays(config: TrainConfig, train_images: np.ndarray, holdout_images: 
     refresh_batchnorm(scoring, x_all, batch_size=config.calibration.batch_size, seed=t.seed)
     cal = calibrate(scoring, holdout_images, nu=config.calibration.nu,
                     quantile=config.calibration.heatmap_quantile, batch_size=config.calibration.batch_size,
-                    device=device, anomaly_images=anomaly_images, method=config.calibration.threshold)
+                    device=device, anomaly_images=anomaly_images, method=config.calibration.threshold,
+                    tiles=tiles, overlap=config.tiling.overlap)
     trainer.calibrated = True
     save_checkpoint(ckpt_path, trainer.state(data_info))
     cal_dict = cal.to_dict()
@@ -688,6 +760,15 @@ def train_arrays(config: TrainConfig, train_images: np.ndarray, holdout_images: 
     (out / "calibration.json").write_text(json.dumps(cal_dict, indent=2) + "\n", encoding="utf-8")
     log.info("trained %d steps; threshold %.5f (%s, nu %.3f on %d held-out normals), heatmap scale %.5f",
              trainer.step, cal.threshold, cal.method, cal.nu, cal.n_images, cal.heatmap_scale)
+    if cal.confidence is not None:
+        c = cal.confidence
+        log.info("threshold confidence: %d of %d held-out normals above it; real false-alarm rate below %.1f %% "
+                 "(95 %% bound); other normals would move it within %.5g .. %.5g", c["held_out_above"], cal.n_images,
+                 100 * c["false_alarm_rate_upper_95"], c["threshold_p05"], c["threshold_p95"])
+        if c["false_alarm_rate_upper_95"] > 3 * max(cal.nu, 1e-9):
+            log.warning("%d held-out normals cannot show a false-alarm rate of %.1f %%: the data can promise only "
+                        "%.1f %%; hold out more normals (data.holdout) for a threshold you can defend",
+                        cal.n_images, 100 * cal.nu, 100 * c["false_alarm_rate_upper_95"])
     return out
 
 

@@ -151,7 +151,7 @@ def plot_examples(images: np.ndarray, recon: np.ndarray | None, heatmaps: np.nda
     rows = _pick_examples(scores, labels, kinds, GRID_ROWS)
     cols = 4 if masks is not None else 3
     fig, axes = plt.subplots(len(rows), cols, figsize=(2.3 * cols, 2.3 * len(rows)), squeeze=False)
-    gray = images.shape[-1] == 1
+    gray = images[0].shape[-1] == 1
 
     def show(ax: Any, img: np.ndarray) -> None:
         if gray:

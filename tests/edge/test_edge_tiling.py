@@ -91,12 +91,12 @@ def test_a_small_defect_in_one_tile_is_found_in_one_run_and_its_heatmap_lands_on
 
 
 def test_tiles_larger_than_the_roi_or_an_overlap_as_large_as_a_tile_are_refused(tiny_bundle):
-    spec = Scorer.load(tiny_bundle, intra_op_threads=1).manifest.input  # 32x32
+    manifest = Scorer.load(tiny_bundle, intra_op_threads=1).manifest  # 32x32
     with pytest.raises(ConfigError, match="inspection.roi 20x40 is smaller than the model's 32x32 tiles"):
-        Inspector(InspectionConfig(roi=RoiConfig(x=0, y=0, width=20, height=40), tiling="tiles")).check(spec)
+        Inspector(InspectionConfig(roi=RoiConfig(x=0, y=0, width=20, height=40), tiling="tiles")).check(manifest)
     with pytest.raises(ConfigError, match="inspection.tile_overlap 32 must be smaller"):
-        Inspector(InspectionConfig(tiling="tiles", tile_overlap=32)).check(spec)
-    Inspector(InspectionConfig(roi=RoiConfig(x=0, y=0, width=20, height=40), tiling="resize")).check(spec)
+        Inspector(InspectionConfig(tiling="tiles", tile_overlap=32)).check(manifest)
+    Inspector(InspectionConfig(roi=RoiConfig(x=0, y=0, width=20, height=40), tiling="resize")).check(manifest)
 
 
 def test_daemon_with_tiles_finds_the_small_defect_and_saves_its_image(
@@ -134,3 +134,33 @@ def test_daemon_with_tiles_finds_the_small_defect_and_saves_its_image(
     # JET at the clip is dark red: the blended defect turns red-dominant; elsewhere the part stays grey.
     assert defect_px[..., 2].mean() > defect_px[..., 0].mean() + 40
     assert abs(float(plain_px[..., 2].mean()) - float(plain_px[..., 0].mean())) < 25
+
+
+def test_the_bundle_s_tiling_frames_the_frame_when_the_station_says_nothing(make_bundle, make_part_image, tmp_path):
+    # The model says how it was trained to see a frame (tiles of its input, this overlap, this region):
+    # a station config that is silent on tiling follows it, and scores the same 48 tiles as above.
+    trained = {"mode": "tiles", "overlap": 8,
+               "roi": {"x": ROI.x, "y": ROI.y, "width": ROI.width, "height": ROI.height}}
+    scorer = Scorer.load(make_bundle(tmp_path / "tiled", tiling=trained), intra_op_threads=1)
+    inspector = Inspector(InspectionConfig())
+    inspector.check(scorer.manifest)
+    found = inspector.inspect(_frame(make_part_image, defect=True), scorer, scorer.manifest.threshold.value)
+    assert found.tiles == 48 and found.roi == Region(ROI.x, ROI.y, ROI.width, ROI.height)
+    assert found.score.result == "NG"
+
+
+@pytest.mark.parametrize(("station", "message"), [
+    ({"tiling": "resize"}, "inspection.tiling is resize but the model tiny-test was trained with tiling tiles"),
+    ({"tiling": "tiles", "tile_overlap": 4}, "inspection.tile_overlap is 4 but the model tiny-test was trained "
+                                             "with tiles overlapping by 8"),
+    ({"roi": {"x": 0, "y": 0, "width": 64, "height": 64}}, r"inspection.roi \(0,0\) 64x64 differs from the region"),
+])
+def test_a_station_that_would_tile_differently_from_the_training_is_refused(make_bundle, tmp_path, station,
+                                                                            message):
+    trained = {"mode": "tiles", "overlap": 8, "roi": {"x": 8, "y": 8, "width": 96, "height": 64}}
+    manifest = Scorer.load(make_bundle(tmp_path / "tiled", tiling=trained), intra_op_threads=1).manifest
+    with pytest.raises(ConfigError, match=message):
+        Inspector(InspectionConfig.model_validate(station)).check(manifest)
+    # Saying the same as the bundle is fine.
+    Inspector(InspectionConfig(tiling="tiles", tile_overlap=8,
+                               roi=RoiConfig(x=8, y=8, width=96, height=64))).check(manifest)

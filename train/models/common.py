@@ -56,6 +56,8 @@ class ScoreParts:
     l_d: torch.Tensor        # (N,)
     residual: torch.Tensor   # (N, H, W) smoothed, not yet divided by heatmap_scale
     recon: torch.Tensor      # (N, C, H, W) the reconstruction in [-1, 1]
+    # (N, H, W) the segmentation head's smoothed defect probability, when the model has one
+    segmentation: torch.Tensor | None = None
 
 
 class ScoringModel(nn.Module):
@@ -81,7 +83,13 @@ class ScoringModel(nn.Module):
 
     def smooth(self, residual: torch.Tensor) -> torch.Tensor:
         """(N, H, W) -> (N, H, W) Gaussian-smoothed, border pixels replicated."""
-        return self.smooth_matrix @ residual @ self.smooth_matrix.T
+        h, w = residual.shape[-2:]
+        if h == w == self.smooth_matrix.shape[0]:
+            return self.smooth_matrix @ residual @ self.smooth_matrix.T
+        # Training crops of another size (fully convolutional models): build the matrices for it.
+        sigma = self.cfg.heatmap_sigma
+        rows, cols = (smoothing_matrix(n, sigma).to(residual.device) for n in (h, w))
+        return rows @ residual @ cols.T
 
     def residual_terms(self, x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_R (N,), smoothed residual (N, H, W)) of images x against their reconstructions."""
@@ -96,12 +104,28 @@ class ScoringModel(nn.Module):
     def score_parts(self, x: torch.Tensor) -> ScoreParts:
         raise NotImplementedError
 
+    def score_and_map(self, parts: ScoreParts) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score (N,), unscaled heatmap (N, H, W)) from the parts, as `cfg.scoring` says.
+
+        residual: A(x) = (1 - lambda) L_R + lambda L_D, and the smoothed residual;
+        segmentation: the peak of the head's smoothed defect probability, and that map.
+        """
+        if getattr(self.cfg, "scoring", "residual") == "segmentation":
+            assert parts.segmentation is not None, "scoring: segmentation needs a model with a segmentation head"
+            return parts.segmentation.amax(dim=(1, 2)), parts.segmentation
+        return weighted_score(parts.l_r, parts.l_d, self.cfg.lambda_), parts.residual
+
+    def segment(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor | None:
+        """Smoothed defect probability (N, H, W) of the segmentation head, or None without one."""
+        head = getattr(self, "segmentation_head", None)
+        if head is None:
+            return None
+        return self.smooth(torch.sigmoid(head(x, recon)))
+
     def forward(self, images_uint8_nhwc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The edge contract: uint8 (N, H, W, C) -> score (N,), heatmap (N, H, W)."""
-        parts = self.score_parts(self.normalise(images_uint8_nhwc))
-        score = weighted_score(parts.l_r, parts.l_d, self.cfg.lambda_)
-        heatmap = parts.residual / self.heatmap_scale
-        return score, heatmap
+        score, raw = self.score_and_map(self.score_parts(self.normalise(images_uint8_nhwc)))
+        return score, raw / self.heatmap_scale
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -143,7 +167,10 @@ class StagedConfig:
 
     @property
     def n_stages(self) -> int:
-        """Stride-2 stages from image_size down to 4x4 (64 -> 4 stages)."""
+        """Stride-2 stages: from image_size down to 4x4 (64 -> 4 stages) for a vector latent,
+        down to image_size / latent_stride for a spatial one."""
+        if getattr(self, "latent", "vector") == "spatial":
+            return int(math.log2(getattr(self, "latent_stride")))
         return int(math.log2(self.image_size)) - 2
 
     def width(self, stage: int) -> int:
@@ -159,8 +186,19 @@ class StagedConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def check_common(image_size: int, channels: int, lambda_: float, norm: str, residual_reduction: str) -> None:
+def check_common(image_size: int, channels: int, lambda_: float, norm: str, residual_reduction: str,
+                 latent: str = "vector", latent_stride: int = 8, scoring: str = "residual",
+                 segmentation_head: bool = False) -> None:
     """Validate the settings every model config shares (ValueError names the setting)."""
+    if latent not in ("vector", "spatial"):
+        raise ValueError(f"latent must be vector or spatial, got {latent!r}")
+    if latent == "spatial" and (latent_stride not in (2, 4, 8, 16, 32) or latent_stride > image_size // 4):
+        raise ValueError(f"latent_stride must be a power of two from 2 to 32 and at most image_size / 4, "
+                         f"got {latent_stride}")
+    if scoring not in ("residual", "segmentation"):
+        raise ValueError(f"scoring must be residual or segmentation, got {scoring!r}")
+    if scoring == "segmentation" and not segmentation_head:
+        raise ValueError("scoring: segmentation needs segmentation_head: true")
     if image_size < 32 or image_size > 256 or image_size & (image_size - 1):
         raise ValueError(f"image_size must be a power of two from 32 to 256, got {image_size}")
     if channels not in (1, 3):
@@ -173,24 +211,105 @@ def check_common(image_size: int, channels: int, lambda_: float, norm: str, resi
         raise ValueError(f"residual_reduction must be mean or peak, got {residual_reduction!r}")
 
 
+def build_encoder(cfg: Any) -> nn.Module:
+    return SpatialEncoder(cfg) if getattr(cfg, "latent", "vector") == "spatial" else Encoder(cfg)
+
+
+def build_generator(cfg: Any) -> nn.Module:
+    return SpatialGenerator(cfg) if getattr(cfg, "latent", "vector") == "spatial" else Generator(cfg)
+
+
+def _down_layers(cfg: Any) -> list[nn.Module]:
+    """The encoders' DCGAN stride-2 stages: image -> (w_last, S / 2^n_stages, S / 2^n_stages)."""
+    layers: list[nn.Module] = [nn.Conv2d(cfg.channels, cfg.width(0), 4, 2, 1), nn.LeakyReLU(0.2)]
+    for i in range(1, cfg.n_stages):
+        layers += [nn.Conv2d(cfg.width(i - 1), cfg.width(i), 4, 2, 1, bias=False), norm_layer(cfg.norm, cfg.width(i)),
+                   nn.LeakyReLU(0.2)]
+    return layers
+
+
+def _up_layers(cfg: Any) -> list[nn.Module]:
+    """The generators' stride-2 transposed stages from w_last maps to the image, tanh output."""
+    layers: list[nn.Module] = []
+    for i in range(cfg.n_stages - 1, 0, -1):
+        layers += [nn.ConvTranspose2d(cfg.width(i), cfg.width(i - 1), 4, 2, 1, bias=False),  # doubles H, W
+                   norm_layer(cfg.norm, cfg.width(i - 1)), nn.ReLU()]
+    return layers + [nn.ConvTranspose2d(cfg.width(0), cfg.channels, 4, 2, 1), nn.Tanh()]
+
+
+class SpatialEncoder(nn.Module):
+    """x (N, C, H, W) -> z (N, latent, H / stride, W / stride): fully convolutional, any H and W.
+
+    A 64-d vector cannot hold the detail of a circuit board or a textured tile; a map of
+    codes keeps where things are and lets one network score tiles or whole frames.
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.net = nn.Sequential(*_down_layers(cfg), nn.Conv2d(cfg.width(cfg.n_stages - 1), cfg.latent_dim, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SpatialGenerator(nn.Module):
+    """z (N, latent, h, w) -> x (N, C, h * stride, w * stride): the spatial encoder's mirror image."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        top = cfg.n_stages - 1
+        self.net = nn.Sequential(nn.Conv2d(cfg.latent_dim, cfg.width(top), 3, 1, 1, bias=False),
+                                 norm_layer(cfg.norm, cfg.width(top)), nn.ReLU(), *_up_layers(cfg))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class SegmentationHead(nn.Module):
+    """Defect logits (N, H, W) from the image, its reconstruction and their difference (DRAEM's idea).
+
+    A small U-Net: three stride-2 stages, a dilated context layer, and 1x1 merges of the
+    skip connections (3x3 convolutions at full resolution would cost more than the rest
+    of the model together). Nearest upsampling and plain convolutions only, so that all
+    of it quantizes to INT8 in onnxruntime.
+    """
+
+    def __init__(self, channels: int, width: int) -> None:
+        super().__init__()
+        w = width
+
+        def conv(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, k, stride, dilation * (k // 2), dilation=dilation),
+                                 nn.LeakyReLU(0.2))
+
+        self.at_1 = conv(3 * channels, w)              # H
+        self.at_2 = conv(w, 2 * w, stride=2)           # H / 2
+        self.at_4 = conv(2 * w, 4 * w, stride=2)    # H / 4
+        self.at_8 = nn.Sequential(conv(4 * w, 8 * w, stride=2), conv(8 * w, 8 * w, dilation=2))  # H / 8
+        self.up_4 = nn.Sequential(conv(12 * w, 4 * w, k=1), conv(4 * w, 4 * w))
+        self.up_2 = nn.Sequential(conv(6 * w, 2 * w, k=1), conv(2 * w, 2 * w))
+        self.out = nn.Conv2d(3 * w, 1, 1)
+
+    def forward(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        def up(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.interpolate(t, scale_factor=2.0, mode="nearest")
+
+        f1 = self.at_1(torch.cat([x, recon, (x - recon).abs()], dim=1))
+        f2 = self.at_2(f1)
+        f4 = self.at_4(f2)
+        f8 = self.at_8(f4)
+        u4 = self.up_4(torch.cat([up(f8), f4], dim=1))
+        u2 = self.up_2(torch.cat([up(u4), f2], dim=1))
+        return self.out(torch.cat([up(u2), f1], dim=1)).squeeze(1)  # (N, H, W) logits
+
+
 class Encoder(nn.Module):
     """x (N, C, S, S) -> z (N, latent): DCGAN stride-2 convs down to 4x4, then 4x4 -> 1x1."""
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
-        layers: list[nn.Module] = [
-            nn.Conv2d(cfg.channels, cfg.width(0), 4, 2, 1),  # w x S/2 x S/2
-            nn.LeakyReLU(0.2),
-        ]
-        for i in range(1, cfg.n_stages):
-            layers += [
-                nn.Conv2d(cfg.width(i - 1), cfg.width(i), 4, 2, 1, bias=False),  # w*2^i x S/2^(i+1)
-                norm_layer(cfg.norm, cfg.width(i)),
-                nn.LeakyReLU(0.2),
-            ]
         # (w_last) x 4 x 4 -> latent x 1 x 1
-        layers.append(nn.Conv2d(cfg.width(cfg.n_stages - 1), cfg.latent_dim, 4, 1, 0))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*_down_layers(cfg), nn.Conv2d(cfg.width(cfg.n_stages - 1), cfg.latent_dim, 4, 1, 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).flatten(1)  # (N, latent)
@@ -202,19 +321,9 @@ class Generator(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         top = cfg.n_stages - 1
-        layers: list[nn.Module] = [
+        self.net = nn.Sequential(
             nn.ConvTranspose2d(cfg.latent_dim, cfg.width(top), 4, 1, 0, bias=False),  # w_last x 4 x 4
-            norm_layer(cfg.norm, cfg.width(top)),
-            nn.ReLU(),
-        ]
-        for i in range(top, 0, -1):
-            layers += [
-                nn.ConvTranspose2d(cfg.width(i), cfg.width(i - 1), 4, 2, 1, bias=False),  # doubles H, W
-                norm_layer(cfg.norm, cfg.width(i - 1)),
-                nn.ReLU(),
-            ]
-        layers += [nn.ConvTranspose2d(cfg.width(0), cfg.channels, 4, 2, 1), nn.Tanh()]  # C x S x S
-        self.net = nn.Sequential(*layers)
+            norm_layer(cfg.norm, cfg.width(top)), nn.ReLU(), *_up_layers(cfg))
         self.latent_dim = cfg.latent_dim
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

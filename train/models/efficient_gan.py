@@ -47,7 +47,10 @@ from ganspect.train.models.common import (  # noqa: F401  (re-exported: older im
     Generator,
     ScoreParts,
     ScoringModel,
+    SegmentationHead,
     StagedConfig,
+    build_encoder,
+    build_generator,
     check_common,
     dcgan_init,
     gaussian_kernel_1d,
@@ -73,9 +76,15 @@ class EfficientGANConfig(StagedConfig):
     d_feature_dim: int = 512      # width of D's joint feature layer f_D
     d_z_dim: int = 256            # width of D's z branch
     norm: str = "batch"           # E and G normalisation: "batch", "group" or "none" (see norm_layer)
+    latent: str = "vector"        # "vector" (N, latent_dim) or "spatial" (N, latent_dim, S/stride, S/stride)
+    latent_stride: int = 8        # spatial latent only: image pixels per latent cell
+    segmentation_head: bool = False  # a defect-segmentation head on (x, G(E(x))), trained on pseudo-defects
+    head_width: int = 8           # feature maps of the head's full-resolution stage
+    scoring: str = "residual"     # "residual" (A(x) from L_R and L_D) or "segmentation" (the head's map)
 
     def __post_init__(self) -> None:
-        check_common(self.image_size, self.channels, self.lambda_, self.norm, self.residual_reduction)
+        check_common(self.image_size, self.channels, self.lambda_, self.norm, self.residual_reduction,
+                     self.latent, self.latent_stride, self.scoring, self.segmentation_head)
         if self.discrimination not in DISCRIMINATIONS:
             raise ValueError(f"discrimination must be one of {', '.join(DISCRIMINATIONS)}, "
                              f"got {self.discrimination!r}")
@@ -115,14 +124,52 @@ class Discriminator(nn.Module):
         return self.head(self.dropout(f)).squeeze(1), f  # logit (N,), features (N, F)
 
 
+class PatchDiscriminator(nn.Module):
+    """D(x, z) for a spatial latent: one verdict per latent cell (N, h, w), fully convolutional.
+
+    The x trunk comes down to the latent's resolution, where it meets z; `features` is
+    the joint map (N, d_feature_dim, h, w) used for feature matching.
+    """
+
+    def __init__(self, cfg: EfficientGANConfig) -> None:
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm if cfg.spectral_norm else (lambda m: m)
+        x_layers: list[nn.Module] = []
+        in_ch = cfg.channels
+        for i in range(cfg.n_stages):
+            x_layers += [sn(nn.Conv2d(in_ch, cfg.width(i), 4, 2, 1)), nn.LeakyReLU(0.2)]
+            in_ch = cfg.width(i)
+        self.x_net = nn.Sequential(*x_layers)
+        width = min(cfg.d_feature_dim, 4 * in_ch)
+        self.joint = nn.Sequential(sn(nn.Conv2d(in_ch + cfg.latent_dim, width, 1)), nn.LeakyReLU(0.2))
+        self.dropout = nn.Dropout2d(cfg.d_dropout)
+        self.head = sn(nn.Conv2d(width, 1, 1))
+
+    def features(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.joint(torch.cat([self.x_net(x), z], dim=1))  # (N, F, h, w)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x, z)
+        return self.head(self.dropout(f)).squeeze(1), f  # logits (N, h, w), features
+
+
 class EfficientGAN(ScoringModel):
     def __init__(self, cfg: EfficientGANConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.generator = Generator(cfg)
-        self.discriminator = Discriminator(cfg)
+        self.encoder = build_encoder(cfg)
+        self.generator = build_generator(cfg)
+        self.discriminator = PatchDiscriminator(cfg) if cfg.latent == "spatial" else Discriminator(cfg)
+        if cfg.segmentation_head:
+            self.segmentation_head = SegmentationHead(cfg.channels, cfg.head_width)
         self._init_scoring(cfg.heatmap_sigma)
+
+    def prior(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """n codes z ~ N(0, I) shaped as the encoder's output for images like `like` (N, C, H, W)."""
+        if self.cfg.latent == "spatial":
+            s = self.cfg.latent_stride
+            return torch.randn(n, self.cfg.latent_dim, like.shape[2] // s, like.shape[3] // s, device=like.device)
+        return torch.randn(n, self.cfg.latent_dim, device=like.device)
 
     def score_parts(self, x: torch.Tensor) -> ScoreParts:
         """x: float (N, C, H, W) in [-1, 1]. Call in eval mode for deterministic scores."""
@@ -132,12 +179,13 @@ class EfficientGAN(ScoringModel):
         if self.cfg.discrimination == "cross_entropy":
             logit_real, _ = self.discriminator(x, z)          # (N,)
             # BCE against the label "real": large when D finds the pair (x, E(x)) fake.
-            l_d = F.softplus(-logit_real)                     # (N,)
+            l_d = F.softplus(-logit_real)                     # (N,) or (N, h, w)
+            l_d = l_d.flatten(1).mean(dim=1) if l_d.dim() > 1 else l_d
         else:
-            f_real = self.discriminator.features(x, z)        # (N, F)
-            f_fake = self.discriminator.features(recon, z)    # (N, F)
-            l_d = (f_real - f_fake).abs().mean(dim=1)         # (N,)
-        return ScoreParts(l_r=l_r, l_d=l_d, residual=residual, recon=recon)
+            f_real = self.discriminator.features(x, z)        # (N, F) or (N, F, h, w)
+            f_fake = self.discriminator.features(recon, z)
+            l_d = (f_real - f_fake).abs().flatten(1).mean(dim=1)  # (N,)
+        return ScoreParts(l_r=l_r, l_d=l_d, residual=residual, recon=recon, segmentation=self.segment(x, recon))
 
 
 def build_model(cfg: EfficientGANConfig) -> EfficientGAN:

@@ -1,0 +1,158 @@
+"""Station scale: native-pixel tiles from training to the edge, pseudo-defects, the segmentation head.
+
+Uses real DeepPCB boards (../shared/data/deeppcb), cut to a small non-square region so
+that a few training steps run in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from ganspect.edge.manifest import load_bundle
+from ganspect.edge.scorer import Scorer
+from ganspect.edge.tiling import Inspector
+from ganspect.edge.config import InspectionConfig
+from ganspect.export.bundle import export_run
+from ganspect.train.calibrate import score_tiled, tile_origins
+from ganspect.train.config import config_from_dict
+from ganspect.train.data import Framing, load_normal_images, load_test_set
+from ganspect.train.evaluate import evaluate_run
+from ganspect.train.loop import CropPool, load_run_model, train
+from ganspect.train.pseudo_defects import KINDS, paint
+
+DEEPPCB = Path(__file__).resolve().parents[3] / "shared" / "data" / "deeppcb"
+ROI = {"x": 40, "y": 60, "width": 200, "height": 120}  # 200x120: neither square nor a multiple of the tile
+
+
+@pytest.fixture(scope="module")
+def boards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small MVTec-layout copy of DeepPCB: 16 training boards, 3 good and 3 defective test boards with masks."""
+    if not DEEPPCB.is_dir():
+        pytest.fail(f"the shared DeepPCB data is missing at {DEEPPCB} (see ../shared/data/README.md)")
+    root = tmp_path_factory.mktemp("deeppcb") / "boards"
+
+    def with_defect_in_roi(path: Path) -> bool:
+        mask = cv2.imread(str(DEEPPCB / "ground_truth/defect" / f"{path.stem}_mask.png"), cv2.IMREAD_GRAYSCALE)
+        return bool(mask[ROI["y"]:ROI["y"] + ROI["height"], ROI["x"]:ROI["x"] + ROI["width"]].any())
+
+    for folder, count in (("train/good", 16), ("test/good", 3), ("test/defect", 3)):
+        (root / folder).mkdir(parents=True)
+        paths = sorted((DEEPPCB / folder).iterdir())
+        if folder == "test/defect":
+            paths = [p for p in paths if with_defect_in_roi(p)]
+        for path in paths[:count]:
+            shutil.copy(path, root / folder / path.name)
+            if folder == "test/defect":
+                (root / "ground_truth/defect").mkdir(parents=True, exist_ok=True)
+                mask = DEEPPCB / "ground_truth/defect" / f"{path.stem}_mask.png"
+                shutil.copy(mask, root / "ground_truth/defect" / mask.name)
+    return root
+
+
+def tiled_config(**model: object) -> object:
+    return config_from_dict({
+        "model": {"image_size": 32, "channels": 1, "latent": "spatial", "latent_stride": 4, "latent_dim": 8,
+                  "base_width": 8, "segmentation_head": True, "head_width": 4, "scoring": "segmentation",
+                  "heatmap_sigma": 1.0, **model},
+        "tiling": {"mode": "tiles", "overlap": 8, "roi": ROI},
+        "pseudo_defects": {"enabled": True},
+        "data": {"holdout": 0.25},
+        "train": {"steps": 6, "batch_size": 8, "threads": 2, "log_every": 2},
+    })
+
+
+def test_tile_mode_loads_native_pixels_of_the_roi_and_pads_what_is_smaller_than_a_tile(boards: Path) -> None:
+    images = load_normal_images(boards, 32, 1, Framing(32, tiles=True, roi=(40, 60, 200, 120))).images
+    assert images.shape == (16, 120, 200, 1)  # native pixels: nothing squashed
+    raw = cv2.imread(str(sorted((boards / "train/good").iterdir())[0]), cv2.IMREAD_GRAYSCALE)
+    assert np.array_equal(images[0, ..., 0], raw[60:180, 40:240])
+    small = load_normal_images(boards, 256, 1, Framing(256, tiles=True, roi=(0, 0, 200, 120))).images
+    assert small.shape == (16, 256, 256, 1)  # padded up to one tile by repeating the border
+    assert np.array_equal(small[0, :120, :200, 0], raw[:120, :200])
+    assert np.array_equal(small[0, 200, :200, 0], raw[119, :200])
+    test = load_test_set(boards, 32, 1, Framing(32, tiles=True, roi=(40, 60, 200, 120)))
+    assert test.masks.shape == (6, 120, 200) and test.masks[3:].any() and not test.masks[:3].any()
+
+
+def test_pseudo_defects_mark_exactly_the_pixels_they_changed() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(32, 1, 48, 40, generator=gen) * 2 - 1
+    for kind in KINDS:
+        damaged, mask = paint(x, 1.0, [kind], torch.Generator().manual_seed(1))
+        changed = (damaged - x).abs().amax(dim=1, keepdim=True) > 3 / 127.5
+        assert mask.sum() > 0, kind
+        assert not (mask.bool() & ~changed).any(), f"{kind}: a pixel marked as defect did not change"
+        untouched = (mask == 0) & changed
+        # Outside the mark only the soft rim of a blob or a scratch may move (by less than half the way).
+        assert untouched.float().mean() < 0.02, kind
+    same, empty = paint(x, 1e-9, list(KINDS), torch.Generator().manual_seed(2))
+    assert torch.equal(same, x) and empty.sum() == 0
+    again = paint(x, 0.5, list(KINDS), torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(again, paint(x, 0.5, list(KINDS), torch.Generator().manual_seed(3))))
+    with pytest.raises(ValueError, match="pseudo-defect kinds"):
+        paint(x, 0.5, ["stain"], gen)
+
+
+def test_flat_fills_and_scratches_on_a_binary_board_keep_it_binary() -> None:
+    # A binarised board has two tones; grey defects only would be a shortcut that no real defect offers.
+    board = (torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(4)) > 0.5).float() * 2 - 1
+    for kind in ("scratch", "perlin"):
+        damaged, mask = paint(board, 1.0, [kind], torch.Generator().manual_seed(5))
+        inside = damaged[mask.bool()]
+        assert mask.sum() > 0 and (inside.abs() > 0.99).float().mean() > 0.3, kind
+
+
+def test_crops_are_model_sized_pieces_of_the_native_images() -> None:
+    images = np.arange(2 * 50 * 70, dtype=np.uint8).reshape(2, 50, 70, 1)
+    crops = CropPool(images, 32, seed=0).sample(20).numpy()
+    assert crops.shape == (20, 32, 32, 1)
+    for crop in crops:
+        found = [(i, y, x) for i in range(2) for y in range(19) for x in range(39)
+                 if np.array_equal(images[i, y:y + 32, x:x + 32], crop)]
+        assert found
+
+
+def test_tile_mode_trains_evaluates_at_the_station_resolution_and_exports_its_tiling(boards: Path,
+                                                                                    tmp_path: Path) -> None:
+    run = train(tiled_config(), boards, tmp_path / "run")
+    metrics = evaluate_run(run, boards, report=True)
+    assert metrics["n_test_good"] == 3 and metrics["n_test_bad"] == 3
+    assert 0.0 <= metrics["pixel_auroc"] <= 1.0
+    assert Path(metrics["report"]).is_file()
+
+    # Calibration scored the held-out boards tile by tile, the worst tile deciding: recompute it.
+    model, _ = load_run_model(run)
+    held = load_normal_images(boards, 32, 1, Framing(32, True, (40, 60, 200, 120)))
+    names = json.loads((run / "run.json").read_text(encoding="utf-8"))["holdout_names"]
+    held_images = held.images[[held.names.index(n) for n in names]]
+    scored = score_tiled(model, held_images, overlap=8)
+    assert scored.heatmap.shape == (4, 120, 200)
+    cal = json.loads((run / "calibration.json").read_text(encoding="utf-8"))
+    assert cal["heatmap_scale"] == pytest.approx(float(scored.residual.max()), rel=1e-5)
+    tiles = np.stack([held_images[0][y:y + 32, x:x + 32] for y, x in tile_origins(120, 200, 32, 8)])
+    with torch.no_grad():
+        tile_scores, _ = model(torch.from_numpy(tiles))
+    assert scored.score[0] == pytest.approx(float(tile_scores.max()), rel=1e-5)
+
+    bundle = export_run(run, tmp_path / "bundle", int8=True, force=True, latency_budget_s=0.02)
+    manifest = load_bundle(bundle).manifest
+    assert manifest.tiling is not None and manifest.tiling.mode == "tiles" and manifest.tiling.overlap == 8
+    assert manifest.tiling.roi is not None and manifest.tiling.roi.model_dump() == ROI
+    assert manifest.score.source == "segmentation"
+
+    # The edge, told nothing about tiling, cuts a full board exactly as evaluation did and agrees on its score.
+    scorer = Scorer.load(bundle, precision="fp32", intra_op_threads=1)
+    inspector = Inspector(InspectionConfig())
+    inspector.check(scorer.manifest)
+    frame = cv2.imread(str(boards / names[0]))
+    found = inspector.inspect(frame, scorer, scorer.manifest.threshold.value)
+    assert found.tiles == len(tile_origins(120, 200, 32, 8))
+    assert found.score.heatmap.shape == (120, 200)
+    assert found.score.score == pytest.approx(float(scored.score[0]), rel=1e-3, abs=1e-4)

@@ -60,9 +60,11 @@ THRESHOLD_FILE = "threshold-override.json"
 _REJECTION_LOG_INTERVAL_S = 10.0
 _SHOWN_NAME_CHARS = 64
 _REASON_CHARS = 300
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Lone UTF-16 surrogates (a JSON "\\ud800", or the bytes ED A0 80 that Python's json reads as one) cannot be
+# encoded as UTF-8: an answer or a log line carrying one fails to serialise.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 # The same characters as a JSON Schema pattern (searched, not anchored: ECMA and Python agree on it).
-_CONTROL_PATTERN = "[\\x00-\\x1f\\x7f]"
+_CONTROL_PATTERN = "[\\x00-\\x1f\\x7f\\ud800-\\udfff]"
 _UTC_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$"
 
 RejectCode = Literal["unknown_command", "not_allowed", "retained", "too_large", "malformed", "invalid",
@@ -510,7 +512,11 @@ def _id_of(payload: bytes, keys: tuple[str, ...]) -> str | None:
 def _describe(exc: ValidationError) -> tuple[RejectCode, str]:
     error = exc.errors()[0]
     if error["type"] in ("json_invalid", "json_type"):
-        return "malformed", f"not JSON: {error['msg'].removeprefix('Invalid JSON: ')}"
+        message = error["msg"].removeprefix("Invalid JSON: ")
+        if "hex escape" in message or "unicode code point" in message:
+            # pydantic's words for a lone UTF-16 surrogate (\ud800, or its UTF-8-style bytes ED A0 80).
+            message += " (a string holds a lone UTF-16 surrogate: not Unicode text)"
+        return "malformed", f"not JSON: {message}"
     where = ".".join(_printable(str(part), 40) for part in error["loc"]) or "the payload"
     if error["type"] == "extra_forbidden":
         what = "is not a field of this command"
@@ -530,6 +536,7 @@ class _Context:
     name: str  # as shown: printable, cut
     received_at: str
     command_id: str | None = None
+    answered: bool = False  # an answer was handed to the publisher: the command gets no other
 
 
 class _RejectionLog:
@@ -595,19 +602,39 @@ class RemoteCommands:
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._last_traceback = float("-inf")
+        self._failures_unlogged = 0
 
     # Runs on paho's network thread.
     def handle(self, name: str, payload: bytes, retained: bool, received_at: float) -> None:
+        """Answer one message exactly once, whatever it holds; never raises."""
         context = _Context(_printable(name, _SHOWN_NAME_CHARS), utc_iso(datetime.now(timezone.utc)))
         try:
             self._handle(name, payload, retained, received_at, context)
         except Exception as exc:  # noqa: BLE001 - whatever a command does, the daemon goes on
-            now = time.monotonic()
-            if now - self._last_traceback >= _REJECTION_LOG_INTERVAL_S:  # a bug one payload triggers, many can
-                self._last_traceback = now
-                log.exception("command cmd/%s failed", context.name)
+            self._failed(context, exc)
+
+    def _failed(self, context: _Context, exc: Exception) -> None:
+        # A bug one payload triggers, a flood of such payloads triggers in each: one traceback per interval.
+        now = time.monotonic()
+        if now - self._last_traceback >= _REJECTION_LOG_INTERVAL_S:
+            self._last_traceback = now
+            more = self._failures_unlogged
+            self._failures_unlogged = 0
+            log.error("command cmd/%s failed%s", context.name,
+                      f" ({more} more failure(s) since the last one logged)" if more else "", exc_info=exc)
+        else:
+            self._failures_unlogged += 1
+        if context.answered:
+            return
+        try:
             self._reject(context, "internal_error", f"the daemon failed to handle it ({type(exc).__name__}: "
-                         f"{exc}); see its log")
+                         f"{exc}); see its log", log_it=False)
+        except Exception:  # noqa: BLE001 - the answer itself failed: send one that holds nothing of the command
+            context.command_id = None
+            try:
+                self._reject(context, "internal_error", "the daemon failed to handle it; see its log", log_it=False)
+            except Exception:  # noqa: BLE001 - nothing left to try; the failure was logged (rate-limited) above
+                pass
 
     def _handle(self, name: str, payload: bytes, retained: bool, received_at: float, context: _Context) -> None:
         limit = self._config.max_payload_bytes
@@ -691,13 +718,15 @@ class RemoteCommands:
     def _send(self, context: _Context, outcome: Literal["accepted", "done", "rejected"], *,
               code: RejectCode | None = None, reason: str | None = None, part_id: str | None = None,
               threshold: ThresholdState | None = None, model: ModelState | None = None) -> None:
-        with self._counts_lock:
-            self._counts[code or outcome] += 1
         result = CommandResult(
             schema=RESULT_SCHEMA, command=context.name, command_id=context.command_id, station=self._station_ref,
             outcome=outcome, code=code, reason=reason, part_id=part_id, threshold=threshold, model=model,
             received_at=context.received_at, answered_at=utc_iso(datetime.now(timezone.utc)))
-        self._answer(result.model_dump_json(by_alias=True))
+        text = result.model_dump_json(by_alias=True)
+        context.answered = True  # counted once it is made: the tally says what was answered, not attempted
+        with self._counts_lock:
+            self._counts[code or outcome] += 1
+        self._answer(text)
 
     def counts(self) -> dict[str, int]:
         """Answers so far by outcome (accepted, done) or rejection code."""

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
 from ganspect.edge.config import EdgeConfig, StationConfig
 from ganspect.edge.errors import GanspectError
@@ -60,11 +60,32 @@ THRESHOLD_FILE = "threshold-override.json"
 _REJECTION_LOG_INTERVAL_S = 10.0
 _SHOWN_NAME_CHARS = 64
 _REASON_CHARS = 300
-# Lone UTF-16 surrogates (a JSON "\\ud800", or the bytes ED A0 80 that Python's json reads as one) cannot be
-# encoded as UTF-8: an answer or a log line carrying one fails to serialise.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
-# The same characters as a JSON Schema pattern (searched, not anchored: ECMA and Python agree on it).
-_CONTROL_PATTERN = "[\\x00-\\x1f\\x7f\\ud800-\\udfff]"
+# What an id (or a name) from the MES may hold: Unicode text that an MES stores and a log viewer shows as it
+# is. Refused, by Unicode category: Cc (C0 and C1 controls: line breaks such as NEL U+0085, terminal escapes
+# such as CSI U+009B), Cf (format characters: bidi controls such as U+202E that reorder what a viewer shows,
+# zero-width characters such as U+200B that make two ids look alike, the BOM), Zl and Zp (U+2028, U+2029: line
+# breaks) and Cs (lone UTF-16 surrogates: not UTF-8, an answer or log line holding one fails to encode).
+# Listed by hand (Unicode 15.1) so that the rule and the schema files do not change with the Python a station
+# runs; a test holds the list to Python's unicodedata.
+_UNSHOWABLE_RANGES: tuple[tuple[int, int], ...] = (
+    (0x0000, 0x001F), (0x007F, 0x009F), (0x00AD, 0x00AD), (0x0600, 0x0605), (0x061C, 0x061C), (0x06DD, 0x06DD),
+    (0x070F, 0x070F), (0x0890, 0x0891), (0x08E2, 0x08E2), (0x180E, 0x180E), (0x200B, 0x200F), (0x2028, 0x202E),
+    (0x2060, 0x2064), (0x2066, 0x206F), (0xD800, 0xDFFF), (0xFEFF, 0xFEFF), (0xFFF9, 0xFFFB),
+    (0x110BD, 0x110BD), (0x110CD, 0x110CD), (0x13430, 0x1343F), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+    (0xE0001, 0xE0001), (0xE0020, 0xE007F))
+
+
+def _class_member(code: int) -> str:
+    # Escapes for the BMP (ASCII in the schema files; Python's re and ECMA read \uXXXX alike, a lone surrogate
+    # included); the code point itself beyond it (the files carry it as a JSON surrogate pair, which ECMA
+    # reads as one code point with the u flag that JSON Schema 2020-12 asks for).
+    return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
+
+
+# One pattern for the daemon and the schema files (searched, not anchored).
+_UNSHOWABLE_PATTERN = "[" + "".join(_class_member(low) + ("" if low == high else "-" + _class_member(high))
+                                    for low, high in _UNSHOWABLE_RANGES) + "]"
+_UNSHOWABLE = re.compile(_UNSHOWABLE_PATTERN)
 _UTC_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$"
 
 RejectCode = Literal["unknown_command", "not_allowed", "retained", "too_large", "malformed", "invalid",
@@ -72,15 +93,17 @@ RejectCode = Literal["unknown_command", "not_allowed", "retained", "too_large", 
                      "internal_error"]
 
 
-def _no_control_characters(value: str) -> str:
-    if _CONTROL.search(value):
-        raise ValueError("must not contain control characters")
+def _showable(value: str) -> str:
+    if found := _UNSHOWABLE.search(value):
+        raise ValueError(f"must not contain control characters (U+{ord(found.group()):04X} at index "
+                         f"{found.start()}; ids take no control, format, bidi or line-separator characters)")
     return value
 
 
-# An id or name from the MES: it reaches verdicts and logs, so no line breaks or other control characters.
-Text = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_no_control_characters),
-                 Field(json_schema_extra={"not": {"pattern": _CONTROL_PATTERN}})]
+# An id or name from the MES: it reaches verdicts and logs, so only characters they can show as they are.
+Text = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_showable),
+                 Field(json_schema_extra={"not": {"pattern": _UNSHOWABLE_PATTERN}})]
+_TEXT = TypeAdapter(Text)
 
 
 class _Payload(BaseModel):
@@ -164,16 +187,17 @@ class CommandResult(_Out):
 
     schema_: Literal["ganspect.cmd_result/1"] = Field(alias="schema", description="Payload format and version.")
     command: str = Field(max_length=_SHOWN_NAME_CHARS, description="The command name (last topic level), "
-                         f"control characters replaced by '?', cut to {_SHOWN_NAME_CHARS} characters.")
-    command_id: str | None = Field(description="The command's id (trigger_id for cmd/trigger, else command_id) "
-                                   "when the payload had a readable one; null otherwise.")
+                         "each character an id may not hold (control, format, bidi, line separator) replaced by "
+                         f"'?', cut to {_SHOWN_NAME_CHARS} characters.")
+    command_id: Text | None = Field(description="The command's id (trigger_id for cmd/trigger, else command_id) "
+                                    "when the payload had a valid one; null otherwise.")
     station: StationRef = Field(description="The station that answers.")
     outcome: Literal["accepted", "done", "rejected"] = Field(
         description="accepted: a trigger is queued, its verdict follows; done: a threshold or reload took effect; "
         "rejected: nothing was done (code and reason say why).")
     code: RejectCode | None = Field(description="Why it was rejected, for machines; null unless rejected.")
     reason: str | None = Field(description="Why it was rejected, in words; null unless rejected.")
-    part_id: str | None = Field(description="cmd/trigger: the part that will be inspected; null otherwise.")
+    part_id: Text | None = Field(description="cmd/trigger: the part that will be inspected; null otherwise.")
     threshold: ThresholdState | None = Field(description="cmd/threshold and cmd/reload: the threshold in force "
                                              "after the command; null otherwise.")
     model: ModelState | None = Field(description="cmd/reload: the model scoring after the command; null otherwise.")
@@ -225,7 +249,8 @@ def schemas() -> dict[str, dict[str, Any]]:
 
 
 def schema_text(schema: dict[str, Any]) -> str:
-    return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+    # ASCII: the id pattern's code points beyond the BMP are written as JSON surrogate pairs, not as invisible text.
+    return json.dumps(schema, indent=2, ensure_ascii=True) + "\n"
 
 
 def write_schemas(folder: Path | None = None) -> list[Path]:
@@ -490,7 +515,7 @@ class _TokenBucket:
 
 
 def _printable(text: str, limit: int) -> str:
-    text = _CONTROL.sub("?", text)
+    text = _UNSHOWABLE.sub("?", text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -503,9 +528,10 @@ def _id_of(payload: bytes, keys: tuple[str, ...]) -> str | None:
     if not isinstance(document, dict):
         return None
     for key in keys:
-        value = document.get(key)
-        if isinstance(value, str) and 0 < len(value) <= 128 and not _CONTROL.search(value):
-            return value
+        try:
+            return _TEXT.validate_python(document.get(key), strict=True)
+        except ValidationError:
+            continue
     return None
 
 

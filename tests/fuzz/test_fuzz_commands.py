@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 
 import ganspect.edge
 from ganspect.edge.config import load_config
-from ganspect.edge.remote import LiveModel, RemoteCommands
+from ganspect.edge.remote import _UNSHOWABLE as UNSHOWABLE
+from ganspect.edge.remote import COMMANDS, LiveModel, RemoteCommands
 from ganspect.edge.scorer import Scorer
 from ganspect.edge.triggers import TriggerRequest
 
@@ -117,7 +118,13 @@ def station(tmp_path: Path, tiny_bundle: Path) -> Iterator[Station]:
         remote.close()
 
 
-RESULT = jsonschema.Draft202012Validator(json.loads((SCHEMAS / "cmd-result.schema.json").read_text(encoding="utf-8")))
+def _validator(name: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(json.loads((SCHEMAS / f"{name}.schema.json").read_text(encoding="utf-8")))
+
+
+RESULT = _validator("cmd-result")
+_COMMAND_VALIDATORS = {name: _validator(f"cmd-{name}") for name in COMMANDS}
+command_validator = _COMMAND_VALIDATORS.__getitem__
 
 
 @FUZZ
@@ -136,6 +143,18 @@ def test_every_command_with_hostile_ids_gets_one_schema_valid_answer_and_the_log
     document = json.loads(text)
     RESULT.validate(document)
     assert document["code"] != "internal_error", document
+    # Nothing the id rule refuses reaches the answer, raw or decoded; a valid id is echoed.
+    assert not UNSHOWABLE.search(text) and not any(UNSHOWABLE.search(str(value)) for value in document.values())
+    sent = json.loads(payload.decode("utf-8", "surrogatepass"))
+    key = "trigger_id" if name == "trigger" else "command_id" if name in COMMANDS else None
+    if key is not None:
+        ident = sent.get(key)
+        valid_id = isinstance(ident, str) and not UNSHOWABLE.search(ident) and 0 < len(ident) <= 128
+        assert document["command_id"] == (ident if valid_id else None)
+    # The schema files and the daemon agree on what is a valid command.
+    if name in COMMANDS:
+        schema_says_valid = command_validator(name).is_valid(sent)
+        assert schema_says_valid == (document["code"] not in ("invalid", "malformed")), (sent, document)
 
     # Rate-limited: per 10 s interval the rejection log writes its first rejection and a count of the others. A
     # command carried out writes a line or two of its own (a threshold set or cleared, a reload), by design.
@@ -143,5 +162,6 @@ def test_every_command_with_hostile_ids_gets_one_schema_valid_answer_and_the_log
     windows = 1 + (time.monotonic() - station.started) // 10
     carried_out = sum(json.loads(a)["outcome"] != "rejected" for a in station.answers)
     assert not any("Traceback" in line for line in lines), lines[:40]
+    assert not any(UNSHOWABLE.search(line) for line in lines), [ascii(line) for line in lines]
     assert len([line for line in lines if "rejected" in line]) <= 2 * windows, lines
     assert len(lines) <= 2 * windows + 2 * carried_out, lines

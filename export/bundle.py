@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -60,6 +60,9 @@ FORMAT_VERSION = 2
 # between CPUs only by float summation order; INT8 also by rounding at each quantize step,
 # and by saturation on CPUs without VNNI, which is what the looser bound still catches.
 GOLDEN_TOLERANCE = {"fp32": (1e-4, 1e-3), "int8": (1e-3, 2e-2)}
+# Held-out normals scored when choosing the golden ones (a few fail at the false-alarm rate nu by design).
+_GOLDEN_CANDIDATES = 20
+Verdict = Literal["OK", "NG"]
 SCORE_FORMULAS = {
     "efficient_gan": (
         "A(x) = (1 - lambda) * L_R + lambda * L_D with lambda = {lam:g}; x = image / 127.5 - 1; "
@@ -134,19 +137,51 @@ def _guard_data(images: RunImages) -> Any:
                      description=description)
 
 
-def _golden_choice(images: RunImages | None, size: int, channels: int, seed: int) -> list[tuple[np.ndarray, str]]:
-    """Two held-out normals and up to two test anomalies of different kinds; seeded noise without data."""
+def _golden_choice(images: RunImages | None, size: int, channels: int, seed: int,
+                   files: dict[Path, tuple[str, float]]) -> list[tuple[np.ndarray, str, Verdict | None]]:
+    """(image, origin, expected verdict): two held-out normals and up to two test anomalies of different kinds.
+
+    The edge checks that every file's threshold judges them as `expect` says (a threshold that
+    contradicts the bundle's own images is refused), so a normal is chosen only where every
+    file (path: (precision, threshold)) judges it OK, an anomaly only where every file judges
+    it NG, each by more than the golden tolerance, so that the edge's self-test cannot tip it
+    over. Seeded noise, with no verdict, when the run's data is gone.
+    """
     if images is None:
         rng = np.random.default_rng(seed)
-        return [(rng.integers(0, 256, (size, size, channels), dtype=np.uint8), f"seeded random pixels #{i}")
+        return [(rng.integers(0, 256, (size, size, channels), dtype=np.uint8), f"seeded random pixels #{i}", None)
                 for i in range(2)]
-    chosen = [(images.holdout[i], f"held-out normal {images.holdout_names[i]}") for i in range(min(2, len(images.holdout)))]
+    from ganspect.export.onnx_export import INPUT_NAME, OUTPUT_NAMES, onnx_session
+
+    sessions: dict[Path, Any] = {path: onnx_session(path) for path in files}
+
+    def clearly(image: np.ndarray, expect: Verdict) -> bool:
+        for path, (precision, threshold) in files.items():
+            score = float(sessions[path].run([OUTPUT_NAMES[0]], {INPUT_NAME: image[None]})[0][0])
+            atol, rtol = GOLDEN_TOLERANCE[precision]
+            margin = atol + rtol * abs(score)
+            if not (score <= threshold - margin if expect == "OK" else score > threshold + margin):
+                return False
+        return True
+
+    candidates = range(min(len(images.holdout), _GOLDEN_CANDIDATES))
+    chosen: list[tuple[np.ndarray, str, Verdict | None]] = [
+        (images.holdout[i], f"held-out normal {images.holdout_names[i]}", "OK") for i in candidates
+        if clearly(images.holdout[i], "OK")][:2]
+    if not chosen:
+        log.warning("none of the first %d held-out normals is judged OK by every file's threshold with a margin: the "
+                    "golden set carries no verdict for normals", len(candidates))
+        chosen = [(images.holdout[i], f"held-out normal {images.holdout_names[i]}", None)
+                  for i in range(min(2, len(images.holdout)))]
     if images.test is not None and images.test_labels is not None:
         seen: set[str] = set()
         for i, label in enumerate(images.test_labels):
-            if label == 1 and images.test_kinds[i] not in seen and len(seen) < 2:
+            if label == 1 and images.test_kinds[i] not in seen and len(seen) < 2 and clearly(images.test[i], "NG"):
                 seen.add(images.test_kinds[i])
-                chosen.append((images.test[i], f"test anomaly {images.test_names[i]}"))
+                chosen.append((images.test[i], f"test anomaly {images.test_names[i]}", "NG"))
+        if not seen and images.test_labels.any():
+            log.warning("no test anomaly is judged NG by every file's threshold with a margin: the golden set holds "
+                        "no defect, so the edge cannot catch a threshold set too high")
     return chosen
 
 
@@ -301,16 +336,17 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
             parity["ONNX FP32 vs ONNX INT8"] = compare(fp32_out, int8_out)
             parity["PyTorch eval vs ONNX INT8"] = compare(torch_out, int8_out)
 
-        golden_images = _golden_choice(images, size, channels, config.train.seed)
+        precisions = {MODEL_FILE: "fp32", INT8_FILE: "int8"}
+        golden_images = _golden_choice(images, size, channels, config.train.seed,
+                                       {tmp / name: (precisions[name], thresholds[name]) for name in thresholds})
         golden: list[GoldenImage] = []
-        for i, (image, origin) in enumerate(golden_images):
+        for i, (image, origin, expect) in enumerate(golden_images):
             name = f"golden/{i}.png"
             write_golden_image(tmp / name, image)
-            golden.append(describe_golden(tmp, name, origin))
-        precisions = {MODEL_FILE: "fp32", INT8_FILE: "int8"}
+            golden.append(describe_golden(tmp, name, origin, expect))
         files: list[ModelFile] = [
             describe_file(tmp, name, precisions[name], thresholds[name],  # type: ignore[arg-type]
-                          _golden_expectation(tmp / name, [g for g, _ in golden_images], precisions[name]))
+                          _golden_expectation(tmp / name, [g for g, _, _ in golden_images], precisions[name]))
             for name in thresholds]
 
         log.info("measuring batch-1 latency")
@@ -319,6 +355,13 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
                    for threads in (1, 0)] for name in thresholds}
 
         metrics = _scalar_metrics(run)
+        evaluated_at = metrics.get("threshold")
+        if evaluated_at is not None and not math.isclose(evaluated_at, thresholds[MODEL_FILE], rel_tol=1e-6,
+                                                         abs_tol=1e-12):
+            # The edge refuses a bundle whose metrics were measured at another threshold than its model's.
+            raise GanspectError(
+                f"{run / 'metrics.json'} was measured at the threshold {evaluated_at:.9g}, the model's is "
+                f"{thresholds[MODEL_FILE]:.9g} (calibrated again since?): run `ganspect eval {run}` again, then export")
         for label, key in (("PyTorch eval vs ONNX FP32", "fp32"), ("ONNX FP32 vs ONNX INT8", "int8_vs_fp32")):
             if label in parity:
                 metrics[f"parity_{key}_max_abs_score_diff"] = parity[label].max_abs_score_diff

@@ -37,6 +37,13 @@ def test_bundle_loads_and_onnxruntime_matches_pytorch(run: Path, data: Path, tmp
     assert m.score.lambda_ == pytest.approx(0.1) and "0.1" in m.score.formula
     assert (m.training_data.n_train, m.training_data.n_val) == (17, 3)
     assert opset_of(bundle.path_of(m.model_file("fp32"))) >= 17
+    # The golden set carries the verdicts the threshold must give (the edge checks them at load): held-out
+    # normals OK, test anomalies NG, each chosen on the right side of the threshold.
+    fp32 = m.model_file("fp32")
+    assert [g.expect for g in m.golden if g.origin.startswith("held-out normal")] == ["OK", "OK"]
+    assert all(g.expect == "NG" for g in m.golden if g.origin.startswith("test anomaly"))
+    assert all((score > fp32.threshold) == (g.expect == "NG") for g, score in zip(m.golden, fp32.golden.scores))
+    assert m.metrics["threshold"] == pytest.approx(fp32.threshold, rel=1e-6)
 
     # Run the bundle's graph directly, at batch sizes 1 and 3 (dynamic batch axis).
     _, held = split_holdout(load_normal_images(data, 32, 3), 0.15, 0)
@@ -77,6 +84,20 @@ def test_inference_copy_rewrites_transposed_convolutions_without_changing_a_numb
         torch.testing.assert_close(copy.generator(z), model.generator(z), rtol=1e-5, atol=1e-5)
         for got, want in zip(copy(images), model(images)):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_metrics_measured_at_another_threshold_are_not_exported(run: Path, tmp_path: Path) -> None:
+    # A run calibrated again after its evaluation: the edge would refuse the bundle, so export refuses first.
+    import shutil
+
+    stale = tmp_path / "run"
+    shutil.copytree(run, stale)
+    metrics = json.loads((stale / "metrics.json").read_text(encoding="utf-8"))
+    metrics["threshold"] *= 2
+    (stale / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    with pytest.raises(GanspectError, match=r"metrics.json was measured at the threshold .* run `ganspect eval"):
+        export_run(stale, tmp_path / "bundle", latency_budget_s=0.05)
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_bundle_destination_rules(run: Path, tmp_path: Path) -> None:

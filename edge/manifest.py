@@ -21,7 +21,9 @@ Version 2 over version 1: the `peak` output; a threshold per model file (an INT8
 calibrated on its own scores); golden images with each file's expected outputs, which the
 edge runs as a self-test at load; and `content_sha256`, a digest of the manifest itself so
 that a manifest edited after export is refused. The digest catches accidents and
-hand edits, not an attacker (anyone can recompute it): it is not a signature.
+hand edits, not an attacker (anyone can recompute it): it is not a signature. A signed
+bundle (`ganspect export --sign`) also carries `signature.json`, checked on stations that
+list trusted keys (`ganspect.edge.signature`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -256,14 +258,22 @@ def _validation_summary(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def load_bundle(root: str | Path) -> Bundle:
-    """Read and verify a bundle; raise BundleError with a message an operator can act on."""
+def load_bundle(root: str | Path, trusted_keys: Sequence[Path] = ()) -> Bundle:
+    """Read and verify a bundle; raise BundleError with a message an operator can act on.
+
+    With `trusted_keys` (PEM public keys, `model.trusted_keys`), the bundle must first carry a
+    signature by one of them over its manifest (`ganspect.edge.signature`).
+    """
     root = Path(root)
     if not root.is_dir():
         raise BundleError(f"model bundle {root} is not a folder")
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
         raise BundleError(f"model bundle {root} has no {MANIFEST_NAME}")
+    if trusted_keys:
+        from ganspect.edge.signature import verify_signature  # cryptography: only where keys are configured
+
+        verify_signature(root, trusted_keys)
     try:
         raw: Any = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -399,7 +399,7 @@ class LiveModel:
         try:
             try:
                 # Verified and warmed up here, on the caller's thread, while the loop scores with the old one.
-                new = Scorer.load(model.bundle, model.precision, model.intra_op_threads)
+                new = Scorer.load(model.bundle, model.precision, model.intra_op_threads, model.trusted_keys)
                 if self._check_model is not None:
                     self._check_model(new)
             except GanspectError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -67,8 +68,9 @@ class Scorer:
 
     @classmethod
     def load(cls, root: str | Path, precision: Literal["auto", "fp32", "int8"] = "auto",
-             intra_op_threads: int = 0) -> Scorer:
-        bundle = load_bundle(root)
+             intra_op_threads: int = 0, trusted_keys: Sequence[Path] = ()) -> Scorer:
+        """Verify the bundle (signed by one of `trusted_keys` when there are any) and open the chosen file."""
+        bundle = load_bundle(root, trusted_keys)
         model_file = bundle.manifest.model_file(None if precision == "auto" else precision)
         path = bundle.path_of(model_file)
         options = ort.SessionOptions()

@@ -231,8 +231,11 @@ def _finite(value: float | None) -> float | None:
 
 
 def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, settings: Any = None,
-               latency_budget_s: float = 1.0, guard_data: Path | None = None) -> Path:
+               latency_budget_s: float = 1.0, guard_data: Path | None = None, sign: Path | None = None) -> Path:
     """Export the run's calibrated model to ONNX (and INT8), verify it, write the bundle; return its folder.
+
+    `sign` is an Ed25519 private key (PEM): the bundle then carries `signature.json`, which
+    stations with `model.trusted_keys` require (`ganspect.export.signing`).
 
     `settings` is an Int8Settings (defaults when None); `latency_budget_s` is the time spent
     timing each file at each thread count (at least 20 runs); `guard_data` is an MVTec-layout
@@ -246,6 +249,7 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
     from ganspect.export.quantize import (GuardResult, Int8Settings, describe_layers, judge, learned_layers, quantize,
                                           sensitive_layers)
     from ganspect.export.report import Latency, measure_latency, write_report
+    from ganspect.export.signing import load_signing_key, sign_bundle
     from ganspect.train.loop import load_run_model, read_run_config, read_run_info
 
     run, out = Path(run), Path(out)
@@ -253,6 +257,8 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
     if force and not int8:
         raise GanspectError("--force only applies to --int8 (it ships an INT8 model that failed its guard)")
     _prepare_destination(out)
+    # Read first: a wrong key or pass phrase should fail in a second, not after the export's minutes of work.
+    signing_key = load_signing_key(sign) if sign is not None else None
     config = read_run_config(run)
     info = read_run_info(run)
     kind = config.model.kind
@@ -408,6 +414,9 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
                      guard_data=guard_set.description if guard_set is not None else None,
                      settings=settings if int8 else None, forced=force,
                      golden=[f"{g.path}: {g.origin}" for g in golden])
+        if signing_key is not None:
+            # Last, over the finished manifest (it holds the hashes of every file the report names).
+            log.info("bundle signed with the Ed25519 key %s", sign_bundle(tmp, signing_key))
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

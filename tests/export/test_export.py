@@ -145,6 +145,33 @@ def test_export_command(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert not (tmp_path / "c").exists()
 
 
+def test_export_sign_makes_a_bundle_that_only_its_key_vouches_for(run: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import subprocess
+
+    from ganspect.edge.errors import BundleError
+
+    def keypair(name: str) -> tuple[Path, Path]:  # as docs/security.md makes them
+        private, public = tmp_path / f"{name}.key", tmp_path / f"{name}.pub"
+        subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(private)], check=True)
+        subprocess.run(["openssl", "pkey", "-in", str(private), "-pubout", "-out", str(public)], check=True)
+        return private, public
+
+    (key, public), (_, other) = keypair("workstation"), keypair("other")
+    assert main(["export", str(run), "--out", str(tmp_path / "b"), "--sign", str(key)]) == 0
+    assert f"signed with the key in {key}" in capsys.readouterr().out
+    signature = json.loads((tmp_path / "b" / "signature.json").read_text(encoding="utf-8"))
+    assert (signature["algorithm"], signature["signed_file"]) == ("Ed25519", "manifest.json")
+    load_bundle(tmp_path / "b", trusted_keys=[public])
+    load_bundle(tmp_path / "b", trusted_keys=[other, public])
+    with pytest.raises(BundleError, match="which this station does not trust"):
+        load_bundle(tmp_path / "b", trusted_keys=[other])
+    # A public key is no signing key: refused before any work, nothing written.
+    assert main(["export", str(run), "--out", str(tmp_path / "c"), "--sign", str(public)]) == 2
+    assert "is not a PEM private key" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 class _PixelsAsHeatmap(torch.nn.Module):
     """Scoring module whose heatmap is the image itself, so the test can place ties exactly."""
 

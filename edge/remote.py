@@ -371,7 +371,7 @@ class LiveModel:
                 if not low <= value <= high:
                     commands = self._config.mqtt.commands
                     return "out_of_bounds", (
-                        f"{value:g} is outside {low:g} .. {high:g} ({commands.threshold_min_ratio:g} .. "
+                        f"{_outside(value, low, high)} ({commands.threshold_min_ratio:g} .. "
                         f"{commands.threshold_max_ratio:g} x the bundle's threshold "
                         f"{scorer.manifest.threshold.value:g}; mqtt.commands.threshold_min_ratio/max_ratio)")
                 override: _Override | None = _Override(value, scorer.model_file.sha256,
@@ -463,7 +463,7 @@ class LiveModel:
         if saved.model_sha256 != scorer.model_file.sha256:
             why = "it was set for another model"
         elif not low <= value <= high:
-            why = f"it is outside {low:g} .. {high:g} (mqtt.commands.threshold_min_ratio/max_ratio)"
+            why = f"{_outside(value, low, high)} (mqtt.commands.threshold_min_ratio/max_ratio)"
         else:
             self._override = dataclasses.replace(saved, value=value)
             log.warning("threshold override %.6g (bundle %.6g) set by cmd/threshold at %s is in force; "
@@ -472,6 +472,15 @@ class LiveModel:
             return
         log.warning("threshold override %.6g from %s is dropped: %s", value, path, why)
         self._save(None)
+
+
+def _outside(value: float, low: float, high: float) -> str:
+    """'value is outside low .. high' with as many digits as it takes to see which bound it crosses."""
+    crossed = low if value < low else high
+    digits = next((n for n in range(6, 17) if f"{value:.{n}g}" != f"{crossed:.{n}g}"), None)
+    if digits is None:  # neighbouring doubles: the shortest text that reads back as each
+        return f"{value!r} is outside {low!r} .. {high!r}"
+    return f"{value:.{digits}g} is outside {low:.{digits}g} .. {high:.{digits}g}"
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -770,7 +779,10 @@ class RemoteCommands:
 
 
 def _path(station: StationRef | StationConfig) -> str:
-    return f"{_printable(station.site, 40)}/{_printable(station.line, 40)}/{_printable(station.station, 40)}"
+    path = f"{_printable(station.site, 40)}/{_printable(station.line, 40)}/{_printable(station.station, 40)}"
+    # Station names in the config are ASCII (topic levels): anything else in a sender's names is what differs,
+    # and may look like what it imitates (a Cyrillic 's', an invisible Hangul filler). Escaped, it shows.
+    return path if path.isascii() else f"{ascii(path)[1:-1]} (as written: {path})"
 
 
 if __name__ == "__main__":

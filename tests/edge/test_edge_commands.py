@@ -8,6 +8,7 @@ are collected instead of published (the broker side is in test_edge_command_floo
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 import time
@@ -296,6 +297,33 @@ def test_a_threshold_outside_the_bounds_is_refused(station, value):
     assert answer["code"] == "out_of_bounds"
     assert "is outside 0.075 .. 0.3 (0.5 .. 2 x the bundle's threshold 0.15" in answer["reason"]
     assert station.live.threshold_state().source == "bundle"
+
+
+@pytest.mark.parametrize("value, words", [
+    (0.07499999, "0.07499999 is outside 0.075 .. 0.3 ("),  # rounded to 6 digits, it read 0.075 is outside 0.075
+    (0.30000001, "0.30000001 is outside 0.075 .. 0.3 ("),
+    (math.nextafter(0.075, 0), f"{math.nextafter(0.075, 0)!r} is outside 0.075 .. 0.3 ("),  # the double below
+])
+def test_a_threshold_just_outside_the_bounds_is_shown_with_the_digits_that_differ(station, value, words):
+    answer = station.send("threshold", {"value": value})
+    assert answer["code"] == "out_of_bounds"
+    assert words in answer["reason"], answer["reason"]
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("\u04551", "testsite/l1/\\u04551 (as written: testsite/l1/\u04551)"),  # a Cyrillic dze where the s is
+    ("s1\u3164", "testsite/l1/s1\\u3164 (as written: testsite/l1/s1\u3164)"),  # an invisible Hangul filler (a letter)
+])
+def test_a_wrong_station_that_looks_like_this_one_is_shown_escaped(station, name, shown):
+    answer = station.send("threshold", {"value": 0.2, "station": {**STATION, "station": name}})
+    assert answer["code"] == "wrong_station"
+    assert answer["reason"] == f"the command is for {shown}; this is testsite/l1/s1", answer["reason"]
+
+
+def test_a_station_name_with_a_zero_width_character_is_refused_naming_it(station):
+    answer = station.send("threshold", {"value": 0.2, "station": {**STATION, "station": "s\u200b1"}})
+    assert answer["code"] == "invalid"
+    assert answer["reason"].startswith("station.station: must not contain control characters (U+200B at index 1")
 
 
 def test_the_override_survives_a_restart_but_not_a_different_model(tmp_path, tiny_bundle, make_bundle, caplog):

@@ -10,7 +10,8 @@ A message goes through these checks in order, and the first that fails is its an
 2. not retained (`retained`): a retained command would run again at every reconnect;
 3. the size, before reading it (`too_large`);
 4. JSON (`malformed`) that fits the command's model (`invalid`): strict types, no unknown
-   fields, no control characters in ids;
+   fields, ids of text an MES and a log viewer show as it is (no control, format, bidi or
+   line-separator characters, no lone surrogates: `_UNSHOWABLE_RANGES`);
 5. the station: the topic names it; a payload may name it too (`station`), and then it
    must be this one (`wrong_station`);
 6. the rate of valid commands, a token bucket (`rate_limited`);

@@ -89,8 +89,8 @@ def verify_signature(root: Path, trusted_keys: Sequence[Path]) -> str:
     trusted = ", ".join(sorted(keys))
     path = root / SIGNATURE_NAME
     if not path.is_file():
-        raise BundleError(f"model bundle {root} is not signed (no {SIGNATURE_NAME}) and this station takes only bundles "
-                          f"signed by a trusted key (model.trusted_keys: {trusted}); export it with "
+        raise BundleError(f"model bundle {root} is not signed (no {SIGNATURE_NAME}) and this station takes only "
+                          f"bundles signed by a trusted key (model.trusted_keys: {trusted}); export it with "
                           "`ganspect export --sign KEY`")
     try:
         raw: Any = json.loads(path.read_text(encoding="utf-8"))

@@ -141,11 +141,12 @@ def _golden_choice(images: RunImages | None, size: int, channels: int, seed: int
                    files: dict[Path, tuple[str, float]]) -> list[tuple[np.ndarray, str, Verdict | None]]:
     """(image, origin, expected verdict): two held-out normals and up to two test anomalies of different kinds.
 
-    The edge checks that every file's threshold judges them as `expect` says (a threshold that
-    contradicts the bundle's own images is refused), so a normal is chosen only where every
-    file (path: (precision, threshold)) judges it OK, an anomaly only where every file judges
-    it NG, each by more than the golden tolerance, so that the edge's self-test cannot tip it
-    over. Seeded noise, with no verdict, when the run's data is gone.
+    Every golden image checks that the edge computes what the exporter did; those labelled
+    also check the thresholds (the edge refuses a threshold that judges one otherwise). A
+    normal is labelled OK, an anomaly NG, only where every file (path: (precision,
+    threshold)) judges it so by more than the golden tolerance, so that the edge's
+    self-test cannot tip it over; such images are preferred, the others unlabelled. Seeded
+    noise, unlabelled, when the run's data is gone.
     """
     if images is None:
         rng = np.random.default_rng(seed)
@@ -155,33 +156,37 @@ def _golden_choice(images: RunImages | None, size: int, channels: int, seed: int
 
     sessions: dict[Path, Any] = {path: onnx_session(path) for path in files}
 
-    def clearly(image: np.ndarray, expect: Verdict) -> bool:
+    def label(image: np.ndarray, verdict: Verdict) -> Verdict | None:
         for path, (precision, threshold) in files.items():
             score = float(sessions[path].run([OUTPUT_NAMES[0]], {INPUT_NAME: image[None]})[0][0])
             atol, rtol = GOLDEN_TOLERANCE[precision]
             margin = atol + rtol * abs(score)
-            if not (score <= threshold - margin if expect == "OK" else score > threshold + margin):
-                return False
-        return True
+            if not (score <= threshold - margin if verdict == "OK" else score > threshold + margin):
+                return None
+        return verdict
 
-    candidates = range(min(len(images.holdout), _GOLDEN_CANDIDATES))
-    chosen: list[tuple[np.ndarray, str, Verdict | None]] = [
-        (images.holdout[i], f"held-out normal {images.holdout_names[i]}", "OK") for i in candidates
-        if clearly(images.holdout[i], "OK")][:2]
-    if not chosen:
-        log.warning("none of the first %d held-out normals is judged OK by every file's threshold with a margin: the "
-                    "golden set carries no verdict for normals", len(candidates))
-        chosen = [(images.holdout[i], f"held-out normal {images.holdout_names[i]}", None)
-                  for i in range(min(2, len(images.holdout)))]
+    def pick(candidates: list[tuple[np.ndarray, str]], verdict: Verdict) -> tuple[np.ndarray, str, Verdict | None]:
+        labelled = [(image, origin, label(image, verdict)) for image, origin in candidates[:_GOLDEN_CANDIDATES]]
+        return next((c for c in labelled if c[2] is not None), (*candidates[0], None))
+
+    normals = [(images.holdout[i], f"held-out normal {images.holdout_names[i]}") for i in range(len(images.holdout))]
+    chosen = []
+    for _ in range(min(2, len(normals))):
+        choice = pick(normals, "OK")
+        chosen.append(choice)
+        normals = [n for n in normals if n[1] != choice[1]]
     if images.test is not None and images.test_labels is not None:
-        seen: set[str] = set()
-        for i, label in enumerate(images.test_labels):
-            if label == 1 and images.test_kinds[i] not in seen and len(seen) < 2 and clearly(images.test[i], "NG"):
-                seen.add(images.test_kinds[i])
-                chosen.append((images.test[i], f"test anomaly {images.test_names[i]}", "NG"))
-        if not seen and images.test_labels.any():
-            log.warning("no test anomaly is judged NG by every file's threshold with a margin: the golden set holds "
-                        "no defect, so the edge cannot catch a threshold set too high")
+        kinds: dict[str, list[tuple[np.ndarray, str]]] = {}
+        for i, bad in enumerate(images.test_labels):
+            if bad == 1:
+                origin = f"test anomaly {images.test_names[i]}"
+                kinds.setdefault(images.test_kinds[i], []).append((images.test[i], origin))
+        picks = [pick(of_kind, "NG") for of_kind in kinds.values()]
+        # Two kinds at most, those with a detected image first (their verdicts check the threshold from above).
+        chosen += sorted(picks, key=lambda c: c[2] is None)[:2]
+    if not any(verdict == "NG" for _, _, verdict in chosen):
+        log.warning("no golden image is a test anomaly that every file's threshold judges NG with a margin: the "
+                    "edge can refute a threshold set too low, not one set too high")
     return chosen
 
 

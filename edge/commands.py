@@ -95,7 +95,8 @@ def _check_model(config: EdgeConfig, path: Path) -> None:
     from ganspect.edge.tiling import Inspector
 
     try:
-        scorer = Scorer.load(config.model.bundle, config.model.precision, config.model.intra_op_threads)
+        scorer = Scorer.load(config.model.bundle, config.model.precision, config.model.intra_op_threads,
+                             config.model.trusted_keys)
     except BundleError as exc:
         raise ConfigError(f"{path}: model.bundle: {exc}") from exc
     Inspector(config.inspection).check(scorer.manifest)

@@ -44,6 +44,12 @@ class ModelConfig(_Section):
     intra_op_threads: int = Field(
         0, ge=0, le=256, description="onnxruntime intra-op threads; 0 lets onnxruntime choose (one per core)."
     )
+    trusted_keys: tuple[Path, ...] = Field(
+        (), description="PEM files of the Ed25519 public keys whose bundles this station takes (ganspect export "
+        "--sign); relative to the config file. Set: an unsigned bundle, or one signed by another key or changed "
+        "after signing, is refused at start-up, install-model and cmd/reload. Empty: bundles need no signature "
+        "(their hashes and golden images are still checked). docs/security.md: making and rotating keys."
+    )
 
 
 class CameraConfig(_Section):
@@ -436,7 +442,21 @@ def load_config(path: str | Path) -> EdgeConfig:
     config = resolve_paths(config, path.parent)
     _check_tls_files(config.mqtt, path, root)
     _check_trigger_path(config, path, root)
+    _check_trusted_keys(config.model, path, root)
     return config
+
+
+def _check_trusted_keys(model: ModelConfig, path: Path, root: yaml.Node | None) -> None:
+    """Every trusted key is an Ed25519 public key now, not at the first bundle check (`--check` finds it too)."""
+    from ganspect.edge.signature import load_public_key
+
+    for i, key in enumerate(model.trusted_keys):
+        line = _line_of(root, ("model", "trusted_keys", i))
+        where = f"{path}:{line}: " if line else f"{path}: "
+        try:
+            load_public_key(key, f"model.trusted_keys[{i}]")
+        except ConfigError as exc:
+            raise ConfigError(where + str(exc)) from exc
 
 
 def _check_trigger_path(config: EdgeConfig, path: Path, root: yaml.Node | None) -> None:
@@ -470,7 +490,9 @@ def _check_tls_files(mqtt: MqttConfig, path: Path, root: yaml.Node | None) -> No
 
 def resolve_paths(config: EdgeConfig, base: Path) -> EdgeConfig:
     """Relative bundle, source, password-file, certificate and data paths resolved against `base` (the config's folder)."""
-    model = config.model.model_copy(update={"bundle": _resolve(base, config.model.bundle)})
+    model = config.model.model_copy(update={"bundle": _resolve(base, config.model.bundle),
+                                            "trusted_keys": tuple(_resolve(base, key)
+                                                                  for key in config.model.trusted_keys)})
     source = config.source
     if is_path_like_source(source.uri) and not Path(source.uri).is_absolute():
         source = source.model_copy(update={"uri": str(base / source.uri)})

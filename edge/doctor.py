@@ -46,7 +46,8 @@ def check_model(config: EdgeConfig) -> Check:
     from ganspect.edge.scorer import Scorer
 
     try:
-        scorer = Scorer.load(config.model.bundle, config.model.precision, config.model.intra_op_threads)
+        scorer = Scorer.load(config.model.bundle, config.model.precision, config.model.intra_op_threads,
+                             config.model.trusted_keys)
     except GanspectError as exc:
         return Check("model", False, str(exc),
                      "install a bundle made by `ganspect export` (ganspect edge install-model BUNDLE) or fix "

@@ -21,14 +21,17 @@ Version 2 over version 1: the `peak` output; a threshold per model file (an INT8
 calibrated on its own scores); golden images with each file's expected outputs, which the
 edge runs as a self-test at load; and `content_sha256`, a digest of the manifest itself so
 that a manifest edited after export is refused. The digest catches accidents and
-hand edits, not an attacker (anyone can recompute it): it is not a signature.
+hand edits, not an attacker (anyone can recompute it): it is not a signature. A signed
+bundle (`ganspect export --sign`) also carries `signature.json`, checked on stations that
+list trusted keys (`ganspect.edge.signature`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -151,7 +154,8 @@ class ModelFile(_Strict):
     precision: Literal["fp32", "int8"] = Field(description="Numeric precision of the graph.")
     sha256: str = Field(pattern=_SHA256, description="SHA-256 of the file, lower-case hex.")
     bytes: int = Field(ge=1, description="File size.")
-    threshold: float = Field(description="Decision threshold for this file's scores (score > threshold means NG), "
+    threshold: float = Field(allow_inf_nan=False,
+                             description="Decision threshold for this file's scores (score > threshold means NG), "
                                          "calibrated on this file's own scores by `threshold.method`.")
     golden: GoldenExpectation = Field(description="Expected outputs for the golden images (load-time self-test).")
 
@@ -163,6 +167,10 @@ class GoldenImage(_Strict):
     sha256: str = Field(pattern=_SHA256, description="SHA-256 of the file, lower-case hex.")
     bytes: int = Field(ge=1, description="File size.")
     origin: str = Field(description="Where the image came from (held-out normal, test anomaly, ...).")
+    expect: Literal["OK", "NG"] | None = Field(
+        None, description="The verdict every model file must give this image by its own threshold, checked at load "
+                          "on the recorded and on the measured score: OK for a held-out normal, NG for a test "
+                          "anomaly the model detects; null: no verdict is checked (e.g. seeded random pixels).")
 
 
 class TrainingData(_Strict):
@@ -248,9 +256,9 @@ def describe_file(root: Path, name: str, precision: Literal["fp32", "int8"], thr
                      threshold=threshold, golden=golden)
 
 
-def describe_golden(root: Path, name: str, origin: str) -> GoldenImage:
+def describe_golden(root: Path, name: str, origin: str, expect: Literal["OK", "NG"] | None = None) -> GoldenImage:
     path = root / name
-    return GoldenImage(path=name, sha256=sha256_file(path), bytes=path.stat().st_size, origin=origin)
+    return GoldenImage(path=name, sha256=sha256_file(path), bytes=path.stat().st_size, origin=origin, expect=expect)
 
 
 def manifest_digest(raw: Mapping[str, Any]) -> str:
@@ -277,14 +285,22 @@ def _validation_summary(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def load_bundle(root: str | Path) -> Bundle:
-    """Read and verify a bundle; raise BundleError with a message an operator can act on."""
+def load_bundle(root: str | Path, trusted_keys: Sequence[Path] = ()) -> Bundle:
+    """Read and verify a bundle; raise BundleError with a message an operator can act on.
+
+    With `trusted_keys` (PEM public keys, `model.trusted_keys`), the bundle must first carry a
+    signature by one of them over its manifest (`ganspect.edge.signature`).
+    """
     root = Path(root)
     if not root.is_dir():
         raise BundleError(f"model bundle {root} is not a folder")
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
         raise BundleError(f"model bundle {root} has no {MANIFEST_NAME}")
+    if trusted_keys:
+        from ganspect.edge.signature import verify_signature  # cryptography: only where keys are configured
+
+        verify_signature(root, trusted_keys)
     try:
         raw: Any = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -310,7 +326,35 @@ def load_bundle(root: str | Path) -> Bundle:
     entries = [(f.path, f.sha256) for f in manifest.files] + [(g.path, g.sha256) for g in manifest.golden]
     for name, expected in entries:
         _verify_file(root, manifest_path, name, expected)
+    _check_thresholds(manifest_path, manifest)
     return Bundle(root=root, manifest=manifest)
+
+
+def golden_verdict(score: float, threshold: float) -> Literal["OK", "NG"]:
+    # The edge's rule (Score.is_ng): NaN is NG, never a silent OK.
+    return "OK" if score <= threshold else "NG"
+
+
+def _check_thresholds(manifest_path: Path, manifest: Manifest) -> None:
+    """Refuse thresholds that contradict the bundle's own evidence (the content digest proves no author)."""
+    for index, model_file in enumerate(manifest.files):
+        for i, golden in enumerate(manifest.golden):
+            recorded = model_file.golden.scores[i]
+            if golden.expect is not None and golden_verdict(recorded, model_file.threshold) != golden.expect:
+                raise BundleError(
+                    f"{manifest_path}: files[{index}].threshold {model_file.threshold:.6g} ({model_file.path}) "
+                    f"judges the golden image {golden.path} ({golden.origin}, score {recorded:.6g}) "
+                    f"{golden_verdict(recorded, model_file.threshold)}, not {golden.expect}: the threshold does not "
+                    "belong to this model; re-export the run")
+    measured = manifest.metrics.get("threshold")
+    fp32 = next((f for f in manifest.files if f.precision == "fp32"), None)
+    # metrics.threshold is the FP32 model's threshold that the run's evaluation used (INT8 has its own).
+    if measured is not None and fp32 is not None and not math.isclose(measured, fp32.threshold, rel_tol=1e-6,
+                                                                        abs_tol=1e-12):
+        raise BundleError(
+            f"{manifest_path}: metrics.threshold {measured:.9g} (what the run was evaluated at) disagrees with "
+            f"files[{manifest.files.index(fp32)}].threshold {fp32.threshold:.9g} ({fp32.path}): the metrics are not "
+            "this model's; re-export the run")
 
 
 def _verify_file(root: Path, manifest_path: Path, name: str, expected_sha256: str) -> None:

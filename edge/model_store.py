@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ganspect.edge.errors import BundleError, GanspectError
@@ -50,13 +50,13 @@ class Installed:
     unchanged: bool  # the same bundle was already current
 
 
-def verify_bundle(path: Path) -> str:
+def verify_bundle(path: Path, trusted_keys: Sequence[Path] = ()) -> str:
     """Everything the daemon checks at load, for each model file (FP32, INT8); the model's name, or BundleError."""
     from ganspect.edge.scorer import Scorer  # onnxruntime: only when verifying
 
-    manifest = load_bundle(path).manifest
+    manifest = load_bundle(path, trusted_keys).manifest
     for precision in sorted({f.precision for f in manifest.files}):
-        Scorer.load(path, precision)
+        Scorer.load(path, precision, trusted_keys=trusted_keys)
     return manifest.name
 
 
@@ -94,8 +94,9 @@ def _point(link: Path, target_name: str) -> None:
 class ModelStore:
     """The folder that holds a station's bundles; `current_link` is what `model.bundle` names."""
 
-    def __init__(self, current_link: Path) -> None:
+    def __init__(self, current_link: Path, trusted_keys: Sequence[Path] = ()) -> None:
         self.current_link = current_link
+        self.trusted_keys = tuple(trusted_keys)  # model.trusted_keys: what install takes
         self.root = current_link.parent
         self.previous_link = self.root / PREVIOUS
 
@@ -140,7 +141,7 @@ class ModelStore:
         if not (source / MANIFEST_NAME).is_file():
             raise BundleError(f"{source} is not a model bundle (no {MANIFEST_NAME}); give the folder "
                               "`ganspect export` wrote")
-        name = verify_bundle(source)
+        name = verify_bundle(source, self.trusted_keys)
         if suits is not None:
             suits(source)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -149,14 +150,14 @@ class ModelStore:
         versioned = version_name(source)
         old = self.target(self.current_link)
         if old is not None and old.name == versioned and old.parent == self.root.resolve():
-            verify_bundle(old)  # the same content: make sure the copy on disk is still intact
+            verify_bundle(old, self.trusted_keys)  # the same content: make sure the copy on disk is still intact
             return Installed(old, name, self.target(self.previous_link), unchanged=True)
         incoming = Path(tempfile.mkdtemp(prefix=_INCOMING, dir=self.root))
         try:
             shutil.copytree(source, incoming, dirs_exist_ok=True)
             os.chmod(incoming, 0o755)  # readable by the daemon's user whoever installs
             _fsync_tree(incoming)
-            verify_bundle(incoming)  # the copy, as it lies on this disk
+            verify_bundle(incoming, self.trusted_keys)  # the copy, as it lies on this disk
             destination = self._free_name(versioned) if (self.root / versioned).exists() else versioned
             os.rename(incoming, self.root / destination)
             _fsync_dir(self.root)
@@ -243,7 +244,7 @@ def load_current_or_previous(model: ModelConfig) -> Scorer:
     from ganspect.edge.scorer import Scorer
 
     try:
-        return Scorer.load(model.bundle, model.precision, model.intra_op_threads)
+        return Scorer.load(model.bundle, model.precision, model.intra_op_threads, model.trusted_keys)
     except BundleError as exc:
         store = ModelStore(model.bundle)
         previous = store.target(store.previous_link)
@@ -251,9 +252,10 @@ def load_current_or_previous(model: ModelConfig) -> Scorer:
             raise
         log.error("model: %s cannot be used (%s); restoring the last good bundle %s", model.bundle, exc,
                   previous.name)
-        Scorer.load(previous, model.precision, model.intra_op_threads)  # verify before pointing at it
+        # Verified (and its signature checked) before pointing at it.
+        Scorer.load(previous, model.precision, model.intra_op_threads, model.trusted_keys)
         store.restore_previous()
-        return Scorer.load(model.bundle, model.precision, model.intra_op_threads)
+        return Scorer.load(model.bundle, model.precision, model.intra_op_threads, model.trusted_keys)
 
 
 def install_model(config_path: Path, bundle: Path) -> Installed:
@@ -270,7 +272,7 @@ def install_model(config_path: Path, bundle: Path) -> Installed:
 
     def suits_the_station(path: Path) -> None:
         # What the daemon will run: the configured precision, cut into the configured ROI and tiles.
-        scorer = Scorer.load(path, config.model.precision, config.model.intra_op_threads)
+        scorer = Scorer.load(path, config.model.precision, config.model.intra_op_threads, config.model.trusted_keys)
         Inspector(config.inspection).check(scorer.manifest)
 
-    return ModelStore(config.model.bundle).install(bundle, suits=suits_the_station)
+    return ModelStore(config.model.bundle, config.model.trusted_keys).install(bundle, suits=suits_the_station)

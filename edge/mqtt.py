@@ -90,6 +90,7 @@ _STATUS_HEADROOM = 4
 _V5_MAX_PACKET_BYTES = 256 * 1024
 _PROTOCOLS = {"v3.1.1": mqtt.MQTTv311, "v5": mqtt.MQTTv5}
 _UNSUPPORTED_PROTOCOL = 132
+_COMMAND_TRACEBACK_INTERVAL_S = 10.0
 # A command arrives as (name, payload, retained, received_at: time.monotonic()).
 CommandSink = Callable[[str, bytes, bool, float], None]
 # CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1's 4 and 5 onto 134 and 135) that mean the
@@ -328,6 +329,7 @@ class VerdictPublisher:
         self._client.on_message = self._on_message
         self._client.on_log = self._on_log
         self._on_command: CommandSink | None = None  # set by start(); None = not subscribed
+        self._last_command_traceback = float("-inf")
         self._lock = threading.Lock()  # guards the fields below; never held while calling paho
         self._connected = threading.Event()  # CONNACK accepted
         self._ready = threading.Event()  # ... and the `online` status acknowledged (see the module docstring)
@@ -411,7 +413,12 @@ class VerdictPublisher:
                 return  # our own answers (3.1.1 has no noLocal), or nothing we subscribed to
             sink(topic[len(self.command_prefix):], bytes(message.payload), bool(message.retain), time.monotonic())
         except Exception:  # noqa: BLE001
-            log.exception("MQTT command handling failed; the daemon goes on")
+            # Whatever fails here, a flood of commands would make fail again: one traceback per interval.
+            now = time.monotonic()
+            if now - self._last_command_traceback >= _COMMAND_TRACEBACK_INTERVAL_S:
+                self._last_command_traceback = now
+                log.exception("MQTT command handling failed; the daemon goes on (logged at most once per %g s)",
+                              _COMMAND_TRACEBACK_INTERVAL_S)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         try:

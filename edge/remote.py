@@ -10,7 +10,8 @@ A message goes through these checks in order, and the first that fails is its an
 2. not retained (`retained`): a retained command would run again at every reconnect;
 3. the size, before reading it (`too_large`);
 4. JSON (`malformed`) that fits the command's model (`invalid`): strict types, no unknown
-   fields, no control characters in ids;
+   fields, ids of text an MES and a log viewer show as it is (no control, format, bidi or
+   line-separator characters, no lone surrogates: `_UNSHOWABLE_RANGES`);
 5. the station: the topic names it; a payload may name it too (`station`), and then it
    must be this one (`wrong_station`);
 6. the rate of valid commands, a token bucket (`rate_limited`);
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
 from ganspect.edge.config import EdgeConfig, StationConfig
 from ganspect.edge.errors import GanspectError
@@ -60,9 +61,32 @@ THRESHOLD_FILE = "threshold-override.json"
 _REJECTION_LOG_INTERVAL_S = 10.0
 _SHOWN_NAME_CHARS = 64
 _REASON_CHARS = 300
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# The same characters as a JSON Schema pattern (searched, not anchored: ECMA and Python agree on it).
-_CONTROL_PATTERN = "[\\x00-\\x1f\\x7f]"
+# What an id (or a name) from the MES may hold: Unicode text that an MES stores and a log viewer shows as it
+# is. Refused, by Unicode category: Cc (C0 and C1 controls: line breaks such as NEL U+0085, terminal escapes
+# such as CSI U+009B), Cf (format characters: bidi controls such as U+202E that reorder what a viewer shows,
+# zero-width characters such as U+200B that make two ids look alike, the BOM), Zl and Zp (U+2028, U+2029: line
+# breaks) and Cs (lone UTF-16 surrogates: not UTF-8, an answer or log line holding one fails to encode).
+# Listed by hand (Unicode 15.1) so that the rule and the schema files do not change with the Python a station
+# runs; a test holds the list to Python's unicodedata.
+_UNSHOWABLE_RANGES: tuple[tuple[int, int], ...] = (
+    (0x0000, 0x001F), (0x007F, 0x009F), (0x00AD, 0x00AD), (0x0600, 0x0605), (0x061C, 0x061C), (0x06DD, 0x06DD),
+    (0x070F, 0x070F), (0x0890, 0x0891), (0x08E2, 0x08E2), (0x180E, 0x180E), (0x200B, 0x200F), (0x2028, 0x202E),
+    (0x2060, 0x2064), (0x2066, 0x206F), (0xD800, 0xDFFF), (0xFEFF, 0xFEFF), (0xFFF9, 0xFFFB),
+    (0x110BD, 0x110BD), (0x110CD, 0x110CD), (0x13430, 0x1343F), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+    (0xE0001, 0xE0001), (0xE0020, 0xE007F))
+
+
+def _class_member(code: int) -> str:
+    # Escapes for the BMP (ASCII in the schema files; Python's re and ECMA read \uXXXX alike, a lone surrogate
+    # included); the code point itself beyond it (the files carry it as a JSON surrogate pair, which ECMA
+    # reads as one code point with the u flag that JSON Schema 2020-12 asks for).
+    return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
+
+
+# One pattern for the daemon and the schema files (searched, not anchored).
+_UNSHOWABLE_PATTERN = "[" + "".join(_class_member(low) + ("" if low == high else "-" + _class_member(high))
+                                    for low, high in _UNSHOWABLE_RANGES) + "]"
+_UNSHOWABLE = re.compile(_UNSHOWABLE_PATTERN)
 _UTC_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$"
 
 RejectCode = Literal["unknown_command", "not_allowed", "retained", "too_large", "malformed", "invalid",
@@ -70,15 +94,17 @@ RejectCode = Literal["unknown_command", "not_allowed", "retained", "too_large", 
                      "internal_error"]
 
 
-def _no_control_characters(value: str) -> str:
-    if _CONTROL.search(value):
-        raise ValueError("must not contain control characters")
+def _showable(value: str) -> str:
+    if found := _UNSHOWABLE.search(value):
+        raise ValueError(f"must not contain control characters (U+{ord(found.group()):04X} at index "
+                         f"{found.start()}; ids take no control, format, bidi or line-separator characters)")
     return value
 
 
-# An id or name from the MES: it reaches verdicts and logs, so no line breaks or other control characters.
-Text = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_no_control_characters),
-                 Field(json_schema_extra={"not": {"pattern": _CONTROL_PATTERN}})]
+# An id or name from the MES: it reaches verdicts and logs, so only characters they can show as they are.
+Text = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_showable),
+                 Field(json_schema_extra={"not": {"pattern": _UNSHOWABLE_PATTERN}})]
+_TEXT = TypeAdapter(Text)
 
 
 class _Payload(BaseModel):
@@ -162,16 +188,17 @@ class CommandResult(_Out):
 
     schema_: Literal["ganspect.cmd_result/1"] = Field(alias="schema", description="Payload format and version.")
     command: str = Field(max_length=_SHOWN_NAME_CHARS, description="The command name (last topic level), "
-                         f"control characters replaced by '?', cut to {_SHOWN_NAME_CHARS} characters.")
-    command_id: str | None = Field(description="The command's id (trigger_id for cmd/trigger, else command_id) "
-                                   "when the payload had a readable one; null otherwise.")
+                         "each character an id may not hold (control, format, bidi, line separator) replaced by "
+                         f"'?', cut to {_SHOWN_NAME_CHARS} characters.")
+    command_id: Text | None = Field(description="The command's id (trigger_id for cmd/trigger, else command_id) "
+                                    "when the payload had a valid one; null otherwise.")
     station: StationRef = Field(description="The station that answers.")
     outcome: Literal["accepted", "done", "rejected"] = Field(
         description="accepted: a trigger is queued, its verdict follows; done: a threshold or reload took effect; "
         "rejected: nothing was done (code and reason say why).")
     code: RejectCode | None = Field(description="Why it was rejected, for machines; null unless rejected.")
     reason: str | None = Field(description="Why it was rejected, in words; null unless rejected.")
-    part_id: str | None = Field(description="cmd/trigger: the part that will be inspected; null otherwise.")
+    part_id: Text | None = Field(description="cmd/trigger: the part that will be inspected; null otherwise.")
     threshold: ThresholdState | None = Field(description="cmd/threshold and cmd/reload: the threshold in force "
                                              "after the command; null otherwise.")
     model: ModelState | None = Field(description="cmd/reload: the model scoring after the command; null otherwise.")
@@ -223,7 +250,8 @@ def schemas() -> dict[str, dict[str, Any]]:
 
 
 def schema_text(schema: dict[str, Any]) -> str:
-    return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+    # ASCII: the id pattern's code points beyond the BMP are written as JSON surrogate pairs, not as invisible text.
+    return json.dumps(schema, indent=2, ensure_ascii=True) + "\n"
 
 
 def write_schemas(folder: Path | None = None) -> list[Path]:
@@ -344,7 +372,7 @@ class LiveModel:
                 if not low <= value <= high:
                     commands = self._config.mqtt.commands
                     return "out_of_bounds", (
-                        f"{value:g} is outside {low:g} .. {high:g} ({commands.threshold_min_ratio:g} .. "
+                        f"{_outside(value, low, high)} ({commands.threshold_min_ratio:g} .. "
                         f"{commands.threshold_max_ratio:g} x the bundle's threshold "
                         f"{scorer.manifest.threshold.value:g}; mqtt.commands.threshold_min_ratio/max_ratio)")
                 override: _Override | None = _Override(value, scorer.model_file.sha256,
@@ -372,7 +400,7 @@ class LiveModel:
         try:
             try:
                 # Verified and warmed up here, on the caller's thread, while the loop scores with the old one.
-                new = Scorer.load(model.bundle, model.precision, model.intra_op_threads)
+                new = Scorer.load(model.bundle, model.precision, model.intra_op_threads, model.trusted_keys)
                 if self._check_model is not None:
                     self._check_model(new)
             except GanspectError as exc:
@@ -436,7 +464,7 @@ class LiveModel:
         if saved.model_sha256 != scorer.model_file.sha256:
             why = "it was set for another model"
         elif not low <= value <= high:
-            why = f"it is outside {low:g} .. {high:g} (mqtt.commands.threshold_min_ratio/max_ratio)"
+            why = f"{_outside(value, low, high)} (mqtt.commands.threshold_min_ratio/max_ratio)"
         else:
             self._override = dataclasses.replace(saved, value=value)
             log.warning("threshold override %.6g (bundle %.6g) set by cmd/threshold at %s is in force; "
@@ -445,6 +473,15 @@ class LiveModel:
             return
         log.warning("threshold override %.6g from %s is dropped: %s", value, path, why)
         self._save(None)
+
+
+def _outside(value: float, low: float, high: float) -> str:
+    """'value is outside low .. high' with as many digits as it takes to see which bound it crosses."""
+    crossed = low if value < low else high
+    digits = next((n for n in range(6, 17) if f"{value:.{n}g}" != f"{crossed:.{n}g}"), None)
+    if digits is None:  # neighbouring doubles: the shortest text that reads back as each
+        return f"{value!r} is outside {low!r} .. {high!r}"
+    return f"{value:.{digits}g} is outside {low:.{digits}g} .. {high:.{digits}g}"
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -488,7 +525,7 @@ class _TokenBucket:
 
 
 def _printable(text: str, limit: int) -> str:
-    text = _CONTROL.sub("?", text)
+    text = _UNSHOWABLE.sub("?", text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -501,16 +538,21 @@ def _id_of(payload: bytes, keys: tuple[str, ...]) -> str | None:
     if not isinstance(document, dict):
         return None
     for key in keys:
-        value = document.get(key)
-        if isinstance(value, str) and 0 < len(value) <= 128 and not _CONTROL.search(value):
-            return value
+        try:
+            return _TEXT.validate_python(document.get(key), strict=True)
+        except ValidationError:
+            continue
     return None
 
 
 def _describe(exc: ValidationError) -> tuple[RejectCode, str]:
     error = exc.errors()[0]
     if error["type"] in ("json_invalid", "json_type"):
-        return "malformed", f"not JSON: {error['msg'].removeprefix('Invalid JSON: ')}"
+        message = error["msg"].removeprefix("Invalid JSON: ")
+        if "hex escape" in message or "unicode code point" in message:
+            # pydantic's words for a lone UTF-16 surrogate (\ud800, or its UTF-8-style bytes ED A0 80).
+            message += " (a string holds a lone UTF-16 surrogate: not Unicode text)"
+        return "malformed", f"not JSON: {message}"
     where = ".".join(_printable(str(part), 40) for part in error["loc"]) or "the payload"
     if error["type"] == "extra_forbidden":
         what = "is not a field of this command"
@@ -530,6 +572,7 @@ class _Context:
     name: str  # as shown: printable, cut
     received_at: str
     command_id: str | None = None
+    answered: bool = False  # an answer was handed to the publisher: the command gets no other
 
 
 class _RejectionLog:
@@ -595,19 +638,39 @@ class RemoteCommands:
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._last_traceback = float("-inf")
+        self._failures_unlogged = 0
 
     # Runs on paho's network thread.
     def handle(self, name: str, payload: bytes, retained: bool, received_at: float) -> None:
+        """Answer one message exactly once, whatever it holds; never raises."""
         context = _Context(_printable(name, _SHOWN_NAME_CHARS), utc_iso(datetime.now(timezone.utc)))
         try:
             self._handle(name, payload, retained, received_at, context)
         except Exception as exc:  # noqa: BLE001 - whatever a command does, the daemon goes on
-            now = time.monotonic()
-            if now - self._last_traceback >= _REJECTION_LOG_INTERVAL_S:  # a bug one payload triggers, many can
-                self._last_traceback = now
-                log.exception("command cmd/%s failed", context.name)
+            self._failed(context, exc)
+
+    def _failed(self, context: _Context, exc: Exception) -> None:
+        # A bug one payload triggers, a flood of such payloads triggers in each: one traceback per interval.
+        now = time.monotonic()
+        if now - self._last_traceback >= _REJECTION_LOG_INTERVAL_S:
+            self._last_traceback = now
+            more = self._failures_unlogged
+            self._failures_unlogged = 0
+            log.error("command cmd/%s failed%s", context.name,
+                      f" ({more} more failure(s) since the last one logged)" if more else "", exc_info=exc)
+        else:
+            self._failures_unlogged += 1
+        if context.answered:
+            return
+        try:
             self._reject(context, "internal_error", f"the daemon failed to handle it ({type(exc).__name__}: "
-                         f"{exc}); see its log")
+                         f"{exc}); see its log", log_it=False)
+        except Exception:  # noqa: BLE001 - the answer itself failed: send one that holds nothing of the command
+            context.command_id = None
+            try:
+                self._reject(context, "internal_error", "the daemon failed to handle it; see its log", log_it=False)
+            except Exception:  # noqa: BLE001 - nothing left to try; the failure was logged (rate-limited) above
+                pass
 
     def _handle(self, name: str, payload: bytes, retained: bool, received_at: float, context: _Context) -> None:
         limit = self._config.max_payload_bytes
@@ -691,13 +754,15 @@ class RemoteCommands:
     def _send(self, context: _Context, outcome: Literal["accepted", "done", "rejected"], *,
               code: RejectCode | None = None, reason: str | None = None, part_id: str | None = None,
               threshold: ThresholdState | None = None, model: ModelState | None = None) -> None:
-        with self._counts_lock:
-            self._counts[code or outcome] += 1
         result = CommandResult(
             schema=RESULT_SCHEMA, command=context.name, command_id=context.command_id, station=self._station_ref,
             outcome=outcome, code=code, reason=reason, part_id=part_id, threshold=threshold, model=model,
             received_at=context.received_at, answered_at=utc_iso(datetime.now(timezone.utc)))
-        self._answer(result.model_dump_json(by_alias=True))
+        text = result.model_dump_json(by_alias=True)
+        context.answered = True  # counted once it is made: the tally says what was answered, not attempted
+        with self._counts_lock:
+            self._counts[code or outcome] += 1
+        self._answer(text)
 
     def counts(self) -> dict[str, int]:
         """Answers so far by outcome (accepted, done) or rejection code."""
@@ -715,7 +780,10 @@ class RemoteCommands:
 
 
 def _path(station: StationRef | StationConfig) -> str:
-    return f"{_printable(station.site, 40)}/{_printable(station.line, 40)}/{_printable(station.station, 40)}"
+    path = f"{_printable(station.site, 40)}/{_printable(station.line, 40)}/{_printable(station.station, 40)}"
+    # Station names in the config are ASCII (topic levels): anything else in a sender's names is what differs,
+    # and may look like what it imitates (a Cyrillic 's', an invisible Hangul filler). Escaped, it shows.
+    return path if path.isascii() else f"{ascii(path)[1:-1]} (as written: {path})"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,7 +22,7 @@ import onnxruntime as ort
 
 from ganspect.edge.errors import BundleError
 from ganspect.edge.golden import read_golden_image
-from ganspect.edge.manifest import Bundle, Manifest, ModelFile, load_bundle, manifest_for
+from ganspect.edge.manifest import Bundle, Manifest, ModelFile, golden_verdict, load_bundle, manifest_for
 from ganspect.edge.preprocess import preprocess
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,9 @@ class Scorer:
 
     @classmethod
     def load(cls, root: str | Path, precision: Literal["auto", "fp32", "int8"] = "auto",
-             intra_op_threads: int = 0) -> Scorer:
-        bundle = load_bundle(root)
+             intra_op_threads: int = 0, trusted_keys: Sequence[Path] = ()) -> Scorer:
+        """Verify the bundle (signed by one of `trusted_keys` when there are any) and open the chosen file."""
+        bundle = load_bundle(root, trusted_keys)
         model_file = bundle.manifest.model_file(None if precision == "auto" else precision)
         path = bundle.path_of(model_file)
         options = ort.SessionOptions()
@@ -144,6 +146,13 @@ class Scorer:
                         f"{path} fails its golden self-test: {what} {actual:.6g} on {golden.path}, expected "
                         f"{wanted:.6g} ± {expected.allowed(wanted):.2g} ({self.model_file.precision}); this machine "
                         "does not compute what the export machine did, so the model is not used")
+            # Scores within tolerance can still fall on the other side of the threshold: the verdict is what counts.
+            verdict = golden_verdict(float(score[0]), self.model_file.threshold)
+            if golden.expect is not None and verdict != golden.expect:
+                raise BundleError(
+                    f"{path} fails its golden self-test: {golden.path} ({golden.origin}) scores {float(score[0]):.6g} "
+                    f"here, judged {verdict} by the threshold {self.model_file.threshold:.6g} instead of "
+                    f"{golden.expect}; so the model is not used")
 
     def score(self, frame_bgr: np.ndarray) -> Score:
         """Score one frame: preprocess, one session.run, peak of the heatmap."""

@@ -63,6 +63,72 @@ class OutboxError(GanspectError):
     """The outbox database cannot be opened or written."""
 
 
+class _Damaged(Exception):
+    """The outbox file is not a sound SQLite database (SQLite says corrupt or not a database)."""
+
+
+def _is_damage(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+    text = str(exc)
+    return "malformed" in text or "not a database" in text
+
+
+@dataclass(frozen=True)
+class _Salvage:
+    """What could still be read from a damaged outbox; None where nothing could."""
+
+    last_seq: int | None
+    waiting: int | None
+    first_waiting: int | None
+    last_waiting: int | None
+
+
+def _salvage(path: Path) -> _Salvage:
+    """Read what a damaged outbox still tells, without writing to it (its owner may want to recover it)."""
+    def ask(sql: str) -> tuple[int | None, ...] | None:
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+            try:
+                return tuple(db.execute(sql).fetchone())
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return None
+
+    meta = ask("SELECT value FROM meta WHERE key = 'last_seq'")
+    rows = ask("SELECT COUNT(*), MIN(seq), MAX(seq) FROM outbox")
+    last_seq = None
+    if meta is not None or rows is not None:
+        known = [int(v) for v in ((meta or (None,))[0], (rows or (None, None, None))[2]) if v is not None]
+        last_seq = max(known, default=0)
+    if rows is None:
+        return _Salvage(last_seq, None, None, None)
+    return _Salvage(last_seq, int(rows[0] or 0), rows[1], rows[2])
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename the damaged database and its WAL and shared-memory files to `<stem>.damaged-<UTC time><suffix>`."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.stem}.damaged-{stamp}{path.suffix}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.stem}.damaged-{stamp}-{n}{path.suffix}")
+    try:
+        for companion in ("-wal", "-shm"):  # the WAL holds committed rows: it belongs with the file
+            side = Path(f"{path}{companion}")
+            if side.exists():
+                os.replace(side, f"{target}{companion}")
+        os.replace(path, target)
+    except OSError as exc:
+        raise OutboxError(f"the verdict outbox {path} is damaged and cannot be moved aside: {exc.strerror or exc}; "
+                          f"move it (and {path.name}-wal) out of data.dir by hand, the daemon then starts a new "
+                          "one") from exc
+    return target
+
+
 @dataclass(frozen=True)
 class Row:
     seq: int
@@ -117,19 +183,28 @@ class Outbox:
             raise OutboxError(f"cannot create data.dir {path.parent}: {exc.strerror or exc}") from exc
         self._lockfile = _lock_exclusively(path.with_suffix(".lock"))
         try:
-            # isolation_level=None: autocommit; transactions are opened explicitly below.
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=5.0)
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
-            self._last_seq = int(row[0]) if row else 0
-            count, size, top = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(seq), 0) FROM outbox").fetchone()
-        except (sqlite3.Error, OSError) as exc:
-            self._lockfile.close()
-            raise OutboxError(f"cannot open the verdict outbox {path}: {exc} "
-                              "(check data.dir and that the folder is writable)") from exc
+            mode, count, size, top = self._open()
+        except _Damaged as exc:
+            # A service must come back: keep the damaged file for recovery, say what is lost, start afresh.
+            salvaged = _salvage(path)
+            try:
+                moved = _move_aside(path)
+            except OutboxError:
+                self._lockfile.close()
+                raise
+            mode, count, size, top = self._open()  # a new, empty file
+            # seq must keep increasing for the MES: after the old counter, or, when it cannot be read, after any
+            # counter this station can have reached (one verdict per millisecond since 1970).
+            floor = salvaged.last_seq if salvaged.last_seq is not None else int(time.time() * 1000)
+            self._write(_SAVE_LAST_SEQ, (floor,))
+            self._last_seq = max(self._last_seq, floor)
+            lost = (f"{salvaged.waiting} verdict(s) that waited for the broker's acknowledgement "
+                    f"(seq {salvaged.first_waiting} .. {salvaged.last_waiting})" if salvaged.waiting else
+                    "no verdict (none was waiting)" if salvaged.waiting == 0 else
+                    "the verdicts that waited for the broker's acknowledgement (how many cannot be read)")
+            log.error("the verdict outbox %s is damaged (%s): moved aside to %s and a new one started; lost: %s; "
+                      "seq continues from %d%s", path, exc, moved.name, lost, floor + 1,
+                      "" if salvaged.last_seq is not None else " (the old counter could not be read)")
         if mode.lower() != "wal":
             self._db.close()
             self._lockfile.close()
@@ -145,6 +220,41 @@ class Outbox:
         self._inflight: dict[int, int] = {}  # paho message id -> seq
         self._early: set[int] = set()  # acks that came before mark_sent told us their mid
         self.backlog_at_open = self._count
+
+    def _open(self) -> tuple[str, int, int, int]:
+        """Connect, set WAL and the schema, check the file; (journal mode, rows, bytes, top seq)."""
+        path = self.path
+        try:
+            # isolation_level=None: autocommit; transactions are opened explicitly below.
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=5.0)
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            self._db.execute("PRAGMA synchronous=FULL")
+            # Reads every page (not the payloads' contents): a damaged page found now, not while sending.
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check(3)").fetchall()]
+            if problems != ["ok"]:  # SQLite's own words, which may span lines: one line for the log
+                raise _Damaged(" ".join("; ".join(problems).split())[:300])
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
+            self._last_seq = int(row[0]) if row else 0
+            count, size, top = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(seq), 0) FROM outbox").fetchone()
+        except _Damaged:
+            self._db.close()
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            self._close_quietly()
+            if _is_damage(exc):
+                raise _Damaged(str(exc)) from exc
+            self._lockfile.close()
+            raise OutboxError(f"cannot open the verdict outbox {path}: {exc} "
+                              "(check data.dir and that the folder is writable)") from exc
+        return str(mode), int(count), int(size), int(top)
+
+    def _close_quietly(self) -> None:
+        try:
+            self._db.close()
+        except (sqlite3.Error, AttributeError):
+            pass
 
     # -- seq ---------------------------------------------------------------------------
     @property

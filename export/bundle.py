@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -62,6 +62,9 @@ FORMAT_VERSION = 2
 # between CPUs only by float summation order; INT8 also by rounding at each quantize step,
 # and by saturation on CPUs without VNNI, which is what the looser bound still catches.
 GOLDEN_TOLERANCE = {"fp32": (1e-4, 1e-3), "int8": (1e-3, 2e-2)}
+# Held-out normals scored when choosing the golden ones (a few fail at the false-alarm rate nu by design).
+_GOLDEN_CANDIDATES = 20
+Verdict = Literal["OK", "NG"]
 SCORE_FORMULAS = {
     "efficient_gan": (
         "A(x) = (1 - lambda) * L_R + lambda * L_D with lambda = {lam:g}; x = image / 127.5 - 1; "
@@ -202,19 +205,56 @@ def _guard_data(images: RunImages) -> Any:
                      description=description)
 
 
-def _golden_choice(images: RunImages | None, size: int, channels: int, seed: int) -> list[tuple[np.ndarray, str]]:
-    """Two held-out normals and up to two test anomalies of different kinds; seeded noise without data."""
+def _golden_choice(images: RunImages | None, size: int, channels: int, seed: int,
+                   files: dict[Path, tuple[str, float]]) -> list[tuple[np.ndarray, str, Verdict | None]]:
+    """(image, origin, expected verdict): two held-out normals and up to two test anomalies of different kinds.
+
+    Every golden image checks that the edge computes what the exporter did; those labelled
+    also check the thresholds (the edge refuses a threshold that judges one otherwise). A
+    normal is labelled OK, an anomaly NG, only where every file (path: (precision,
+    threshold)) judges it so by more than the golden tolerance, so that the edge's
+    self-test cannot tip it over; such images are preferred, the others unlabelled. Seeded
+    noise, unlabelled, when the run's data is gone.
+    """
     if images is None:
         rng = np.random.default_rng(seed)
-        return [(rng.integers(0, 256, (size, size, channels), dtype=np.uint8), f"seeded random pixels #{i}")
+        return [(rng.integers(0, 256, (size, size, channels), dtype=np.uint8), f"seeded random pixels #{i}", None)
                 for i in range(2)]
-    chosen = [(images.holdout[i], f"held-out normal {images.holdout_names[i]}") for i in range(min(2, len(images.holdout)))]
+    from ganspect.export.onnx_export import INPUT_NAME, OUTPUT_NAMES, onnx_session
+
+    sessions: dict[Path, Any] = {path: onnx_session(path) for path in files}
+
+    def label(image: np.ndarray, verdict: Verdict) -> Verdict | None:
+        for path, (precision, threshold) in files.items():
+            score = float(sessions[path].run([OUTPUT_NAMES[0]], {INPUT_NAME: image[None]})[0][0])
+            atol, rtol = GOLDEN_TOLERANCE[precision]
+            margin = atol + rtol * abs(score)
+            if not (score <= threshold - margin if verdict == "OK" else score > threshold + margin):
+                return None
+        return verdict
+
+    def pick(candidates: list[tuple[np.ndarray, str]], verdict: Verdict) -> tuple[np.ndarray, str, Verdict | None]:
+        labelled = [(image, origin, label(image, verdict)) for image, origin in candidates[:_GOLDEN_CANDIDATES]]
+        return next((c for c in labelled if c[2] is not None), (*candidates[0], None))
+
+    normals = [(images.holdout[i], f"held-out normal {images.holdout_names[i]}") for i in range(len(images.holdout))]
+    chosen = []
+    for _ in range(min(2, len(normals))):
+        choice = pick(normals, "OK")
+        chosen.append(choice)
+        normals = [n for n in normals if n[1] != choice[1]]
     if images.test is not None and images.test_labels is not None:
-        seen: set[str] = set()
-        for i, label in enumerate(images.test_labels):
-            if label == 1 and images.test_kinds[i] not in seen and len(seen) < 2:
-                seen.add(images.test_kinds[i])
-                chosen.append((images.test[i], f"test anomaly {images.test_names[i]}"))
+        kinds: dict[str, list[tuple[np.ndarray, str]]] = {}
+        for i, bad in enumerate(images.test_labels):
+            if bad == 1:
+                origin = f"test anomaly {images.test_names[i]}"
+                kinds.setdefault(images.test_kinds[i], []).append((images.test[i], origin))
+        picks = [pick(of_kind, "NG") for of_kind in kinds.values()]
+        # Two kinds at most, those with a detected image first (their verdicts check the threshold from above).
+        chosen += sorted(picks, key=lambda c: c[2] is None)[:2]
+    if not any(verdict == "NG" for _, _, verdict in chosen):
+        log.warning("no golden image is a test anomaly that every file's threshold judges NG with a margin: the "
+                    "edge can refute a threshold set too low, not one set too high")
     return chosen
 
 
@@ -264,8 +304,11 @@ def _finite(value: float | None) -> float | None:
 
 
 def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, settings: Any = None,
-               latency_budget_s: float = 1.0, guard_data: Path | None = None) -> Path:
+               latency_budget_s: float = 1.0, guard_data: Path | None = None, sign: Path | None = None) -> Path:
     """Export the run's calibrated model to ONNX (and INT8), verify it, write the bundle; return its folder.
+
+    `sign` is an Ed25519 private key (PEM): the bundle then carries `signature.json`, which
+    stations with `model.trusted_keys` require (`ganspect.export.signing`).
 
     `settings` is an Int8Settings (defaults when None); `latency_budget_s` is the time spent
     timing each file at each thread count (at least 20 runs); `guard_data` is an MVTec-layout
@@ -279,6 +322,7 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
     from ganspect.export.quantize import (GuardResult, Int8Settings, describe_layers, judge, learned_layers, quantize,
                                           sensitive_layers)
     from ganspect.export.report import Latency, measure_latency, write_report
+    from ganspect.export.signing import load_signing_key, sign_bundle
     from ganspect.train.loop import load_run_model, read_run_config, read_run_info
 
     run, out = Path(run), Path(out)
@@ -286,6 +330,8 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
     if force and not int8:
         raise GanspectError("--force only applies to --int8 (it ships an INT8 model that failed its guard)")
     _prepare_destination(out)
+    # Read first: a wrong key or pass phrase should fail in a second, not after the export's minutes of work.
+    signing_key = load_signing_key(sign) if sign is not None else None
     config = read_run_config(run)
     info = read_run_info(run)
     kind = config.model.kind
@@ -372,16 +418,17 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
             parity["ONNX FP32 vs ONNX INT8"] = compare(fp32_out, int8_out)
             parity["PyTorch eval vs ONNX INT8"] = compare(torch_out, int8_out)
 
-        golden_images = _golden_choice(images, size, channels, config.train.seed)
+        precisions = {MODEL_FILE: "fp32", INT8_FILE: "int8"}
+        golden_images = _golden_choice(images, size, channels, config.train.seed,
+                                       {tmp / name: (precisions[name], thresholds[name]) for name in thresholds})
         golden: list[GoldenImage] = []
-        for i, (image, origin) in enumerate(golden_images):
+        for i, (image, origin, expect) in enumerate(golden_images):
             name = f"golden/{i}.png"
             write_golden_image(tmp / name, image)
-            golden.append(describe_golden(tmp, name, origin))
-        precisions = {MODEL_FILE: "fp32", INT8_FILE: "int8"}
+            golden.append(describe_golden(tmp, name, origin, expect))
         files: list[ModelFile] = [
             describe_file(tmp, name, precisions[name], thresholds[name],  # type: ignore[arg-type]
-                          _golden_expectation(tmp / name, [g for g, _ in golden_images], precisions[name]))
+                          _golden_expectation(tmp / name, [g for g, _, _ in golden_images], precisions[name]))
             for name in thresholds]
 
         log.info("measuring batch-1 latency")
@@ -390,6 +437,13 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
                    for threads in (1, 0)] for name in thresholds}
 
         metrics = _scalar_metrics(run)
+        evaluated_at = metrics.get("threshold")
+        if evaluated_at is not None and not math.isclose(evaluated_at, thresholds[MODEL_FILE], rel_tol=1e-6,
+                                                         abs_tol=1e-12):
+            # The edge refuses a bundle whose metrics were measured at another threshold than its model's.
+            raise GanspectError(
+                f"{run / 'metrics.json'} was measured at the threshold {evaluated_at:.9g}, the model's is "
+                f"{thresholds[MODEL_FILE]:.9g} (calibrated again since?): run `ganspect eval {run}` again, then export")
         for label, key in (("PyTorch eval vs ONNX FP32", "fp32"), ("ONNX FP32 vs ONNX INT8", "int8_vs_fp32")):
             if label in parity:
                 metrics[f"parity_{key}_max_abs_score_diff"] = parity[label].max_abs_score_diff
@@ -442,6 +496,9 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
                      guard_data=guard_set.description if guard_set is not None else None,
                      settings=settings if int8 else None, forced=force,
                      golden=[f"{g.path}: {g.origin}" for g in golden])
+        if signing_key is not None:
+            # Last, over the finished manifest (it holds the hashes of every file the report names).
+            log.info("bundle signed with the Ed25519 key %s", sign_bundle(tmp, signing_key))
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="with --int8: ship the INT8 model even if it fails its guard")
     p.add_argument("--int8-reduce-range", action="store_true",
                    help="7-bit INT8 weights, for edge CPUs without VNNI (AVX2 only) where 8-bit products can saturate")
+    p.add_argument("--sign", type=Path, default=None, metavar="KEYFILE",
+                   help="sign the bundle with this Ed25519 private key (PEM, `openssl genpkey -algorithm ed25519`; "
+                        "an encrypted key's pass phrase from GANSPECT_SIGN_PASSPHRASE): stations that list its "
+                        "public key in model.trusted_keys take only bundles signed so (docs/security.md)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -31,8 +35,10 @@ def _run(args: argparse.Namespace) -> int:
     from ganspect.export.quantize import Int8Settings
 
     bundle = export_run(args.run, args.out, int8=args.int8, force=args.force,
-                        settings=Int8Settings(reduce_range=args.int8_reduce_range), guard_data=args.guard_data)
-    print(f"bundle written to {bundle} (report: {bundle / REPORT_FILE})")
+                        settings=Int8Settings(reduce_range=args.int8_reduce_range), guard_data=args.guard_data,
+                        sign=args.sign)
+    signed = f"; signed with the key in {args.sign}" if args.sign is not None else ""
+    print(f"bundle written to {bundle} (report: {bundle / REPORT_FILE}){signed}")
     return 0
 
 

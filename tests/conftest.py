@@ -287,7 +287,7 @@ def write_tiny_bundle(root: Path, *, height: int = 32, width: int = 32,
         image = preprocess(part_image(ng, index), spec)[0]  # (H, W, C) as the edge feeds it
         name = f"golden/{index}_{'ng' if ng else 'ok'}.png"
         write_golden_image(root / name, image)
-        golden.append(describe_golden(root, name, "tests/conftest.py part_image"))
+        golden.append(describe_golden(root, name, "tests/conftest.py part_image", expect="NG" if ng else "OK"))
         deviation = np.abs(image.astype(np.float64) / 255.0 - 0.5).mean(axis=2)  # (H, W)
         scores.append(float(deviation.mean()))
         peaks.append(float(deviation.max() / HEATMAP_SCALE))

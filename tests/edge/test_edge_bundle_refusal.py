@@ -83,6 +83,42 @@ def _golden_mismatch(bundle: Path) -> str:
     return "fails its golden self-test: score"
 
 
+def _threshold(value: float) -> Callable[[Path], str]:
+    # A threshold "tuned" in the manifest by someone who recomputes content_sha256 (anyone can): 1e30 makes every
+    # part OK, -1 every part NG. The bundle's own golden images contradict it.
+    def tamper(bundle: Path) -> str:
+        _reseal(bundle, lambda raw: raw["files"][0].update(threshold=value))
+        return ("judges the golden image golden/1_ng.png (tests/conftest.py part_image, score 0.283896) OK, not NG"
+                if value > 0 else "judges the golden image golden/0_ok.png (tests/conftest.py part_image, score "
+                "0.00566023) NG, not OK")
+    return tamper
+
+
+def _nan_threshold(bundle: Path) -> str:
+    raw = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    raw["files"][0]["threshold"] = float("nan")  # json writes NaN, which Python's json reads back
+    (bundle / "manifest.json").write_text(json.dumps(raw), encoding="utf-8")
+    return "is not a valid manifest: files.0.threshold: Input should be a finite number"
+
+
+def _metrics_disagree(bundle: Path) -> str:
+    _reseal(bundle, lambda raw: raw["metrics"].update(threshold=0.25, image_auroc=1.0))
+    return "metrics.threshold 0.25 (what the run was evaluated at) disagrees with files[0].threshold 0.15"
+
+
+def _verdict_flips_within_tolerance(bundle: Path) -> str:
+    # A score that this machine computes within the golden tolerance yet on the other side of the threshold
+    # cannot be produced on demand with real onnxruntime: the threshold and the recorded score are placed around
+    # the measured score instead (the manifest resealed). Measured 0.2838963, recorded 0.2839163, threshold
+    # 0.2839063: the recorded score says NG and lies within tolerance, the measured one says OK.
+    def edit(raw: dict[str, Any]) -> None:
+        measured = raw["files"][0]["golden"]["scores"][1]
+        raw["files"][0]["golden"]["scores"][1] = measured + 2e-5
+        raw["files"][0]["threshold"] = measured + 1e-5
+    _reseal(bundle, edit)
+    return "fails its golden self-test: golden/1_ng.png (tests/conftest.py part_image) scores 0.283896 here, judged OK"
+
+
 TAMPERINGS: dict[str, Callable[[Path], str]] = {
     "changed byte": _tamper_byte,
     "missing model file": _delete_model,
@@ -92,6 +128,11 @@ TAMPERINGS: dict[str, Callable[[Path], str]] = {
     "changed golden image": _changed_golden,
     "old format version": _old_format,
     "golden self-test fails": _golden_mismatch,
+    "threshold 1e30": _threshold(1e30),
+    "threshold -1": _threshold(-1.0),
+    "threshold NaN": _nan_threshold,
+    "metrics.threshold disagrees": _metrics_disagree,
+    "golden verdict flips within tolerance": _verdict_flips_within_tolerance,
 }
 
 
@@ -164,3 +205,18 @@ def test_a_manifest_key_with_a_newline_stays_one_line(tiny_bundle):
     with pytest.raises(BundleError) as err:
         load_bundle(tiny_bundle)
     assert "\n" not in str(err.value) and "outputs.'\\n': Extra inputs are not permitted" in str(err.value)
+
+
+@pytest.mark.parametrize("value", [1e30, -1.0])
+def test_install_model_refuses_a_threshold_the_golden_images_contradict(value, tmp_path, make_bundle, tiny_video,
+                                                                        make_edge_config, ganspect_cli):
+    # The audit's case: files[0].threshold edited, content_sha256 recomputed; install-model said "verified".
+    bundle = make_bundle(tmp_path / "export")
+    _threshold(value)(bundle)
+    config = make_edge_config(tmp_path / "models" / "current", tiny_video.path, None)
+    proc = ganspect_cli("edge", "install-model", str(bundle), "--config", str(config))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ganspect edge: error:")]
+    assert len(errors) == 1 and "the threshold does not belong to this model" in errors[0], proc.stderr
+    assert "verified" not in proc.stdout
+    assert not (tmp_path / "models" / "current").exists()

@@ -8,6 +8,7 @@ are collected instead of published (the broker side is in test_edge_command_floo
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 import time
@@ -111,6 +112,20 @@ SCHEMA_CASES: list[tuple[str, Any, str | None]] = [
     ("trigger", {"part_id": "a\nb"}, "part_id: must not contain control characters"),
     ("trigger", {"part_id": "a\u007fb"}, "part_id: must not contain control characters"),
     ("trigger", {"part_id": "ok\n"}, "part_id: must not contain control characters"),
+    # What an MES and a log viewer show as it is: no C1 controls, bidi or format characters, line separators.
+    ("trigger", {"part_id": "P\u0085FAKE\u009b31m"}, "part_id: must not contain control characters (U+0085 at "
+                                                       "index 1"),
+    ("trigger", {"part_id": "P-1\u202e7-X"}, "part_id: must not contain control characters (U+202E at index 3"),
+    ("trigger", {"part_id": "P-1\u2028P-2"}, "(U+2028 at index 3"),
+    ("trigger", {"part_id": "P\u200b-1"}, "(U+200B at index 1"),
+    ("trigger", {"part_id": "\ufeffP-1"}, "(U+FEFF at index 0"),
+    ("trigger", {"part_id": "P-1", "trigger_id": "T\u2066-1"}, "trigger_id: must not contain control characters"),
+    ("trigger", {"part_id": "P-\U000e0041"}, "(U+E0041 at index 2"),  # a tag character, beyond the BMP
+    ("trigger", {"part_id": "P", "station": {"site": "testsite", "line": "l1", "station": "s1\u200d"}},
+     "station.station: must not contain control characters (U+200D"),
+    ("trigger", {"part_id": "P-\U0001f600 \u00a0x\u0301"}, None),  # an emoji, spaces, a combining accent
+    ("reload", {"command_id": "R\u009b1"}, "command_id: must not contain control characters (U+009B"),
+    ("threshold", {"value": 0.2, "command_id": "C\u2029"}, "command_id: must not contain control characters"),
     ("trigger", {"part_id": 17}, "part_id: input should be a valid string"),
     ("trigger", {"part_id": "P", "partid": "P"}, "partid: is not a field of this command"),
     ("trigger", {"part_id": "P", "station": {"site": "testsite", "line": "l1"}}, "station.station: is required"),
@@ -143,6 +158,24 @@ def test_the_daemon_and_the_schema_file_agree_on_each_payload(station, name, doc
     else:
         assert (answer["outcome"], answer["code"]) == ("rejected", "invalid")
         assert reason in answer["reason"], answer["reason"]
+
+
+def test_ids_refuse_exactly_the_control_format_separator_and_surrogate_characters():
+    # The rule is a hand-kept list (stable across Pythons); this Python's Unicode database checks it.
+    import sys
+    import unicodedata
+
+    from ganspect.edge.remote import _UNSHOWABLE
+
+    refused_categories = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+    wrong = [f"U+{code:04X} {unicodedata.category(chr(code))}" for code in range(sys.maxunicode + 1)
+             if (unicodedata.category(chr(code)) in refused_categories) != bool(_UNSHOWABLE.search(chr(code)))
+             and unicodedata.category(chr(code)) != "Cn"]  # an older database may not know a listed one yet
+    assert wrong == [], f"edge/remote.py _UNSHOWABLE_RANGES disagrees with Unicode {unicodedata.unidata_version}"
+    # The schema files hold the same pattern, and jsonschema reads it as the daemon does, beyond the BMP too.
+    validator = _validator("cmd-trigger.schema.json")
+    for text in ["P-1", "é-部品-1", "P-\U0001f600", "P-\U000e0100", "P-\U000e0041", "P\udbff", "P\x85", "P\u2028"]:
+        assert validator.is_valid({"part_id": text}) == (not _UNSHOWABLE.search(text)), ascii(text)
 
 
 # -- the pipeline, check by check -------------------------------------------------------------
@@ -264,6 +297,33 @@ def test_a_threshold_outside_the_bounds_is_refused(station, value):
     assert answer["code"] == "out_of_bounds"
     assert "is outside 0.075 .. 0.3 (0.5 .. 2 x the bundle's threshold 0.15" in answer["reason"]
     assert station.live.threshold_state().source == "bundle"
+
+
+@pytest.mark.parametrize("value, words", [
+    (0.07499999, "0.07499999 is outside 0.075 .. 0.3 ("),  # rounded to 6 digits, it read 0.075 is outside 0.075
+    (0.30000001, "0.30000001 is outside 0.075 .. 0.3 ("),
+    (math.nextafter(0.075, 0), f"{math.nextafter(0.075, 0)!r} is outside 0.075 .. 0.3 ("),  # the double below
+])
+def test_a_threshold_just_outside_the_bounds_is_shown_with_the_digits_that_differ(station, value, words):
+    answer = station.send("threshold", {"value": value})
+    assert answer["code"] == "out_of_bounds"
+    assert words in answer["reason"], answer["reason"]
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("\u04551", "testsite/l1/\\u04551 (as written: testsite/l1/\u04551)"),  # a Cyrillic dze where the s is
+    ("s1\u3164", "testsite/l1/s1\\u3164 (as written: testsite/l1/s1\u3164)"),  # an invisible Hangul filler (a letter)
+])
+def test_a_wrong_station_that_looks_like_this_one_is_shown_escaped(station, name, shown):
+    answer = station.send("threshold", {"value": 0.2, "station": {**STATION, "station": name}})
+    assert answer["code"] == "wrong_station"
+    assert answer["reason"] == f"the command is for {shown}; this is testsite/l1/s1", answer["reason"]
+
+
+def test_a_station_name_with_a_zero_width_character_is_refused_naming_it(station):
+    answer = station.send("threshold", {"value": 0.2, "station": {**STATION, "station": "s\u200b1"}})
+    assert answer["code"] == "invalid"
+    assert answer["reason"].startswith("station.station: must not contain control characters (U+200B at index 1")
 
 
 def test_the_override_survives_a_restart_but_not_a_different_model(tmp_path, tiny_bundle, make_bundle, caplog):

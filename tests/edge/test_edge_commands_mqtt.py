@@ -532,3 +532,60 @@ def test_with_commands_disabled_the_daemon_does_not_subscribe(mosquitto_broker, 
         remote.close()
         publisher.close()
         outbox.close()
+
+
+# -- ids that are not Unicode text ---------------------------------------------------------------
+
+
+def _surrogate_commands() -> list[tuple[str, bytes, str]]:
+    """(name, payload, expected code): lone UTF-16 surrogates in every id field, escaped and as raw bytes.
+
+    The answer carries the id of the command (trigger_id for cmd/trigger) only where it is text."""
+    kinds = [
+        ("threshold", b'{"value": null, "command_id": "\\ud800"}', "malformed"),
+        ("threshold", b'{"value": 0.2, "command_id": "C-\xed\xa0\x80"}', "malformed"),  # the raw bytes of U+D800
+        ("trigger", b'{"part_id": "P-1", "trigger_id": "\\udfff"}', "malformed"),
+        ("trigger", b'{"part_id": "P-\\ud83d", "trigger_id": "T-1"}', "malformed"),
+        ("reload", b'{"command_id": "R-\\udc00"}', "malformed"),
+        ("reload", b'{"command_id": "\xed\xbf\xbf"}', "malformed"),
+        ("shutdown", b'{"command_id": "\\ud800"}', "unknown_command"),
+        ("shutdown", b'{"trigger_id": "\xed\xa0\x80"}', "unknown_command"),
+    ]
+    return [kinds[i % len(kinds)] for i in range(296)]
+
+
+@pytest.mark.parametrize("protocol", ["v3.1.1", "v5"])
+def test_commands_whose_ids_hold_lone_surrogates_are_each_answered_once_and_logged_a_few_times(
+        protocol, mosquitto_broker, mqtt_subscriber, mes, tiny_bundle, make_video, make_edge_config,
+        validate_published, tmp_path):
+    sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
+    client = mes()
+    video = make_video(tmp_path / "parts.avi", PATTERN)
+    config = make_edge_config(tiny_bundle, video, mosquitto_broker, source={"loop": True, "max_fps": 25},
+                              mqtt={"protocol": protocol})
+    commands = _surrogate_commands()
+    proc = _daemon(config, tmp_path / "verdicts.jsonl")
+    try:
+        _wait(lambda: len(sub.on("/verdict")) >= 3, 30, "the daemon inspecting")
+        for name, payload, _ in commands:
+            client.publish(f"{CMD}/{name}", payload, qos=1)
+        _wait(lambda: len(sub.on("/cmd/result")) >= len(commands), 30, "an answer to every command")
+        _send(client, "threshold", {"value": None, "command_id": "after"})  # the station still takes commands
+        _wait(lambda: len(sub.on("/cmd/result")) >= len(commands) + 1, 10, "the answer to a good command")
+        time.sleep(0.5)
+        stdout, stderr = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    answers = _from_daemon(sub, validate_published)["/cmd/result"]
+    assert len(answers) == len(commands) + 1, "exactly one answer per command"
+    assert [a["code"] for a in answers[:-1]] == [code for _, _, code in commands]
+    assert [a["command_id"] for a in answers[:-1]] == [
+        "T-1" if b'"T-1"' in payload else None for _, payload, _ in commands], "an id that is not text is not echoed"
+    assert (answers[-1]["command_id"], answers[-1]["outcome"]) == ("after", "done")
+    assert "Traceback" not in stderr and "internal_error" not in stderr + stdout
+    # Apart from the verdict lines (one per NG part), a handful: start-up, one rejection, a count, the tally.
+    lines = [line for line in stderr.splitlines() if "ganspect.edge.app: #" not in line]
+    assert len(lines) <= 12, "\n".join(lines)
+    print(f"\n{len(commands)} commands with surrogate ids ({protocol}): {len(lines)} log lines besides verdicts")

@@ -268,6 +268,24 @@ def test_tls_to_a_plain_listener_says_so(start_broker, pki, tmp_path):
         _start_publisher(config, tmp_path)
 
 
+def test_with_tls_to_a_plain_listener_the_daemon_warns_and_keeps_inspecting(start_broker, pki, tiny_bundle,
+                                                                           tiny_video, make_edge_config, ganspect_cli,
+                                                                           tmp_path):
+    # What docs/mqtt.md and docs/security.md say: not fatal unless require_broker (the default is false).
+    broker = start_broker()
+    config = make_edge_config(tiny_bundle, tiny_video.path, broker,
+                              mqtt={"tls": _tls_section(pki), "connect_timeout_s": 1, "drain_timeout_s": 1})
+    verdict_log = tmp_path / "verdicts.jsonl"
+    proc = ganspect_cli("edge", "--config", str(config), "--headless", "--verdict-log", str(verdict_log))
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if "inspecting anyway" in line]
+    assert len(warning) == 1 and "during the TLS handshake: check that mqtt.port is the broker's TLS listener" \
+        in warning[0], proc.stderr
+    assert len(verdict_log.read_text(encoding="utf-8").splitlines()) == len(tiny_video.expected)
+    assert f"left in the outbox {len(tiny_video.expected)}" in proc.stdout, proc.stdout
+
+
 def test_a_tls_failure_after_start_up_is_logged_once_and_retried_with_back_off(secure_broker, start_broker, pki,
                                                                                 tmp_path, caplog):
     # The broker is down at start-up (inspecting without it), then comes back with a certificate we do not trust.

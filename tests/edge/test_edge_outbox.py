@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 import sqlite3
 import subprocess
@@ -210,3 +211,73 @@ def test_outbox_settings_are_validated_and_data_dir_follows_the_config_file(tmp_
     path.write_text(base + "mqtt:\n  outbox:\n    when_full: block\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"edge.yaml:6: mqtt.outbox.when_full: .*'drop_oldest' or 'drop_new'"):
         load_config(path)
+
+
+# -- a damaged outbox --------------------------------------------------------------------------
+
+
+def _damaged_outbox(folder: Path, how: str) -> Path:
+    """An outbox with 200 verdicts (seq 1 and 2 acknowledged), closed, then damaged on disk as a failing SD card or
+    an interrupted copy leaves it."""
+    outbox = _open(folder)
+    _put(outbox, 200, size=300)
+    for seq in (1, 2):
+        outbox.mark_sent(seq, seq)
+        outbox.acked(seq)
+    outbox.close()
+    path = folder / "outbox.sqlite3"
+    data = bytearray(path.read_bytes())
+    if how == "pages":  # some pages of the table overwritten: SQLite still opens it, its check finds the damage
+        for offset in range(3 * 4096, 6 * 4096, 97):
+            data[offset:offset + 16] = b"\xa5" * 16
+    else:  # the header gone: not a database any more
+        data[:100] = bytes(100)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("how, counter", [("pages", "seq continues from 201"),
+                                          ("header", "(the old counter could not be read)")])
+def test_a_damaged_outbox_is_moved_aside_kept_and_replaced_by_a_new_one(tmp_path, caplog, how, counter):
+    path = _damaged_outbox(tmp_path, how)
+    damaged = path.read_bytes()
+    with caplog.at_level(logging.ERROR, logger="ganspect.edge.spool"):
+        outbox = _open(tmp_path)
+    try:
+        assert outbox.stats().backlog == 0 and outbox.backlog_at_open == 0
+        seq = outbox.next_seq()
+        assert seq > 200, "seq keeps increasing for the MES, whatever was lost"
+        assert outbox.put(seq, "id-new", json.dumps({"seq": seq}))
+        assert _rows_on_disk(path) == [seq]
+    finally:
+        outbox.close()
+    kept = sorted(tmp_path.glob("outbox.damaged-*.sqlite3"))
+    assert len(kept) == 1 and re.fullmatch(r"outbox\.damaged-\d{8}T\d{6}Z\.sqlite3", kept[0].name)
+    assert kept[0].read_bytes() == damaged, "the damaged file is kept as it was, for recovery"
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert f"the verdict outbox {path} is damaged (" in lines[0] and f"moved aside to {kept[0].name}" in lines[0]
+    assert "lost: " in lines[0] and counter in lines[0]
+    if how == "header":
+        assert "lost: the verdicts that waited for the broker's acknowledgement (how many cannot be read)" in lines[0]
+        assert seq > 1_700_000_000_000  # beyond any counter a station can have reached: 1 verdict/ms since 1970
+    # The next start finds the new outbox sound and leaves the kept file alone.
+    _open(tmp_path).close()
+    assert sorted(tmp_path.glob("outbox.damaged-*.sqlite3")) == kept
+
+
+def test_the_daemon_starts_with_a_damaged_outbox_and_says_what_was_lost(tmp_path, tiny_bundle, tiny_video,
+                                                                        make_edge_config, ganspect_cli):
+    data = tmp_path / "data"
+    data.mkdir()
+    _damaged_outbox(data, "pages")
+    config = make_edge_config(tiny_bundle, tiny_video.path, None, data={"dir": str(data)})
+    verdict_log = tmp_path / "verdicts.jsonl"
+    proc = ganspect_cli("edge", "--config", str(config), "--headless", "--verdict-log", str(verdict_log))
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    damaged = [line for line in proc.stderr.splitlines() if "is damaged" in line]
+    assert len(damaged) == 1 and "moved aside to outbox.damaged-" in damaged[0], proc.stderr
+    assert len(list(data.glob("outbox.damaged-*.sqlite3"))) == 1
+    seqs = [json.loads(line)["seq"] for line in verdict_log.read_text(encoding="utf-8").splitlines()]
+    assert seqs == list(range(201, 201 + len(tiny_video.expected))), "every part judged; seq went on after 200"

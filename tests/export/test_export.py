@@ -37,6 +37,18 @@ def test_bundle_loads_and_onnxruntime_matches_pytorch(run: Path, data: Path, tmp
     assert m.score.lambda_ == pytest.approx(0.1) and "0.1" in m.score.formula
     assert (m.training_data.n_train, m.training_data.n_val) == (17, 3)
     assert opset_of(bundle.path_of(m.model_file("fp32"))) >= 17
+    # The golden set carries the verdicts the threshold must give (the edge checks them at load): held-out
+    # normals OK, test anomalies NG, where the threshold judges them so with a margin; the others carry none.
+    fp32 = m.model_file("fp32")
+    assert len(m.golden) == 4 and [g.expect for g in m.golden[:2]] == ["OK", "OK"]
+    assert all(g.expect in ("NG", None) for g in m.golden[2:]) and all(
+        g.origin.startswith("test anomaly") for g in m.golden[2:])
+    for g, score in zip(m.golden, fp32.golden.scores):
+        if g.expect is not None:
+            assert (score > fp32.threshold) == (g.expect == "NG")
+        else:  # unlabelled only where the threshold does not judge it NG with a margin
+            assert score <= fp32.threshold + 1e-4 + 1e-3 * abs(score)
+    assert m.metrics["threshold"] == pytest.approx(fp32.threshold, rel=1e-6)
 
     # Run the bundle's graph directly, at batch sizes 1 and 3 (dynamic batch axis).
     _, held = split_holdout(load_normal_images(data, 32, 3), 0.15, 0)
@@ -77,6 +89,20 @@ def test_inference_copy_rewrites_transposed_convolutions_without_changing_a_numb
         torch.testing.assert_close(copy.generator(z), model.generator(z), rtol=1e-5, atol=1e-5)
         for got, want in zip(copy(images), model(images)):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_metrics_measured_at_another_threshold_are_not_exported(run: Path, tmp_path: Path) -> None:
+    # A run calibrated again after its evaluation: the edge would refuse the bundle, so export refuses first.
+    import shutil
+
+    stale = tmp_path / "run"
+    shutil.copytree(run, stale)
+    metrics = json.loads((stale / "metrics.json").read_text(encoding="utf-8"))
+    metrics["threshold"] *= 2
+    (stale / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    with pytest.raises(GanspectError, match=r"metrics.json was measured at the threshold .* run `ganspect eval"):
+        export_run(stale, tmp_path / "bundle", latency_budget_s=0.05)
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_bundle_destination_rules(run: Path, tmp_path: Path) -> None:
@@ -121,6 +147,37 @@ def test_export_command(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert "not a model bundle" in capsys.readouterr().err
     assert main(["export", str(run), "--out", str(tmp_path / "c"), "--force"]) == 2
     assert "--force only applies to --int8" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_export_sign_makes_a_bundle_that_only_its_key_vouches_for(run: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+    import subprocess
+
+    from ganspect.edge.errors import BundleError
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command line tool (docs/security.md makes keys with it)")
+
+    def keypair(name: str) -> tuple[Path, Path]:  # as docs/security.md makes them
+        private, public = tmp_path / f"{name}.key", tmp_path / f"{name}.pub"
+        subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(private)], check=True)
+        subprocess.run(["openssl", "pkey", "-in", str(private), "-pubout", "-out", str(public)], check=True)
+        return private, public
+
+    (key, public), (_, other) = keypair("workstation"), keypair("other")
+    assert main(["export", str(run), "--out", str(tmp_path / "b"), "--sign", str(key)]) == 0
+    assert f"signed with the key in {key}" in capsys.readouterr().out
+    signature = json.loads((tmp_path / "b" / "signature.json").read_text(encoding="utf-8"))
+    assert (signature["algorithm"], signature["signed_file"]) == ("Ed25519", "manifest.json")
+    load_bundle(tmp_path / "b", trusted_keys=[public])
+    load_bundle(tmp_path / "b", trusted_keys=[other, public])
+    with pytest.raises(BundleError, match="which this station does not trust"):
+        load_bundle(tmp_path / "b", trusted_keys=[other])
+    # A public key is no signing key: refused before any work, nothing written.
+    assert main(["export", str(run), "--out", str(tmp_path / "c"), "--sign", str(public)]) == 2
+    assert "is not a PEM private key" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
 
 

@@ -14,14 +14,11 @@ The checkpoint holds only tensors, dicts, lists, strings and numbers, so it load
 the exponential moving average (EMA) of the weights when `train.ema_decay` > 0, the
 live weights otherwise; `live` holds what the optimisers work on, for `--resume`.
 
-Efficient GAN (BiGAN losses): D learns (x, E(x)) = real and (G(z), z) = fake; E and G
-learn to fool it jointly (labels swapped), plus an optional explicit L1 reconstruction
-term weighted by `train.recon_weight`.
-
-AnoGAN, in two phases on one step counter: steps 0..train.steps train the DCGAN (D: x
-real, G(z) fake; G: non-saturating loss); then anogan.encoder_steps train the encoder
-with G and D frozen at their EMA weights (izi_f: mean |x - G(E(x))| + kappa * mean
-|f(x) - f(G(E(x)))|), so that AnoGAN scores in one forward pass.
+What one step does lives beside each model, in its recipe (`model.recipe(config, device)`:
+optimisers, phases, losses): `EfficientGANRecipe` (BiGAN losses, reconstruction, and
+pseudo-defect restoration and segmentation) and `AnoGANRecipe` (DCGAN, then the izi_f
+encoder with G and D frozen at their EMA weights). This loop only feeds batches, keeps
+the EMA, validates, checkpoints and calibrates.
 
 Only normal images are used here: validation (checkpoint selection, early stopping)
 and calibration use the held-out slice of the training normals; the test set is read by
@@ -213,14 +210,6 @@ class EMA:
         model.get_submodule(part).load_state_dict(self.model.get_submodule(part).state_dict())
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Mean focal loss (Lin et al. 2017) of per-pixel logits: defects cover a few pixels in a thousand,
-    and plain cross-entropy would be won by calling every pixel normal."""
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_true = torch.exp(-bce)
-    return ((1.0 - p_true) ** gamma * bce).mean()
-
-
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -279,22 +268,11 @@ class _Trainer:
         self.device = device
         self.kind = config.model.kind
         self.model = build_for(config).to(device)
+        # How this kind of model learns (optimisers, phases, losses) lives beside the model.
+        self.recipe = self.model.recipe(config, device)
+        self.optimisers = self.recipe.optimisers
         t = config.train
-        m = self.model
-        betas = (t.beta1, 0.999)
-        self.opt_d = torch.optim.Adam(m.discriminator.parameters(), lr=t.lr_d, betas=betas)
-        if self.kind == "anogan":
-            self.opt_g = torch.optim.Adam(m.generator.parameters(), lr=t.lr, betas=betas)
-            self.opt_e = torch.optim.Adam(m.encoder.parameters(), lr=config.anogan.encoder_lr, betas=(0.9, 0.999))
-            self.optimisers = {"opt_d": self.opt_d, "opt_g": self.opt_g, "opt_e": self.opt_e}
-        else:
-            # The segmentation head learns from detached reconstructions: one optimiser serves all three.
-            head = list(m.segmentation_head.parameters()) if hasattr(m, "segmentation_head") else []
-            self.opt_eg = torch.optim.Adam(
-                list(m.encoder.parameters()) + list(m.generator.parameters()) + head, lr=t.lr, betas=betas)
-            self.optimisers = {"opt_d": self.opt_d, "opt_eg": self.opt_eg}
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
-        self.defect_rng = torch.Generator().manual_seed(t.seed + 1)
         self.step = 0
         self.calibrated = False
         self.best_val = math.inf
@@ -303,16 +281,11 @@ class _Trainer:
         self.stopped_early = False
 
     @property
-    def gan_steps(self) -> int:
-        return self.config.train.steps
-
-    @property
     def total_steps(self) -> int:
-        extra = self.config.anogan.encoder_steps if self.kind == "anogan" else 0
-        return self.gan_steps + extra
+        return self.recipe.total_steps
 
     def phase(self) -> str:
-        return "encoder" if self.kind == "anogan" and self.step >= self.gan_steps else "gan"
+        return self.recipe.phase(self.step)
 
     @property
     def scoring_model(self) -> ScoringModel:
@@ -355,116 +328,12 @@ class _Trainer:
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
         """One optimisation step on a (N, C, H, W) batch in [-1, 1]; then the EMA follows."""
-        if self.kind == "anogan":
-            losses = self._encoder_step(x) if self.phase() == "encoder" else self._dcgan_step(x)
-        else:
-            losses = self._bigan_step(x)
+        self.recipe.before_step(self.step, self.ema)
+        losses = self.recipe.step(x, self.step)
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.model)
         return losses
-
-    def _bigan_step(self, x: torch.Tensor) -> dict[str, float]:
-        """One D update and one E+G (+ segmentation head) update (Efficient GAN).
-
-        With pseudo-defects, E and G see the painted image and learn to restore the clean
-        one, and the head learns to mark what was painted from (painted, restoration).
-        """
-        m = self.model
-        t = self.config.train
-        pd = self.config.pseudo_defects
-        losses: dict[str, float] = {}
-        x_in, mask = x, None
-        if pd.enabled:
-            from ganspect.train.pseudo_defects import paint
-
-            x_in, mask = paint(x, pd.probability, pd.kinds, self.defect_rng)
-        z_prior = m.prior(x.shape[0], x)
-        adversarial = t.adversarial_weight > 0
-
-        if adversarial:
-            # D: real pairs (x, E(x)) vs fake pairs (G(z), z); E and G are held fixed.
-            with torch.no_grad():
-                z_enc = m.encoder(x)
-                x_gen = m.generator(z_prior)
-            logit_real, _ = m.discriminator(x, z_enc)
-            logit_fake, _ = m.discriminator(x_gen, z_prior)
-            loss_d = (F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))
-                      + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake)))
-            self.opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            self.opt_d.step()
-            losses["loss_d"] = loss_d.item()
-
-        # E and G together: swap the labels so that both try to fool D.
-        z_enc = m.encoder(x_in)
-        recon = m.generator(z_enc)
-        loss_eg = torch.zeros((), device=self.device)
-        if adversarial:
-            logit_real, _ = m.discriminator(x_in, z_enc)
-            logit_fake, _ = m.discriminator(m.generator(z_prior), z_prior)
-            loss_adv = (F.binary_cross_entropy_with_logits(logit_real, torch.zeros_like(logit_real))
-                        + F.binary_cross_entropy_with_logits(logit_fake, torch.ones_like(logit_fake)))
-            loss_eg = loss_eg + t.adversarial_weight * loss_adv
-            losses["loss_g"] = loss_adv.item()
-        loss_recon = (x - recon).abs().mean()
-        if t.recon_weight > 0:
-            loss_eg = loss_eg + t.recon_weight * loss_recon
-        losses["loss_recon"] = loss_recon.item()
-        if mask is not None and hasattr(m, "segmentation_head"):
-            logits = m.segmentation_head(x_in, recon.detach())
-            loss_seg = focal_loss(logits, mask[:, 0])
-            loss_eg = loss_eg + t.segmentation_weight * loss_seg
-            losses["loss_seg"] = loss_seg.item()
-        self.opt_eg.zero_grad(set_to_none=True)
-        loss_eg.backward()
-        self.opt_eg.step()
-        return losses
-
-    def _dcgan_step(self, x: torch.Tensor) -> dict[str, float]:
-        """One D update and one G update (AnoGAN's DCGAN, non-saturating G loss)."""
-        m = self.model
-        n = x.shape[0]
-        ones = torch.ones(n, device=self.device)
-        zeros = torch.zeros(n, device=self.device)
-        z = torch.randn(n, m.cfg.latent_dim, device=self.device)
-        with torch.no_grad():
-            x_gen = m.generator(z)
-        logit_real, _ = m.discriminator(x)
-        logit_fake, _ = m.discriminator(x_gen)
-        loss_d = (F.binary_cross_entropy_with_logits(logit_real, ones)
-                  + F.binary_cross_entropy_with_logits(logit_fake, zeros))
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.opt_d.step()
-
-        logit_fake, _ = m.discriminator(m.generator(z))
-        loss_g = F.binary_cross_entropy_with_logits(logit_fake, ones)
-        self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        self.opt_g.step()
-        return {"loss_d": loss_d.item(), "loss_g": loss_g.item()}
-
-    def start_encoder_phase(self) -> None:
-        """Freeze G and D at the weights that will score (their EMA) before the encoder learns."""
-        if self.ema is not None:
-            self.ema.copy_to(self.model, "generator")
-            self.ema.copy_to(self.model, "discriminator")
-
-    def _encoder_step(self, x: torch.Tensor) -> dict[str, float]:
-        """izi_f: E learns x -> z with G and D frozen (eval mode: no BatchNorm updates in G)."""
-        m = self.model
-        m.generator.eval().requires_grad_(False)
-        m.discriminator.eval().requires_grad_(False)
-        m.encoder.train()
-        recon = m.generator(m.encoder(x))
-        loss_recon = (x - recon).abs().mean()
-        loss_feature = (m.discriminator.features(x) - m.discriminator.features(recon)).abs().mean()
-        loss = loss_recon + self.config.anogan.encoder_kappa * loss_feature
-        self.opt_e.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_e.step()
-        return {"loss_recon": loss_recon.item(), "loss_feature": loss_feature.item()}
 
     def validation_loss(self, x_train: torch.Tensor, x_val: torch.Tensor, batch_size: int) -> float:
         """Mean absolute residual of the held-out normals under the scoring weights (fresh BatchNorm stats)."""
@@ -701,8 +570,6 @@ def train_arrays(config: TrainConfig, train_images: Any, holdout_images: Any, ou
                 writer.writerow(["step", "phase", *LOSS_COLUMNS, "val_loss", "seconds"])
             trainer.model.train()
             while trainer.step < total and not trainer.stopped_early:
-                if trainer.kind == "anogan" and trainer.step == trainer.gan_steps:
-                    trainer.start_encoder_phase()
                 phase = trainer.phase()
                 if pool is not None:
                     batch = to_model_input(pool.sample(t.batch_size).numpy()).to(device)
@@ -711,8 +578,8 @@ def train_arrays(config: TrainConfig, train_images: Any, holdout_images: Any, ou
                 losses = trainer.train_step(augment(batch, config.data.augment))
                 bar.update(1)
                 val = None
-                validating = t.validate_every and trainer.step % t.validate_every == 0 and (
-                    trainer.kind != "anogan" or trainer.phase() == "encoder" and trainer.step > trainer.gan_steps)
+                validating = (t.validate_every and trainer.step % t.validate_every == 0
+                              and trainer.recipe.validates(trainer.step))
                 if validating:
                     val = trainer.validation_loss(x_all, x_val, config.calibration.batch_size)
                     if val < trainer.best_val:

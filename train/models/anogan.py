@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ganspect.train.models.common import (
@@ -39,23 +40,24 @@ from ganspect.train.models.common import (
     ScoringModel,
     StagedConfig,
     check_common,
+    section_default,
     dcgan_init,
 )
 
 
 @dataclass
 class AnoGANConfig(StagedConfig):
-    image_size: int = 64          # square side, power of two in [32, 256]
-    channels: int = 1             # 1 gray, 3 BGR
-    latent_dim: int = 32          # seeds 002/003 used 20 and 30
-    base_width: int = 32          # feature maps of the first conv stage; doubles per stage
+    image_size: int = section_default("image_size")  # square side, power of two in [32, 256]
+    channels: int = section_default("channels")  # 1 gray, 3 BGR
+    latent_dim: int = section_default("latent_dim")  # seeds 002/003 used 20 and 30
+    base_width: int = section_default("base_width")  # feature maps of the first conv stage; doubles per stage
     max_width: int = 512
-    lambda_: float = 0.1          # score weight of L_D
-    discrimination: str = "feature_matching"  # AnoGAN's L_D is always feature matching
-    residual_reduction: str = "peak"
+    lambda_: float = section_default("lambda_")  # score weight of L_D
+    discrimination: str = section_default("discrimination")  # AnoGAN's L_D is always feature matching
+    residual_reduction: str = section_default("residual_reduction")
     heatmap_sigma: float = 2.0
-    spectral_norm: bool = True
-    norm: str = "batch"           # E and G normalisation
+    spectral_norm: bool = section_default("spectral_norm")
+    norm: str = section_default("norm")  # E and G normalisation
 
     def __post_init__(self) -> None:
         check_common(self.image_size, self.channels, self.lambda_, self.norm, self.residual_reduction)
@@ -100,6 +102,10 @@ class AnoGAN(ScoringModel):
         self.discriminator = ImageDiscriminator(cfg)
         self.encoder = Encoder(cfg)
         self._init_scoring(cfg.heatmap_sigma)
+
+    def recipe(self, config: Any, device: torch.device) -> AnoGANRecipe:
+        """The training recipe for this model under a TrainConfig."""
+        return AnoGANRecipe(self, config, device)
 
     def parts_from_latent(self, x: torch.Tensor, z: torch.Tensor) -> ScoreParts:
         """Score parts of images x (N, C, H, W) in [-1, 1] reconstructed from latent codes z (N, latent)."""
@@ -152,6 +158,77 @@ class AnoGAN(ScoringModel):
                 p.requires_grad_(True)
             self.train(was_training)
         return SearchResult(parts=parts, z=z.detach(), loss_history=torch.stack(history))
+
+
+class AnoGANRecipe:
+    """How AnoGAN learns, in two phases on one step counter: `train.steps` DCGAN steps, then
+    `anogan.encoder_steps` of the encoder with G and D frozen at their EMA weights (izi_f)."""
+
+    def __init__(self, model: AnoGAN, config: Any, device: torch.device) -> None:
+        self.model, self.config, self.device = model, config, device
+        t = config.train
+        betas = (t.beta1, 0.999)
+        self.opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=t.lr_d, betas=betas)
+        self.opt_g = torch.optim.Adam(model.generator.parameters(), lr=t.lr, betas=betas)
+        self.opt_e = torch.optim.Adam(model.encoder.parameters(), lr=config.anogan.encoder_lr, betas=(0.9, 0.999))
+        self.optimisers = {"opt_d": self.opt_d, "opt_g": self.opt_g, "opt_e": self.opt_e}
+        self.gan_steps = t.steps
+        self.total_steps = t.steps + config.anogan.encoder_steps
+
+    def phase(self, step: int) -> str:
+        return "encoder" if step >= self.gan_steps else "gan"
+
+    def validates(self, step: int) -> bool:
+        """The held-out residual measures the encoder: meaningful once it has taken a step."""
+        return step > self.gan_steps
+
+    def before_step(self, step: int, ema: Any) -> None:
+        """Freeze G and D at the weights that will score (their EMA) before the encoder learns."""
+        if step == self.gan_steps and ema is not None:
+            ema.copy_to(self.model, "generator")
+            ema.copy_to(self.model, "discriminator")
+
+    def step(self, x: torch.Tensor, step: int) -> dict[str, float]:
+        return self._encoder_step(x) if self.phase(step) == "encoder" else self._dcgan_step(x)
+
+    def _dcgan_step(self, x: torch.Tensor) -> dict[str, float]:
+        """One D update and one G update (AnoGAN's DCGAN, non-saturating G loss)."""
+        m = self.model
+        n = x.shape[0]
+        ones = torch.ones(n, device=self.device)
+        zeros = torch.zeros(n, device=self.device)
+        z = torch.randn(n, m.cfg.latent_dim, device=self.device)
+        with torch.no_grad():
+            x_gen = m.generator(z)
+        logit_real, _ = m.discriminator(x)
+        logit_fake, _ = m.discriminator(x_gen)
+        loss_d = (F.binary_cross_entropy_with_logits(logit_real, ones)
+                  + F.binary_cross_entropy_with_logits(logit_fake, zeros))
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+
+        logit_fake, _ = m.discriminator(m.generator(z))
+        loss_g = F.binary_cross_entropy_with_logits(logit_fake, ones)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+        return {"loss_d": loss_d.item(), "loss_g": loss_g.item()}
+
+    def _encoder_step(self, x: torch.Tensor) -> dict[str, float]:
+        """izi_f: E learns x -> z with G and D frozen (eval mode: no BatchNorm updates in G)."""
+        m = self.model
+        m.generator.eval().requires_grad_(False)
+        m.discriminator.eval().requires_grad_(False)
+        m.encoder.train()
+        recon = m.generator(m.encoder(x))
+        loss_recon = (x - recon).abs().mean()
+        loss_feature = (m.discriminator.features(x) - m.discriminator.features(recon)).abs().mean()
+        loss = loss_recon + self.config.anogan.encoder_kappa * loss_feature
+        self.opt_e.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_e.step()
+        return {"loss_recon": loss_recon.item(), "loss_feature": loss_feature.item()}
 
 
 def build_anogan(cfg: AnoGANConfig) -> AnoGAN:

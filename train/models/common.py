@@ -104,6 +104,10 @@ class ScoringModel(nn.Module):
     def score_parts(self, x: torch.Tensor) -> ScoreParts:
         raise NotImplementedError
 
+    def recipe(self, config: Any, device: torch.device) -> Any:
+        """How this model trains under a TrainConfig: optimisers, phases and one step's losses."""
+        raise NotImplementedError
+
     def score_and_map(self, parts: ScoreParts) -> tuple[torch.Tensor, torch.Tensor]:
         """(score (N,), unscaled heatmap (N, H, W)) from the parts, as `cfg.scoring` says.
 
@@ -156,6 +160,13 @@ def dcgan_init(model: nn.Module) -> None:
 
 
 _Config = TypeVar("_Config", bound="StagedConfig")
+
+
+def section_default(name: str) -> Any:
+    """The default of a model setting, from the one place settings are defined (the config's model section)."""
+    from ganspect.train.config import ModelSection
+
+    return ModelSection.model_fields[name].default
 
 
 class StagedConfig:

@@ -52,6 +52,7 @@ from ganspect.train.models.common import (  # noqa: F401  (re-exported: older im
     build_encoder,
     build_generator,
     check_common,
+    section_default,
     dcgan_init,
     gaussian_kernel_1d,
     weighted_score,
@@ -62,25 +63,25 @@ DISCRIMINATIONS = ("feature_matching", "cross_entropy")
 
 @dataclass
 class EfficientGANConfig(StagedConfig):
-    image_size: int = 64          # square side, power of two in [32, 256]
-    channels: int = 1             # 1 gray, 3 BGR
-    latent_dim: int = 64
-    base_width: int = 32          # feature maps of the first conv stage; doubles per stage
+    image_size: int = section_default("image_size")  # square side, power of two in [32, 256]
+    channels: int = section_default("channels")  # 1 gray, 3 BGR
+    latent_dim: int = section_default("latent_dim")
+    base_width: int = section_default("base_width")  # feature maps of the first conv stage; doubles per stage
     max_width: int = 512          # cap so that 256x256 models stay a sensible size
-    lambda_: float = 0.1          # score weight of L_D; the seeds found small values better
-    discrimination: str = "feature_matching"  # or "cross_entropy"; see module docstring
-    residual_reduction: str = "peak"  # "mean" (the papers) or "peak" (local defects); see module docstring
+    lambda_: float = section_default("lambda_")  # score weight of L_D; the seeds found small values better
+    discrimination: str = section_default("discrimination")  # or "cross_entropy"; see module docstring
+    residual_reduction: str = section_default("residual_reduction")  # "mean" (the papers) or "peak" (local defects)
     heatmap_sigma: float = 2.0    # Gaussian sigma in pixels at image_size
-    spectral_norm: bool = True
-    d_dropout: float = 0.2
+    spectral_norm: bool = section_default("spectral_norm")
+    d_dropout: float = section_default("d_dropout")
     d_feature_dim: int = 512      # width of D's joint feature layer f_D
     d_z_dim: int = 256            # width of D's z branch
-    norm: str = "batch"           # E and G normalisation: "batch", "group" or "none" (see norm_layer)
-    latent: str = "vector"        # "vector" (N, latent_dim) or "spatial" (N, latent_dim, S/stride, S/stride)
-    latent_stride: int = 8        # spatial latent only: image pixels per latent cell
-    segmentation_head: bool = False  # a defect-segmentation head on (x, G(E(x))), trained on pseudo-defects
-    head_width: int = 8           # feature maps of the head's full-resolution stage
-    scoring: str = "residual"     # "residual" (A(x) from L_R and L_D) or "segmentation" (the head's map)
+    norm: str = section_default("norm")  # E and G normalisation: "batch", "group" or "none" (see norm_layer)
+    latent: str = section_default("latent")  # "vector" (N, latent_dim) or "spatial" (N, latent_dim, S/s, S/s)
+    latent_stride: int = section_default("latent_stride")  # spatial latent only: image pixels per latent cell
+    segmentation_head: bool = section_default("segmentation_head")  # marks pseudo-defects from (x, G(E(x)))
+    head_width: int = section_default("head_width")  # feature maps of the head's full-resolution stage
+    scoring: str = section_default("scoring")  # "residual" (A(x) from L_R and L_D) or "segmentation" (the head's map)
 
     def __post_init__(self) -> None:
         check_common(self.image_size, self.channels, self.lambda_, self.norm, self.residual_reduction,
@@ -164,6 +165,10 @@ class EfficientGAN(ScoringModel):
             self.segmentation_head = SegmentationHead(cfg.channels, cfg.head_width)
         self._init_scoring(cfg.heatmap_sigma)
 
+    def recipe(self, config: Any, device: torch.device) -> EfficientGANRecipe:
+        """The training recipe for this model under a TrainConfig."""
+        return EfficientGANRecipe(self, config, device)
+
     def prior(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """n codes z ~ N(0, I) shaped as the encoder's output for images like `like` (N, C, H, W)."""
         if self.cfg.latent == "spatial":
@@ -186,6 +191,102 @@ class EfficientGAN(ScoringModel):
             f_fake = self.discriminator.features(recon, z)
             l_d = (f_real - f_fake).abs().flatten(1).mean(dim=1)  # (N,)
         return ScoreParts(l_r=l_r, l_d=l_d, residual=residual, recon=recon, segmentation=self.segment(x, recon))
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Mean focal loss (Lin et al. 2017) of per-pixel logits: defects cover a few pixels in a thousand,
+    and plain cross-entropy would be won by calling every pixel normal."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_true = torch.exp(-bce)
+    return ((1.0 - p_true) ** gamma * bce).mean()
+
+
+class EfficientGANRecipe:
+    """How an Efficient GAN learns: one phase of BiGAN steps (plus reconstruction and, with
+    pseudo-defects, restoration and segmentation), `train.steps` of them."""
+
+    def __init__(self, model: EfficientGAN, config: Any, device: torch.device) -> None:
+        self.model, self.config, self.device = model, config, device
+        t = config.train
+        betas = (t.beta1, 0.999)
+        self.opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=t.lr_d, betas=betas)
+        # The segmentation head learns from detached reconstructions: one optimiser serves all three.
+        head = list(model.segmentation_head.parameters()) if hasattr(model, "segmentation_head") else []
+        self.opt_eg = torch.optim.Adam(
+            list(model.encoder.parameters()) + list(model.generator.parameters()) + head, lr=t.lr, betas=betas)
+        self.optimisers = {"opt_d": self.opt_d, "opt_eg": self.opt_eg}
+        self.defect_rng = torch.Generator().manual_seed(t.seed + 1)
+        self.total_steps = t.steps
+
+    def phase(self, step: int) -> str:
+        return "gan"
+
+    def validates(self, step: int) -> bool:
+        """Whether a validation after `step` steps means anything (always: E and G learn from the start)."""
+        return True
+
+    def before_step(self, step: int, ema: Any) -> None:
+        """Nothing changes between steps."""
+
+    def step(self, x: torch.Tensor, step: int) -> dict[str, float]:
+        return self._bigan_step(x)
+
+    def _bigan_step(self, x: torch.Tensor) -> dict[str, float]:
+        """One D update and one E+G (+ segmentation head) update (Efficient GAN).
+
+        With pseudo-defects, E and G see the painted image and learn to restore the clean
+        one, and the head learns to mark what was painted from (painted, restoration).
+        """
+        m = self.model
+        t = self.config.train
+        pd = self.config.pseudo_defects
+        losses: dict[str, float] = {}
+        x_in, mask = x, None
+        if pd.enabled:
+            from ganspect.train.pseudo_defects import paint
+
+            x_in, mask = paint(x, pd.probability, pd.kinds, self.defect_rng)
+        z_prior = m.prior(x.shape[0], x)
+        adversarial = t.adversarial_weight > 0
+
+        if adversarial:
+            # D: real pairs (x, E(x)) vs fake pairs (G(z), z); E and G are held fixed.
+            with torch.no_grad():
+                z_enc = m.encoder(x)
+                x_gen = m.generator(z_prior)
+            logit_real, _ = m.discriminator(x, z_enc)
+            logit_fake, _ = m.discriminator(x_gen, z_prior)
+            loss_d = (F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))
+                      + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake)))
+            self.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            self.opt_d.step()
+            losses["loss_d"] = loss_d.item()
+
+        # E and G together: swap the labels so that both try to fool D.
+        z_enc = m.encoder(x_in)
+        recon = m.generator(z_enc)
+        loss_eg = torch.zeros((), device=self.device)
+        if adversarial:
+            logit_real, _ = m.discriminator(x_in, z_enc)
+            logit_fake, _ = m.discriminator(m.generator(z_prior), z_prior)
+            loss_adv = (F.binary_cross_entropy_with_logits(logit_real, torch.zeros_like(logit_real))
+                        + F.binary_cross_entropy_with_logits(logit_fake, torch.ones_like(logit_fake)))
+            loss_eg = loss_eg + t.adversarial_weight * loss_adv
+            losses["loss_g"] = loss_adv.item()
+        loss_recon = (x - recon).abs().mean()
+        if t.recon_weight > 0:
+            loss_eg = loss_eg + t.recon_weight * loss_recon
+        losses["loss_recon"] = loss_recon.item()
+        if mask is not None and hasattr(m, "segmentation_head"):
+            logits = m.segmentation_head(x_in, recon.detach())
+            loss_seg = focal_loss(logits, mask[:, 0])
+            loss_eg = loss_eg + t.segmentation_weight * loss_seg
+            losses["loss_seg"] = loss_seg.item()
+        self.opt_eg.zero_grad(set_to_none=True)
+        loss_eg.backward()
+        self.opt_eg.step()
+        return losses
 
 
 def build_model(cfg: EfficientGANConfig) -> EfficientGAN:

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+# Both can be moved, so that a test (or a trial run) leaves the committed results alone.
+RESULTS = Path(os.environ.get("GANSPECT_BENCH_RESULTS", HERE / "results"))
 RUNS = Path(os.environ.get("GANSPECT_BENCH_RUNS", HERE / "runs"))
 
 

@@ -112,3 +112,35 @@ def test_accuracy_section_links_point_into_the_results_folder() -> None:
     assert _from_results_folder(text) == ("![h](results/seed003_anogan_histogram.png) "
                                           "[r](results/synthetic128/efficient_gan/report.md) "
                                           "[w](https://x.org/a) [t](#top)")
+
+
+@pytest.mark.slow
+def test_quality_benchmark_on_a_new_folder_trains_evaluates_exports_and_resumes(tmp_path: Path) -> None:
+    # A new user's own MVTec-layout folder, with --data and a few --set overrides only.
+    from ganspect.train.synth import synthesize_dataset
+
+    data = tmp_path / "parts"
+    synthesize_dataset(data, size=32, n_train=16, n_test_good=4, n_test_bad=4, seed=1)
+    env = {**__import__("os").environ, "GANSPECT_BENCH_RESULTS": str(tmp_path / "results"),
+           "GANSPECT_BENCH_RUNS": str(tmp_path / "runs")}
+    command = [sys.executable, "benchmarks/quality.py", "--data", str(data), "--seeds", "0", "--tag", "tiny",
+               "--set", "model.image_size=32", "--set", "model.latent_stride=4", "--set", "model.latent_dim=8",
+               "--set", "model.base_width=8", "--set", "model.head_width=4", "--set", "train.steps=3",
+               "--set", "train.batch_size=4"]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (tmp_path / "results" / "quality_tiny.md").read_text(encoding="utf-8")
+    for row in ("image AUROC", "image AUPRC", "pixel AUROC", "F1 at the held-out threshold",
+                "best F1 on the test set (information only)", "image AUROC, scratch", "training wall time (min)", "INT8 ms per tile, 1 thread",
+                "INT8 ms per 256x256 region, 1 thread", "INT8 ms per 32x32 frame, 1 thread"):
+        assert re.search(rf"^\| {re.escape(row)} \| \d+\.\d+ ± \d+\.\d+ \| [\d.]+ \|$", text, re.MULTILINE), row
+    # A few steps cannot make a model the INT8 guard accepts: the table says so instead of failing.
+    assert re.search(r"^\| INT8 accuracy guard \| [01] of 1 passed \|", text, re.MULTILINE)
+    assert "- machine: " in text and "benchmarks/quality.py --data" in text
+    results = __import__("json").loads((tmp_path / "results" / "quality_tiny.json").read_text(encoding="utf-8"))
+    assert set(results["units"]) == {"seed0"}
+    # 32x32 images cut into 32x32 tiles: one tile a frame.
+    assert results["units"]["seed0"]["int8"]["tiles_per_frame"] == 1
+
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and again.stdout.count("done earlier, skipped") == 1, again.stdout[-2000:]

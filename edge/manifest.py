@@ -131,6 +131,8 @@ class HeatmapSpec(_Strict):
     scale: float = Field(gt=0.0, description="Raw residual that maps to 1.0 (largest normal residual).")
     smoothing_sigma: float = Field(ge=0.0, description="Gaussian sigma in pixels applied inside the graph.")
     inside_graph: Literal[True] = Field(True, description="Always true: the heatmap output is already scaled.")
+    per_pixel: bool = Field(False, description="The map was normalised per pixel inside the graph ((map - mean) / "
+                                               "spread of the held-out normals, aligned parts) before scaling.")
 
 
 _SHA256 = r"^[0-9a-f]{64}$"

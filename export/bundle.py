@@ -143,7 +143,7 @@ def _run_images(source: Path, size: int, channels: int, holdout: float, seed: in
     if guard_source is not None and not is_mvtec_layout(guard_source):
         raise GanspectError(f"--guard-data {guard_source} has no MVTec-style test/ folder (test/good, test/<defect>)")
     test_source = guard_source if guard_source is not None else source
-    test = load_test_set(test_source, size, channels, framing) if is_mvtec_layout(test_source) else None
+    test = load_test_set(test_source, size, channels, framing) if (test_source / "test").is_dir() else None
     if framing.tiles:
         rng = np.random.default_rng(seed)
         overlap = tiling.overlap
@@ -480,7 +480,8 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
                 source=source),
             threshold=ThresholdSpec(method=cal.get("method", "normal_quantile"), nu=cal.get("nu"),
                                     n_images=int(cal.get("n_images", 0))),
-            heatmap=HeatmapSpec(scale=float(model.heatmap_scale), smoothing_sigma=cfg.heatmap_sigma),
+            heatmap=HeatmapSpec(scale=float(model.heatmap_scale), smoothing_sigma=cfg.heatmap_sigma,
+                                per_pixel=bool(getattr(cfg, "pixel_calibration", False))),
             tiling=TilingSpec(mode=config.tiling.mode, overlap=config.tiling.overlap,
                               roi=None if roi is None else RegionSpec(**roi.model_dump())),
             training_data=TrainingData(source=str(info["source"]), n_train=int(info["n_train"]),

@@ -182,6 +182,7 @@ class Calibration:
     n_anomalies: int = 0
     normal_quantile_threshold: float | None = None  # always computed, for comparison with f1_optimal
     confidence: dict[str, float] | None = None  # how sure the threshold is (threshold_confidence)
+    per_pixel: dict[str, Any] | None = None  # what per-pixel calibration found (_calibrate_pixels)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -194,6 +195,7 @@ class Calibration:
             "heatmap_scale": self.heatmap_scale,
             "heatmap_quantile": self.heatmap_quantile,
             "confidence": self.confidence,
+            "per_pixel": self.per_pixel,
         }
 
 
@@ -235,14 +237,69 @@ def choose_threshold(normal_scores: np.ndarray, nu: float, method: str = "normal
     raise ValueError(f"unknown threshold method {method!r}")
 
 
+# A pixel's spread is at least this share of the median spread: a pixel that never changed on
+# the held-out normals must not turn the smallest change into a huge score.
+SPREAD_FLOOR = 0.1
+# Fixed hot spots: the top 5 % of pixels by mean normal map.
+HOT_SHARE = 0.05
+
+
+def _calibrate_pixels(model: ScoringModel, images: np.ndarray, batch_size: int, device: str | torch.device
+                      ) -> tuple[Scored, dict[str, Any]]:
+    """Set the model's per-pixel mean and spread from held-out normals; return their leave-one-out scores.
+
+    Each image's own map is left out of the statistics it is normalised with, so that
+    the threshold sees what an unseen normal part would score, not one that taught the
+    statistics. The report says whether the normals' peaks sat on fixed places before
+    (what per-pixel calibration removes) and after.
+    """
+    model.pixel_mean.zero_()
+    model.pixel_spread.fill_(1.0)
+    raw = score_images(model, images, batch_size=batch_size, device=device)
+    maps = raw.residual.astype(np.float64)  # (n, H, W): identity calibration, so these are the raw maps
+    n = len(maps)
+    if n < 3:
+        raise ValueError(f"per-pixel calibration needs at least 3 held-out normals, got {n}")
+    total, squares = maps.sum(axis=0), np.square(maps).sum(axis=0)
+    mean = total / n
+    spread = np.sqrt(np.maximum(squares / n - mean ** 2, 0.0))
+    floor = max(SPREAD_FLOOR * float(np.median(spread)), 1e-6)
+    loo_mean = (total - maps) / (n - 1)
+    loo_spread = np.sqrt(np.maximum((squares - np.square(maps)) / (n - 1) - loo_mean ** 2, 0.0))
+    z = ((maps - loo_mean) / np.maximum(loo_spread, floor)).astype(np.float32)
+    peaks = z.reshape(n, -1).max(axis=1)
+    lam = model.cfg.lambda_
+    score = peaks if getattr(model.cfg, "scoring", "residual") == "segmentation" else (1 - lam) * peaks + lam * raw.l_d
+    hot = mean >= np.quantile(mean, 1.0 - HOT_SHARE)
+
+    def on_hot(m: np.ndarray) -> float:
+        flat = m.reshape(len(m), -1).argmax(axis=1)
+        return float(hot.ravel()[flat].mean())
+
+    before, after = on_hot(maps), on_hot(z)
+    report = {"spread_floor": floor, "peaks_on_hot_pixels_before": before, "peaks_on_hot_pixels_after": after,
+              "hot_share": HOT_SHARE,
+              "helps": bool(before >= 0.25 and after < before / 2)}
+    model.pixel_mean.copy_(torch.from_numpy(mean.astype(np.float32)))
+    model.pixel_spread.copy_(torch.from_numpy(np.maximum(spread, floor).astype(np.float32)))
+    return Scored(score=score.astype(np.float32), l_r=peaks, l_d=raw.l_d, residual=z, heatmap=z), report
+
+
 def calibrate(model: ScoringModel, normal_images: Any, nu: float, quantile: float,
               batch_size: int = 64, device: str | torch.device = "cpu", anomaly_images: Any = None,
-              method: str = "normal_quantile", tiles: bool = False, overlap: int = 0) -> Calibration:
+              method: str = "normal_quantile", tiles: bool = False, overlap: int = 0,
+              per_pixel: bool = False) -> Calibration:
     """Compute threshold and heatmap scale on held-out normals and store them in the model's buffers.
 
     With `tiles`, the images are native-size and scored tile by tile as the edge scores them.
+    With `per_pixel` (aligned parts), the map's per-pixel mean and spread are estimated too
+    (`pixel_calibration`), and the threshold comes from leave-one-out normalised maps.
     """
-    scored = score_framed(model, normal_images, tiles, overlap, batch_size=batch_size, device=device)
+    pixel_report = None
+    if per_pixel:
+        scored, pixel_report = _calibrate_pixels(model, normal_images, batch_size, device)
+    else:
+        scored = score_framed(model, normal_images, tiles, overlap, batch_size=batch_size, device=device)
     anomaly_scores = None
     if method == "f1_optimal":
         if anomaly_images is None:
@@ -260,6 +317,7 @@ def calibrate(model: ScoringModel, normal_images: Any, nu: float, quantile: floa
         n_anomalies=0 if anomaly_scores is None else len(anomaly_scores),
         normal_quantile_threshold=normal_quantile_threshold(scored.score, nu),
         confidence=threshold_confidence(scored.score, threshold, nu),
+        per_pixel=pixel_report,
     )
     model.threshold.fill_(cal.threshold)
     model.heatmap_scale.fill_(cal.heatmap_scale)

@@ -194,6 +194,11 @@ class CalibrationSection(_Section):
         "f1_optimal = the F1-maximising cut between held-out normals and the labelled anomalies in `anomalies`.")
     anomalies: Path | None = Field(
         None, description="Folder of labelled anomalous images for threshold: f1_optimal (never the test set).")
+    per_pixel: bool = Field(
+        False, description="Aligned parts (tiling.mode resize): the map becomes (map - mean) / spread per pixel, both "
+        "from the held-out normals and stored in the graph, so that rims and edges that are always there stop "
+        "deciding the peak; the threshold comes from leave-one-out maps. Needs a peak score (residual_reduction: "
+        "peak, or scoring: segmentation).")
 
     @model_validator(mode="after")
     def _f1_needs_anomalies(self) -> CalibrationSection:
@@ -225,6 +230,12 @@ class TrainConfig(_Section):
             raise ValueError("train.keep: best and train.early_stop_patience need train.validate_every > 0")
         if self.model.segmentation_head and not self.pseudo_defects.enabled:
             raise ValueError("model.segmentation_head learns from painted defects: set pseudo_defects.enabled: true")
+        if self.calibration.per_pixel and self.tiling.mode == "tiles":
+            raise ValueError("calibration.per_pixel is for aligned parts scored whole (tiling.mode: resize); a tile "
+                             "lands on other places of each image")
+        if self.calibration.per_pixel and self.model.scoring == "residual" and self.model.residual_reduction != "peak":
+            raise ValueError("calibration.per_pixel needs a peak score: model.residual_reduction: peak or "
+                             "model.scoring: segmentation")
         if self.tiling.mode == "tiles" and self.tiling.overlap >= self.model.image_size:
             raise ValueError(f"tiling.overlap {self.tiling.overlap} must be smaller than the "
                              f"{self.model.image_size} px tiles (model.image_size)")

@@ -73,7 +73,7 @@ def model_config_from(config: TrainConfig) -> EfficientGANConfig | AnoGANConfig:
     sigma = m.heatmap_sigma if m.heatmap_sigma is not None else m.image_size / 32
     common = dict(image_size=m.image_size, channels=m.channels, latent_dim=m.latent_dim, base_width=m.base_width,
                   lambda_=m.lambda_, residual_reduction=m.residual_reduction, heatmap_sigma=sigma,
-                  spectral_norm=m.spectral_norm, norm=m.norm)
+                  spectral_norm=m.spectral_norm, norm=m.norm, pixel_calibration=config.calibration.per_pixel)
     if m.kind == "anogan":
         return AnoGANConfig(**common)
     return EfficientGANConfig(**common, discrimination=m.discrimination, d_dropout=m.d_dropout, latent=m.latent,
@@ -617,7 +617,7 @@ def train_arrays(config: TrainConfig, train_images: Any, holdout_images: Any, ou
     cal = calibrate(scoring, holdout_images, nu=config.calibration.nu,
                     quantile=config.calibration.heatmap_quantile, batch_size=config.calibration.batch_size,
                     device=device, anomaly_images=anomaly_images, method=config.calibration.threshold,
-                    tiles=tiles, overlap=config.tiling.overlap)
+                    tiles=tiles, overlap=config.tiling.overlap, per_pixel=config.calibration.per_pixel)
     trainer.calibrated = True
     save_checkpoint(ckpt_path, trainer.state(data_info))
     cal_dict = cal.to_dict()
@@ -627,6 +627,15 @@ def train_arrays(config: TrainConfig, train_images: Any, holdout_images: Any, ou
     (out / "calibration.json").write_text(json.dumps(cal_dict, indent=2) + "\n", encoding="utf-8")
     log.info("trained %d steps; threshold %.5f (%s, nu %.3f on %d held-out normals), heatmap scale %.5f",
              trainer.step, cal.threshold, cal.method, cal.nu, cal.n_images, cal.heatmap_scale)
+    if cal.per_pixel is not None:
+        pp = cal.per_pixel
+        log.info("per-pixel calibration: %.0f %% of the held-out normals' peaks sat on the hottest %.0f %% of pixels "
+                 "before, %.0f %% after", 100 * pp["peaks_on_hot_pixels_before"], 100 * pp["hot_share"],
+                 100 * pp["peaks_on_hot_pixels_after"])
+        if not pp["helps"]:
+            log.warning("per-pixel calibration does not help here: the normals' peaks do not sit on fixed places "
+                        "(rims, edges) that it could remove; the parts are not aligned enough, or have none. "
+                        "Consider calibration.per_pixel: false")
     if cal.confidence is not None:
         c = cal.confidence
         log.info("threshold confidence: %d of %d held-out normals above it; real false-alarm rate below %.1f %% "

@@ -57,6 +57,7 @@ class AnoGANConfig(StagedConfig):
     residual_reduction: str = section_default("residual_reduction")
     heatmap_sigma: float = 2.0
     spectral_norm: bool = section_default("spectral_norm")
+    pixel_calibration: bool = False  # per-pixel mean/spread of the normal map (calibration.per_pixel)
     norm: str = section_default("norm")  # E and G normalisation
 
     def __post_init__(self) -> None:

@@ -74,6 +74,11 @@ class ScoringModel(nn.Module):
         # checkpoint and the exported graph carry them.
         self.register_buffer("heatmap_scale", torch.tensor(1.0))
         self.register_buffer("threshold", torch.tensor(float("inf")))
+        if getattr(self.cfg, "pixel_calibration", False):
+            # Per-pixel mean and spread of the normal map (aligned parts): identity until calibrated.
+            size = self.cfg.image_size
+            self.register_buffer("pixel_mean", torch.zeros(size, size))
+            self.register_buffer("pixel_spread", torch.ones(size, size))
 
     @staticmethod
     def normalise(images_uint8_nhwc: torch.Tensor) -> torch.Tensor:
@@ -116,8 +121,17 @@ class ScoringModel(nn.Module):
         """
         if getattr(self.cfg, "scoring", "residual") == "segmentation":
             assert parts.segmentation is not None, "scoring: segmentation needs a model with a segmentation head"
-            return parts.segmentation.amax(dim=(1, 2)), parts.segmentation
-        return weighted_score(parts.l_r, parts.l_d, self.cfg.lambda_), parts.residual
+            raw = parts.segmentation
+        elif getattr(self.cfg, "pixel_calibration", False):
+            raw = parts.residual
+        else:
+            return weighted_score(parts.l_r, parts.l_d, self.cfg.lambda_), parts.residual
+        if getattr(self.cfg, "pixel_calibration", False):
+            # How unusual each pixel is for that pixel: rims and edges that are always there stop deciding.
+            raw = (raw - self.pixel_mean) / self.pixel_spread
+            if getattr(self.cfg, "scoring", "residual") != "segmentation":
+                return weighted_score(raw.amax(dim=(1, 2)), parts.l_d, self.cfg.lambda_), raw
+        return raw.amax(dim=(1, 2)), raw
 
     def segment(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor | None:
         """Smoothed defect probability (N, H, W) of the segmentation head, or None without one."""

@@ -76,6 +76,7 @@ class EfficientGANConfig(StagedConfig):
     d_dropout: float = section_default("d_dropout")
     d_feature_dim: int = 512      # width of D's joint feature layer f_D
     d_z_dim: int = 256            # width of D's z branch
+    pixel_calibration: bool = False  # per-pixel mean/spread of the normal map (calibration.per_pixel)
     norm: str = section_default("norm")  # E and G normalisation: "batch", "group" or "none" (see norm_layer)
     latent: str = section_default("latent")  # "vector" (N, latent_dim) or "spatial" (N, latent_dim, S/s, S/s)
     latent_stride: int = section_default("latent_stride")  # spatial latent only: image pixels per latent cell

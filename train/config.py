@@ -148,6 +148,9 @@ class TrainSection(_Section):
         1.0, ge=0.0, description="Efficient GAN: weight of the BiGAN losses in the E+G loss; 0 = no adversarial "
         "game (D is not trained, L_D is then meaningless).")
     segmentation_weight: float = Field(1.0, ge=0.0, description="Weight of the segmentation head's focal loss.")
+    grad_clip: float | None = Field(
+        None, gt=0.0, description="Clip the gradient norm of the E+G (+ head) update at this value; null = never. "
+        "Against the rare loss spikes a bad batch can set off.")
 
 
 class PseudoDefectSection(_Section):

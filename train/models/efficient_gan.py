@@ -286,6 +286,9 @@ class EfficientGANRecipe:
             losses["loss_seg"] = loss_seg.item()
         self.opt_eg.zero_grad(set_to_none=True)
         loss_eg.backward()
+        if t.grad_clip is not None:
+            params = [p for group in self.opt_eg.param_groups for p in group["params"]]
+            losses["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
         self.opt_eg.step()
         return losses
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ganspect.edge.config import read_yaml_file
+from ganspect.edge.config import RoiConfig, read_yaml_file
 from ganspect.edge.errors import ConfigError
 
 
@@ -90,13 +90,6 @@ class AugmentSection(_Section):
                             description="Random contrast change of up to +/- this fraction (about mid-grey).")
 
 
-class RegionSection(_Section):
-    x: int = Field(ge=0, description="Left edge in image pixels.")
-    y: int = Field(ge=0, description="Top edge in image pixels.")
-    width: int = Field(ge=8, description="Width in pixels.")
-    height: int = Field(ge=8, description="Height in pixels.")
-
-
 class TilingSection(_Section):
     """How an image (a camera frame) reaches the model: the one definition the trainer and the edge share."""
 
@@ -106,7 +99,8 @@ class TilingSection(_Section):
         "ROI into image_size tiles and stitch their heatmaps (the larger value where tiles overlap).")
     overlap: int = Field(16, ge=0, description="tiles: pixels shared by neighbouring tiles (the last tile of a row "
                          "or column is flush with the ROI's edge).")
-    roi: RegionSection | None = Field(None, description="Region of every image to inspect; null = the whole image.")
+    roi: RoiConfig | None = Field(None, description="Region of every image to inspect (the station's "
+                                  "inspection.roi, in frame pixels); null = the whole image.")
 
 
 class DataSection(_Section):

@@ -13,11 +13,17 @@ REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "configs" / "train" / "efficient_gan.yaml"
 
 
-def test_shipped_config_validates() -> None:
+def test_shipped_configs_validate() -> None:
     config = load_train_config(SHIPPED, [])
-    assert config.model.image_size == 64
+    # The default recipe: native-pixel tiles, spatial latent, pseudo-defects, the head's score.
+    assert (config.tiling.mode, config.model.image_size, config.model.latent) == ("tiles", 128, "spatial")
+    assert config.pseudo_defects.enabled and config.model.scoring == "segmentation"
     assert config.model.lambda_ == pytest.approx(0.1)
     assert config.calibration.nu == pytest.approx(0.01)
+    papers = load_train_config(SHIPPED.with_name("efficient_gan_residual.yaml"), [])
+    assert (papers.tiling.mode, papers.model.image_size, papers.model.latent) == ("resize", 64, "vector")
+    assert papers.model.scoring == "residual" and not papers.pseudo_defects.enabled
+    load_train_config(SHIPPED.with_name("anogan.yaml"), [])
 
 
 def test_overrides_are_parsed_as_yaml(tmp_path: Path) -> None:

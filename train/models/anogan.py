@@ -40,8 +40,10 @@ from ganspect.train.models.common import (
     ScoringModel,
     StagedConfig,
     check_common,
-    section_default,
     dcgan_init,
+    discriminator_trunk,
+    section_default,
+    spectral,
 )
 
 
@@ -71,14 +73,8 @@ class ImageDiscriminator(nn.Module):
 
     def __init__(self, cfg: AnoGANConfig) -> None:
         super().__init__()
-        sn = nn.utils.parametrizations.spectral_norm if cfg.spectral_norm else (lambda m: m)
-        layers: list[nn.Module] = []
-        in_ch = cfg.channels
-        for i in range(cfg.n_stages):
-            layers += [sn(nn.Conv2d(in_ch, cfg.width(i), 4, 2, 1)), nn.LeakyReLU(0.2)]  # halves H, W
-            in_ch = cfg.width(i)
-        self.trunk = nn.Sequential(*layers)  # (N, w_last, 4, 4)
-        self.head = sn(nn.Linear(cfg.width(cfg.n_stages - 1) * 16, 1))  # (N, 1) logit
+        self.trunk = discriminator_trunk(cfg)  # (N, w_last, 4, 4)
+        self.head = spectral(cfg)(nn.Linear(cfg.width(cfg.n_stages - 1) * 16, 1))  # (N, 1) logit
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x).flatten(1)  # (N, w_last * 16)

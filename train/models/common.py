@@ -236,6 +236,25 @@ def check_common(image_size: int, channels: int, lambda_: float, norm: str, resi
         raise ValueError(f"residual_reduction must be mean or peak, got {residual_reduction!r}")
 
 
+def spectral(cfg: Any) -> Any:
+    """Spectral normalisation for D's layers when `cfg.spectral_norm`, else the identity."""
+    return nn.utils.parametrizations.spectral_norm if cfg.spectral_norm else (lambda m: m)
+
+
+def discriminator_trunk(cfg: Any) -> nn.Sequential:
+    """D's image trunk: DCGAN stride-2 convs with LeakyReLU, channels cfg.width(i), n_stages of them.
+
+    No dropout on conv maps: it cost a quarter of D's time on CPU for no gain we could measure.
+    """
+    sn = spectral(cfg)
+    layers: list[nn.Module] = []
+    in_ch = cfg.channels
+    for i in range(cfg.n_stages):
+        layers += [sn(nn.Conv2d(in_ch, cfg.width(i), 4, 2, 1)), nn.LeakyReLU(0.2)]  # halves H, W
+        in_ch = cfg.width(i)
+    return nn.Sequential(*layers)
+
+
 def build_encoder(cfg: Any) -> nn.Module:
     return SpatialEncoder(cfg) if getattr(cfg, "latent", "vector") == "spatial" else Encoder(cfg)
 

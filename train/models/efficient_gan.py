@@ -52,9 +52,11 @@ from ganspect.train.models.common import (  # noqa: F401  (re-exported: older im
     build_encoder,
     build_generator,
     check_common,
-    section_default,
     dcgan_init,
+    discriminator_trunk,
     gaussian_kernel_1d,
+    section_default,
+    spectral,
     weighted_score,
 )
 
@@ -97,14 +99,8 @@ class Discriminator(nn.Module):
 
     def __init__(self, cfg: EfficientGANConfig) -> None:
         super().__init__()
-        sn = nn.utils.parametrizations.spectral_norm if cfg.spectral_norm else (lambda m: m)
-        x_layers: list[nn.Module] = []
-        in_ch = cfg.channels
-        for i in range(cfg.n_stages):
-            # No dropout on conv maps: it cost a quarter of D's time on CPU for no gain we could measure.
-            x_layers += [sn(nn.Conv2d(in_ch, cfg.width(i), 4, 2, 1)), nn.LeakyReLU(0.2)]
-            in_ch = cfg.width(i)
-        self.x_net = nn.Sequential(*x_layers)  # (N, w_last, 4, 4)
+        sn = spectral(cfg)
+        self.x_net = discriminator_trunk(cfg)  # (N, w_last, 4, 4)
         self.z_net = nn.Sequential(
             sn(nn.Linear(cfg.latent_dim, cfg.d_z_dim)), nn.LeakyReLU(0.2), nn.Dropout(cfg.d_dropout),
         )  # (N, d_z_dim)
@@ -135,13 +131,9 @@ class PatchDiscriminator(nn.Module):
 
     def __init__(self, cfg: EfficientGANConfig) -> None:
         super().__init__()
-        sn = nn.utils.parametrizations.spectral_norm if cfg.spectral_norm else (lambda m: m)
-        x_layers: list[nn.Module] = []
-        in_ch = cfg.channels
-        for i in range(cfg.n_stages):
-            x_layers += [sn(nn.Conv2d(in_ch, cfg.width(i), 4, 2, 1)), nn.LeakyReLU(0.2)]
-            in_ch = cfg.width(i)
-        self.x_net = nn.Sequential(*x_layers)
+        sn = spectral(cfg)
+        self.x_net = discriminator_trunk(cfg)  # (N, w_last, h, w)
+        in_ch = cfg.width(cfg.n_stages - 1)
         width = min(cfg.d_feature_dim, 4 * in_ch)
         self.joint = nn.Sequential(sn(nn.Conv2d(in_ch + cfg.latent_dim, width, 1)), nn.LeakyReLU(0.2))
         self.dropout = nn.Dropout2d(cfg.d_dropout)

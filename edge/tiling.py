@@ -51,6 +51,19 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [min(i * stride, length - tile) for i in range(count)]
 
 
+def stitch(tile_maps: np.ndarray, origins: list[tuple[int, int]], height: int, width: int) -> np.ndarray:
+    """Tile maps (T, h, w) back into one (height, width) map, the larger value where tiles overlap.
+
+    The trainer's evaluation stitches with this too, so that it scores exactly as the edge does.
+    """
+    tile_h, tile_w = tile_maps.shape[-2:]
+    out = np.full((height, width), -np.inf, np.float32)
+    for (y, x), tile in zip(origins, tile_maps):
+        window = out[y: y + tile_h, x: x + tile_w]
+        np.maximum(window, tile, out=window)
+    return out
+
+
 @dataclass(frozen=True)
 class Framing:
     """The tiling actually used: the bundle's (how the model was trained) over the station's settings."""
@@ -97,6 +110,13 @@ class Inspector:
 
     def __init__(self, config: InspectionConfig) -> None:
         self._config = config
+        self._framed: tuple[Manifest, Framing] | None = None
+
+    def framing(self, manifest: Manifest) -> Framing:
+        """`framing_for` the model in use, worked out once per model rather than on every frame."""
+        if self._framed is None or self._framed[0] is not manifest:
+            self._framed = (manifest, framing_for(self._config, manifest))
+        return self._framed[1]
 
     def check(self, manifest: Manifest) -> None:
         """Refuse settings the model cannot serve (tiles larger than the ROI, overlap as large as a tile,
@@ -125,7 +145,7 @@ class Inspector:
     def inspect(self, frame_bgr: np.ndarray, scorer: Scorer, threshold: float) -> Inspection:
         """Score one frame with `scorer`; NG when the (worst tile's) score is above `threshold`."""
         t0 = time.perf_counter()
-        framing = framing_for(self._config, scorer.manifest)
+        framing = self.framing(scorer.manifest)
         region = self.region(frame_bgr.shape, framing.roi)
         crop = frame_bgr[region.y: region.y + region.height, region.x: region.x + region.width]
         spec = scorer.manifest.input
@@ -145,10 +165,7 @@ class Inspector:
         if framing.tiling == "resize":
             heat = heatmaps[0]
         else:
-            heat = np.full((region.height, region.width), -np.inf, np.float32)
-            for (y, x), tile_heat in zip(origins, heatmaps):
-                window = heat[y: y + spec.height, x: x + spec.width]
-                np.maximum(window, tile_heat, out=window)
+            heat = stitch(heatmaps, origins, region.height, region.width)
         peak_y, peak_x = np.unravel_index(int(np.argmax(heat)), heat.shape)
         # max() of a NaN-holding array is NaN: a broken tile makes the frame UNDEFINED, never OK.
         worst = float(np.max(scores))

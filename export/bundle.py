@@ -179,14 +179,12 @@ def _run_images(source: Path, size: int, channels: int, holdout: float, seed: in
 def _tiled_threshold(path: Path, frames: Any, config: Any, nu: float) -> float:
     """The file's threshold on whole frames: the (1 - nu) quantile of the held-out normals' worst-tile scores."""
     from ganspect.export.onnx_export import run_onnx
-    from ganspect.train.calibrate import normal_quantile_threshold, tile_origins
+    from ganspect.train.calibrate import cut_tiles, normal_quantile_threshold
 
-    size = config.model.image_size
-    worst = []
-    for frame in frames:
-        tiles = np.stack([frame[y:y + size, x:x + size]
-                          for y, x in tile_origins(frame.shape[0], frame.shape[1], size, config.tiling.overlap)])
-        worst.append(float(np.max(run_onnx(path, tiles).score)))
+    per_frame = [cut_tiles(frame, config.model.image_size, config.tiling.overlap)[0] for frame in frames]
+    scores = run_onnx(path, np.concatenate(per_frame)).score  # one session for all frames' tiles
+    ends = np.cumsum([len(tiles) for tiles in per_frame])
+    worst = [float(np.max(chunk)) for chunk in np.split(scores, ends[:-1])]
     return normal_quantile_threshold(np.asarray(worst), nu)
 
 

@@ -98,14 +98,10 @@ def tile_origins(height: int, width: int, size: int, overlap: int) -> list[tuple
     return [(y, x) for y in tile_starts(height, size, overlap) for x in tile_starts(width, size, overlap)]
 
 
-def stitch(maps: np.ndarray, origins: list[tuple[int, int]], height: int, width: int) -> np.ndarray:
-    """Tile maps (T, S, S) back into one (height, width) map, the larger value where tiles overlap (as the edge)."""
-    size = maps.shape[-1]
-    out = np.full((height, width), -np.inf, np.float32)
-    for (y, x), tile in zip(origins, maps):
-        window = out[y:y + size, x:x + size]
-        np.maximum(window, tile, out=window)
-    return out
+def cut_tiles(image: np.ndarray, size: int, overlap: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The model-sized tiles (T, S, S, C) of a native-size image and their origins, as the edge cuts them."""
+    origins = tile_origins(image.shape[0], image.shape[1], size, overlap)
+    return np.stack([image[y:y + size, x:x + size] for y, x in origins]), origins
 
 
 def score_tiled(model: ScoringModel, images: Any, overlap: int, batch_size: int = 64,
@@ -122,10 +118,11 @@ def score_tiled(model: ScoringModel, images: Any, overlap: int, batch_size: int 
     from ganspect.train.loop import progress_bar
 
     bar = progress_bar(len(images), desc=progress, unit="image") if progress else None
+    from ganspect.edge.tiling import stitch
+
     for image in images:
         h, w = image.shape[:2]
-        origins = tile_origins(h, w, size, overlap)
-        tiles = np.stack([image[y:y + size, x:x + size] for y, x in origins])
+        tiles, origins = cut_tiles(image, size, overlap)
         part = score_images(model, tiles, batch_size=batch_size, device=device, keep_recon=keep_recon)
         worst = int(np.argmax(part.score))
         for k in keys:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 KINDS = ("perlin", "cutpaste", "scratch")
 # A pixel whose value moved by less than this (in [-1, 1] units: 3 grey levels) is unchanged.
@@ -195,9 +194,3 @@ def paint(x: torch.Tensor, probability: float, kinds: tuple[str, ...] | list[str
         masks[i, 0] = (region > 0.5).float() * changed.float()
     return damaged, masks
 
-
-def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
-    """Grow a (N, 1, H, W) mask by `pixels` in every direction (max pooling)."""
-    if pixels <= 0:
-        return mask
-    return F.max_pool2d(mask, 2 * pixels + 1, stride=1, padding=pixels)

@@ -37,10 +37,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the under-5-minutes subset (fewer runs, colour models only)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"Markdown file to write (default {DEFAULT_OUT})")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="where models, videos and daemon state go (default: a temporary folder, removed at the end)")
-    p.add_argument("--only", nargs="+", choices=SECTIONS, default=None, metavar="SECTION",
-                   help=f"run only these sections ({', '.join(SECTIONS)}); the machine and targets are always written")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where models, videos and daemon state go (default: a temporary folder, removed at the end)",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        default=None,
+        metavar="SECTION",
+        help=f"run only these sections ({', '.join(SECTIONS)}); the machine and targets are always written",
+    )
     p.add_argument("--sizes", nargs="+", type=int, default=None, help="model sizes for the inference table")
     p.add_argument("--kinds", nargs="+", default=None, help="model kinds for the inference table")
     p.add_argument("--channels", nargs="+", type=int, choices=(1, 3), default=None, help="1 gray, 3 colour")
@@ -60,9 +70,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         plan.models = [(k, s, c) for k in kinds for s in sizes for c in channels]
     if args.budget_s is not None or args.min_runs is not None:
         b = plan.inference_budget
-        plan.inference_budget = type(b)(seconds=args.budget_s if args.budget_s is not None else b.seconds,
-                                        min_runs=args.min_runs or b.min_runs,
-                                        max_runs=max(b.max_runs, args.min_runs or 0), warmup=b.warmup)
+        plan.inference_budget = type(b)(
+            seconds=args.budget_s if args.budget_s is not None else b.seconds,
+            min_runs=args.min_runs or b.min_runs,
+            max_runs=max(b.max_runs, args.min_runs or 0),
+            warmup=b.warmup,
+        )
     return plan
 
 
@@ -91,11 +104,23 @@ def run_inference(r: bench_report.Results, work: Path) -> None:
         for precision, path in built.files.items():
             for threads in (1, 0):
                 ms = time_file(path, image, threads, plan.inference_budget)
-                r.inference.append(InferenceFigure(
-                    label=spec.label, kind=kind, size=size, channels=channels, precision=precision,
-                    threads=threads, ms=ms, macs=macs, file_bytes=path.stat().st_size))
-                _say(f"[inference]   {precision} {threads or 'all'} thread(s): median {ms.median:.2f} ms, "
-                     f"p99 {ms.p99:.2f} ms ({ms.runs} runs)")
+                r.inference.append(
+                    InferenceFigure(
+                        label=spec.label,
+                        kind=kind,
+                        size=size,
+                        channels=channels,
+                        precision=precision,
+                        threads=threads,
+                        ms=ms,
+                        macs=macs,
+                        file_bytes=path.stat().st_size,
+                    )
+                )
+                _say(
+                    f"[inference]   {precision} {threads or 'all'} thread(s): median {ms.median:.2f} ms, "
+                    f"p99 {ms.p99:.2f} ms ({ms.runs} runs)"
+                )
     for kind, size, channels, overrides in plan.levers:
         spec = ModelSpec(kind, size, channels, tuple(overrides))
         _say(f"[levers] building {spec.label}")
@@ -104,9 +129,19 @@ def run_inference(r: bench_report.Results, work: Path) -> None:
         image = part_image(synthetic_parts(work / "data", size), channels)
         for precision, path in built.files.items():
             ms = time_file(path, image, 1, plan.inference_budget)
-            r.lever_figures.append(InferenceFigure(
-                label=spec.label, kind=kind, size=size, channels=channels, precision=precision, threads=1, ms=ms,
-                macs=sum(built.macs_by_part.values()), file_bytes=path.stat().st_size))
+            r.lever_figures.append(
+                InferenceFigure(
+                    label=spec.label,
+                    kind=kind,
+                    size=size,
+                    channels=channels,
+                    precision=precision,
+                    threads=1,
+                    ms=ms,
+                    macs=sum(built.macs_by_part.values()),
+                    file_bytes=path.stat().st_size,
+                )
+            )
             _say(f"[levers]   {precision} 1 thread: median {ms.median:.2f} ms")
     # The hot path of the largest Efficient GAN: INT8 when there is one (what ships), else FP32.
     largest = [b for b in r.built if b.spec.kind == "efficient_gan" and b.files]
@@ -142,24 +177,46 @@ def run_edge_section(r: bench_report.Results, work: Path) -> None:
         for cores, threads in plan.edge_runs:
             for frames, fps in ((plan.edge_frames, None), (plan.edge_paced_frames, plan.edge_paced_fps)):
                 expected_s = frames / (fps or 30.0)
-                run = run_daemon(built.bundle, video, broker, subscriber, work / "edge", cores, frames, fps,
-                                 warmup_frames=max(20, frames // 20), timeout_s=60 + 4 * expected_s,
-                                 inference_threads=threads)
+                run = run_daemon(
+                    built.bundle,
+                    video,
+                    broker,
+                    subscriber,
+                    work / "edge",
+                    cores,
+                    frames,
+                    fps,
+                    warmup_frames=max(20, frames // 20),
+                    timeout_s=60 + 4 * expected_s,
+                    inference_threads=threads,
+                )
                 r.edge.append(run)
                 f2p = run.frame_to_published
-                _say(f"[edge] {cores} core(s), {threads} inference thread(s), {run.mode}: {run.frames} frames, "
-                     f"{run.fps or 0:.1f} fps, "
-                     f"frame-to-published p99 {f2p.p99 if f2p else float('nan'):.1f} ms, RSS end "
-                     f"{run.rss_end_mib or 0:.0f} MiB" + (f" ({run.error})" if run.error else ""))
+                _say(
+                    f"[edge] {cores} core(s), {threads} inference thread(s), {run.mode}: {run.frames} frames, "
+                    f"{run.fps or 0:.1f} fps, "
+                    f"frame-to-published p99 {f2p.p99 if f2p else float('nan'):.1f} ms, RSS end "
+                    f"{run.rss_end_mib or 0:.0f} MiB" + (f" ({run.error})" if run.error else "")
+                )
         if py_spy() is None:
             r.edge_profile_note = "py-spy is not installed (`pip install py-spy`): no profile of the daemon's threads"
         else:
             # A run of its own: the sampler takes CPU, so this run's speed is not reported.
             frames = plan.edge_paced_frames * 2
             _say(f"[edge] profiling the daemon's threads with py-spy over {frames} frames")
-            r.edge_profiled = run_daemon(built.bundle, video, broker, subscriber, work / "edge", 2, frames, None,
-                                         warmup_frames=max(20, frames // 10), timeout_s=120 + frames / 10,
-                                         profile_s=plan.edge_profile_s)
+            r.edge_profiled = run_daemon(
+                built.bundle,
+                video,
+                broker,
+                subscriber,
+                work / "edge",
+                2,
+                frames,
+                None,
+                warmup_frames=max(20, frames // 10),
+                timeout_s=120 + frames / 10,
+                profile_s=plan.edge_profile_s,
+            )
     finally:
         subscriber.close()
         broker.stop()
@@ -189,16 +246,30 @@ def run_search_section(r: bench_report.Results, work: Path) -> None:
         if "fp32" not in built.files:
             r.skipped["search"] = f"{spec.label}: {built.unavailable.get('fp32')}"
             return
-        existing = next((f for f in r.inference if (f.kind, f.size, f.channels, f.precision, f.threads)
-                         == (kind, size, 3, "fp32", 1)), None)
+        existing = next(
+            (
+                f
+                for f in r.inference
+                if (f.kind, f.size, f.channels, f.precision, f.threads) == (kind, size, 3, "fp32", 1)
+            ),
+            None,
+        )
         figures[kind] = existing or InferenceFigure(
-            label=spec.label, kind=kind, size=size, channels=3, precision="fp32", threads=1,
+            label=spec.label,
+            kind=kind,
+            size=size,
+            channels=3,
+            precision="fp32",
+            threads=1,
             ms=time_file(built.files["fp32"], image, 1, plan.inference_budget),
-            macs=sum(graph_macs(built.files["fp32"]).values()), file_bytes=built.files["fp32"].stat().st_size)
+            macs=sum(graph_macs(built.files["fp32"]).values()),
+            file_bytes=built.files["fp32"].stat().st_size,
+        )
     run = work / "runs" / ModelSpec("anogan", size, 3).folder
     _say(f"[search] timing {plan.search_steps_timed}-step latent search x {plan.search_repeats}")
-    r.search = measure_search(run, image, plan.search_steps_timed, plan.search_steps_target, plan.search_repeats,
-                              plan.inference_budget)
+    r.search = measure_search(
+        run, image, plan.search_steps_timed, plan.search_steps_target, plan.search_repeats, plan.inference_budget
+    )
     r.search_onepass_onnx = figures["anogan"]
     r.search_efficient_gan = figures["efficient_gan"]
 
@@ -209,11 +280,13 @@ def run_training_section(r: bench_report.Results, work: Path) -> None:
 
     plan = r.plan
     n_train, n_good, n_bad = plan.training_data
-    data = synthetic_parts(work / "training-data", plan.training_size, n_train=n_train, n_test_good=n_good,
-                           n_test_bad=n_bad, seed=1)
+    data = synthetic_parts(
+        work / "training-data", plan.training_size, n_train=n_train, n_test_good=n_good, n_test_bad=n_bad, seed=1
+    )
     _say(f"[training] Efficient GAN {plan.training_size}x{plan.training_size}, {plan.training_steps} steps")
-    r.training = measure_training(work, data, plan.training_size, 3, plan.training_steps, plan.training_batch,
-                                  evaluate=plan.training_evaluate)
+    r.training = measure_training(
+        work, data, plan.training_size, 3, plan.training_steps, plan.training_batch, evaluate=plan.training_evaluate
+    )
     _say(f"[training]   {r.training.images_per_s or 0:.1f} images/s")
 
 
@@ -223,8 +296,11 @@ def run_accuracy_section(r: bench_report.Results, work: Path) -> None:
     kept = [p for p in files if "smoke" not in p.name]
     r.accuracy = [(p.name, p.read_text(encoding="utf-8")) for p in kept]
     names = " ".join(p.name.lower() for p in kept)
-    for what, keys in (("the seeds' MNIST experiments", ("mnist", "seed0")), ("ELPV (solar cells)", ("elpv",)),
-                       ("the synthetic parts", ("synth", "parts"))):
+    for what, keys in (
+        ("the seeds' MNIST experiments", ("mnist", "seed0")),
+        ("ELPV (solar cells)", ("elpv",)),
+        ("the synthetic parts", ("synth", "parts")),
+    ):
         if not any(k in names for k in keys):
             r.accuracy_missing.append(what)
 

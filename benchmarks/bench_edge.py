@@ -128,7 +128,7 @@ class Subscriber:
     def __init__(self, port: int) -> None:
         import paho.mqtt.client as mqtt
 
-        self.received: dict[str, float] = {}        # result_id (or seq) -> receipt time
+        self.received: dict[str, float] = {}  # result_id (or seq) -> receipt time
         self.metrics: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
@@ -185,8 +185,9 @@ def _edge_has(section: str, key: str) -> bool:
     return key in getattr(sub, "model_fields", {})
 
 
-def edge_config(bundle: Path, video: Path, port: int, data_dir: Path, threads: int, max_frames: int,
-                max_fps: float | None) -> dict[str, Any]:
+def edge_config(
+    bundle: Path, video: Path, port: int, data_dir: Path, threads: int, max_frames: int, max_fps: float | None
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "station": STATION,
         "model": {"bundle": str(bundle), "precision": "auto", "intra_op_threads": threads},
@@ -229,16 +230,16 @@ def _rss_kib(pid: int) -> tuple[int | None, int | None]:
 
 @dataclass
 class EdgeRun:
-    mode: str                       # throughput, paced or profiled
+    mode: str  # throughput, paced or profiled
     cores: int
-    inference_threads: int          # model.intra_op_threads
-    frames: int                     # verdicts in the log
-    offered_fps: float | None       # pace asked for (None = as fast as it goes)
-    fps: float | None = None        # sustained, after warm-up
+    inference_threads: int  # model.intra_op_threads
+    frames: int  # verdicts in the log
+    offered_fps: float | None  # pace asked for (None = as fast as it goes)
+    fps: float | None = None  # sustained, after warm-up
     stages: dict[str, Stats | None] = field(default_factory=dict)
-    stages_in_build: set[str] = field(default_factory=set)   # keys of this build's processing_ms
-    skipped_frames: int | None = None   # frames the capture replaced before scoring took them (health metrics)
-    publish_from_metrics: dict[str, float] | None = None   # the daemon's own p50/p99 of the publish stage
+    stages_in_build: set[str] = field(default_factory=set)  # keys of this build's processing_ms
+    skipped_frames: int | None = None  # frames the capture replaced before scoring took them (health metrics)
+    publish_from_metrics: dict[str, float] | None = None  # the daemon's own p50/p99 of the publish stage
     frame_to_published: Stats | None = None
     received: int = 0
     rss_warm_mib: float | None = None
@@ -257,7 +258,7 @@ class DaemonProfile:
     """py-spy samples of the daemon's threads: share of all samples, and the busiest project lines."""
 
     samples: int
-    threads: list[tuple[str, float, list[tuple[str, float]]]]   # (thread, share, [(frame, share), ...])
+    threads: list[tuple[str, float, list[tuple[str, float]]]]  # (thread, share, [(frame, share), ...])
 
 
 def py_spy() -> str | None:
@@ -270,9 +271,24 @@ def profile_daemon(pid: int, seconds: float, out: Path) -> subprocess.Popen[byte
     tool = py_spy()
     if tool is None:
         return None
-    return subprocess.Popen([tool, "record", "--format", "raw", "-o", str(out), "--duration", f"{max(1, int(seconds))}",
-                             "--pid", str(pid), "--threads", "--nonblocking"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            tool,
+            "record",
+            "--format",
+            "raw",
+            "-o",
+            str(out),
+            "--duration",
+            f"{max(1, int(seconds))}",
+            "--pid",
+            str(pid),
+            "--threads",
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def read_profile(raw: Path, top: int = 4) -> DaemonProfile | None:
@@ -308,9 +324,20 @@ def _parse_time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def run_daemon(bundle: Path, video: Path, broker: Broker, subscriber: Subscriber, work: Path, cores: int,
-               frames: int, max_fps: float | None, warmup_frames: int, timeout_s: float,
-               profile_s: float | None = None, inference_threads: int | None = None) -> EdgeRun:
+def run_daemon(
+    bundle: Path,
+    video: Path,
+    broker: Broker,
+    subscriber: Subscriber,
+    work: Path,
+    cores: int,
+    frames: int,
+    max_fps: float | None,
+    warmup_frames: int,
+    timeout_s: float,
+    profile_s: float | None = None,
+    inference_threads: int | None = None,
+) -> EdgeRun:
     """One daemon run on `cores` cores, onnxruntime on `inference_threads` of them (default: all).
 
     With `profile_s`, py-spy samples it for that long after warm-up (mode "profiled").
@@ -320,14 +347,28 @@ def run_daemon(bundle: Path, video: Path, broker: Broker, subscriber: Subscriber
     run = EdgeRun(mode=mode, cores=cores, frames=0, offered_fps=max_fps, inference_threads=threads)
     folder = Path(tempfile.mkdtemp(prefix=f"edge-{mode}-{cores}c{threads}t-", dir=work))
     config_path = folder / "edge.yaml"
-    config_path.write_text(yaml.safe_dump(edge_config(bundle, video, broker.port, folder / "data", threads, frames,
-                                                      max_fps), sort_keys=False), encoding="utf-8")
+    config_path.write_text(
+        yaml.safe_dump(
+            edge_config(bundle, video, broker.port, folder / "data", threads, frames, max_fps), sort_keys=False
+        ),
+        encoding="utf-8",
+    )
     verdict_log = folder / "verdicts.jsonl"
     cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:cores])
-    command = ["taskset", "-c", cpus, *ganspect_command(), "edge", "--config", str(config_path), "--headless",
-               "--verdict-log", str(verdict_log)]
+    command = [
+        "taskset",
+        "-c",
+        cpus,
+        *ganspect_command(),
+        "edge",
+        "--config",
+        str(config_path),
+        "--headless",
+        "--verdict-log",
+        str(verdict_log),
+    ]
     subscriber.reset()
-    samples: list[tuple[int, int]] = []   # (verdicts received, VmRSS KiB)
+    samples: list[tuple[int, int]] = []  # (verdicts received, VmRSS KiB)
     peak: int | None = None
     spy: subprocess.Popen[bytes] | None = None
     raw = folder / "py-spy.txt"
@@ -368,8 +409,14 @@ def run_daemon(bundle: Path, video: Path, broker: Broker, subscriber: Subscriber
     return run
 
 
-def _analyse(run: EdgeRun, verdict_log: Path, subscriber: Subscriber, samples: list[tuple[int, int]],
-             peak_kib: int | None, warmup_frames: int) -> None:
+def _analyse(
+    run: EdgeRun,
+    verdict_log: Path,
+    subscriber: Subscriber,
+    samples: list[tuple[int, int]],
+    peak_kib: int | None,
+    warmup_frames: int,
+) -> None:
     if not verdict_log.is_file():
         run.error = run.error or "no verdict log written"
         return
@@ -401,8 +448,11 @@ def _analyse(run: EdgeRun, verdict_log: Path, subscriber: Subscriber, samples: l
             run.skipped_frames = camera["skipped_frames"]
     received = subscriber.received
     run.received = len(received)
-    delays = [(received[str(v.get("result_id") or v.get("seq"))] - _parse_time(v["captured_at"])) * 1000.0
-              for v in steady if str(v.get("result_id") or v.get("seq")) in received]
+    delays = [
+        (received[str(v.get("result_id") or v.get("seq"))] - _parse_time(v["captured_at"])) * 1000.0
+        for v in steady
+        if str(v.get("result_id") or v.get("seq")) in received
+    ]
     if delays:
         run.frame_to_published = Stats.of(delays)
     # Samples while it inspected: from warm-up until the last verdict (not its shutdown).

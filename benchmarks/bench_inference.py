@@ -20,14 +20,14 @@ from benchmarks.bench_stats import Budget, Stats, time_calls
 
 @dataclass
 class InferenceFigure:
-    label: str               # model label (kind, size, colour)
+    label: str  # model label (kind, size, colour)
     kind: str
     size: int
     channels: int
     precision: str
-    threads: int             # 1, or 0 = all
+    threads: int  # 1, or 0 = all
     ms: Stats
-    macs: int                # per image
+    macs: int  # per image
     file_bytes: int
 
     @property
@@ -76,7 +76,6 @@ def _part_lookup(path: Path) -> Callable[[str, str], str]:
         for out in node.output:
             producer[out] = node
 
-
     def part(name: str, op: str) -> str:
         weighted = any(k in op for k in ("Conv", "Gemm", "MatMul"))
         for candidate in (name, re.sub(r"(_token_\d+|_nchwc)+$", "", name)):
@@ -97,11 +96,13 @@ def _part_lookup(path: Path) -> Callable[[str, str], str]:
 class Profile:
     label: str
     precision: str
-    by_op: dict[str, float]      # ms per image by ONNX op type
-    by_part: dict[str, float]    # ms per image by network part
+    by_op: dict[str, float]  # ms per image by ONNX op type
+    by_part: dict[str, float]  # ms per image by network part
 
 
-def op_profile(path: Path, image: np.ndarray, threads: int, runs: int = 20) -> tuple[dict[str, float], dict[str, float]]:
+def op_profile(
+    path: Path, image: np.ndarray, threads: int, runs: int = 20
+) -> tuple[dict[str, float], dict[str, float]]:
     """Where a `session.run` spends its time: ms per image by op type and by network part (onnxruntime's profiler)."""
     import json
 
@@ -124,7 +125,7 @@ def op_profile(path: Path, image: np.ndarray, threads: int, runs: int = 20) -> t
     by_op: dict[str, float] = {}
     by_part: dict[str, float] = {}
     node_events = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
-    for event in node_events[len(node_events) * 3 // (3 + runs):]:  # the timed runs only, not the warm-up
+    for event in node_events[len(node_events) * 3 // (3 + runs) :]:  # the timed runs only, not the warm-up
         op = event.get("args", {}).get("op_name", "?")
         ms = float(event.get("dur", 0)) / 1000.0 / runs
         by_op[op] = by_op.get(op, 0.0) + ms

@@ -19,8 +19,19 @@ import numpy as np
 
 # Flags that decide which kernels onnxruntime can use: AVX2/FMA for FP32, VNNI (AVX-512 or
 # AVX) for the INT8 dot products, AMX on the newest Xeons.
-CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
-             "amx_tile", "amx_int8")
+CPU_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+)
 # Load per logical CPU above which we say the figures were taken on a busy machine.
 BUSY_LOAD_PER_CPU = 0.5
 
@@ -29,7 +40,7 @@ BUSY_LOAD_PER_CPU = 0.5
 class Machine:
     cpu_model: str
     logical_cpus: int
-    usable_cpus: int          # in this process's affinity mask
+    usable_cpus: int  # in this process's affinity mask
     physical_cores: int | None
     flags: list[str]
     memory_gib: float | None
@@ -93,10 +104,15 @@ def _package_version(dist: str, module: str | None = None) -> str:
 
 def versions() -> dict[str, str]:
     out = {"Python": platform.python_version()}
-    for label, dist, module in (("ganspect", "ganspect", None), ("numpy", "numpy", "numpy"),
-                                ("onnxruntime", "onnxruntime", "onnxruntime"), ("onnx", "onnx", "onnx"),
-                                ("torch", "torch", "torch"), ("OpenCV", "opencv-python", "cv2"),
-                                ("paho-mqtt", "paho-mqtt", None)):
+    for label, dist, module in (
+        ("ganspect", "ganspect", None),
+        ("numpy", "numpy", "numpy"),
+        ("onnxruntime", "onnxruntime", "onnxruntime"),
+        ("onnx", "onnx", "onnx"),
+        ("torch", "torch", "torch"),
+        ("OpenCV", "opencv-python", "cv2"),
+        ("paho-mqtt", "paho-mqtt", None),
+    ):
         out[label] = _package_version(dist, module)
     return out
 
@@ -124,10 +140,10 @@ def describe_machine() -> Machine:
 
 @dataclass
 class MatmulPeak:
-    threads: int            # 1, or 0 = onnxruntime's default (all cores)
-    n: int                  # square size: (n x n) @ (n x n), 2 n^3 FLOP per run
+    threads: int  # 1, or 0 = onnxruntime's default (all cores)
+    n: int  # square size: (n x n) @ (n x n), 2 n^3 FLOP per run
     runs: int
-    best_gflops: float      # the peak: the fastest run
+    best_gflops: float  # the peak: the fastest run
     median_gflops: float
 
 
@@ -139,9 +155,12 @@ def _matmul_model(n: int) -> bytes:
     rng = np.random.default_rng(0)
     b = helper.make_tensor("B", TensorProto.FLOAT, [n, n], rng.standard_normal((n, n), dtype=np.float32).ravel())
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["A", "B"], ["Y"])], "matmul_peak",
+        [helper.make_node("MatMul", ["A", "B"], ["Y"])],
+        "matmul_peak",
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, n])], initializer=[b])
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, n])],
+        initializer=[b],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -166,5 +185,10 @@ def matmul_peak(threads: int, n: int = 1024, budget_s: float = 1.5, min_runs: in
         session.run(None, {"A": a})
         times.append(time.perf_counter() - t0)
     flop = 2.0 * n**3
-    return MatmulPeak(threads=threads, n=n, runs=len(times), best_gflops=flop / min(times) / 1e9,
-                      median_gflops=flop / float(np.median(times)) / 1e9)
+    return MatmulPeak(
+        threads=threads,
+        n=n,
+        runs=len(times),
+        best_gflops=flop / min(times) / 1e9,
+        median_gflops=flop / float(np.median(times)) / 1e9,
+    )

@@ -48,7 +48,7 @@ class ModelSpec:
     kind: str
     size: int
     channels: int
-    overrides: tuple[str, ...] = ()   # extra `--set` settings of a variant (a lever), e.g. model.base_width=8
+    overrides: tuple[str, ...] = ()  # extra `--set` settings of a variant (a lever), e.g. model.base_width=8
 
     @property
     def colour(self) -> str:
@@ -72,11 +72,11 @@ class ModelSpec:
 class BuiltModel:
     spec: ModelSpec
     bundle: Path | None
-    files: dict[str, Path] = field(default_factory=dict)          # precision -> ONNX file
-    unavailable: dict[str, str] = field(default_factory=dict)     # precision -> why not
+    files: dict[str, Path] = field(default_factory=dict)  # precision -> ONNX file
+    unavailable: dict[str, str] = field(default_factory=dict)  # precision -> why not
     build_s: float = 0.0
-    params: int | None = None                                      # learned weights in the FP32 graph
-    macs_by_part: dict[str, int] = field(default_factory=dict)     # encoder, generator, discriminator, ...
+    params: int | None = None  # learned weights in the FP32 graph
+    macs_by_part: dict[str, int] = field(default_factory=dict)  # encoder, generator, discriminator, ...
     notes: list[str] = field(default_factory=list)
 
 
@@ -86,8 +86,9 @@ def base_config(kind: str) -> Path:
     return own if own.is_file() else TRAIN_CONFIG_DIR / "efficient_gan.yaml"
 
 
-def synthetic_parts(root: Path, size: int, n_train: int = 16, n_test_good: int = 4, n_test_bad: int = 4,
-                    seed: int = 0) -> Path:
+def synthetic_parts(
+    root: Path, size: int, n_train: int = 16, n_test_good: int = 4, n_test_bad: int = 4, seed: int = 0
+) -> Path:
     """A small MVTec-layout set of synthetic washers at `size` (written once per folder)."""
     from ganspect.train.synth import synthesize_dataset
 
@@ -113,7 +114,9 @@ def int8_unavailable_reason() -> str | None:
     from ganspect.export.bundle import export_run
 
     if "int8" not in inspect.signature(export_run).parameters:
-        return "not available in this build: the exporter has no INT8 quantization yet (`ganspect export --int8`, issue 4)"
+        return (
+            "not available in this build: the exporter has no INT8 quantization yet (`ganspect export --int8`, issue 4)"
+        )
     return None
 
 
@@ -136,8 +139,16 @@ def build_model(spec: ModelSpec, work: Path, data: Path, latency_budget_s: float
 
     built = BuiltModel(spec=spec, bundle=None)
     label, kind_overrides = MODEL_KINDS[spec.kind]
-    overrides = [*kind_overrides, f"model.image_size={spec.size}", f"model.channels={spec.channels}",
-                 "train.steps=1", "train.batch_size=2", "train.seed=0", "train.device=cpu", *spec.overrides]
+    overrides = [
+        *kind_overrides,
+        f"model.image_size={spec.size}",
+        f"model.channels={spec.channels}",
+        "train.steps=1",
+        "train.batch_size=2",
+        "train.seed=0",
+        "train.device=cpu",
+        *spec.overrides,
+    ]
     started = time.perf_counter()
     try:
         config = load_train_config(base_config(spec.kind), overrides)
@@ -243,10 +254,10 @@ def graph_macs(path: Path, by: str = "op") -> dict[str, int]:
         key = node.op_type if by == "op" else (node_part(node) or "other")
         try:
             if node.op_type == "Conv":
-                w = shapes[node.input[1]]          # (C_out, C_in/groups, kH, kW)
+                w = shapes[node.input[1]]  # (C_out, C_in/groups, kH, kW)
                 macs[key] += _numel(shapes[node.output[0]]) * _numel(w[1:])
             elif node.op_type == "ConvTranspose":
-                w = shapes[node.input[1]]          # (C_in, C_out/groups, kH, kW)
+                w = shapes[node.input[1]]  # (C_in, C_out/groups, kH, kW)
                 macs[key] += _numel(shapes[node.input[0]]) * _numel(w[1:])
             else:
                 a, out = shapes[node.input[0]], shapes[node.output[0]]

@@ -14,8 +14,7 @@ class Stats:
     median: float
     p99: float
     runs: int
-    best: float = float("nan")   # the fastest run: what the machine does when nothing else runs
-
+    best: float = float("nan")  # the fastest run: what the machine does when nothing else runs
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Stats:

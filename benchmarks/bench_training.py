@@ -35,10 +35,10 @@ class TrainingFigure:
     batch_size: int
     steps: int
     images_per_s: float | None
-    wall_s: float                      # train() from start to calibrated run folder
-    loop_s: float | None               # the optimisation loop alone (losses.csv)
-    auroc_fp32: float | None = None    # ganspect eval on the synthetic test set (full mode)
-    int8_guard: dict[str, float | None] = field(default_factory=dict)   # from the --int8 export's manifest
+    wall_s: float  # train() from start to calibrated run folder
+    loop_s: float | None  # the optimisation loop alone (losses.csv)
+    auroc_fp32: float | None = None  # ganspect eval on the synthetic test set (full mode)
+    int8_guard: dict[str, float | None] = field(default_factory=dict)  # from the --int8 export's manifest
     int8_error: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -53,26 +53,37 @@ def _loop_rate(losses_csv: Path, batch_size: int) -> tuple[float | None, float |
     return (s1 - s0) * batch_size / (t1 - t0), t1
 
 
-def measure_training(work: Path, data: Path, size: int, channels: int, steps: int, batch_size: int,
-                     evaluate: bool) -> TrainingFigure:
+def measure_training(
+    work: Path, data: Path, size: int, channels: int, steps: int, batch_size: int, evaluate: bool
+) -> TrainingFigure:
     """Train Efficient GAN at `size` on `data` for `steps` steps; with `evaluate`, AUROC and the INT8 guard too."""
     from ganspect.train.config import load_train_config
     from ganspect.train.loop import train
 
     run = work / "runs" / f"training-{size}-{channels}-{steps}"
     log_every = max(1, min(25, steps // 4))
-    config = load_train_config(base_config("efficient_gan"), [
-        f"model.image_size={size}", f"model.channels={channels}", f"train.steps={steps}",
-        f"train.batch_size={batch_size}", f"train.log_every={log_every}", f"train.checkpoint_every={steps}",
-        "train.seed=0", "train.device=cpu"])
+    config = load_train_config(
+        base_config("efficient_gan"),
+        [
+            f"model.image_size={size}",
+            f"model.channels={channels}",
+            f"train.steps={steps}",
+            f"train.batch_size={batch_size}",
+            f"train.log_every={log_every}",
+            f"train.checkpoint_every={steps}",
+            "train.seed=0",
+            "train.device=cpu",
+        ],
+    )
     shutil.rmtree(run, ignore_errors=True)  # the trainer refuses a folder that holds a run
     started = time.perf_counter()
     with quietly():
         train(config, data, run)
     wall = time.perf_counter() - started
     rate, loop_s = _loop_rate(run / "losses.csv", batch_size)
-    figure = TrainingFigure(size=size, channels=channels, batch_size=batch_size, steps=steps, images_per_s=rate,
-                            wall_s=wall, loop_s=loop_s)
+    figure = TrainingFigure(
+        size=size, channels=channels, batch_size=batch_size, steps=steps, images_per_s=rate, wall_s=wall, loop_s=loop_s
+    )
     if evaluate:
         _evaluate(figure, run, data, work)
     return figure
@@ -95,9 +106,17 @@ def _evaluate(figure: TrainingFigure, run: Path, data: Path, work: Path) -> None
             bundle = export_run(run, work / "bundles" / run.name, int8=True, force=True)
         manifest = json.loads((Path(bundle) / "manifest.json").read_text(encoding="utf-8"))
         metrics = manifest.get("metrics", {})
-        figure.int8_guard = {k: metrics.get(k) for k in (
-            "int8_guard_passed", "int8_guard_fp32_auroc", "int8_guard_int8_auroc", "int8_guard_spearman",
-            "int8_guard_agreement", "int8_layers_kept_fp32")}
+        figure.int8_guard = {
+            k: metrics.get(k)
+            for k in (
+                "int8_guard_passed",
+                "int8_guard_fp32_auroc",
+                "int8_guard_int8_auroc",
+                "int8_guard_spearman",
+                "int8_guard_agreement",
+                "int8_layers_kept_fp32",
+            )
+        }
     except Exception as exc:  # a piece under construction: say what failed, keep the rest
         figure.int8_error = f"INT8 export failed: {type(exc).__name__}: {str(exc).strip()[:200]}"
 
@@ -113,21 +132,27 @@ class SearchFigure:
     search_steps_timed: int
     search_steps_target: int
     search_ms_per_step: Stats | None = None
-    search_ms_target: float | None = None       # per image at search_steps_target steps
+    search_ms_target: float | None = None  # per image at search_steps_target steps
     extrapolated: bool = False
     onepass_torch_ms: Stats | None = None
     error: str | None = None
 
 
-def measure_search(run: Path, image: np.ndarray, steps_timed: int, steps_target: int, repeats: int,
-                   budget: Budget) -> SearchFigure:
+def measure_search(
+    run: Path, image: np.ndarray, steps_timed: int, steps_target: int, repeats: int, budget: Budget
+) -> SearchFigure:
     """Time AnoGAN's latent search per image (1 thread, PyTorch) against its one-pass forward."""
     import torch
 
     from ganspect.train.loop import load_run_model
 
-    figure = SearchFigure(size=image.shape[0], channels=image.shape[2], search_steps_timed=steps_timed,
-                          search_steps_target=steps_target, extrapolated=steps_timed != steps_target)
+    figure = SearchFigure(
+        size=image.shape[0],
+        channels=image.shape[2],
+        search_steps_timed=steps_timed,
+        search_steps_target=steps_target,
+        extrapolated=steps_timed != steps_target,
+    )
     model, _ = load_run_model(run)
     if not hasattr(model, "search"):
         figure.error = f"not available in this build: {type(model).__name__} has no latent search (issue 3)"

@@ -44,8 +44,10 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{socket.gethostname()}: {cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
-            f"with {torch.get_num_threads()} thread(s), {gpu}, Python {platform.python_version()}")
+    return (
+        f"{socket.gethostname()}: {cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+        f"with {torch.get_num_threads()} thread(s), {gpu}, Python {platform.python_version()}"
+    )
 
 
 def command_line() -> str:
@@ -117,12 +119,14 @@ def write_markdown(name: str, title: str, exp: Experiment, body: str) -> Path:
     """results/<name>.md: the table(s) in `body` with the machine, the time and the command."""
     units = exp.data["units"].values()
     seconds = sum(float(u.get("seconds", 0)) for u in units)
-    text = (f"# {title}\n\n{body.rstrip()}\n\n"
-            f"- machine: {exp.data['machine']}\n"
-            f"- started {exp.data['started']}, last update {exp.data.get('updated', _now())}; "
-            f"{len(exp.data['units'])} unit(s) done, {seconds / 60:.1f} min of compute in them\n"
-            f"- command (from the repository root): `{exp.data['command']}`\n"
-            f"- raw results: `benchmarks/results/{name}.json`\n")
+    text = (
+        f"# {title}\n\n{body.rstrip()}\n\n"
+        f"- machine: {exp.data['machine']}\n"
+        f"- started {exp.data['started']}, last update {exp.data.get('updated', _now())}; "
+        f"{len(exp.data['units'])} unit(s) done, {seconds / 60:.1f} min of compute in them\n"
+        f"- command (from the repository root): `{exp.data['command']}`\n"
+        f"- raw results: `benchmarks/results/{name}.json`\n"
+    )
     path = RESULTS / f"{name}.md"
     path.write_text(text, encoding="utf-8")
     return path

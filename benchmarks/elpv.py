@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Experiment, fmt, train_or_resume, write_markdown  # noqa: E402
+from common import Experiment, fmt, train_or_resume, write_markdown
 
 
 def load_elpv(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -48,15 +48,31 @@ def load_elpv(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def make_config(args: argparse.Namespace, seed: int) -> object:
     from ganspect.train.config import config_from_dict
 
-    return config_from_dict({
-        "model": {"kind": "efficient_gan", "image_size": args.size, "channels": 1, "latent_dim": 64,
-                  "base_width": 16, "residual_reduction": "peak", "lambda": 0.1},
-        # A mirrored good cell is a good cell; busbars stay straight under flips.
-        "data": {"holdout": 0.1, "augment": {"hflip": True, "vflip": True, "shift": 2, "brightness": 0.05}},
-        "train": {"steps": args.steps, "batch_size": 32, "seed": seed, "threads": args.threads,
-                  "checkpoint_every": 250, "log_every": 50},
-        "calibration": {"nu": 0.05},
-    }, source="elpv")
+    return config_from_dict(
+        {
+            "model": {
+                "kind": "efficient_gan",
+                "image_size": args.size,
+                "channels": 1,
+                "latent_dim": 64,
+                "base_width": 16,
+                "residual_reduction": "peak",
+                "lambda": 0.1,
+            },
+            # A mirrored good cell is a good cell; busbars stay straight under flips.
+            "data": {"holdout": 0.1, "augment": {"hflip": True, "vflip": True, "shift": 2, "brightness": 0.05}},
+            "train": {
+                "steps": args.steps,
+                "batch_size": 32,
+                "seed": seed,
+                "threads": args.threads,
+                "checkpoint_every": 250,
+                "log_every": 50,
+            },
+            "calibration": {"nu": 0.05},
+        },
+        source="elpv",
+    )
 
 
 def main() -> int:
@@ -90,13 +106,21 @@ def main() -> int:
                 n_train = int(round(0.75 * len(good)))
                 train, test_good = good[:n_train], good[n_train:]
                 n_val = int(round(0.1 * n_train))
-                model = train_or_resume(make_config(args, seed), images[train[n_val:]], images[train[:n_val]],
-                                        exp.run_dir(unit))
+                model = train_or_resume(
+                    make_config(args, seed), images[train[n_val:]], images[train[:n_val]], exp.run_dir(unit)
+                )
                 test = np.concatenate([test_good, bad])
                 labels = np.concatenate([np.zeros(len(test_good), int), np.ones(len(bad), int)])
-                result: dict[str, object] = {"type": cell_type, "seed": seed, "n_train": n_train - n_val,
-                                             "n_val": n_val, "n_test_good": len(test_good), "n_test_bad": len(bad),
-                                             "steps": args.steps, "size": args.size}
+                result: dict[str, object] = {
+                    "type": cell_type,
+                    "seed": seed,
+                    "n_train": n_train - n_val,
+                    "n_val": n_val,
+                    "n_test_good": len(test_good),
+                    "n_test_bad": len(bad),
+                    "steps": args.steps,
+                    "size": args.size,
+                }
                 original = model.cfg.residual_reduction
                 try:
                     for reduction in ("peak", "mean"):
@@ -120,26 +144,33 @@ def main() -> int:
 
 def _write(exp: Experiment, name: str) -> None:
     units = list(exp.data["units"].values())
-    lines = ["| cell type | L_R | AUROC λ=0.1 (mean ± std) | AUROC λ=0 | AUROC λ=1 | AUPRC λ=0.1 | seeds | train / test good / test bad |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| cell type | L_R | AUROC λ=0.1 (mean ± std) | AUROC λ=0 | AUROC λ=1 | AUPRC λ=0.1 | seeds | train / test good / test bad |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for cell_type in ("mono", "poly"):
         us = [u for u in units if u["type"] == cell_type]
         if not us:
             continue
         for red in ("peak", "mean"):
+
             def ms(key: str) -> str:
                 v = [u[red][key] for u in us]
                 return f"{fmt(float(np.mean(v)))} ± {fmt(float(np.std(v)))}"
+
             u0 = us[0]
-            lines.append(f"| {cell_type} | {red} | {ms('auroc')} | {ms('auroc_lambda0')} | {ms('auroc_lambda1')} | "
-                         f"{ms('auprc')} | {len(us)} | {u0['n_train']} / {u0['n_test_good']} / {u0['n_test_bad']} |")
+            lines.append(
+                f"| {cell_type} | {red} | {ms('auroc')} | {ms('auroc_lambda0')} | {ms('auroc_lambda1')} | "
+                f"{ms('auprc')} | {len(us)} | {u0['n_train']} / {u0['n_test_good']} / {u0['n_test_bad']} |"
+            )
     u0 = units[0] if units else {"steps": "?", "size": "?"}
     body = (
         f"Efficient GAN at {u0['size']}x{u0['size']} grayscale, latent 64, base width 16, {u0['steps']} steps of "
         "batch 32, flips/shift/brightness augmentation; trained on defect-probability-0 cells of one type, "
         "tested on held-out probability-0 cells against all probability-1 cells of that type. Both L_R "
         "reductions are measured on the same trained model. std over seeds (population std).\n\n"
-        + "\n".join(lines) + "\n"
+        + "\n".join(lines)
+        + "\n"
     )
     write_markdown(name, "ELPV solar cells: image AUROC, probability 0 vs 1", exp, body)
 

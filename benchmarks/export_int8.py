@@ -68,8 +68,10 @@ def main() -> None:
                 if threads == 1:
                     cpu_1_thread.setdefault(precision, []).extend(cpu)
 
-    print("| file | size | 1 thread median (p90) | 1 thread CPU time median | all threads median (p90) | "
-          "image AUROC | threshold | recall | false alarms |")
+    print(
+        "| file | size | 1 thread median (p90) | 1 thread CPU time median | all threads median (p90) | "
+        "image AUROC | threshold | recall | false alarms |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     medians = {}
     for f in m.files:
@@ -83,13 +85,17 @@ def main() -> None:
             cells.append(f"{np.median(t):.2f} ms ({np.percentile(t, 90):.2f})")
         cpu_ms = float(np.median(cpu_1_thread[f.precision]))
         medians[(f.precision, "cpu")] = cpu_ms
-        print(f"| {f.path} | {f.bytes / 1e6:.2f} MB | {cells[0]} | {cpu_ms:.2f} ms | {cells[1]} | {auroc:.4f} | "
-              f"{f.threshold:.5g} | "
-              f"{ng[labels == 1].mean():.1%} | {ng[labels == 0].mean():.1%} |")
+        print(
+            f"| {f.path} | {f.bytes / 1e6:.2f} MB | {cells[0]} | {cpu_ms:.2f} ms | {cells[1]} | {auroc:.4f} | "
+            f"{f.threshold:.5g} | "
+            f"{ng[labels == 1].mean():.1%} | {ng[labels == 0].mean():.1%} |"
+        )
     if ("int8", 1) in medians:
-        print(f"\nINT8 speed-up: {medians[('fp32', 1)] / medians[('int8', 1)]:.2f}x with 1 thread "
-              f"({medians[('fp32', 'cpu')] / medians[('int8', 'cpu')]:.2f}x in CPU time), "
-              f"{medians[('fp32', 0)] / medians[('int8', 0)]:.2f}x with all threads")
+        print(
+            f"\nINT8 speed-up: {medians[('fp32', 1)] / medians[('int8', 1)]:.2f}x with 1 thread "
+            f"({medians[('fp32', 'cpu')] / medians[('int8', 'cpu')]:.2f}x in CPU time), "
+            f"{medians[('fp32', 0)] / medians[('int8', 0)]:.2f}x with all threads"
+        )
 
 
 if __name__ == "__main__":

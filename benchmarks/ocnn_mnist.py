@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RUNS, Experiment, fmt, write_markdown  # noqa: E402
-from mnist import load_all_mnist  # noqa: E402
-from paper_mnist import split  # noqa: E402
+from common import RUNS, Experiment, fmt, write_markdown
+from mnist import load_all_mnist
+from paper_mnist import split
 
 
 def main() -> int:
@@ -34,8 +34,13 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--source", default="paper_mnist", help="experiment whose run folders to use")
-    p.add_argument("--digits", type=int, nargs="+", default=list(range(10)),
-                   help="anomalous digits to do (e.g. 0 1 2 3 4 here and 5 6 7 8 9 in a second process)")
+    p.add_argument(
+        "--digits",
+        type=int,
+        nargs="+",
+        default=list(range(10)),
+        help="anomalous digits to do (e.g. 0 1 2 3 4 here and 5 6 7 8 9 in a second process)",
+    )
     args = p.parse_args()
 
     import torch
@@ -71,8 +76,10 @@ def main() -> int:
             combined = rankdata(gan) + rankdata(ocnn)
             out: dict[str, object] = {"digit": digit, "seed": seed, "train_outside": fit.outside}
             for name, s in (("gan", gan), ("ocnn", ocnn), ("combined", combined)):
-                out[name] = {"auprc": float(average_precision_score(labels, s)),
-                             "auroc": float(roc_auc_score(labels, s))}
+                out[name] = {
+                    "auprc": float(average_precision_score(labels, s)),
+                    "auroc": float(roc_auc_score(labels, s)),
+                }
             return out
 
         exp.unit(folder.name, work)
@@ -83,8 +90,10 @@ def main() -> int:
 
 def _write(exp: Experiment) -> None:
     units = list(exp.data["units"].values())
-    lines = ["| anomalous digit | n | GAN AUPRC | OC-NN AUPRC | rank average AUPRC | GAN AUROC | OC-NN AUROC | rank average AUROC |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| anomalous digit | n | GAN AUPRC | OC-NN AUPRC | rank average AUPRC | GAN AUROC | OC-NN AUROC | rank average AUROC |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for digit in range(10):
         us = [u for u in units if u["digit"] == digit]
         if not us:
@@ -92,17 +101,26 @@ def _write(exp: Experiment) -> None:
 
         def m(name: str, key: str) -> str:
             return fmt(float(np.mean([u[name][key] for u in us])))
-        lines.append(f"| {digit} | {len(us)} | {m('gan', 'auprc')} | {m('ocnn', 'auprc')} | {m('combined', 'auprc')} | "
-                     f"{m('gan', 'auroc')} | {m('ocnn', 'auroc')} | {m('combined', 'auroc')} |")
+
+        lines.append(
+            f"| {digit} | {len(us)} | {m('gan', 'auprc')} | {m('ocnn', 'auprc')} | {m('combined', 'auprc')} | "
+            f"{m('gan', 'auroc')} | {m('ocnn', 'auroc')} | {m('combined', 'auroc')} |"
+        )
     if units:
+
         def allm(name: str, key: str) -> str:
             return fmt(float(np.mean([u[name][key] for u in units])))
-        lines.append(f"| all | {len(units)} | {allm('gan', 'auprc')} | {allm('ocnn', 'auprc')} | "
-                     f"{allm('combined', 'auprc')} | {allm('gan', 'auroc')} | {allm('ocnn', 'auroc')} | "
-                     f"{allm('combined', 'auroc')} |")
-    body = ("OC-NN (seed 004) on the frozen latent codes of the paper protocol's Efficient GAN models "
-            "(benchmarks/paper_mnist.py), against the GAN score alone and the rank average of both. Means over "
-            "the seeds done (n).\n\n" + "\n".join(lines) + "\n")
+
+        lines.append(
+            f"| all | {len(units)} | {allm('gan', 'auprc')} | {allm('ocnn', 'auprc')} | "
+            f"{allm('combined', 'auprc')} | {allm('gan', 'auroc')} | {allm('ocnn', 'auroc')} | "
+            f"{allm('combined', 'auroc')} |"
+        )
+    body = (
+        "OC-NN (seed 004) on the frozen latent codes of the paper protocol's Efficient GAN models "
+        "(benchmarks/paper_mnist.py), against the GAN score alone and the rank average of both. Means over "
+        "the seeds done (n).\n\n" + "\n".join(lines) + "\n"
+    )
     write_markdown("ocnn_mnist", "Seed 004: an OC-NN head on Efficient GAN's latent codes (MNIST)", exp, body)
 
 

@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Experiment, fmt, train_or_resume, write_markdown  # noqa: E402
-from mnist import load_all_mnist  # noqa: E402
+from common import Experiment, fmt, train_or_resume, write_markdown
+from mnist import load_all_mnist
 
 MODELS = ("efficient_gan", "anogan")
 
@@ -35,15 +35,31 @@ def make_config(kind: str, args: argparse.Namespace, seed: int) -> object:
     from ganspect.train.config import config_from_dict
 
     steps = args.steps if kind == "efficient_gan" else args.anogan_steps
-    return config_from_dict({
-        "model": {"kind": kind, "image_size": 32, "channels": 1, "latent_dim": 32, "base_width": 16,
-                  "residual_reduction": "mean", "lambda": 0.1},
-        "data": {"holdout": 0.05, "augment": {"shift": 0, "brightness": 0.0}},
-        "train": {"steps": steps, "batch_size": 64, "seed": seed, "threads": args.threads,
-                  "checkpoint_every": 250, "log_every": 100},
-        "anogan": {"encoder_steps": args.encoder_steps},
-        "calibration": {"nu": 0.05, "batch_size": 512},
-    }, source="paper_mnist")
+    return config_from_dict(
+        {
+            "model": {
+                "kind": kind,
+                "image_size": 32,
+                "channels": 1,
+                "latent_dim": 32,
+                "base_width": 16,
+                "residual_reduction": "mean",
+                "lambda": 0.1,
+            },
+            "data": {"holdout": 0.05, "augment": {"shift": 0, "brightness": 0.0}},
+            "train": {
+                "steps": steps,
+                "batch_size": 64,
+                "seed": seed,
+                "threads": args.threads,
+                "checkpoint_every": 250,
+                "log_every": 100,
+            },
+            "anogan": {"encoder_steps": args.encoder_steps},
+            "calibration": {"nu": 0.05, "batch_size": 512},
+        },
+        source="paper_mnist",
+    )
 
 
 def split(labels: np.ndarray, digit: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,13 +107,18 @@ def main() -> int:
                     scored = score_images(model, x[te], batch_size=512)
                     labels = (y[te] == digit).astype(int)
                     return {
-                        "kind": kind, "digit": digit, "seed": seed, "n_train": len(tr), "n_test": len(te),
+                        "kind": kind,
+                        "digit": digit,
+                        "seed": seed,
+                        "n_train": len(tr),
+                        "n_test": len(te),
                         "n_test_anomalous": int(labels.sum()),
                         "auprc": float(average_precision_score(labels, scored.score)),
                         "auroc": float(roc_auc_score(labels, scored.score)),
                         "auprc_lambda0": float(average_precision_score(labels, scored.l_r)),
                         "steps": make_config(kind, args, seed).train.steps,
                     }
+
                 exp.unit(unit, work)
                 _write(exp, name)
     print(f"results: benchmarks/results/{name}.md")
@@ -106,8 +127,10 @@ def main() -> int:
 
 def _write(exp: Experiment, name: str) -> None:
     units = list(exp.data["units"].values())
-    lines = ["| anomalous digit | " + " | ".join(f"{k} AUPRC (mean ± std, n seeds)" for k in MODELS) + " |",
-             "|---" * (1 + len(MODELS)) + "|"]
+    lines = [
+        "| anomalous digit | " + " | ".join(f"{k} AUPRC (mean ± std, n seeds)" for k in MODELS) + " |",
+        "|---" * (1 + len(MODELS)) + "|",
+    ]
     means = {k: [] for k in MODELS}
     for digit in range(10):
         cells = []
@@ -117,8 +140,9 @@ def _write(exp: Experiment, name: str) -> None:
                 means[kind].append(np.mean(v))
             cells.append(f"{fmt(float(np.mean(v)))} ± {fmt(float(np.std(v)))} (n={len(v)})" if v else "—")
         lines.append(f"| {digit} | " + " | ".join(cells) + " |")
-    lines.append("| mean over digits | " + " | ".join(fmt(float(np.mean(means[k]))) if means[k] else "—"
-                                                 for k in MODELS) + " |")
+    lines.append(
+        "| mean over digits | " + " | ".join(fmt(float(np.mean(means[k]))) if means[k] else "—" for k in MODELS) + " |"
+    )
     steps = {k: next((u["steps"] for u in units if u["kind"] == k), None) for k in MODELS}
     body = (
         "AUPRC (anomaly = positive) per anomalous digit; the nine other digits are normal. 80 % of the normal "

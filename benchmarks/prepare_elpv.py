@@ -36,7 +36,8 @@ def main() -> int:
     prob = np.array([float(r[1]) for r in rows])
     types = np.array([r[2] for r in rows])
     good = np.random.default_rng([args.seed, 0 if args.type == "mono" else 1]).permutation(
-        np.flatnonzero((types == args.type) & (prob == 0.0)))
+        np.flatnonzero((types == args.type) & (prob == 0.0))
+    )
     bad = np.flatnonzero((types == args.type) & (prob == 1.0))
     n_train = int(round(0.75 * len(good)))
     split = {"train/good": good[:n_train], "test/good": good[n_train:], "test/defect": bad}

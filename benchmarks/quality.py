@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Experiment, fmt, write_markdown  # noqa: E402
+from common import Experiment, fmt, write_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "train" / "efficient_gan.yaml"
@@ -70,11 +70,16 @@ def time_int8(bundle: Path, config: Any, frame_shape: tuple[int, ...]) -> dict[s
     n_region = tiles_for(256, 256)
     n_frame = tiles_for(*frame_shape[:2])
     one = rng.integers(0, 256, (1, size, size, channels), np.uint8)
-    result = {"tile_ms": _median_ms(session, one), "tiles_per_256_region": n_region,
-              "tiles_per_frame": n_frame, "frame": f"{frame_shape[1]}x{frame_shape[0]}"}
+    result = {
+        "tile_ms": _median_ms(session, one),
+        "tiles_per_256_region": n_region,
+        "tiles_per_frame": n_frame,
+        "frame": f"{frame_shape[1]}x{frame_shape[0]}",
+    }
     result["region_256_ms"] = _median_ms(session, rng.integers(0, 256, (n_region, size, size, channels), np.uint8))
-    result["frame_ms"] = _median_ms(session, rng.integers(0, 256, (n_frame, size, size, channels), np.uint8),
-                                    budget_s=3.0, min_runs=5)
+    result["frame_ms"] = _median_ms(
+        session, rng.integers(0, 256, (n_frame, size, size, channels), np.uint8), budget_s=3.0, min_runs=5
+    )
     return result
 
 
@@ -99,11 +104,17 @@ def run_seed(args: argparse.Namespace, seed: int, exp: Experiment) -> dict[str, 
     print(f"[seed {seed}] evaluating", flush=True)
     metrics = evaluate_run(run, args.data, report=True)
     result: dict[str, Any] = {k: metrics.get(k) for k in HEADLINE}
-    result.update(seed=seed, train_seconds=round(train_s, 1), threshold=metrics["threshold"],
-                  auroc_by_kind=metrics.get("image_auroc_by_kind", {}),
-                  false_alarm_rate_held_out=metrics.get("false_alarm_rate_held_out"),
-                  n_test_good=metrics["n_test_good"], n_test_bad=metrics["n_test_bad"],
-                  n_calibration=metrics["n_calibration"], report=str(metrics.get("report", "")))
+    result.update(
+        seed=seed,
+        train_seconds=round(train_s, 1),
+        threshold=metrics["threshold"],
+        auroc_by_kind=metrics.get("image_auroc_by_kind", {}),
+        false_alarm_rate_held_out=metrics.get("false_alarm_rate_held_out"),
+        n_test_good=metrics["n_test_good"],
+        n_test_bad=metrics["n_test_bad"],
+        n_calibration=metrics["n_calibration"],
+        report=str(metrics.get("report", "")),
+    )
     if not args.no_export:
         bundle = run / "bundle"
         if not (bundle / "manifest.json").is_file():
@@ -125,9 +136,11 @@ def run_seed(args: argparse.Namespace, seed: int, exp: Experiment) -> dict[str, 
 def _guard_of(bundle: Path) -> dict[str, Any]:
     """The INT8 guard's verdict and AUROCs as the export recorded them in the manifest."""
     metrics = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))["metrics"]
-    return {"guard_passed": bool(metrics.get("int8_guard_passed")),
-            "guard_auroc_fp32": metrics.get("int8_guard_fp32_auroc"),
-            "guard_auroc_int8": metrics.get("int8_guard_int8_auroc")}
+    return {
+        "guard_passed": bool(metrics.get("int8_guard_passed")),
+        "guard_auroc_fp32": metrics.get("int8_guard_fp32_auroc"),
+        "guard_auroc_int8": metrics.get("int8_guard_int8_auroc"),
+    }
 
 
 def _first_test_shape(data: Path, config: Any) -> tuple[int, ...]:
@@ -151,41 +164,67 @@ def _mean_std(values: list[float | None]) -> str:
 def write_results(exp: Experiment, name: str, args: argparse.Namespace) -> Path:
     units = [u for _, u in sorted(exp.data["units"].items())]
     rows = [
-        ("image AUROC", "image_auroc"), ("image AUPRC", "image_auprc"), ("pixel AUROC", "pixel_auroc"),
-        ("F1 at the held-out threshold", "f1"), ("best F1 on the test set (information only)", "f1_at_f1_optimal"),
-        ("precision at the threshold", "precision"), ("recall at the threshold", "recall"),
+        ("image AUROC", "image_auroc"),
+        ("image AUPRC", "image_auprc"),
+        ("pixel AUROC", "pixel_auroc"),
+        ("F1 at the held-out threshold", "f1"),
+        ("best F1 on the test set (information only)", "f1_at_f1_optimal"),
+        ("precision at the threshold", "precision"),
+        ("recall at the threshold", "recall"),
         ("false alarms on held-out normals", "false_alarm_rate_held_out"),
     ]
-    lines = ["| metric | mean ± std | " + " | ".join(f"seed {u['seed']}" for u in units) + " |",
-             "|---|---|" + "---|" * len(units)]
+    lines = [
+        "| metric | mean ± std | " + " | ".join(f"seed {u['seed']}" for u in units) + " |",
+        "|---|---|" + "---|" * len(units),
+    ]
     for label, key in rows:
-        lines.append(f"| {label} | {_mean_std([u.get(key) for u in units])} | "
-                     + " | ".join(fmt(u.get(key)) for u in units) + " |")
+        lines.append(
+            f"| {label} | {_mean_std([u.get(key) for u in units])} | "
+            + " | ".join(fmt(u.get(key)) for u in units)
+            + " |"
+        )
     gap = [u["f1_at_f1_optimal"] - u["f1"] for u in units if u.get("f1") is not None and u.get("f1_at_f1_optimal")]
     lines.append(f"| best F1 - F1 at the threshold | {_mean_std(gap)} | " + " | ".join(fmt(g) for g in gap) + " |")
     kinds = sorted({k for u in units for k in u.get("auroc_by_kind", {})})
     for kind in kinds:
         values = [u.get("auroc_by_kind", {}).get(kind) for u in units]
         lines.append(f"| image AUROC, {kind} | {_mean_std(values)} | " + " | ".join(fmt(v) for v in values) + " |")
-    lines.append(f"| training wall time (min) | {_mean_std([u['train_seconds'] / 60 for u in units])} | "
-                 + " | ".join(f"{u['train_seconds'] / 60:.1f}" for u in units) + " |")
+    lines.append(
+        f"| training wall time (min) | {_mean_std([u['train_seconds'] / 60 for u in units])} | "
+        + " | ".join(f"{u['train_seconds'] / 60:.1f}" for u in units)
+        + " |"
+    )
     if units and "int8" in units[0]:
-        for label, key in (("INT8 ms per tile, 1 thread", "tile_ms"), ("INT8 ms per 256x256 region, 1 thread",
-                                                                        "region_256_ms"),
-                           (f"INT8 ms per {units[0]['int8']['frame']} frame, 1 thread", "frame_ms")):
+        for label, key in (
+            ("INT8 ms per tile, 1 thread", "tile_ms"),
+            ("INT8 ms per 256x256 region, 1 thread", "region_256_ms"),
+            (f"INT8 ms per {units[0]['int8']['frame']} frame, 1 thread", "frame_ms"),
+        ):
             values = [u["int8"][key] for u in units if "int8" in u]
             lines.append(f"| {label} | {_mean_std(values)} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
         guards = [u["int8"].get("guard_passed") for u in units if "int8" in u]
-        lines.append(f"| INT8 accuracy guard | {sum(bool(g) for g in guards)} of {len(guards)} passed | "
-                     + " | ".join("passed" if g else "refused (exported with --force)" for g in guards) + " |")
+        lines.append(
+            f"| INT8 accuracy guard | {sum(bool(g) for g in guards)} of {len(guards)} passed | "
+            + " | ".join("passed" if g else "refused (exported with --force)" for g in guards)
+            + " |"
+        )
     u0 = units[0] if units else {}
     tiles = u0.get("int8", {})
-    body = (f"Data: `{args.data}` ({u0.get('n_test_good', '?')} good and {u0.get('n_test_bad', '?')} defective "
-            f"test images; threshold from {u0.get('n_calibration', '?')} held-out normal training images). "
-            f"Config: `{args.config}`" + (f" with `{' '.join(args.set)}`" if args.set else "") + ". "
-            + (f"{tiles['tiles_per_frame']} tiles per frame, {tiles['tiles_per_256_region']} per 256x256 region. "
-               if tiles else "")
-            + "std over seeds is the population std.\n\n" + "\n".join(lines) + "\n")
+    body = (
+        f"Data: `{args.data}` ({u0.get('n_test_good', '?')} good and {u0.get('n_test_bad', '?')} defective "
+        f"test images; threshold from {u0.get('n_calibration', '?')} held-out normal training images). "
+        f"Config: `{args.config}`"
+        + (f" with `{' '.join(args.set)}`" if args.set else "")
+        + ". "
+        + (
+            f"{tiles['tiles_per_frame']} tiles per frame, {tiles['tiles_per_256_region']} per 256x256 region. "
+            if tiles
+            else ""
+        )
+        + "std over seeds is the population std.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
     return write_markdown(name, f"Detection quality: {args.tag or Path(args.data).name}", exp, body)
 
 

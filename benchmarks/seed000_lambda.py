@@ -27,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Experiment, fmt, train_or_resume, write_markdown  # noqa: E402
-from mnist import load_mnist  # noqa: E402
+from common import Experiment, fmt, train_or_resume, write_markdown
+from mnist import load_mnist
 
 LAMBDAS = [round(0.1 * i, 1) for i in range(11)]
 PAIRS = [(4, 6), (1, 7), (3, 4)]
@@ -39,14 +39,31 @@ SECOND_PAIR = (4, 6)
 def make_config(steps: int, seed: int, threads: int) -> object:
     from ganspect.train.config import config_from_dict
 
-    return config_from_dict({
-        "model": {"kind": "efficient_gan", "image_size": 32, "channels": 1, "latent_dim": 32, "base_width": 16,
-                  "residual_reduction": "mean", "lambda": 0.1},
-        "data": {"holdout": 0.1, "augment": {"shift": 0, "brightness": 0.0}},
-        "train": {"steps": steps, "batch_size": 64, "seed": seed, "threads": threads, "checkpoint_every": 250,
-                  "log_every": 50, "device": "auto"},
-        "calibration": {"nu": 0.05},
-    }, source="seed000")
+    return config_from_dict(
+        {
+            "model": {
+                "kind": "efficient_gan",
+                "image_size": 32,
+                "channels": 1,
+                "latent_dim": 32,
+                "base_width": 16,
+                "residual_reduction": "mean",
+                "lambda": 0.1,
+            },
+            "data": {"holdout": 0.1, "augment": {"shift": 0, "brightness": 0.0}},
+            "train": {
+                "steps": steps,
+                "batch_size": 64,
+                "seed": seed,
+                "threads": threads,
+                "checkpoint_every": 250,
+                "log_every": 50,
+                "device": "auto",
+            },
+            "calibration": {"nu": 0.05},
+        },
+        source="seed000",
+    )
 
 
 def f1_at_top_k(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -81,16 +98,24 @@ def sweep(parts: dict[str, np.ndarray], labels: np.ndarray, draws: list[np.ndarr
 
     result: dict[str, object] = {}
     for disc in ("fm", "ce"):
-        f1s = np.array([[f1_at_top_k((1 - lam) * parts["l_r"][d] + lam * parts[disc][d], labels[d], 50)
-                         for lam in LAMBDAS] for d in draws])  # (draws, lambdas)
+        f1s = np.array(
+            [
+                [f1_at_top_k((1 - lam) * parts["l_r"][d] + lam * parts[disc][d], labels[d], 50) for lam in LAMBDAS]
+                for d in draws
+            ]
+        )  # (draws, lambdas)
         aurocs = [float(roc_auc_score(labels, (1 - lam) * parts["l_r"] + lam * parts[disc])) for lam in LAMBDAS]
-        result[disc] = {"f1_mean": f1s.mean(0).round(4).tolist(), "f1_std": f1s.std(0).round(4).tolist(),
-                        "auroc_all_test": [round(a, 4) for a in aurocs]}
+        result[disc] = {
+            "f1_mean": f1s.mean(0).round(4).tolist(),
+            "f1_std": f1s.std(0).round(4).tolist(),
+            "auroc_all_test": [round(a, 4) for a in aurocs],
+        }
     return result
 
 
-def test_draws(test_y: np.ndarray, pair: tuple[int, int], anomaly: int, n_draws: int, seed: int
-               ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+def test_draws(
+    test_y: np.ndarray, pair: tuple[int, int], anomaly: int, n_draws: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Indices of all usable test images, their labels, and `n_draws` draws of 50 + 50 + 50 positions."""
     idx = np.flatnonzero(np.isin(test_y, [*pair, anomaly]))
     labels = (test_y[idx] == anomaly).astype(int)
@@ -122,31 +147,42 @@ def main() -> int:
     test_x, test_y = load_mnist("test")
     models = {}
     for pair in PAIRS:
+
         def work(pair: tuple[int, int] = pair) -> dict[str, object]:
             rng = np.random.default_rng([args.seed, *pair])
-            chosen = np.concatenate([rng.choice(np.flatnonzero(train_y == d), args.per_digit, replace=False)
-                                     for d in pair])
+            chosen = np.concatenate(
+                [rng.choice(np.flatnonzero(train_y == d), args.per_digit, replace=False) for d in pair]
+            )
             images = train_x[np.sort(chosen)]
             n_val = len(images) // 10
             order = np.random.default_rng(args.seed).permutation(len(images))
-            model = train_or_resume(make_config(args.steps, args.seed, args.threads),
-                                    images[order[n_val:]], images[order[:n_val]],
-                                    exp.run_dir(f"train_{pair[0]}{pair[1]}"))
+            model = train_or_resume(
+                make_config(args.steps, args.seed, args.threads),
+                images[order[n_val:]],
+                images[order[:n_val]],
+                exp.run_dir(f"train_{pair[0]}{pair[1]}"),
+            )
             models[pair] = model
             idx, labels, draws = test_draws(test_y, pair, ANOMALY, args.draws, args.seed)
             parts = score_parts_both(model, test_x[idx])
             return {"pair": list(pair), "anomaly": ANOMALY, "steps": args.steps, **sweep(parts, labels, draws)}
+
         exp.unit(f"exp1_train{pair[0]}{pair[1]}_anomaly{ANOMALY}", work)
         _write(exp, name, args)
 
     for anomaly in [d for d in range(10) if d not in SECOND_PAIR]:
+
         def work2(anomaly: int = anomaly) -> dict[str, object]:
             model = models.get(SECOND_PAIR) or train_or_resume(
-                make_config(args.steps, args.seed, args.threads), np.zeros((0,)), np.zeros((0,)),
-                exp.run_dir(f"train_{SECOND_PAIR[0]}{SECOND_PAIR[1]}"))
+                make_config(args.steps, args.seed, args.threads),
+                np.zeros((0,)),
+                np.zeros((0,)),
+                exp.run_dir(f"train_{SECOND_PAIR[0]}{SECOND_PAIR[1]}"),
+            )
             idx, labels, draws = test_draws(test_y, SECOND_PAIR, anomaly, args.draws, args.seed)
             parts = score_parts_both(model, test_x[idx])
             return {"pair": list(SECOND_PAIR), "anomaly": anomaly, "steps": args.steps, **sweep(parts, labels, draws)}
+
         exp.unit(f"exp2_train{SECOND_PAIR[0]}{SECOND_PAIR[1]}_anomaly{anomaly}", work2)
         _write(exp, name, args)
     print(f"results: benchmarks/results/{name}.md")
@@ -161,8 +197,11 @@ def _write(exp: Experiment, name: str, args: argparse.Namespace) -> None:
         for disc in ("fm", "ce"):
             f1 = r[disc]["f1_mean"]
             trend = "yes" if f1[0] > f1[-1] else "no"
-            row = (f"| {r['pair'][0]},{r['pair'][1]} | {r['anomaly']} | {disc} | "
-                   + " | ".join(fmt(v, 2) for v in f1) + f" | {trend} |")
+            row = (
+                f"| {r['pair'][0]},{r['pair'][1]} | {r['anomaly']} | {disc} | "
+                + " | ".join(fmt(v, 2) for v in f1)
+                + f" | {trend} |"
+            )
             (rows1 if unit.startswith("exp1") else rows2).append(row)
     steps = next(iter(exp.data["units"].values()))["steps"] if exp.data["units"] else args.steps
     body = (

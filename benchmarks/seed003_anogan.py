@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, Experiment, fmt, train_or_resume, write_markdown  # noqa: E402
-from mnist import load_mnist  # noqa: E402
+from common import RESULTS, Experiment, fmt, train_or_resume, write_markdown
+from mnist import load_mnist
 
 NORMAL, ANOMALY = 1, 9
 
@@ -32,15 +32,31 @@ NORMAL, ANOMALY = 1, 9
 def make_config(args: argparse.Namespace) -> object:
     from ganspect.train.config import config_from_dict
 
-    return config_from_dict({
-        "model": {"kind": "anogan", "image_size": 32, "channels": 1, "latent_dim": 30, "base_width": 16,
-                  "residual_reduction": "mean", "lambda": 0.1},
-        "data": {"holdout": 0.1, "augment": {"shift": 0, "brightness": 0.0}},
-        "train": {"steps": args.steps, "batch_size": 64, "seed": args.seed, "threads": args.threads,
-                  "checkpoint_every": 250, "log_every": 50},
-        "anogan": {"encoder_steps": args.encoder_steps, "search_steps": args.search_steps},
-        "calibration": {"nu": 0.05},
-    }, source="seed003")
+    return config_from_dict(
+        {
+            "model": {
+                "kind": "anogan",
+                "image_size": 32,
+                "channels": 1,
+                "latent_dim": 30,
+                "base_width": 16,
+                "residual_reduction": "mean",
+                "lambda": 0.1,
+            },
+            "data": {"holdout": 0.1, "augment": {"shift": 0, "brightness": 0.0}},
+            "train": {
+                "steps": args.steps,
+                "batch_size": 64,
+                "seed": args.seed,
+                "threads": args.threads,
+                "checkpoint_every": 250,
+                "log_every": 50,
+            },
+            "anogan": {"encoder_steps": args.encoder_steps, "search_steps": args.search_steps},
+            "calibration": {"nu": 0.05},
+        },
+        source="seed003",
+    )
 
 
 def best_accuracy(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -79,26 +95,41 @@ def main() -> int:
     ones = train_x[train_y == NORMAL]
     order = rng.permutation(len(ones))
     n_val = len(ones) // 10
-    pick = np.concatenate([rng.choice(np.flatnonzero(test_y == d), args.n_test, replace=False)
-                           for d in (NORMAL, ANOMALY)])
+    pick = np.concatenate(
+        [rng.choice(np.flatnonzero(test_y == d), args.n_test, replace=False) for d in (NORMAL, ANOMALY)]
+    )
     images, labels = test_x[pick], (test_y[pick] == ANOMALY).astype(int)
 
     def work() -> dict[str, object]:
         from sklearn.metrics import roc_auc_score
 
         model = train_or_resume(make_config(args), ones[order[n_val:]], ones[order[:n_val]], exp.run_dir("train_1"))
-        result: dict[str, object] = {"steps": args.steps, "encoder_steps": args.encoder_steps,
-                                     "search_steps": args.search_steps, "n_test_each": args.n_test}
+        result: dict[str, object] = {
+            "steps": args.steps,
+            "encoder_steps": args.encoder_steps,
+            "search_steps": args.search_steps,
+            "n_test_each": args.n_test,
+        }
         scores = {}
         for scoring in ("encoder", "search"):
             started = time.monotonic()
-            scored = score_images(model, images, batch_size=250, scoring="model" if scoring == "encoder" else "search",
-                                  search_steps=args.search_steps, search_lr=0.05, seed=args.seed, progress=True)
+            scored = score_images(
+                model,
+                images,
+                batch_size=250,
+                scoring="model" if scoring == "encoder" else "search",
+                search_steps=args.search_steps,
+                search_lr=0.05,
+                seed=args.seed,
+                progress=True,
+            )
             seconds = time.monotonic() - started
             acc, thr = best_accuracy(scored.score, labels)
             scores[scoring] = scored.score
             result[scoring] = {
-                "auroc": float(roc_auc_score(labels, scored.score)), "best_accuracy": acc, "best_threshold": thr,
+                "auroc": float(roc_auc_score(labels, scored.score)),
+                "best_accuracy": acc,
+                "best_threshold": thr,
                 "ms_per_image": 1000 * seconds / len(images),
                 "scores_normal": scored.score[labels == 0].round(5).tolist(),
                 "scores_anomaly": scored.score[labels == 1].round(5).tolist(),
@@ -108,8 +139,11 @@ def main() -> int:
 
     exp.unit("normal1_anomaly9", work)
     r = exp.get("normal1_anomaly9")
-    rows = [f"| {s} | {fmt(r[s]['auroc'])} | {fmt(100 * r[s]['best_accuracy'], 1)} % | "
-            f"{fmt(r[s]['best_threshold'], 4)} | {fmt(r[s]['ms_per_image'], 2)} |" for s in ("search", "encoder")]
+    rows = [
+        f"| {s} | {fmt(r[s]['auroc'])} | {fmt(100 * r[s]['best_accuracy'], 1)} % | "
+        f"{fmt(r[s]['best_threshold'], 4)} | {fmt(r[s]['ms_per_image'], 2)} |"
+        for s in ("search", "encoder")
+    ]
     body = (
         f"AnoGAN at 32x32 (MNIST padded), latent 30, base width 16: DCGAN {r['steps']} steps of batch 64 on the "
         f"training 1s (10 % held out), encoder {r['encoder_steps']} steps (izi_f, G and D frozen). Test: "
@@ -118,7 +152,8 @@ def main() -> int:
         f"({r['search_steps']} Adam steps, lr 0.05, from z ~ N(0, I)) or z = E(x) in one pass. Accuracy at the best "
         "threshold on these test scores (as the blog: an upper bound, not a deployable threshold).\n\n"
         "| scoring | AUROC | accuracy at best threshold | that threshold | ms per image |\n|---|---|---|---|---|\n"
-        + "\n".join(rows) + f"\n\n![score histograms]({name}_histogram.png)\n"
+        + "\n".join(rows)
+        + f"\n\n![score histograms]({name}_histogram.png)\n"
     )
     write_markdown(name, "Seed 003: AnoGAN, normal 1 vs anomaly 9, latent search vs encoder", exp, body)
     print(f"results: benchmarks/results/{name}.md")

@@ -95,7 +95,8 @@ class RunSummary:
         p95 = float(np.percentile(self.recent_latencies_ms, 95)) if self.recent_latencies_ms else 0.0
         out = [
             f"frames {self.frames}: OK {self.ok}, NG {self.ng}"
-            + (f", UNDEFINED {self.undefined}" if self.undefined else "") + f" (stopped by {self.stopped_by})",
+            + (f", UNDEFINED {self.undefined}" if self.undefined else "")
+            + f" (stopped by {self.stopped_by})",
             f"latency per frame: mean {mean:.2f} ms, p95 {p95:.2f} ms",
             f"frames skipped (newer frame arrived first) {self.skipped}; images saved {self.images_saved}, "
             f"dropped {self.images_dropped}",
@@ -104,8 +105,10 @@ class RunSummary:
             out.append("verdicts published: none (mqtt.enabled is false)")
         else:
             d = self.delivery
-            out.append(f"verdicts queued {d.queued}, acknowledged {d.acknowledged} (replayed {d.replayed}), "
-                       f"dropped when full {d.dropped}, left in the outbox {d.backlog}")
+            out.append(
+                f"verdicts queued {d.queued}, acknowledged {d.acknowledged} (replayed {d.replayed}), "
+                f"dropped when full {d.dropped}, left in the outbox {d.backlog}"
+            )
             out.append(f"outbox {d.outbox}: {d.backlog_at_start} waiting at start, {d.backlog} at exit")
         return out
 
@@ -132,8 +135,10 @@ def window_wanted(config: EdgeConfig, headless: bool) -> bool:
         return False
     if config.display.window == "on":
         if not display_available():
-            raise GanspectError(f"display.window is on but no display answers "
-                                f"(DISPLAY={os.environ.get('DISPLAY', '')!r}); use --headless or display.window: auto")
+            raise GanspectError(
+                f"display.window is on but no display answers "
+                f"(DISPLAY={os.environ.get('DISPLAY', '')!r}); use --headless or display.window: auto"
+            )
         return True
     return display_available()
 
@@ -141,6 +146,7 @@ def window_wanted(config: EdgeConfig, headless: bool) -> bool:
 @contextmanager
 def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     """SIGINT and SIGTERM both set `stop`; the previous handlers come back afterwards."""
+
     def handler(signum: int, frame: FrameType | None) -> None:
         log.info("%s received: stopping", signal.Signals(signum).name)
         stop.set()
@@ -166,29 +172,53 @@ def _log_verdict(payload: dict[str, Any], last_logged: dict[str, float]) -> None
         last_logged[result] = now
     peak = payload["heatmap_peak"]
     where = f"peak ({peak['x']},{peak['y']})" if peak else f"({payload['evaluation']['reason']})"
-    log.log(level, "#%d %s %s score %s thr %.4g %s %.1f ms", payload["seq"], payload["part_id"],
-            result, f"{payload['score']:.4g}" if payload["score"] is not None else "n/a",
-            payload["threshold"]["value"], where, payload["processing_ms"]["total"])
+    log.log(
+        level,
+        "#%d %s %s score %s thr %.4g %s %.1f ms",
+        payload["seq"],
+        payload["part_id"],
+        result,
+        f"{payload['score']:.4g}" if payload["score"] is not None else "n/a",
+        payload["threshold"]["value"],
+        where,
+        payload["processing_ms"]["total"],
+    )
 
 
 def _open_outbox(config: EdgeConfig) -> Outbox:
     outbox_config = config.mqtt.outbox
-    outbox = Outbox(config.data.dir / OUTBOX_FILE, max_messages=outbox_config.max_messages,
-                    max_bytes=outbox_config.max_bytes, when_full=outbox_config.when_full)
+    outbox = Outbox(
+        config.data.dir / OUTBOX_FILE,
+        max_messages=outbox_config.max_messages,
+        max_bytes=outbox_config.max_bytes,
+        when_full=outbox_config.when_full,
+    )
     if outbox.backlog_at_open and config.mqtt.enabled:
-        log.info("%d verdict(s) from an earlier run wait in the outbox %s; they are sent first",
-                 outbox.backlog_at_open, outbox.path)
+        log.info(
+            "%d verdict(s) from an earlier run wait in the outbox %s; they are sent first",
+            outbox.backlog_at_open,
+            outbox.path,
+        )
     elif outbox.backlog_at_open:
-        log.warning("%d verdict(s) from an earlier run wait in the outbox %s but mqtt.enabled is false",
-                    outbox.backlog_at_open, outbox.path)
+        log.warning(
+            "%d verdict(s) from an earlier run wait in the outbox %s but mqtt.enabled is false",
+            outbox.backlog_at_open,
+            outbox.path,
+        )
     return outbox
 
 
 class EdgeDaemon:
     """The wired stages; `run()` inspects until the source ends, max_frames is reached or `stop` is set."""
 
-    def __init__(self, config: EdgeConfig, *, headless: bool = False, verdict_log: Path | None = None,
-                 stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        config: EdgeConfig,
+        *,
+        headless: bool = False,
+        verdict_log: Path | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.config = config
         self.stop = stop or threading.Event()
         self.summary = RunSummary()
@@ -219,8 +249,10 @@ class EdgeDaemon:
     def accept_trigger(self, request: TriggerRequest) -> str | None:
         """Queue a trigger for the loop; None when accepted, else why not (for the command's reply)."""
         if self.config.trigger.mode != "mqtt":
-            return ("this station inspects continuously (trigger.mode: continuous): every frame is scored; "
-                    "set trigger.mode: mqtt to inspect on triggers")
+            return (
+                "this station inspects continuously (trigger.mode: continuous): every frame is scored; "
+                "set trigger.mode: mqtt to inspect on triggers"
+            )
         if self.stop.is_set():
             return "the daemon is stopping"
         try:
@@ -253,8 +285,7 @@ class EdgeDaemon:
                 self.publisher = VerdictPublisher(config.mqtt, config.station, self._outbox, read_password(config.mqtt))
                 # cmd/trigger, cmd/reload and cmd/threshold; a trigger goes to accept_trigger's queue.
                 remote = RemoteCommands(config, self.live, self.accept_trigger, self.publisher.publish_result)
-                self.publisher.start(on_command=remote.handle if config.mqtt.commands.enabled else None,
-                                     stop=self.stop)
+                self.publisher.start(on_command=remote.handle if config.mqtt.commands.enabled else None, stop=self.stop)
                 stack.callback(self._close_publisher)
                 # Unwound first: a reload under way finishes and its answer goes out before the publisher closes.
                 stack.callback(remote.close)
@@ -275,9 +306,14 @@ class EdgeDaemon:
             self.capture = Capture(reader, config.source, delivery_for(config.source, reader, continuous), self.stop)
             self.capture.start()
             stack.callback(self.capture.close)
-            log.info("inspecting %s (%s, delivery %s), trigger mode %s, tiling %s", reader.name,
-                     "live" if reader.live else "file", self.capture.delivery, config.trigger.mode,
-                     config.inspection.tiling)
+            log.info(
+                "inspecting %s (%s, delivery %s), trigger mode %s, tiling %s",
+                reader.name,
+                "live" if reader.live else "file",
+                self.capture.delivery,
+                config.trigger.mode,
+                config.inspection.tiling,
+            )
             self._notifier.ready(f"inspecting {reader.name} with {scorer.manifest.name}")
             stack.callback(self._notifier.stopping)  # unwound first: systemd hears of the stop at once
             self._loop()
@@ -348,8 +384,11 @@ class EdgeDaemon:
         if got is None:
             if self.stop.is_set() or not self.capture.live:
                 return None  # a file is never late: it only ends
-            return Work(f"{name}:stalled", None, undefined_reason=(
-                f"no frame from {name} for {stale_after:g} s (source state {self.capture.state})"))
+            return Work(
+                f"{name}:stalled",
+                None,
+                undefined_reason=(f"no frame from {name} for {stale_after:g} s (source state {self.capture.state})"),
+            )
         return self._work_for(got, f"{name}:{got.index}")
 
     def _next_triggered(self) -> Work | _EndOfSource | None:
@@ -366,9 +405,15 @@ class EdgeDaemon:
         deadline = max(request.received_at, time.monotonic()) + timeout
         got = self._wait_for_frame(deadline, captured_after=request.received_at)
         if got is None or isinstance(got, _EndOfSource):
-            why = "the source has ended" if isinstance(got, _EndOfSource) else (
-                "the daemon is stopping" if self.stop.is_set() else
-                f"no frame captured within {timeout:g} s after the trigger (source state {self.capture.state})")
+            why = (
+                "the source has ended"
+                if isinstance(got, _EndOfSource)
+                else (
+                    "the daemon is stopping"
+                    if self.stop.is_set()
+                    else f"no frame captured within {timeout:g} s after the trigger (source state {self.capture.state})"
+                )
+            )
             return Work(request.part_id, None, trigger_id=request.trigger_id, undefined_reason=why)
         return self._work_for(got, request.part_id, request.trigger_id)
 
@@ -379,8 +424,12 @@ class EdgeDaemon:
         # Only a live source has a "now" for a frame to fall behind (see source.py).
         if self.capture.live and age > limit:
             self.health.note_stale()
-            return Work(part_id, frame, trigger_id,
-                        undefined_reason=f"stale frame: {age:.2f} s old (source.stale_after_s {limit:g})")
+            return Work(
+                part_id,
+                frame,
+                trigger_id,
+                undefined_reason=f"stale frame: {age:.2f} s old (source.stale_after_s {limit:g})",
+            )
         return Work(part_id, frame, trigger_id)
 
     # -- one result ---------------------------------------------------------------------------
@@ -393,11 +442,19 @@ class EdgeDaemon:
         now = self.live.in_force()  # one (model, threshold) pair per frame: commands change it between frames
         inspection, reason = self._inspect(work, now.scorer, now.threshold)
         payload = build_verdict(
-            seq=self._outbox.next_seq(), station=self.config.station, part_id=work.part_id,
+            seq=self._outbox.next_seq(),
+            station=self.config.station,
+            part_id=work.part_id,
             captured_at=frame.captured_at if frame is not None else datetime.now(timezone.utc),
-            score=inspection.score if inspection is not None else None, manifest=now.scorer.manifest,
-            model_file=now.scorer.model_file, total_ms=0.0, trigger_id=work.trigger_id, undefined_reason=reason,
-            capture_age_ms=capture_age_ms, threshold=now.threshold, threshold_source=now.threshold_source,
+            score=inspection.score if inspection is not None else None,
+            manifest=now.scorer.manifest,
+            model_file=now.scorer.model_file,
+            total_ms=0.0,
+            trigger_id=work.trigger_id,
+            undefined_reason=reason,
+            capture_age_ms=capture_age_ms,
+            threshold=now.threshold,
+            threshold_source=now.threshold_source,
         )
         state = payload["evaluation"]["state"]
         overlay_ms, shown = self._draw_window(work, inspection, payload)
@@ -419,22 +476,37 @@ class EdgeDaemon:
         assert self.inspector is not None
         try:
             return self.inspector.inspect(work.frame.image, scorer, threshold), None
-        except Exception as exc:  # noqa: BLE001 - any failure to score is UNDEFINED, never OK, never a crash
+        except Exception as exc:
             self.health.note_error()
             log.error("inspecting %s failed: %s", work.part_id, _first_line(exc), exc_info=log.isEnabledFor(10))
             return None, f"inference failed: {_first_line(exc)}"
 
-    def _render(self, image: np.ndarray, inspection: Inspection | None, payload: dict[str, Any], *,
-                show_heatmap: bool = True, status: StatusLine | None = None) -> np.ndarray:
+    def _render(
+        self,
+        image: np.ndarray,
+        inspection: Inspection | None,
+        payload: dict[str, Any],
+        *,
+        show_heatmap: bool = True,
+        status: StatusLine | None = None,
+    ) -> np.ndarray:
         score = inspection.score if inspection is not None else None
         roi = inspection.roi if inspection is not None else None
-        return render_overlay(image, score.heatmap if score is not None else None,
-                              payload["evaluation"]["state"], payload["score"], payload["threshold"]["value"],
-                              fps=self._fps, show_heatmap=show_heatmap, status=status,
-                              roi=None if roi is None else (roi.x, roi.y, roi.width, roi.height))
+        return render_overlay(
+            image,
+            score.heatmap if score is not None else None,
+            payload["evaluation"]["state"],
+            payload["score"],
+            payload["threshold"]["value"],
+            fps=self._fps,
+            show_heatmap=show_heatmap,
+            status=status,
+            roi=None if roi is None else (roi.x, roi.y, roi.width, roi.height),
+        )
 
-    def _draw_window(self, work: Work, inspection: Inspection | None,
-                     payload: dict[str, Any]) -> tuple[float | None, np.ndarray | None]:
+    def _draw_window(
+        self, work: Work, inspection: Inspection | None, payload: dict[str, Any]
+    ) -> tuple[float | None, np.ndarray | None]:
         if self.window is None:
             return None, None
         if work.frame is not None:
@@ -449,8 +521,13 @@ class EdgeDaemon:
             instant = 1.0 / max(now - self._last_shown, 1e-6)
             self._fps = instant if self._fps is None else 0.9 * self._fps + 0.1 * instant
         self._last_shown = now
-        image = self._render(image_in, inspection, payload, show_heatmap=self.window.show_heatmap,
-                             status=self._status_line(payload["evaluation"]["state"]))
+        image = self._render(
+            image_in,
+            inspection,
+            payload,
+            show_heatmap=self.window.show_heatmap,
+            status=self._status_line(payload["evaluation"]["state"]),
+        )
         return (time.perf_counter() - t0) * 1000.0, image
 
     def _status_line(self, current: str) -> StatusLine:
@@ -459,9 +536,14 @@ class EdgeDaemon:
         broker = "disabled" if self.publisher is None else ("online" if self.publisher.online else "offline")
         camera = self.capture.state if self.capture is not None else "?"
         station = self.config.station
-        return StatusLine(station=f"{station.line}/{station.station}", ok=s.ok + (current == "OK"), ng=s.ng + (current == "NG"),
-                          undefined=s.undefined + (current == "UNDEFINED"),
-                          camera=camera, broker=broker)
+        return StatusLine(
+            station=f"{station.line}/{station.station}",
+            ok=s.ok + (current == "OK"),
+            ng=s.ng + (current == "NG"),
+            undefined=s.undefined + (current == "UNDEFINED"),
+            camera=camera,
+            broker=broker,
+        )
 
     def _queue_image(self, work: Work, inspection: Inspection | None, payload: dict[str, Any]) -> str | None:
         if self.images is None or work.frame is None or not self.images.wanted(payload["evaluation"]["state"]):
@@ -499,32 +581,52 @@ class EdgeDaemon:
         """The health report now (`schemas/metrics.schema.json`); resets the interval's frame rate."""
         assert self.live is not None
         scorer = self.live.scorer
-        camera: dict[str, Any] = {"state": "not started", "captured_frames": 0, "skipped_frames": 0,
-                                  "reconnects": 0, "last_frame_age_s": None}
+        camera: dict[str, Any] = {
+            "state": "not started",
+            "captured_frames": 0,
+            "skipped_frames": 0,
+            "reconnects": 0,
+            "last_frame_age_s": None,
+        }
         if self.capture is not None:
             stats = self.capture.stats()
             self.summary.skipped = stats.skipped
-            camera = {"state": stats.state, "captured_frames": stats.captured, "skipped_frames": stats.skipped,
-                      "reconnects": stats.reconnects,
-                      "last_frame_age_s": None if stats.last_frame_age_s is None else round(stats.last_frame_age_s, 3)}
+            camera = {
+                "state": stats.state,
+                "captured_frames": stats.captured,
+                "skipped_frames": stats.skipped,
+                "reconnects": stats.reconnects,
+                "last_frame_age_s": None if stats.last_frame_age_s is None else round(stats.last_frame_age_s, 3),
+            }
         images: dict[str, int] | None = None
         if self.images is not None:
             st = self._count_images()
-            images = {"saved": st.saved, "dropped_queue_full": st.dropped_queue_full,
-                      "dropped_disk_full": st.dropped_disk_full, "failed": st.failed, "deleted": st.deleted,
-                      "kept": st.kept, "kept_bytes": st.kept_bytes}
+            images = {
+                "saved": st.saved,
+                "dropped_queue_full": st.dropped_queue_full,
+                "dropped_disk_full": st.dropped_disk_full,
+                "failed": st.failed,
+                "deleted": st.deleted,
+                "kept": st.kept,
+                "kept_bytes": st.kept_bytes,
+            }
         station = self.config.station
-        return self.health.report({
-            "station": {"site": station.site, "line": station.line, "station": station.station},
-            "camera": camera,
-            "model": {"name": scorer.manifest.name, "sha256": scorer.model_file.sha256,
-                      "precision": scorer.model_file.precision},
-            "trigger": {"mode": self.config.trigger.mode, "waiting": self._triggers.qsize()},
-            "disk_free_bytes": shutil.disk_usage(self.config.data.dir).free,
-            "images": images,
-            "broker": "disabled" if self.publisher is None else ("online" if self.publisher.online else "offline"),
-            "outbox_backlog": self.publisher.report().backlog if self.publisher is not None else None,
-        })
+        return self.health.report(
+            {
+                "station": {"site": station.site, "line": station.line, "station": station.station},
+                "camera": camera,
+                "model": {
+                    "name": scorer.manifest.name,
+                    "sha256": scorer.model_file.sha256,
+                    "precision": scorer.model_file.precision,
+                },
+                "trigger": {"mode": self.config.trigger.mode, "waiting": self._triggers.qsize()},
+                "disk_free_bytes": shutil.disk_usage(self.config.data.dir).free,
+                "images": images,
+                "broker": "disabled" if self.publisher is None else ("online" if self.publisher.online else "offline"),
+                "outbox_backlog": self.publisher.report().backlog if self.publisher is not None else None,
+            }
+        )
 
     def _count_images(self) -> StoreStats:
         """The image store's counters, copied into the run summary."""
@@ -536,7 +638,7 @@ class EdgeDaemon:
     def _report_health(self) -> None:
         try:
             metrics = self.metrics()
-        except Exception:  # noqa: BLE001 - health must never stop the inspection
+        except Exception:
             log.exception("health report failed")
             return
         line = log_line(metrics)
@@ -546,7 +648,8 @@ class EdgeDaemon:
             self.publisher.publish_metrics(metrics)
 
 
-def run_edge(config: EdgeConfig, *, headless: bool = False, verdict_log: Path | None = None,
-             stop: threading.Event | None = None) -> RunSummary:
+def run_edge(
+    config: EdgeConfig, *, headless: bool = False, verdict_log: Path | None = None, stop: threading.Event | None = None
+) -> RunSummary:
     """Inspect until the source ends, max_frames is reached or `stop` is set; return the summary."""
     return EdgeDaemon(config, headless=headless, verdict_log=verdict_log, stop=stop).run()

@@ -72,8 +72,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ganspect {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in {"torch", "onnx", "onnxscript", "sklearn", "tqdm",
-                                                   "onnxruntime", "cv2", "paho"}:
+        if exc.name and exc.name.split(".")[0] in {
+            "torch",
+            "onnx",
+            "onnxscript",
+            "sklearn",
+            "tqdm",
+            "onnxruntime",
+            "cv2",
+            "paho",
+        }:
             print(
                 f"ganspect {args.command}: error: the Python module '{exc.name}' is missing; "
                 f"install the '{command.extra}' extra: pip install 'ganspect[{command.extra}]'",

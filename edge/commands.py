@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from ganspect.edge.cli import Command
@@ -19,22 +18,36 @@ if TYPE_CHECKING:
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", nargs="?", choices=["install-model"],
-                   help="install-model BUNDLE: verify BUNDLE completely and make it the station's model.bundle "
-                   "(the previous one is kept); a running daemon swaps it in between frames")
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["install-model"],
+        help="install-model BUNDLE: verify BUNDLE completely and make it the station's model.bundle "
+        "(the previous one is kept); a running daemon swaps it in between frames",
+    )
     p.add_argument("bundle", nargs="?", type=Path, help="with install-model: the bundle folder ganspect export wrote")
     p.add_argument("--config", type=Path, default=None, help="edge config YAML, e.g. configs/edge.yaml (required)")
     p.add_argument("--model", type=Path, default=None, help="model bundle folder (overrides model.bundle)")
-    p.add_argument("--source", default=None,
-                   help="camera index, device, video file, image folder or stream URL (overrides source.uri)")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="camera index, device, video file, image folder or stream URL (overrides source.uri)",
+    )
     p.add_argument("--headless", action="store_true", help="never open the operator window")
-    p.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop after N frames (overrides run.max_frames)")
-    p.add_argument("--verdict-log", type=Path, default=None, metavar="FILE",
-                   help="append every verdict as one JSON line to FILE")
-    p.add_argument("--check", "--validate-config", dest="check", action="store_true",
-                   help="validate the config file and load its model bundle, print 'config OK' and exit")
-    p.add_argument("--check-config", type=Path, default=None, metavar="FILE",
-                   help="the same as --config FILE --check")
+    p.add_argument(
+        "--max-frames", type=int, default=None, metavar="N", help="stop after N frames (overrides run.max_frames)"
+    )
+    p.add_argument(
+        "--verdict-log", type=Path, default=None, metavar="FILE", help="append every verdict as one JSON line to FILE"
+    )
+    p.add_argument(
+        "--check",
+        "--validate-config",
+        dest="check",
+        action="store_true",
+        help="validate the config file and load its model bundle, print 'config OK' and exit",
+    )
+    p.add_argument("--check-config", type=Path, default=None, metavar="FILE", help="the same as --config FILE --check")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -83,8 +96,10 @@ def _install_model(config: Path, bundle: Path | None) -> int:
     if installed.unchanged:
         print(f"model {installed.name} is already installed as {installed.path} (verified again)")
     else:
-        print(f"model {installed.name} verified and installed as {installed.path}"
-              + (f"; the previous one, {installed.previous.name}, is kept" if installed.previous else ""))
+        print(
+            f"model {installed.name} verified and installed as {installed.path}"
+            + (f"; the previous one, {installed.previous.name}, is kept" if installed.previous else "")
+        )
     return 0
 
 
@@ -95,12 +110,17 @@ def _check_model(config: EdgeConfig, path: Path) -> None:
     from ganspect.edge.tiling import Inspector
 
     try:
-        scorer = Scorer.load(config.model.bundle, config.model.precision, config.model.intra_op_threads,
-                             config.model.trusted_keys)
+        scorer = Scorer.load(
+            config.model.bundle, config.model.precision, config.model.intra_op_threads, config.model.trusted_keys
+        )
     except BundleError as exc:
         raise ConfigError(f"{path}: model.bundle: {exc}") from exc
     Inspector(config.inspection).check(scorer.manifest)
 
 
-EDGE = Command("run the edge daemon: score camera frames with a model bundle and publish verdicts over MQTT",
-               _configure, _run, extra="edge")
+EDGE = Command(
+    "run the edge daemon: score camera frames with a model bundle and publish verdicts over MQTT",
+    _configure,
+    _run,
+    extra="edge",
+)

@@ -45,16 +45,18 @@ class ModelConfig(_Section):
         0, ge=0, le=256, description="onnxruntime intra-op threads; 0 lets onnxruntime choose (one per core)."
     )
     trusted_keys: tuple[Path, ...] = Field(
-        (), description="PEM files of the Ed25519 public keys whose bundles this station takes (ganspect export "
+        (),
+        description="PEM files of the Ed25519 public keys whose bundles this station takes (ganspect export "
         "--sign); relative to the config file. Set: an unsigned bundle, or one signed by another key or changed "
         "after signing, is refused at start-up, install-model and cmd/reload. Empty: bundles need no signature "
-        "(their hashes and golden images are still checked). docs/security.md: making and rotating keys."
+        "(their hashes and golden images are still checked). docs/security.md: making and rotating keys.",
     )
 
 
 class CameraConfig(_Section):
     fourcc: str | None = Field(
-        None, pattern=r"^[A-Z0-9]{4}$",
+        None,
+        pattern=r"^[A-Z0-9]{4}$",
         description="Pixel format asked of a USB camera, e.g. MJPG (high resolution at full rate over USB 2) or YUYV; "
         "none = the driver's default.",
     )
@@ -62,7 +64,8 @@ class CameraConfig(_Section):
     height: int | None = Field(None, ge=16, le=16384, description="Frame height asked of the camera; none = default.")
     fps: float | None = Field(None, gt=0, le=1000, description="Frame rate asked of the camera; none = default.")
     exposure: float | None = Field(
-        None, description="Fixed exposure in the driver's units (V4L2: 100 µs steps); none = automatic exposure. "
+        None,
+        description="Fixed exposure in the driver's units (V4L2: 100 µs steps); none = automatic exposure. "
         "Fixed exposure keeps images of good parts alike through the day.",
     )
     gain: float | None = Field(None, ge=0, description="Fixed gain in the driver's units; none = the driver's.")
@@ -82,7 +85,9 @@ class SourceConfig(_Section):
         None, pattern=_TOPIC_LEVEL, description="Short source name used in part ids; default: derived from uri."
     )
     max_fps: float | None = Field(
-        None, gt=0, le=1000,
+        None,
+        gt=0,
+        le=1000,
         description="Continuous mode: score at most this many frames per second (a camera's other frames are "
         "skipped; a video file or folder is read at this pace, every frame scored); none = as fast as frames come.",
     )
@@ -93,19 +98,29 @@ class SourceConfig(_Section):
         "video file or folder in continuous mode, latest for cameras, streams and trigger mode.",
     )
     stale_after_s: float = Field(
-        2.0, gt=0, le=3600,
+        2.0,
+        gt=0,
+        le=3600,
         description="A live frame older than this is stale (UNDEFINED, never OK); a live source silent this long "
         "gives an UNDEFINED verdict per period in continuous mode and is reported stalled.",
     )
     read_timeout_s: float = Field(
-        5.0, gt=0, le=300, description="How long opening or reading a camera or stream may block before it "
+        5.0,
+        gt=0,
+        le=300,
+        description="How long opening or reading a camera or stream may block before it "
         "counts as failed (and is reopened).",
     )
     reconnect_max_delay_s: float = Field(
-        10.0, ge=0.5, le=600, description="A lost camera or stream is reopened after 0.5 s, 1 s, 2 s, ... up to this.",
+        10.0,
+        ge=0.5,
+        le=600,
+        description="A lost camera or stream is reopened after 0.5 s, 1 s, 2 s, ... up to this.",
     )
-    camera: CameraConfig = Field(default_factory=CameraConfig,  # type: ignore[arg-type]
-                                 description="USB camera (V4L2) settings; what the camera accepted is logged.")
+    camera: CameraConfig = Field(
+        default_factory=CameraConfig,  # type: ignore[arg-type]
+        description="USB camera (V4L2) settings; what the camera accepted is logged.",
+    )
 
 
 class RoiConfig(_Section):
@@ -134,18 +149,21 @@ class TriggerConfig(_Section):
         description="continuous: score frames as they come (source.max_fps caps the rate); mqtt: score the first "
         "frame captured after each trigger command and publish that part's verdict with its part_id.",
     )
-    queue_size: int = Field(16, ge=1, le=10_000, description="Triggers waiting to be served at most; more are "
-                            "rejected (the reply says so).")
+    queue_size: int = Field(
+        16, ge=1, le=10_000, description="Triggers waiting to be served at most; more are rejected (the reply says so)."
+    )
     frame_timeout_s: float = Field(
-        2.0, gt=0, le=600, description="How long a trigger waits for a frame captured after it before its verdict is "
-        "UNDEFINED.",
+        2.0,
+        gt=0,
+        le=600,
+        description="How long a trigger waits for a frame captured after it before its verdict is UNDEFINED.",
     )
 
 
 class ImagesConfig(_Section):
     save: Literal["none", "ng", "ng_and_undefined"] = Field(
-        "ng", description="Which results have their frame (with the heatmap overlay) saved as JPEG under "
-        "<data.dir>/images."
+        "ng",
+        description="Which results have their frame (with the heatmap overlay) saved as JPEG under <data.dir>/images.",
     )
     ok_sample_every: int = Field(
         0, ge=0, description="Also save every Nth OK frame (a record of what passed); 0 = none."
@@ -155,11 +173,18 @@ class ImagesConfig(_Section):
     max_bytes: int = Field(2 * 1024**3, ge=1024 * 1024, description="Most bytes of images kept (default 2 GiB).")
     max_age_days: float = Field(30.0, gt=0, description="Images older than this are deleted.")
     min_free_bytes: int = Field(
-        1024**3, ge=0, description="Free space left on the disk: below it images are not saved (verdicts still "
-        "flow, the count of dropped images grows)."
+        1024**3,
+        ge=0,
+        description="Free space left on the disk: below it images are not saved (verdicts still "
+        "flow, the count of dropped images grows).",
     )
-    queue_size: int = Field(16, ge=1, le=1000, description="Images waiting for the writer thread at most; when it "
-                            "is behind, new images are dropped and counted, never blocking the scoring.")
+    queue_size: int = Field(
+        16,
+        ge=1,
+        le=1000,
+        description="Images waiting for the writer thread at most; when it "
+        "is behind, new images are dropped and counted, never blocking the scoring.",
+    )
 
 
 class HealthConfig(_Section):
@@ -185,29 +210,32 @@ class OutboxConfig(_Section):
 
 class TlsConfig(_Section):
     enabled: bool = Field(
-        False, description="Connect to the broker over TLS (usually port 8883); the broker's certificate is always "
-        "verified, and mqtt.host must be a name or address in its subjectAltName."
+        False,
+        description="Connect to the broker over TLS (usually port 8883); the broker's certificate is always "
+        "verified, and mqtt.host must be a name or address in its subjectAltName.",
     )
     ca_file: Path | None = Field(
-        None, description="PEM file of the CA(s) that signed the broker's certificate; relative to the config "
-        "file's folder. None = the operating system's trusted CAs."
+        None,
+        description="PEM file of the CA(s) that signed the broker's certificate; relative to the config "
+        "file's folder. None = the operating system's trusted CAs.",
     )
     cert_file: Path | None = Field(
         None, description="PEM client certificate, for brokers that require one (require_certificate); with key_file."
     )
     key_file: Path | None = Field(
-        None, description="PEM private key of cert_file, not encrypted (the daemon cannot type a pass phrase): "
-        "make it readable only by the daemon's user."
+        None,
+        description="PEM private key of cert_file, not encrypted (the daemon cannot type a pass phrase): "
+        "make it readable only by the daemon's user.",
     )
 
     @model_validator(mode="after")
     def _files_fit(self) -> TlsConfig:
         if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("set both cert_file and key_file (the client certificate and its private key), "
-                             "or neither")
+            raise ValueError("set both cert_file and key_file (the client certificate and its private key), or neither")
         if not self.enabled and (self.ca_file or self.cert_file):
-            raise ValueError("certificate files are set but enabled is false: set enabled: true to use TLS, "
-                             "or remove the files")
+            raise ValueError(
+                "certificate files are set but enabled is false: set enabled: true to use TLS, or remove the files"
+            )
         return self
 
     def files(self) -> dict[str, Path]:
@@ -221,8 +249,9 @@ CommandName = Literal["trigger", "reload", "threshold"]
 
 class CommandsConfig(_Section):
     enabled: bool = Field(
-        True, description="Subscribe to <prefix>/<site>/<line>/<station>/cmd/+ and answer on cmd/result; "
-        "false = no subscription (commands are not received at all)."
+        True,
+        description="Subscribe to <prefix>/<site>/<line>/<station>/cmd/+ and answer on cmd/result; "
+        "false = no subscription (commands are not received at all).",
     )
     allow: tuple[CommandName, ...] = Field(
         ("trigger", "reload", "threshold"),
@@ -233,22 +262,30 @@ class CommandsConfig(_Section):
         4096, ge=64, le=65536, description="Larger command payloads are rejected unread ('too_large')."
     )
     max_per_s: float = Field(
-        20.0, gt=0, le=1000,
+        20.0,
+        gt=0,
+        le=1000,
         description="Valid commands carried out per second at most (token bucket, with burst); "
         "the excess is answered 'rate_limited'.",
     )
     burst: int = Field(40, ge=1, le=10_000, description="Valid commands accepted at once before max_per_s applies.")
     max_pending_results: int = Field(
-        1000, ge=10, le=100_000,
+        1000,
+        ge=10,
+        le=100_000,
         description="cmd/result answers handed to MQTT but not yet acknowledged by the broker at most; beyond it "
         "answers are dropped (counted and logged), so a command flood cannot fill memory.",
     )
     threshold_min_ratio: float = Field(
-        0.5, gt=0, le=1,
+        0.5,
+        gt=0,
+        le=1,
         description="cmd/threshold may set the threshold down to this fraction of the bundle's threshold.",
     )
     threshold_max_ratio: float = Field(
-        2.0, ge=1, le=100,
+        2.0,
+        ge=1,
+        le=100,
         description="cmd/threshold may set the threshold up to this multiple of the bundle's threshold (a higher "
         "threshold passes more parts: keep it tight).",
     )
@@ -257,13 +294,15 @@ class CommandsConfig(_Section):
 class MqttConfig(_Section):
     enabled: bool = Field(True, description="Publish verdicts over MQTT; false = inspect and log only.")
     protocol: Literal["v3.1.1", "v5"] = Field(
-        "v3.1.1", description="MQTT protocol version: v3.1.1 (every broker) or v5 (reason codes on every "
-        "acknowledgement, a packet size limit for commands)."
+        "v3.1.1",
+        description="MQTT protocol version: v3.1.1 (every broker) or v5 (reason codes on every "
+        "acknowledgement, a packet size limit for commands).",
     )
     host: str = Field("127.0.0.1", min_length=1, description="Broker host name or address.")
     port: int = Field(1883, ge=1, le=65535, description="Broker TCP port.")
     prefix: str = Field(
-        "ganspect", pattern=r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$",
+        "ganspect",
+        pattern=r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$",
         description="First topic level(s); topics are <prefix>/<site>/<line>/<station>/...",
     )
     client_id: str | None = Field(None, description="MQTT client id; default ganspect-<site>-<line>-<station>.")
@@ -287,17 +326,25 @@ class MqttConfig(_Section):
         20, ge=1, le=1000, description="Verdicts sent but not yet acknowledged at most (the rest wait on disk)."
     )
     drain_timeout_s: float = Field(
-        10.0, ge=0, le=600,
+        10.0,
+        ge=0,
+        le=600,
         description="At exit, how long to wait for the broker to acknowledge what is in the outbox; "
         "what is left stays on disk for the next start.",
     )
-    tls: TlsConfig = Field(default_factory=TlsConfig,  # type: ignore[arg-type]
-                           description="TLS to the broker: the CA to verify it with and the client certificate.")
-    outbox: OutboxConfig = Field(default_factory=OutboxConfig,  # type: ignore[arg-type]
-                                 description="The disk outbox that holds verdicts until the broker acknowledged them.")
-    commands: CommandsConfig = Field(default_factory=CommandsConfig,  # type: ignore[arg-type]
-                                     description="Commands from the MES (cmd/trigger, cmd/reload, cmd/threshold): "
-                                     "untrusted input, validated and bounded.")
+    tls: TlsConfig = Field(
+        default_factory=TlsConfig,  # type: ignore[arg-type]
+        description="TLS to the broker: the CA to verify it with and the client certificate.",
+    )
+    outbox: OutboxConfig = Field(
+        default_factory=OutboxConfig,  # type: ignore[arg-type]
+        description="The disk outbox that holds verdicts until the broker acknowledged them.",
+    )
+    commands: CommandsConfig = Field(
+        default_factory=CommandsConfig,  # type: ignore[arg-type]
+        description="Commands from the MES (cmd/trigger, cmd/reload, cmd/threshold): "
+        "untrusted input, validated and bounded.",
+    )
 
     @model_validator(mode="after")
     def _one_password_source(self) -> MqttConfig:
@@ -345,18 +392,28 @@ class EdgeConfig(_Section):
     model: ModelConfig = Field(description="The model bundle to score with.")
     source: SourceConfig = Field(description="Where frames come from.")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Verdict delivery.")  # type: ignore[arg-type]
-    data: DataConfig = Field(default_factory=DataConfig,  # type: ignore[arg-type]
-                             description="Where the daemon keeps state.")
+    data: DataConfig = Field(
+        default_factory=DataConfig,  # type: ignore[arg-type]
+        description="Where the daemon keeps state.",
+    )
     display: DisplayConfig = Field(default_factory=DisplayConfig, description="Operator window.")  # type: ignore[arg-type]
     run: RunConfig = Field(default_factory=RunConfig, description="Run limits.")  # type: ignore[arg-type]
-    inspection: InspectionConfig = Field(default_factory=InspectionConfig,  # type: ignore[arg-type]
-                                         description="Region of interest and tiling.")
-    trigger: TriggerConfig = Field(default_factory=TriggerConfig,  # type: ignore[arg-type]
-                                   description="What makes the daemon inspect: every frame, or MQTT triggers.")
-    images: ImagesConfig = Field(default_factory=ImagesConfig,  # type: ignore[arg-type]
-                                 description="Saved NG images and their retention.")
-    health: HealthConfig = Field(default_factory=HealthConfig,  # type: ignore[arg-type]
-                                 description="Periodic health reports.")
+    inspection: InspectionConfig = Field(
+        default_factory=InspectionConfig,  # type: ignore[arg-type]
+        description="Region of interest and tiling.",
+    )
+    trigger: TriggerConfig = Field(
+        default_factory=TriggerConfig,  # type: ignore[arg-type]
+        description="What makes the daemon inspect: every frame, or MQTT triggers.",
+    )
+    images: ImagesConfig = Field(
+        default_factory=ImagesConfig,  # type: ignore[arg-type]
+        description="Saved NG images and their retention.",
+    )
+    health: HealthConfig = Field(
+        default_factory=HealthConfig,  # type: ignore[arg-type]
+        description="Periodic health reports.",
+    )
 
 
 def is_path_like_source(uri: str) -> bool:
@@ -414,8 +471,10 @@ def read_yaml_file(path: Path, what: str) -> tuple[Any, yaml.Node | None]:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         line = exc.object.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
-                          "save the file as UTF-8") from exc
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "save the file as UTF-8"
+        ) from exc
     try:
         return yaml.safe_load(text), yaml.compose(text)
     except yaml.YAMLError as exc:
@@ -466,12 +525,16 @@ def _check_trigger_path(config: EdgeConfig, path: Path, root: yaml.Node | None) 
     line = _line_of(root, ("trigger", "mode"))
     where = f"{path}:{line}" if line else str(path)
     if not config.mqtt.enabled:
-        raise ConfigError(f"{where}: trigger.mode: mqtt needs mqtt.enabled: true (triggers arrive as MQTT commands "
-                          "on cmd/trigger); use trigger.mode: continuous to inspect without a broker")
+        raise ConfigError(
+            f"{where}: trigger.mode: mqtt needs mqtt.enabled: true (triggers arrive as MQTT commands "
+            "on cmd/trigger); use trigger.mode: continuous to inspect without a broker"
+        )
     commands = config.mqtt.commands
     if not commands.enabled or "trigger" not in commands.allow:
-        raise ConfigError(f"{where}: trigger.mode: mqtt needs mqtt.commands.enabled: true with trigger in "
-                          "mqtt.commands.allow, or no trigger can arrive")
+        raise ConfigError(
+            f"{where}: trigger.mode: mqtt needs mqtt.commands.enabled: true with trigger in "
+            "mqtt.commands.allow, or no trigger can arrive"
+        )
 
 
 def _check_tls_files(mqtt: MqttConfig, path: Path, root: yaml.Node | None) -> None:
@@ -490,9 +553,12 @@ def _check_tls_files(mqtt: MqttConfig, path: Path, root: yaml.Node | None) -> No
 
 def resolve_paths(config: EdgeConfig, base: Path) -> EdgeConfig:
     """Relative bundle, source, password-file, certificate and data paths resolved against `base` (the config's folder)."""
-    model = config.model.model_copy(update={"bundle": _resolve(base, config.model.bundle),
-                                            "trusted_keys": tuple(_resolve(base, key)
-                                                                  for key in config.model.trusted_keys)})
+    model = config.model.model_copy(
+        update={
+            "bundle": _resolve(base, config.model.bundle),
+            "trusted_keys": tuple(_resolve(base, key) for key in config.model.trusted_keys),
+        }
+    )
     source = config.source
     if is_path_like_source(source.uri) and not Path(source.uri).is_absolute():
         source = source.model_copy(update={"uri": str(base / source.uri)})

@@ -46,23 +46,34 @@ def check_model(config: EdgeConfig) -> Check:
     from ganspect.edge.scorer import Scorer
 
     try:
-        scorer = Scorer.load(config.model.bundle, config.model.precision, config.model.intra_op_threads,
-                             config.model.trusted_keys)
+        scorer = Scorer.load(
+            config.model.bundle, config.model.precision, config.model.intra_op_threads, config.model.trusted_keys
+        )
     except GanspectError as exc:
-        return Check("model", False, str(exc),
-                     "install a bundle made by `ganspect export` (ganspect edge install-model BUNDLE) or fix "
-                     "model.bundle; never edit files inside a bundle")
+        return Check(
+            "model",
+            False,
+            str(exc),
+            "install a bundle made by `ganspect export` (ganspect edge install-model BUNDLE) or fix "
+            "model.bundle; never edit files inside a bundle",
+        )
     m = scorer.manifest
-    return Check("model", True, f"{m.name} ({m.kind}, {scorer.model_file.precision}, "
-                 f"{m.input.width}x{m.input.height}x{m.input.channels}) verified from {config.model.bundle}")
+    return Check(
+        "model",
+        True,
+        f"{m.name} ({m.kind}, {scorer.model_file.precision}, "
+        f"{m.input.width}x{m.input.height}x{m.input.channels}) verified from {config.model.bundle}",
+    )
 
 
 def check_camera(config: EdgeConfig) -> Check:
     from ganspect.edge.source import open_source
 
     uri = config.source.uri
-    hint = ("check the camera is plugged in and that the daemon's user may read it (group video; "
-            "ls -l /dev/v4l/by-id/), or fix source.uri")
+    hint = (
+        "check the camera is plugged in and that the daemon's user may read it (group video; "
+        "ls -l /dev/v4l/by-id/), or fix source.uri"
+    )
     try:
         source = open_source(config.source)
     except GanspectError as exc:
@@ -76,8 +87,9 @@ def check_camera(config: EdgeConfig) -> Check:
     if not frames:
         return Check("camera", False, f"{uri} opened but delivered no frame", hint)
     height, width = frames[-1].image.shape[:2]
-    return Check("camera", True, f"{uri} delivered {len(frames)} frame(s) of {width}x{height} "
-                 f"in {elapsed * 1000:.0f} ms")
+    return Check(
+        "camera", True, f"{uri} delivered {len(frames)} frame(s) of {width}x{height} in {elapsed * 1000:.0f} ms"
+    )
 
 
 def check_broker(config: EdgeConfig) -> Check:
@@ -109,27 +121,45 @@ def check_broker(config: EdgeConfig) -> Check:
             if client.loop(timeout=0.1) not in (mqtt.MQTT_ERR_SUCCESS,):
                 break
     except ssl.SSLCertVerificationError as exc:
-        return Check("broker", False, f"{where}: the broker's certificate did not verify ({exc.verify_message})",
-                     "mqtt.tls.ca_file must be the CA that signed the broker's certificate, and mqtt.host a name "
-                     "in it")
+        return Check(
+            "broker",
+            False,
+            f"{where}: the broker's certificate did not verify ({exc.verify_message})",
+            "mqtt.tls.ca_file must be the CA that signed the broker's certificate, and mqtt.host a name in it",
+        )
     except ssl.SSLError as exc:
-        return Check("broker", False, f"{where}: TLS handshake failed ({exc.reason or exc})",
-                     "check mqtt.port is the broker's TLS listener and the client certificate settings")
+        return Check(
+            "broker",
+            False,
+            f"{where}: TLS handshake failed ({exc.reason or exc})",
+            "check mqtt.port is the broker's TLS listener and the client certificate settings",
+        )
     except OSError as exc:
-        return Check("broker", False, f"{where}: cannot connect ({exc.strerror or exc})",
-                     "check that the broker runs, mqtt.host / mqtt.port, and the firewall; the daemon inspects "
-                     "without it (verdicts wait on disk) unless mqtt.require_broker is true")
+        return Check(
+            "broker",
+            False,
+            f"{where}: cannot connect ({exc.strerror or exc})",
+            "check that the broker runs, mqtt.host / mqtt.port, and the firewall; the daemon inspects "
+            "without it (verdicts wait on disk) unless mqtt.require_broker is true",
+        )
     finally:
         client.disconnect()
     if not answers:
-        return Check("broker", False, f"{where}: connected but no CONNACK within {mqtt_config.connect_timeout_s:g} s "
-                     "(the broker closed the session)",
-                     "a broker that drops the session after the handshake usually rejected the client "
-                     "certificate: check mqtt.tls.cert_file / key_file against the broker's CA")
+        return Check(
+            "broker",
+            False,
+            f"{where}: connected but no CONNACK within {mqtt_config.connect_timeout_s:g} s "
+            "(the broker closed the session)",
+            "a broker that drops the session after the handshake usually rejected the client "
+            "certificate: check mqtt.tls.cert_file / key_file against the broker's CA",
+        )
     if answers[0].is_failure:
-        return Check("broker", False, f"{where} refused the connection: {answers[0]}",
-                     "check mqtt.username and the password (mqtt.password_env / mqtt.password_file) and the "
-                     "broker's ACL")
+        return Check(
+            "broker",
+            False,
+            f"{where} refused the connection: {answers[0]}",
+            "check mqtt.username and the password (mqtt.password_env / mqtt.password_file) and the broker's ACL",
+        )
     security = "TLS" if mqtt_config.tls.enabled else "plain TCP"
     user = f", user {mqtt_config.username}" if mqtt_config.username else ""
     return Check("broker", True, f"{where} accepted the connection ({security}{user})")
@@ -137,8 +167,10 @@ def check_broker(config: EdgeConfig) -> Check:
 
 def check_data_dir(config: EdgeConfig) -> Check:
     folder = config.data.dir
-    hint = (f"create {folder} and give the daemon's user write access "
-            "(deploy/install.sh does: /var/lib/ganspect, owned by ganspect), or fix data.dir")
+    hint = (
+        f"create {folder} and give the daemon's user write access "
+        "(deploy/install.sh does: /var/lib/ganspect, owned by ganspect), or fix data.dir"
+    )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".doctor-") as probe:
@@ -151,10 +183,14 @@ def check_data_dir(config: EdgeConfig) -> Check:
     # The outbox must be able to fill up to its quota during a broker outage without filling the disk.
     needed = config.mqtt.outbox.max_bytes * 2 if config.mqtt.enabled else 0
     if free < needed:
-        return Check("data", False, f"{folder}: {_mib(free)} free, less than twice the outbox quota "
-                     f"mqtt.outbox.max_bytes ({_mib(config.mqtt.outbox.max_bytes)})",
-                     "free disk space, or lower mqtt.outbox.max_bytes (a broker outage could otherwise fill the "
-                     "disk before the quota takes effect)")
+        return Check(
+            "data",
+            False,
+            f"{folder}: {_mib(free)} free, less than twice the outbox quota "
+            f"mqtt.outbox.max_bytes ({_mib(config.mqtt.outbox.max_bytes)})",
+            "free disk space, or lower mqtt.outbox.max_bytes (a broker outage could otherwise fill the "
+            "disk before the quota takes effect)",
+        )
     return Check("data", True, f"{folder} writable, {_mib(free)} free")
 
 
@@ -167,14 +203,22 @@ def check_display(config: EdgeConfig) -> Check:
     shown = display_available()
     where = f"DISPLAY={os.environ.get('DISPLAY', '')!r}"
     if mode == "on" and not shown:
-        return Check("display", False, f"display.window is on but no display answers ({where})",
-                     "run the daemon in the operator's desktop session (deploy/README.md: the window unit), "
-                     "or set display.window: auto / off")
+        return Check(
+            "display",
+            False,
+            f"display.window is on but no display answers ({where})",
+            "run the daemon in the operator's desktop session (deploy/README.md: the window unit), "
+            "or set display.window: auto / off",
+        )
     return Check("display", True, f"display.window {mode}: {'a display answers' if shown else 'no display'} ({where})")
 
 
 CHECKS: tuple[Callable[[EdgeConfig], Check], ...] = (
-    check_model, check_camera, check_broker, check_data_dir, check_display,
+    check_model,
+    check_camera,
+    check_broker,
+    check_data_dir,
+    check_display,
 )
 
 
@@ -201,7 +245,10 @@ def _run(args: argparse.Namespace) -> int:
     for check in checks:
         print(check.line())
     failed = [c.name for c in checks if not c.passed]
-    print(f"{len(checks) - len(failed)}/{len(checks)} checks passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(
+        f"{len(checks) - len(failed)}/{len(checks)} checks passed"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

@@ -63,8 +63,12 @@ class Health:
         for stage, values in self._stages.items():
             if values:
                 p50, p95, p99 = np.percentile(np.fromiter(values, float), [50, 95, 99])
-                latency[stage] = {"p50": round(float(p50), 3), "p95": round(float(p95), 3),
-                                  "p99": round(float(p99), 3), "max": round(max(values), 3)}
+                latency[stage] = {
+                    "p50": round(float(p50), 3),
+                    "p95": round(float(p95), 3),
+                    "p99": round(float(p99), 3),
+                    "max": round(max(values), 3),
+                }
             else:
                 latency[stage] = None
         return {

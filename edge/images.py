@@ -64,8 +64,9 @@ class ImageStore:
         self._free_checked = float("-inf")
         self._free_bytes = 0
         # (mtime, path, size), oldest first: what retention deletes from.
-        self._kept: deque[tuple[float, Path, int]] = deque(sorted(
-            (p.stat().st_mtime, p, p.stat().st_size) for p in self.root.glob("*/*.jpg")))
+        self._kept: deque[tuple[float, Path, int]] = deque(
+            sorted((p.stat().st_mtime, p, p.stat().st_size) for p in self.root.glob("*/*.jpg"))
+        )
         self._kept_bytes = sum(size for _, _, size in self._kept)
         self._thread = threading.Thread(target=self._run, name="ganspect-image-writer", daemon=True)
 
@@ -97,9 +98,13 @@ class ImageStore:
                 self._dropped_disk += 1
                 first = self._dropped_disk == 1
             if first or self._dropped_disk % 100 == 0:
-                log.error("images: disk %s has %d MB free, below images.min_free_bytes: image not saved "
-                          "(%d dropped so far); verdicts still flow", self.root, self._free_bytes // 2**20,
-                          self._dropped_disk)
+                log.error(
+                    "images: disk %s has %d MB free, below images.min_free_bytes: image not saved "
+                    "(%d dropped so far); verdicts still flow",
+                    self.root,
+                    self._free_bytes // 2**20,
+                    self._dropped_disk,
+                )
             return None
         path = self.root / day / f"{result_id}.jpg"
         try:
@@ -109,16 +114,25 @@ class ImageStore:
                 self._dropped_full += 1
                 count = self._dropped_full
             if count == 1 or count % 100 == 0:
-                log.warning("images: the writer is behind (%d waiting): image not saved (%d dropped so far)",
-                            self._config.queue_size, count)
+                log.warning(
+                    "images: the writer is behind (%d waiting): image not saved (%d dropped so far)",
+                    self._config.queue_size,
+                    count,
+                )
             return None
         return path
 
     def stats(self) -> StoreStats:
         with self._lock:
-            return StoreStats(saved=self._saved, dropped_queue_full=self._dropped_full,
-                              dropped_disk_full=self._dropped_disk, failed=self._failed, deleted=self._deleted,
-                              kept=len(self._kept), kept_bytes=self._kept_bytes)
+            return StoreStats(
+                saved=self._saved,
+                dropped_queue_full=self._dropped_full,
+                dropped_disk_full=self._dropped_disk,
+                failed=self._failed,
+                deleted=self._deleted,
+                kept=len(self._kept),
+                kept_bytes=self._kept_bytes,
+            )
 
     def close(self) -> None:
         """Write what is queued, then stop the writer."""
@@ -142,9 +156,13 @@ class ImageStore:
                 now = time.monotonic()
                 if now - self._last_failure_logged >= _FAILURE_LOG_INTERVAL_S:
                     self._last_failure_logged = now
-                    log.error("images: cannot write %s: %s (image dropped, %d so far; verdicts still flow)",
-                              job.path, exc.strerror or exc, failed)
-            except Exception:  # noqa: BLE001 - one bad image must not end the writer
+                    log.error(
+                        "images: cannot write %s: %s (image dropped, %d so far; verdicts still flow)",
+                        job.path,
+                        exc.strerror or exc,
+                        failed,
+                    )
+            except Exception:
                 with self._lock:
                     self._failed += 1
                 log.exception("images: writing %s failed", job.path)
@@ -172,8 +190,9 @@ class ImageStore:
                 if not self._kept:
                     return
                 mtime, path, size = self._kept[0]
-                if not (len(self._kept) > config.max_count or self._kept_bytes > config.max_bytes
-                        or mtime < oldest_allowed):
+                if not (
+                    len(self._kept) > config.max_count or self._kept_bytes > config.max_bytes or mtime < oldest_allowed
+                ):
                     return
                 self._kept.popleft()
                 self._kept_bytes -= size

@@ -71,8 +71,11 @@ class InputSpec(_Strict):
 class OutputSpec(_Strict):
     score: str = Field("score", description="Name of the (N,) float32 score output.")
     heatmap: str = Field("heatmap", description="Name of the (N, H, W) float32 heatmap output.")
-    peak: str = Field("peak", description="Name of the (N, 2) int64 output: (row, column) of the heatmap maximum, "
-                                          "the first in row-major order on ties.")
+    peak: str = Field(
+        "peak",
+        description="Name of the (N, 2) int64 output: (row, column) of the heatmap maximum, "
+        "the first in row-major order on ties.",
+    )
 
 
 class Normalisation(_Strict):
@@ -91,18 +94,23 @@ class ScoreSpec(_Strict):
         description="How L_R reduces the per-pixel residual: its mean, or the peak of its smoothed map."
     )
     source: Literal["residual", "segmentation"] = Field(
-        "residual", description="residual: the score is the formula's A(x) and the heatmap the smoothed residual; "
-                                "segmentation: both come from the segmentation head's smoothed defect map (the "
-                                "score is its peak).")
+        "residual",
+        description="residual: the score is the formula's A(x) and the heatmap the smoothed residual; "
+        "segmentation: both come from the segmentation head's smoothed defect map (the "
+        "score is its peak).",
+    )
 
 
 class ThresholdSpec(_Strict):
     value: float | None = Field(
-        None, exclude=True,
+        None,
+        exclude=True,
         description="Never stored (each file's threshold is files[].threshold): the threshold of the model file in "
-                    "use, set on the edge Scorer's view of the manifest; None in a manifest read from disk.")
+        "use, set on the edge Scorer's view of the manifest; None in a manifest read from disk.",
+    )
     method: Literal["normal_quantile", "f1_optimal", "manual"] = Field(
-        description="How each file's threshold was chosen; every file's value comes from its own scores.")
+        description="How each file's threshold was chosen; every file's value comes from its own scores."
+    )
     nu: float | None = Field(None, ge=0.0, le=1.0, description="Tolerated false-alarm rate for normal_quantile.")
     n_images: int = Field(ge=0, description="Number of images the thresholds were calibrated on.")
 
@@ -119,20 +127,28 @@ class TilingSpec(_Strict):
 
     mode: Literal["resize", "tiles"] = Field(
         description="resize: the ROI is resized to the input size; tiles: the ROI is cut into input-sized tiles "
-                    "(one frame pixel = one model pixel), scored as one batch, heatmaps stitched with the larger "
-                    "value where tiles overlap, the frame's score the worst tile's.")
-    overlap: int = Field(ge=0, description="tiles: pixels shared by neighbouring tiles; the last tile of a row or "
-                                           "column is flush with the ROI's edge.")
-    roi: RegionSpec | None = Field(None, description="The region of the frame the model was trained on; "
-                                                     "null = the whole frame.")
+        "(one frame pixel = one model pixel), scored as one batch, heatmaps stitched with the larger "
+        "value where tiles overlap, the frame's score the worst tile's."
+    )
+    overlap: int = Field(
+        ge=0,
+        description="tiles: pixels shared by neighbouring tiles; the last tile of a row or "
+        "column is flush with the ROI's edge.",
+    )
+    roi: RegionSpec | None = Field(
+        None, description="The region of the frame the model was trained on; null = the whole frame."
+    )
 
 
 class HeatmapSpec(_Strict):
     scale: float = Field(gt=0.0, description="Raw residual that maps to 1.0 (largest normal residual).")
     smoothing_sigma: float = Field(ge=0.0, description="Gaussian sigma in pixels applied inside the graph.")
     inside_graph: Literal[True] = Field(True, description="Always true: the heatmap output is already scaled.")
-    per_pixel: bool = Field(False, description="The map was normalised per pixel inside the graph ((map - mean) / "
-                                               "spread of the held-out normals, aligned parts) before scaling.")
+    per_pixel: bool = Field(
+        False,
+        description="The map was normalised per pixel inside the graph ((map - mean) / "
+        "spread of the held-out normals, aligned parts) before scaling.",
+    )
 
 
 _SHA256 = r"^[0-9a-f]{64}$"
@@ -143,8 +159,9 @@ class GoldenExpectation(_Strict):
 
     scores: list[float] = Field(description="Expected score per golden image, as computed at export.")
     heatmap_peaks: list[float] = Field(description="Expected heatmap maximum per golden image.")
-    atol: float = Field(ge=0.0, description="Allowed |actual - expected| is atol + rtol * |expected| "
-                                            "(scores and heatmap peaks alike).")
+    atol: float = Field(
+        ge=0.0, description="Allowed |actual - expected| is atol + rtol * |expected| (scores and heatmap peaks alike)."
+    )
     rtol: float = Field(ge=0.0, description="See atol.")
 
     def allowed(self, expected: float) -> float:
@@ -156,9 +173,11 @@ class ModelFile(_Strict):
     precision: Literal["fp32", "int8"] = Field(description="Numeric precision of the graph.")
     sha256: str = Field(pattern=_SHA256, description="SHA-256 of the file, lower-case hex.")
     bytes: int = Field(ge=1, description="File size.")
-    threshold: float = Field(allow_inf_nan=False,
-                             description="Decision threshold for this file's scores (score > threshold means NG), "
-                                         "calibrated on this file's own scores by `threshold.method`.")
+    threshold: float = Field(
+        allow_inf_nan=False,
+        description="Decision threshold for this file's scores (score > threshold means NG), "
+        "calibrated on this file's own scores by `threshold.method`.",
+    )
     golden: GoldenExpectation = Field(description="Expected outputs for the golden images (load-time self-test).")
 
 
@@ -170,9 +189,11 @@ class GoldenImage(_Strict):
     bytes: int = Field(ge=1, description="File size.")
     origin: str = Field(description="Where the image came from (held-out normal, test anomaly, ...).")
     expect: Literal["OK", "NG"] | None = Field(
-        None, description="The verdict every model file must give this image by its own threshold, checked at load "
-                          "on the recorded and on the measured score: OK for a held-out normal, NG for a test "
-                          "anomaly the model detects; null: no verdict is checked (e.g. seeded random pixels).")
+        None,
+        description="The verdict every model file must give this image by its own threshold, checked at load "
+        "on the recorded and on the measured score: OK for a held-out normal, NG for a test "
+        "anomaly the model detects; null: no verdict is checked (e.g. seeded random pixels).",
+    )
 
 
 class TrainingData(_Strict):
@@ -194,16 +215,20 @@ class Manifest(_Strict):
     threshold: ThresholdSpec
     heatmap: HeatmapSpec
     tiling: TilingSpec | None = Field(
-        None, description="How frames reach the model, as in training; null (bundles from before tiling was "
-                          "recorded) = as the station's inspection settings say.")
+        None,
+        description="How frames reach the model, as in training; null (bundles from before tiling was "
+        "recorded) = as the station's inspection settings say.",
+    )
     training_data: TrainingData
     metrics: dict[str, float | None] = Field(default_factory=dict, description="Metrics measured at export.")
     files: list[ModelFile] = Field(min_length=1, description="ONNX files in the bundle with their hashes.")
     golden: list[GoldenImage] = Field(min_length=1, description="Golden images for the load-time self-test.")
     content_sha256: str | None = Field(
-        None, pattern=_SHA256,
+        None,
+        pattern=_SHA256,
         description="SHA-256 of this manifest's canonical JSON (sorted keys, no spaces) without this field; "
-                    "written by write_manifest, required by load_bundle.")
+        "written by write_manifest, required by load_bundle.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -213,8 +238,10 @@ class Manifest(_Strict):
         for f in self.files:
             n = len(self.golden)
             if len(f.golden.scores) != n or len(f.golden.heatmap_peaks) != n:
-                raise ValueError(f"files: {f.path} has {len(f.golden.scores)} golden scores and "
-                                 f"{len(f.golden.heatmap_peaks)} heatmap peaks for {n} golden images")
+                raise ValueError(
+                    f"files: {f.path} has {len(f.golden.scores)} golden scores and "
+                    f"{len(f.golden.heatmap_peaks)} heatmap peaks for {n} golden images"
+                )
         return self
 
     def model_file(self, precision: Literal["fp32", "int8"] | None = None) -> ModelFile:
@@ -251,11 +278,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_file(root: Path, name: str, precision: Literal["fp32", "int8"], threshold: float,
-                  golden: GoldenExpectation) -> ModelFile:
+def describe_file(
+    root: Path, name: str, precision: Literal["fp32", "int8"], threshold: float, golden: GoldenExpectation
+) -> ModelFile:
     path = root / name
-    return ModelFile(path=name, precision=precision, sha256=sha256_file(path), bytes=path.stat().st_size,
-                     threshold=threshold, golden=golden)
+    return ModelFile(
+        path=name,
+        precision=precision,
+        sha256=sha256_file(path),
+        bytes=path.stat().st_size,
+        threshold=threshold,
+        golden=golden,
+    )
 
 
 def describe_golden(root: Path, name: str, origin: str, expect: Literal["OK", "NG"] | None = None) -> GoldenImage:
@@ -317,14 +351,17 @@ def load_bundle(root: str | Path, trusted_keys: Sequence[Path] = ()) -> Bundle:
     except ValidationError as exc:
         raise BundleError(f"{manifest_path} is not a valid manifest: {_validation_summary(exc)}") from exc
     if manifest.threshold.value is not None:
-        raise BundleError(f"{manifest_path}: threshold.value is not stored in format {FORMAT_VERSION}; each entry of "
-                          "files has its own threshold")
+        raise BundleError(
+            f"{manifest_path}: threshold.value is not stored in format {FORMAT_VERSION}; each entry of "
+            "files has its own threshold"
+        )
     if manifest.content_sha256 is None:
         raise BundleError(f"{manifest_path} has no content_sha256: it was not written by `ganspect export`")
     if manifest_digest(raw) != manifest.content_sha256:
         raise BundleError(
             f"{manifest_path} was changed after export (its content no longer matches content_sha256): "
-            "re-export or re-copy the bundle; never edit a manifest by hand")
+            "re-export or re-copy the bundle; never edit a manifest by hand"
+        )
     entries = [(f.path, f.sha256) for f in manifest.files] + [(g.path, g.sha256) for g in manifest.golden]
     for name, expected in entries:
         _verify_file(root, manifest_path, name, expected)
@@ -347,16 +384,21 @@ def _check_thresholds(manifest_path: Path, manifest: Manifest) -> None:
                     f"{manifest_path}: files[{index}].threshold {model_file.threshold:.6g} ({model_file.path}) "
                     f"judges the golden image {golden.path} ({golden.origin}, score {recorded:.6g}) "
                     f"{golden_verdict(recorded, model_file.threshold)}, not {golden.expect}: the threshold does not "
-                    "belong to this model; re-export the run")
+                    "belong to this model; re-export the run"
+                )
     measured = manifest.metrics.get("threshold")
     fp32 = next((f for f in manifest.files if f.precision == "fp32"), None)
     # metrics.threshold is the FP32 model's threshold that the run's evaluation used (INT8 has its own).
-    if measured is not None and fp32 is not None and not math.isclose(measured, fp32.threshold, rel_tol=1e-6,
-                                                                        abs_tol=1e-12):
+    if (
+        measured is not None
+        and fp32 is not None
+        and not math.isclose(measured, fp32.threshold, rel_tol=1e-6, abs_tol=1e-12)
+    ):
         raise BundleError(
             f"{manifest_path}: metrics.threshold {measured:.9g} (what the run was evaluated at) disagrees with "
             f"files[{manifest.files.index(fp32)}].threshold {fp32.threshold:.9g} ({fp32.path}): the metrics are not "
-            "this model's; re-export the run")
+            "this model's; re-export the run"
+        )
 
 
 def _verify_file(root: Path, manifest_path: Path, name: str, expected_sha256: str) -> None:

@@ -22,9 +22,9 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ganspect.edge.errors import BundleError, GanspectError
@@ -139,8 +139,9 @@ class ModelStore:
         """
         source = source.resolve()
         if not (source / MANIFEST_NAME).is_file():
-            raise BundleError(f"{source} is not a model bundle (no {MANIFEST_NAME}); give the folder "
-                              "`ganspect export` wrote")
+            raise BundleError(
+                f"{source} is not a model bundle (no {MANIFEST_NAME}); give the folder `ganspect export` wrote"
+            )
         name = verify_bundle(source, self.trusted_keys)
         if suits is not None:
             suits(source)
@@ -183,8 +184,13 @@ class ModelStore:
         """Keep the bundles `current` and `previous` name; older ones go (a mini PC's disk is small)."""
         keep = {p.name for p in (self.target(self.current_link), self.target(self.previous_link)) if p}
         for entry in self.root.iterdir():
-            if entry.is_dir() and not entry.is_symlink() and entry.name not in keep \
-                    and not entry.name.startswith(_INCOMING) and (entry / MANIFEST_NAME).is_file():
+            if (
+                entry.is_dir()
+                and not entry.is_symlink()
+                and entry.name not in keep
+                and not entry.name.startswith(_INCOMING)
+                and (entry / MANIFEST_NAME).is_file()
+            ):
                 shutil.rmtree(entry, ignore_errors=True)
                 log.info("model: removed the old bundle %s", entry.name)
 
@@ -214,24 +220,27 @@ class BundleWatch:
         self._next_check = now + self._interval_s
         target = os.path.realpath(self._store.current_link)
         if target != self._loaded:
-            self._worker = threading.Thread(target=self._swap, args=(target,), name="ganspect-model-swap",
-                                            daemon=True)
+            self._worker = threading.Thread(target=self._swap, args=(target,), name="ganspect-model-swap", daemon=True)
             self._worker.start()
 
     def _swap(self, target: str) -> None:
         try:
             problem, _ = self._live.reload()
             if problem is None:
-                log.warning("model: %s now points to %s; swapped in between frames", self._store.current_link,
-                            Path(target).name)
+                log.warning(
+                    "model: %s now points to %s; swapped in between frames", self._store.current_link, Path(target).name
+                )
                 self._loaded = target
                 return
-            log.error("model: the new bundle %s failed in the daemon (%s); the running one keeps scoring",
-                      Path(target).name, problem)
+            log.error(
+                "model: the new bundle %s failed in the daemon (%s); the running one keeps scoring",
+                Path(target).name,
+                problem,
+            )
             previous = self._store.target(self._store.previous_link)
             if previous is not None and str(previous) == self._loaded:
                 self._store.restore_previous()
-        except Exception:  # noqa: BLE001 - a failed swap must never end the inspection
+        except Exception:
             log.exception("model swap failed; the running model keeps scoring")
 
     def close(self) -> None:
@@ -250,8 +259,7 @@ def load_current_or_previous(model: ModelConfig) -> Scorer:
         previous = store.target(store.previous_link)
         if previous is None or str(previous) == os.path.realpath(model.bundle):
             raise
-        log.error("model: %s cannot be used (%s); restoring the last good bundle %s", model.bundle, exc,
-                  previous.name)
+        log.error("model: %s cannot be used (%s); restoring the last good bundle %s", model.bundle, exc, previous.name)
         # Verified (and its signature checked) before pointing at it.
         Scorer.load(previous, model.precision, model.intra_op_threads, model.trusted_keys)
         store.restore_previous()

@@ -117,8 +117,9 @@ def tls_context(tls: TlsConfig) -> ssl.SSLContext:
         # PROTOCOL_TLS_CLIENT, CERT_REQUIRED, check_hostname and TLS 1.2 at least.
         context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"mqtt.tls.ca_file: cannot load CA certificates from {tls.ca_file}: "
-                          f"{_ssl_text(exc)} (expected PEM)") from exc
+        raise ConfigError(
+            f"mqtt.tls.ca_file: cannot load CA certificates from {tls.ca_file}: {_ssl_text(exc)} (expected PEM)"
+        ) from exc
     if tls.cert_file is not None:
         asked_for_pass_phrase = []
 
@@ -130,12 +131,16 @@ def tls_context(tls: TlsConfig) -> ssl.SSLContext:
             context.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=no_pass_phrase)
         except (OSError, ssl.SSLError) as exc:
             if asked_for_pass_phrase:
-                raise ConfigError(f"mqtt.tls.key_file: {tls.key_file} is encrypted with a pass phrase, which a daemon "
-                                  "cannot type; store the key unencrypted (openssl pkey -in KEY -out NEW_KEY), "
-                                  "readable only by the daemon's user") from exc
-            raise ConfigError(f"mqtt.tls.cert_file / mqtt.tls.key_file: cannot load the client certificate "
-                              f"{tls.cert_file} with the key {tls.key_file}: {_ssl_text(exc)} (expected PEM files, "
-                              "the key matching the certificate)") from exc
+                raise ConfigError(
+                    f"mqtt.tls.key_file: {tls.key_file} is encrypted with a pass phrase, which a daemon "
+                    "cannot type; store the key unencrypted (openssl pkey -in KEY -out NEW_KEY), "
+                    "readable only by the daemon's user"
+                ) from exc
+            raise ConfigError(
+                f"mqtt.tls.cert_file / mqtt.tls.key_file: cannot load the client certificate "
+                f"{tls.cert_file} with the key {tls.key_file}: {_ssl_text(exc)} (expected PEM files, "
+                "the key matching the certificate)"
+            ) from exc
     return context
 
 
@@ -160,8 +165,10 @@ def _tls_failure_of(exc: BaseException | None, logged: str | None, config: MqttC
     tls = config.tls
     if isinstance(exc, ssl.SSLCertVerificationError):
         ca = f"mqtt.tls.ca_file ({tls.ca_file})" if tls.ca_file else "mqtt.tls.ca_file (unset: the system's CAs)"
-        return (f"the broker's certificate did not verify ({_ssl_text(exc)}); check {ca} is the CA that signed "
-                f"the broker's certificate and that mqtt.host ({config.host}) is a name in that certificate")
+        return (
+            f"the broker's certificate did not verify ({_ssl_text(exc)}); check {ca} is the CA that signed "
+            f"the broker's certificate and that mqtt.host ({config.host}) is a name in that certificate"
+        )
     reason: str | None = None
     if isinstance(exc, ssl.SSLError):
         reason = exc.reason or exc.__class__.__name__.upper()
@@ -171,12 +178,16 @@ def _tls_failure_of(exc: BaseException | None, logged: str | None, config: MqttC
         return None
     words = reason.replace("_", " ").lower()
     if "CERTIFICATE_REQUIRED" in reason:
-        return (f"the broker requires a client certificate ({words}); "
-                + ("set mqtt.tls.cert_file and mqtt.tls.key_file" if tls.cert_file is None else
-                   f"it did not accept {tls.cert_file} (mqtt.tls.cert_file)"))
+        return f"the broker requires a client certificate ({words}); " + (
+            "set mqtt.tls.cert_file and mqtt.tls.key_file"
+            if tls.cert_file is None
+            else f"it did not accept {tls.cert_file} (mqtt.tls.cert_file)"
+        )
     if "ALERT" in reason:
-        return (f"the broker rejected the TLS session ({words}); check that the client certificate "
-                f"{tls.cert_file} (mqtt.tls.cert_file) is signed by a CA the broker trusts and is still valid")
+        return (
+            f"the broker rejected the TLS session ({words}); check that the client certificate "
+            f"{tls.cert_file} (mqtt.tls.cert_file) is signed by a CA the broker trusts and is still valid"
+        )
     if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason or "PACKET_LENGTH" in reason:
         return f"the broker does not speak TLS on port {config.port} ({words}); check mqtt.port and mqtt.tls.enabled"
     return f"TLS handshake failed ({words}); check the mqtt.tls settings against the broker's listener"
@@ -223,11 +234,22 @@ def evaluation_of(score: Score) -> dict[str, str | None]:
     return {"state": score.result, "reason": None}
 
 
-def build_verdict(*, seq: int, station: StationConfig, part_id: str, captured_at: datetime, score: Score | None,
-                  manifest: Manifest, model_file: ModelFile, total_ms: float,
-                  trigger_id: str | None = None, undefined_reason: str | None = None,
-                  capture_age_ms: float | None = None, threshold: float | None = None,
-                  threshold_source: Literal["bundle", "override"] = "bundle") -> dict[str, Any]:
+def build_verdict(
+    *,
+    seq: int,
+    station: StationConfig,
+    part_id: str,
+    captured_at: datetime,
+    score: Score | None,
+    manifest: Manifest,
+    model_file: ModelFile,
+    total_ms: float,
+    trigger_id: str | None = None,
+    undefined_reason: str | None = None,
+    capture_age_ms: float | None = None,
+    threshold: float | None = None,
+    threshold_source: Literal["bundle", "override"] = "bundle",
+) -> dict[str, Any]:
     """The verdict payload as made; `schemas/verdict.schema.json` documents every field.
 
     `score.threshold` (or `threshold` when nothing was scored) is the threshold the part was
@@ -254,8 +276,12 @@ def build_verdict(*, seq: int, station: StationConfig, part_id: str, captured_at
         "published_at": utc_iso(datetime.now(timezone.utc)),
         "evaluation": evaluation,
         "score": _finite_or_none(score.score) if score is not None else None,
-        "threshold": {"value": score.threshold if score is not None else (
-            threshold if threshold is not None else manifest.threshold.value), "source": threshold_source},
+        "threshold": {
+            "value": score.threshold
+            if score is not None
+            else (threshold if threshold is not None else manifest.threshold.value),
+            "source": threshold_source,
+        },
         "model": {
             "name": manifest.name,
             "kind": manifest.kind,
@@ -269,8 +295,9 @@ def build_verdict(*, seq: int, station: StationConfig, part_id: str, captured_at
             "overlay": None,
             "total": round(total_ms, 3),
         },
-        "heatmap_peak": None if score is None else
-        {"x": score.peak_x, "y": score.peak_y, "value": _finite_or_none(score.peak_value)},
+        "heatmap_peak": None
+        if score is None
+        else {"x": score.peak_x, "y": score.peak_y, "value": _finite_or_none(score.peak_value)},
         "image_path": None,
         "replayed": False,
     }
@@ -299,8 +326,9 @@ class DeliveryReport:
 class VerdictPublisher:
     """One paho client per daemon: status with a last will, verdicts from the disk outbox at QoS 1."""
 
-    def __init__(self, config: MqttConfig, station: StationConfig, outbox: Outbox,
-                 password: SecretStr | None = None) -> None:
+    def __init__(
+        self, config: MqttConfig, station: StationConfig, outbox: Outbox, password: SecretStr | None = None
+    ) -> None:
         self._config = config
         self._outbox = outbox
         base = topic_base(config.prefix, station)
@@ -310,8 +338,11 @@ class VerdictPublisher:
         self.result_topic = f"{base}/cmd/result"
         self.metrics_topic = f"{base}/metrics"
         client_id = config.client_id or f"ganspect-{station.site}-{station.line}-{station.station}"
-        self._client = _Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                               protocol=_PROTOCOLS[config.protocol])
+        self._client = _Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=_PROTOCOLS[config.protocol],
+        )
         if config.tls.enabled:
             self._client.tls_set_context(tls_context(config.tls))
         if config.username:
@@ -380,7 +411,7 @@ class VerdictPublisher:
             if self._on_command is not None:
                 self._subscribe_commands(client)
             self._connected.set()
-        except Exception:  # noqa: BLE001 - an exception here would kill paho's network thread
+        except Exception:
             log.exception("MQTT on_connect failed")
 
     def _subscribe_commands(self, client: mqtt.Client) -> None:
@@ -397,10 +428,14 @@ class VerdictPublisher:
         try:
             failed = [code for code in reason_codes if code.is_failure]
             if mid == self._subscribe_mid and failed:
-                log.error("MQTT broker %s refused the subscription to %s+ (%s): commands do not reach this "
-                          "station; check the broker's ACL for this client", self.where, self.command_prefix,
-                          failed[0])
-        except Exception:  # noqa: BLE001
+                log.error(
+                    "MQTT broker %s refused the subscription to %s+ (%s): commands do not reach this "
+                    "station; check the broker's ACL for this client",
+                    self.where,
+                    self.command_prefix,
+                    failed[0],
+                )
+        except Exception:
             log.exception("MQTT on_subscribe failed")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -411,14 +446,16 @@ class VerdictPublisher:
             topic = message.topic
             if sink is None or not topic.startswith(self.command_prefix) or topic == self.result_topic:
                 return  # our own answers (3.1.1 has no noLocal), or nothing we subscribed to
-            sink(topic[len(self.command_prefix):], bytes(message.payload), bool(message.retain), time.monotonic())
-        except Exception:  # noqa: BLE001
+            sink(topic[len(self.command_prefix) :], bytes(message.payload), bool(message.retain), time.monotonic())
+        except Exception:
             # Whatever fails here, a flood of commands would make fail again: one traceback per interval.
             now = time.monotonic()
             if now - self._last_command_traceback >= _COMMAND_TRACEBACK_INTERVAL_S:
                 self._last_command_traceback = now
-                log.exception("MQTT command handling failed; the daemon goes on (logged at most once per %g s)",
-                              _COMMAND_TRACEBACK_INTERVAL_S)
+                log.exception(
+                    "MQTT command handling failed; the daemon goes on (logged at most once per %g s)",
+                    _COMMAND_TRACEBACK_INTERVAL_S,
+                )
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         try:
@@ -438,8 +475,12 @@ class VerdictPublisher:
                     self._replay_up_to = self._outbox.last_seq
             if became_ready:
                 backlog = self._outbox.stats().backlog
-                log.info("MQTT connected to %s; verdicts go to %s%s", self.where, self.verdict_topic,
-                         f" ({backlog} waiting in the outbox are sent first)" if backlog else "")
+                log.info(
+                    "MQTT connected to %s; verdicts go to %s%s",
+                    self.where,
+                    self.verdict_topic,
+                    f" ({backlog} waiting in the outbox are sent first)" if backlog else "",
+                )
                 self._ready.set()
                 self._was_ready = True
             elif not is_status:
@@ -447,14 +488,17 @@ class VerdictPublisher:
             self._wake.set()
         except OutboxError as exc:  # the disk (full, read-only): the row stays and is sent again; no traceback
             log.error("MQTT: recording the acknowledgement of message %s failed: %s", mid, exc)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("MQTT on_publish bookkeeping failed for message %s", mid)
 
     def _verdict_acked(self, mid: int, reason_code: Any) -> None:
         if reason_code is not None and getattr(reason_code, "is_failure", False):
             # An MQTT 5 broker may refuse a message in its PUBACK: the row stays on disk.
-            log.error("MQTT broker %s refused a verdict (%s); it stays in the outbox until the next start",
-                      self.where, reason_code)
+            log.error(
+                "MQTT broker %s refused a verdict (%s); it stays in the outbox until the next start",
+                self.where,
+                reason_code,
+            )
             self._outbox.release(mid)
         else:
             self._outbox.acked(mid)
@@ -497,8 +541,12 @@ class VerdictPublisher:
                 dropped = self._answers_dropped
         if full:
             if dropped == 1 or dropped % 1000 == 0:
-                log.error("%d command answer(s) dropped: %d wait for the broker's acknowledgement already "
-                          "(mqtt.commands.max_pending_results)", dropped, self._config.commands.max_pending_results)
+                log.error(
+                    "%d command answer(s) dropped: %d wait for the broker's acknowledgement already "
+                    "(mqtt.commands.max_pending_results)",
+                    dropped,
+                    self._config.commands.max_pending_results,
+                )
             return False
         info = self._publish_other(self.result_topic, text)
         return info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
@@ -510,9 +558,8 @@ class VerdictPublisher:
                 self._last_failure = _ssl_text(error) if error else "no answer (connection refused or timed out)"
                 if self._config.tls.enabled and isinstance(error, ConnectionResetError | ssl.SSLEOFError):
                     # A plain MQTT listener drops a TLS greeting; so may a broker that is going down.
-                    self._last_failure += (" during the TLS handshake: check that mqtt.port is the broker's "
-                                           "TLS listener")
-        except Exception:  # noqa: BLE001
+                    self._last_failure += " during the TLS handshake: check that mqtt.port is the broker's TLS listener"
+        except Exception:
             log.exception("MQTT on_connect_fail failed")
 
     def _on_log(self, client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
@@ -529,8 +576,7 @@ class VerdictPublisher:
         self._tls_failure = failure
         return True
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
-                       properties: Any) -> None:
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         try:
             was_ready = self._ready.is_set()
             if not self._connected.is_set():  # ended before a CONNACK: perhaps the broker rejected our certificate
@@ -538,9 +584,12 @@ class VerdictPublisher:
             self._ready.clear()
             self._connected.clear()
             if was_ready and reason_code.is_failure:
-                log.warning("MQTT connection to %s lost (%s): verdicts wait in the outbox until it is back",
-                            self.where, reason_code)
-        except Exception:  # noqa: BLE001
+                log.warning(
+                    "MQTT connection to %s lost (%s): verdicts wait in the outbox until it is back",
+                    self.where,
+                    reason_code,
+                )
+        except Exception:
             log.exception("MQTT on_disconnect failed")
 
     # -- the sender thread ---------------------------------------------------------------
@@ -553,7 +602,7 @@ class VerdictPublisher:
             except OutboxError as exc:  # the disk: say what, without a traceback, and try again
                 log.error("sending verdicts from the outbox failed: %s; retrying", exc)
                 self._stop_sender.wait(1.0)
-            except Exception:  # noqa: BLE001 - a disk error must not end delivery for good
+            except Exception:
                 log.exception("sending verdicts from the outbox failed; retrying")
                 self._stop_sender.wait(1.0)
 
@@ -574,11 +623,11 @@ class VerdictPublisher:
         replayed = row.seq <= self._replay_up_to
         payload["replayed"] = replayed
         payload["published_at"] = utc_iso(datetime.now(timezone.utc))
-        info = self._client.publish(self.verdict_topic, verdict_json(payload),
-                                    qos=self._config.qos)
+        info = self._client.publish(self.verdict_topic, verdict_json(payload), qos=self._config.qos)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            log.error("verdict seq %d not handed to MQTT (%s); it stays in the outbox", row.seq,
-                      mqtt.error_string(info.rc))
+            log.error(
+                "verdict seq %d not handed to MQTT (%s); it stays in the outbox", row.seq, mqtt.error_string(info.rc)
+            )
             return False
         # NO_CONN: the connection broke a moment ago; paho keeps the message and sends it on reconnect.
         self._outbox.mark_sent(row.seq, info.mid)
@@ -602,8 +651,9 @@ class VerdictPublisher:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.MaximumPacketSize = max(_V5_MAX_PACKET_BYTES, 2 * self._config.commands.max_payload_bytes)
         try:
-            self._client.connect_async(self._config.host, self._config.port, keepalive=self._config.keepalive,
-                                       properties=properties)
+            self._client.connect_async(
+                self._config.host, self._config.port, keepalive=self._config.keepalive, properties=properties
+            )
         except (OSError, ValueError) as exc:
             raise MqttError(f"MQTT broker {self.where}: {exc}") from exc
         self._client.loop_start()
@@ -620,17 +670,29 @@ class VerdictPublisher:
             # Like a refusal, waiting does not mend a certificate: stop now, whatever require_broker says.
             self._shutdown_threads()
             raise MqttError(f"MQTT broker {self.where}: TLS: {tls_failure}")
-        why = f"refused the connection: {refused}" if refused else (
-            f"did not answer within {self._config.connect_timeout_s:g} s"
-            + (f" ({self._last_failure})" if self._last_failure else ""))
+        why = (
+            f"refused the connection: {refused}"
+            if refused
+            else (
+                f"did not answer within {self._config.connect_timeout_s:g} s"
+                + (f" ({self._last_failure})" if self._last_failure else "")
+            )
+        )
         if self._config.require_broker or refused:
             self._shutdown_threads()
-            hint = (self._refusal_hint() if refused else
-                    "check mqtt.host/mqtt.port and that the broker runs, or set mqtt.require_broker: false "
-                    "to inspect without it")
+            hint = (
+                self._refusal_hint()
+                if refused
+                else "check mqtt.host/mqtt.port and that the broker runs, or set mqtt.require_broker: false "
+                "to inspect without it"
+            )
             raise MqttError(f"MQTT broker {self.where} {why}; {hint}")
-        log.warning("MQTT broker %s %s: inspecting anyway; verdicts wait in the outbox %s until it answers",
-                    self.where, why, self._outbox.path)
+        log.warning(
+            "MQTT broker %s %s: inspecting anyway; verdicts wait in the outbox %s until it answers",
+            self.where,
+            why,
+            self._outbox.path,
+        )
 
     def _refusal_hint(self) -> str:
         """What to check after a refused CONNACK: the credentials (naming where the password comes from)."""
@@ -677,9 +739,15 @@ class VerdictPublisher:
 
     def report(self) -> DeliveryReport:
         stats = self._outbox.stats()
-        return DeliveryReport(queued=stats.queued, acknowledged=stats.acknowledged, replayed=self._replayed,
-                              dropped=stats.dropped, backlog=stats.backlog,
-                              backlog_at_start=self._outbox.backlog_at_open, outbox=self._outbox.path)
+        return DeliveryReport(
+            queued=stats.queued,
+            acknowledged=stats.acknowledged,
+            replayed=self._replayed,
+            dropped=stats.dropped,
+            backlog=stats.backlog,
+            backlog_at_start=self._outbox.backlog_at_open,
+            outbox=self._outbox.path,
+        )
 
     def close(self, stopped: bool = True) -> DeliveryReport:
         """Send what the outbox holds (up to drain_timeout_s, while connected), say `stopped`, disconnect.
@@ -689,8 +757,11 @@ class VerdictPublisher:
         deadline = time.monotonic() + self._config.drain_timeout_s
         # A broker that answered in this run and is away for a moment (a restart) gets the rest of the
         # drain time to come back; one that never answered is not waited for.
-        while self._outbox.stats().backlog and time.monotonic() < deadline and (
-                self._ready.is_set() or (self._was_ready and not (self._refused or self._tls_failure))):
+        while (
+            self._outbox.stats().backlog
+            and time.monotonic() < deadline
+            and (self._ready.is_set() or (self._was_ready and not (self._refused or self._tls_failure)))
+        ):
             self._wake.set()
             time.sleep(0.02)
         self._stop_sender.set()
@@ -698,8 +769,13 @@ class VerdictPublisher:
         self._sender.join(timeout=5)
         report = self.report()
         if report.backlog:
-            log.warning("%d verdict(s) not yet acknowledged by the MQTT broker %s stay in the outbox %s and are "
-                        "sent at the next start", report.backlog, self.where, self._outbox.path)
+            log.warning(
+                "%d verdict(s) not yet acknowledged by the MQTT broker %s stay in the outbox %s and are "
+                "sent at the next start",
+                report.backlog,
+                self.where,
+                self._outbox.path,
+            )
         if stopped and self._connected.is_set():
             info = self._publish_other(self.status_topic, STATUS_STOPPED, retain=True)
             try:

@@ -60,10 +60,18 @@ def banner_height(image_height: int) -> int:
     return max(36, image_height // 8)
 
 
-def render_overlay(frame_bgr: np.ndarray, heatmap: np.ndarray | None, result: str, score: float | None,
-                   threshold: float, fps: float | None = None, show_heatmap: bool = True,
-                   alpha: float = 0.45, roi: tuple[int, int, int, int] | None = None,
-                   status: StatusLine | None = None) -> np.ndarray:
+def render_overlay(
+    frame_bgr: np.ndarray,
+    heatmap: np.ndarray | None,
+    result: str,
+    score: float | None,
+    threshold: float,
+    fps: float | None = None,
+    show_heatmap: bool = True,
+    alpha: float = 0.45,
+    roi: tuple[int, int, int, int] | None = None,
+    status: StatusLine | None = None,
+) -> np.ndarray:
     """Frame (h, w, 3) uint8 + heatmap (H, W) float -> display image with banner and text.
 
     The heatmap is resized to the frame, clipped at 0..HEATMAP_CLIP and coloured with the
@@ -91,22 +99,40 @@ def render_overlay(frame_bgr: np.ndarray, heatmap: np.ndarray | None, result: st
         heat_u8 = (np.clip(heat, 0.0, HEATMAP_CLIP) * (255.0 / HEATMAP_CLIP)).astype(np.uint8)
         coloured = cv2.applyColorMap(heat_u8, cv2.COLORMAP_JET)
         weight = (alpha * np.clip(heat, 0.0, 1.0))[:, :, None]  # (rh, rw, 1)
-        part = image[ry: ry + rh, rx: rx + rw]
-        image[ry: ry + rh, rx: rx + rw] = (coloured * weight + part * (1.0 - weight)).astype(np.uint8)
+        part = image[ry : ry + rh, rx : rx + rw]
+        image[ry : ry + rh, rx : rx + rw] = (coloured * weight + part * (1.0 - weight)).astype(np.uint8)
     if roi is not None:
         cv2.rectangle(image, (rx, ry), (rx + rw - 1, ry + rh - 1), (255, 255, 255), 1)
     band = banner_height(h)
     colour = BANNER_COLOURS.get(result, UNDEFINED_COLOUR)
     cv2.rectangle(image, (0, 0), (w - 1, band - 1), colour, thickness=cv2.FILLED)
     scale = band / 40.0
-    cv2.putText(image, result, (10, band - max(6, band // 6)), cv2.FONT_HERSHEY_DUPLEX, scale,
-                (255, 255, 255), max(1, round(2 * scale)), cv2.LINE_AA)
-    score_text = "score n/a" if score is None else f"score {score:.4f} {'>' if result == 'NG' else '<='} {threshold:.4f}"
+    cv2.putText(
+        image,
+        result,
+        (10, band - max(6, band // 6)),
+        cv2.FONT_HERSHEY_DUPLEX,
+        scale,
+        (255, 255, 255),
+        max(1, round(2 * scale)),
+        cv2.LINE_AA,
+    )
+    score_text = (
+        "score n/a" if score is None else f"score {score:.4f} {'>' if result == 'NG' else '<='} {threshold:.4f}"
+    )
     text_scale = max(0.45, band / 70.0)
     # The score follows the result word (UNDEFINED is long), at 30 % of the width at the earliest.
     word_width = cv2.getTextSize(result, cv2.FONT_HERSHEY_DUPLEX, scale, max(1, round(2 * scale)))[0][0]
-    cv2.putText(image, score_text, (max(int(w * 0.3), 10 + word_width + 16), band - max(6, band // 4)),
-                cv2.FONT_HERSHEY_SIMPLEX, text_scale, (255, 255, 255), 1, cv2.LINE_AA)
+    cv2.putText(
+        image,
+        score_text,
+        (max(int(w * 0.3), 10 + word_width + 16), band - max(6, band // 4)),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        text_scale,
+        (255, 255, 255),
+        1,
+        cv2.LINE_AA,
+    )
     _score_bar(image, band, score, threshold, colour)
     if fps is not None:
         _outlined_text(image, f"{fps:.1f} fps", (10, h - 10), text_scale)
@@ -115,8 +141,9 @@ def render_overlay(frame_bgr: np.ndarray, heatmap: np.ndarray | None, result: st
     return image
 
 
-def _score_bar(image: np.ndarray, top: int, score: float | None, threshold: float,
-               colour: tuple[int, int, int]) -> None:
+def _score_bar(
+    image: np.ndarray, top: int, score: float | None, threshold: float, colour: tuple[int, int, int]
+) -> None:
     """Score against threshold: the bar spans 0 .. 2 x threshold, the threshold tick at mid-width."""
     h, w = image.shape[:2]
     rows = bar_height(h)
@@ -133,15 +160,18 @@ def _with_status_strip(image: np.ndarray, status: StatusLine) -> np.ndarray:
     h, w = image.shape[:2]
     rows = status_height(h)
     strip = np.full((rows, w, 3), STATUS_BACKGROUND, np.uint8)
-    text = (f"{status.station} | OK {status.ok}  NG {status.ng}"
-            + (f"  UNDEF {status.undefined}" if status.undefined else "")
-            + f" | camera {status.camera} | broker {status.broker}")
+    text = (
+        f"{status.station} | OK {status.ok}  NG {status.ng}"
+        + (f"  UNDEF {status.undefined}" if status.undefined else "")
+        + f" | camera {status.camera} | broker {status.broker}"
+    )
     scale = rows / 36.0
     # Shrink the text until it fits the width: a long station name must not run off the screen.
     while scale > 0.3 and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > w - 12:
         scale *= 0.9
-    cv2.putText(strip, text, (6, rows - max(5, rows // 4)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
-                cv2.LINE_AA)
+    cv2.putText(
+        strip, text, (6, rows - max(5, rows // 4)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA
+    )
     return np.vstack([image, strip])
 
 
@@ -208,8 +238,9 @@ class OverlayWindow:
         elif key == ord("f"):
             self.fullscreen = not self.fullscreen
             # The window manager does the resizing: a bare X server (no manager) keeps the window's size.
-            cv2.setWindowProperty(WINDOW_NAME, cv2.WND_PROP_FULLSCREEN,
-                                  cv2.WINDOW_FULLSCREEN if self.fullscreen else cv2.WINDOW_NORMAL)
+            cv2.setWindowProperty(
+                WINDOW_NAME, cv2.WND_PROP_FULLSCREEN, cv2.WINDOW_FULLSCREEN if self.fullscreen else cv2.WINDOW_NORMAL
+            )
             log.info("window: fullscreen %s", "on" if self.fullscreen else "off")
         elif key == ord("s"):
             self.save_snapshot()

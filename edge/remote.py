@@ -69,11 +69,31 @@ _REASON_CHARS = 300
 # Listed by hand (Unicode 15.1) so that the rule and the schema files do not change with the Python a station
 # runs; a test holds the list to Python's unicodedata.
 _UNSHOWABLE_RANGES: tuple[tuple[int, int], ...] = (
-    (0x0000, 0x001F), (0x007F, 0x009F), (0x00AD, 0x00AD), (0x0600, 0x0605), (0x061C, 0x061C), (0x06DD, 0x06DD),
-    (0x070F, 0x070F), (0x0890, 0x0891), (0x08E2, 0x08E2), (0x180E, 0x180E), (0x200B, 0x200F), (0x2028, 0x202E),
-    (0x2060, 0x2064), (0x2066, 0x206F), (0xD800, 0xDFFF), (0xFEFF, 0xFEFF), (0xFFF9, 0xFFFB),
-    (0x110BD, 0x110BD), (0x110CD, 0x110CD), (0x13430, 0x1343F), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
-    (0xE0001, 0xE0001), (0xE0020, 0xE007F))
+    (0x0000, 0x001F),
+    (0x007F, 0x009F),
+    (0x00AD, 0x00AD),
+    (0x0600, 0x0605),
+    (0x061C, 0x061C),
+    (0x06DD, 0x06DD),
+    (0x070F, 0x070F),
+    (0x0890, 0x0891),
+    (0x08E2, 0x08E2),
+    (0x180E, 0x180E),
+    (0x200B, 0x200F),
+    (0x2028, 0x202E),
+    (0x2060, 0x2064),
+    (0x2066, 0x206F),
+    (0xD800, 0xDFFF),
+    (0xFEFF, 0xFEFF),
+    (0xFFF9, 0xFFFB),
+    (0x110BD, 0x110BD),
+    (0x110CD, 0x110CD),
+    (0x13430, 0x1343F),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0001, 0xE0001),
+    (0xE0020, 0xE007F),
+)
 
 
 def _class_member(code: int) -> str:
@@ -84,26 +104,49 @@ def _class_member(code: int) -> str:
 
 
 # One pattern for the daemon and the schema files (searched, not anchored).
-_UNSHOWABLE_PATTERN = "[" + "".join(_class_member(low) + ("" if low == high else "-" + _class_member(high))
-                                    for low, high in _UNSHOWABLE_RANGES) + "]"
+_UNSHOWABLE_PATTERN = (
+    "["
+    + "".join(
+        _class_member(low) + ("" if low == high else "-" + _class_member(high)) for low, high in _UNSHOWABLE_RANGES
+    )
+    + "]"
+)
 _UNSHOWABLE = re.compile(_UNSHOWABLE_PATTERN)
 _UTC_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$"
 
-RejectCode = Literal["unknown_command", "not_allowed", "retained", "too_large", "malformed", "invalid",
-                     "wrong_station", "rate_limited", "busy", "not_accepted", "out_of_bounds", "bundle_refused",
-                     "internal_error"]
+RejectCode = Literal[
+    "unknown_command",
+    "not_allowed",
+    "retained",
+    "too_large",
+    "malformed",
+    "invalid",
+    "wrong_station",
+    "rate_limited",
+    "busy",
+    "not_accepted",
+    "out_of_bounds",
+    "bundle_refused",
+    "internal_error",
+]
 
 
 def _showable(value: str) -> str:
     if found := _UNSHOWABLE.search(value):
-        raise ValueError(f"must not contain control characters (U+{ord(found.group()):04X} at index "
-                         f"{found.start()}; ids take no control, format, bidi or line-separator characters)")
+        raise ValueError(
+            f"must not contain control characters (U+{ord(found.group()):04X} at index "
+            f"{found.start()}; ids take no control, format, bidi or line-separator characters)"
+        )
     return value
 
 
 # An id or name from the MES: it reaches verdicts and logs, so only characters they can show as they are.
-Text = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_showable),
-                 Field(json_schema_extra={"not": {"pattern": _UNSHOWABLE_PATTERN}})]
+Text = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=128),
+    AfterValidator(_showable),
+    Field(json_schema_extra={"not": {"pattern": _UNSHOWABLE_PATTERN}}),
+]
 _TEXT = TypeAdapter(Text)
 
 
@@ -120,8 +163,10 @@ class StationRef(_Payload):
 
 
 _STATION_FIELD = Field(
-    None, description="Optional: the station the sender means. The topic already names it; when the payload "
-    "names it too, it must match this station exactly or the command is rejected (wrong_station).")
+    None,
+    description="Optional: the station the sender means. The topic already names it; when the payload "
+    "names it too, it must match this station exactly or the command is rejected (wrong_station).",
+)
 
 
 class TriggerCommand(_Payload):
@@ -131,8 +176,11 @@ class TriggerCommand(_Payload):
 
     station: StationRef | None = _STATION_FIELD
     part_id: Text = Field(description="The part's id, copied into the verdict's part_id.")
-    trigger_id: Text | None = Field(None, description="The sender's id of this trigger, copied into the verdict's "
-                                    "trigger_id and into the command_id of the answer.")
+    trigger_id: Text | None = Field(
+        None,
+        description="The sender's id of this trigger, copied into the verdict's "
+        "trigger_id and into the command_id of the answer.",
+    )
 
 
 class ReloadCommand(_Payload):
@@ -152,12 +200,17 @@ class ThresholdCommand(_Payload):
 
     station: StationRef | None = _STATION_FIELD
     command_id: Text | None = Field(None, description="The sender's id of this command, echoed in the answer.")
-    value: float | None = Field(description="The new decision threshold (NG when score > value), or null to go "
-                                "back to the bundle's threshold. Required: an empty command clears nothing.")
+    value: float | None = Field(
+        description="The new decision threshold (NG when score > value), or null to go "
+        "back to the bundle's threshold. Required: an empty command clears nothing."
+    )
 
 
-COMMANDS: dict[str, type[_Payload]] = {"trigger": TriggerCommand, "reload": ReloadCommand,
-                                       "threshold": ThresholdCommand}
+COMMANDS: dict[str, type[_Payload]] = {
+    "trigger": TriggerCommand,
+    "reload": ReloadCommand,
+    "threshold": ThresholdCommand,
+}
 
 
 class _Out(BaseModel):
@@ -187,20 +240,27 @@ class CommandResult(_Out):
     when the reload is over). All fields are always present."""
 
     schema_: Literal["ganspect.cmd_result/1"] = Field(alias="schema", description="Payload format and version.")
-    command: str = Field(max_length=_SHOWN_NAME_CHARS, description="The command name (last topic level), "
-                         "each character an id may not hold (control, format, bidi, line separator) replaced by "
-                         f"'?', cut to {_SHOWN_NAME_CHARS} characters.")
-    command_id: Text | None = Field(description="The command's id (trigger_id for cmd/trigger, else command_id) "
-                                    "when the payload had a valid one; null otherwise.")
+    command: str = Field(
+        max_length=_SHOWN_NAME_CHARS,
+        description="The command name (last topic level), "
+        "each character an id may not hold (control, format, bidi, line separator) replaced by "
+        f"'?', cut to {_SHOWN_NAME_CHARS} characters.",
+    )
+    command_id: Text | None = Field(
+        description="The command's id (trigger_id for cmd/trigger, else command_id) "
+        "when the payload had a valid one; null otherwise."
+    )
     station: StationRef = Field(description="The station that answers.")
     outcome: Literal["accepted", "done", "rejected"] = Field(
         description="accepted: a trigger is queued, its verdict follows; done: a threshold or reload took effect; "
-        "rejected: nothing was done (code and reason say why).")
+        "rejected: nothing was done (code and reason say why)."
+    )
     code: RejectCode | None = Field(description="Why it was rejected, for machines; null unless rejected.")
     reason: str | None = Field(description="Why it was rejected, in words; null unless rejected.")
     part_id: Text | None = Field(description="cmd/trigger: the part that will be inspected; null otherwise.")
-    threshold: ThresholdState | None = Field(description="cmd/threshold and cmd/reload: the threshold in force "
-                                             "after the command; null otherwise.")
+    threshold: ThresholdState | None = Field(
+        description="cmd/threshold and cmd/reload: the threshold in force after the command; null otherwise."
+    )
     model: ModelState | None = Field(description="cmd/reload: the model scoring after the command; null otherwise.")
     received_at: str = Field(pattern=_UTC_PATTERN, description="UTC time (ISO 8601) the command arrived.")
     answered_at: str = Field(pattern=_UTC_PATTERN, description="UTC time (ISO 8601) of this answer.")
@@ -213,8 +273,8 @@ STATUS_SCHEMA: dict[str, Any] = {
     "$id": "https://ganspect.example/schemas/status/1",
     "title": "ganspect status",
     "description": "The retained payload of <prefix>/<site>/<line>/<station>/status: the bare UTF-8 word, not "
-                   "JSON-quoted (validate the decoded text as a string). online: connected; stopped: ended cleanly; "
-                   "offline: the last will, published by the broker when the daemon vanished.",
+    "JSON-quoted (validate the decoded text as a string). online: connected; stopped: ended cleanly; "
+    "offline: the last will, published by the broker when the daemon vanished.",
     "type": "string",
     "enum": ["online", "offline", "stopped"],
 }
@@ -223,8 +283,12 @@ STATUS_SCHEMA: dict[str, Any] = {
 def _one_line_descriptions(node: Any) -> Any:
     # Docstrings become descriptions with their line breaks; a schema reads better without them.
     if isinstance(node, dict):
-        return {key: " ".join(value.split()) if key == "description" and isinstance(value, str)
-                else _one_line_descriptions(value) for key, value in node.items()}
+        return {
+            key: " ".join(value.split())
+            if key == "description" and isinstance(value, str)
+            else _one_line_descriptions(value)
+            for key, value in node.items()
+        }
     if isinstance(node, list):
         return [_one_line_descriptions(item) for item in node]
     return node
@@ -232,10 +296,15 @@ def _one_line_descriptions(node: Any) -> Any:
 
 def _schema_of(model: type[BaseModel], name: str, title: str) -> dict[str, Any]:
     # Commands are read (validation); answers are written (serialization: every field is always there).
-    schema = model.model_json_schema(by_alias=True, mode="validation" if model in COMMANDS.values() else
-                                     "serialization")
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$id": f"https://ganspect.example/schemas/{name}/1", **_one_line_descriptions(schema), "title": title}
+    schema = model.model_json_schema(
+        by_alias=True, mode="validation" if model in COMMANDS.values() else "serialization"
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://ganspect.example/schemas/{name}/1",
+        **_one_line_descriptions(schema),
+        "title": title,
+    }
 
 
 def schemas() -> dict[str, dict[str, Any]]:
@@ -266,6 +335,7 @@ def write_schemas(folder: Path | None = None) -> list[Path]:
 
 
 # -- the model and threshold in force ---------------------------------------------------------
+
 
 def utc_iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -307,8 +377,7 @@ class LiveModel:
     does a start with another model (a new model has its own score scale).
     """
 
-    def __init__(self, scorer: Scorer, config: EdgeConfig,
-                 check_model: Callable[[Scorer], None] | None = None) -> None:
+    def __init__(self, scorer: Scorer, config: EdgeConfig, check_model: Callable[[Scorer], None] | None = None) -> None:
         """`check_model(scorer)` may refuse a reloaded model by raising GanspectError (e.g. its input
         size does not suit the configured inspection); the running model then keeps scoring."""
         self._config = config
@@ -374,9 +443,11 @@ class LiveModel:
                     return "out_of_bounds", (
                         f"{_outside(value, low, high)} ({commands.threshold_min_ratio:g} .. "
                         f"{commands.threshold_max_ratio:g} x the bundle's threshold "
-                        f"{scorer.manifest.threshold.value:g}; mqtt.commands.threshold_min_ratio/max_ratio)")
-                override: _Override | None = _Override(value, scorer.model_file.sha256,
-                                                       utc_iso(datetime.now(timezone.utc)), command_id)
+                        f"{scorer.manifest.threshold.value:g}; mqtt.commands.threshold_min_ratio/max_ratio)"
+                    )
+                override: _Override | None = _Override(
+                    value, scorer.model_file.sha256, utc_iso(datetime.now(timezone.utc)), command_id
+                )
             else:
                 override = None
             problem = self._save(override)
@@ -385,11 +456,16 @@ class LiveModel:
             with self._lock:
                 self._override = override
         if override is None:
-            log.warning("threshold override cleared by cmd/threshold: judging by the bundle's threshold %.6g again",
-                        scorer.manifest.threshold.value)
+            log.warning(
+                "threshold override cleared by cmd/threshold: judging by the bundle's threshold %.6g again",
+                scorer.manifest.threshold.value,
+            )
         else:
-            log.warning("threshold override %.6g set by cmd/threshold (bundle %.6g); kept across restarts until "
-                        "cleared", override.value, scorer.manifest.threshold.value)
+            log.warning(
+                "threshold override %.6g set by cmd/threshold (bundle %.6g); kept across restarts until cleared",
+                override.value,
+                scorer.manifest.threshold.value,
+            )
         return None
 
     def reload(self) -> tuple[str | None, bool]:
@@ -405,7 +481,7 @@ class LiveModel:
                     self._check_model(new)
             except GanspectError as exc:
                 return str(exc), False
-            except Exception as exc:  # noqa: BLE001 - a broken bundle must never end the daemon
+            except Exception as exc:
                 return f"{model.bundle} could not be loaded: {type(exc).__name__}: {exc}", False
             with self._change_lock:
                 cleared = False
@@ -422,10 +498,15 @@ class LiveModel:
                         self._override = None
         finally:
             self._reloading.release()
-        log.warning("model reloaded by cmd/reload: %s %s (%s) replaces %s %s%s", new.manifest.name,
-                    new.model_file.sha256[:12], new.model_file.precision, old.manifest.name,
-                    old.model_file.sha256[:12], "; the threshold override is cleared (it was set for the "
-                    "previous model)" if cleared else "")
+        log.warning(
+            "model reloaded by cmd/reload: %s %s (%s) replaces %s %s%s",
+            new.manifest.name,
+            new.model_file.sha256[:12],
+            new.model_file.precision,
+            old.manifest.name,
+            old.model_file.sha256[:12],
+            "; the threshold override is cleared (it was set for the previous model)" if cleared else "",
+        )
         return None, cleared
 
     # -- the saved override ----------------------------------------------------------------
@@ -457,8 +538,7 @@ class LiveModel:
             saved = _Override(**json.loads(path.read_text(encoding="utf-8")))
             value = float(saved.value)
         except (OSError, ValueError, TypeError) as exc:
-            log.error("threshold override %s is unreadable (%s): ignored; judging by the bundle's threshold",
-                      path, exc)
+            log.error("threshold override %s is unreadable (%s): ignored; judging by the bundle's threshold", path, exc)
             return
         low, high = self.bounds(scorer)
         if saved.model_sha256 != scorer.model_file.sha256:
@@ -467,9 +547,13 @@ class LiveModel:
             why = f"{_outside(value, low, high)} (mqtt.commands.threshold_min_ratio/max_ratio)"
         else:
             self._override = dataclasses.replace(saved, value=value)
-            log.warning("threshold override %.6g (bundle %.6g) set by cmd/threshold at %s is in force; "
-                        "cmd/threshold {\"value\": null} clears it", value, scorer.manifest.threshold.value,
-                        saved.set_at)
+            log.warning(
+                "threshold override %.6g (bundle %.6g) set by cmd/threshold at %s is in force; "
+                'cmd/threshold {"value": null} clears it',
+                value,
+                scorer.manifest.threshold.value,
+                saved.set_at,
+            )
             return
         log.warning("threshold override %.6g from %s is dropped: %s", value, path, why)
         self._save(None)
@@ -499,11 +583,14 @@ def _fsync_folder(folder: Path) -> None:
 
 def refuse_triggers_in_continuous_mode(request: TriggerRequest) -> str:
     """The trigger handler of a station that scores every frame: it has nothing to trigger."""
-    return ("this station inspects continuously (every frame is scored and published); it has no trigger mode "
-            "to take cmd/trigger")
+    return (
+        "this station inspects continuously (every frame is scored and published); it has no trigger mode "
+        "to take cmd/trigger"
+    )
 
 
 # -- the commands ----------------------------------------------------------------------------
+
 
 class _TokenBucket:
     """`rate` tokens a second, at most `burst` saved up; used from one thread (paho's network thread)."""
@@ -533,7 +620,7 @@ def _id_of(payload: bytes, keys: tuple[str, ...]) -> str | None:
     """The command's id when the payload is a JSON object with a usable one; never raises."""
     try:
         document = json.loads(payload)
-    except Exception:  # noqa: BLE001 - bad UTF-8, bad JSON, nesting too deep: no id
+    except Exception:
         return None
     if not isinstance(document, dict):
         return None
@@ -596,8 +683,13 @@ class _RejectionLog:
         if new_window:
             if summary:
                 log.warning("%s", summary)
-            log.warning("command cmd/%s%s rejected (%s): %s", context.name,
-                        f" {context.command_id!r}" if context.command_id else "", code, reason)
+            log.warning(
+                "command cmd/%s%s rejected (%s): %s",
+                context.name,
+                f" {context.command_id!r}" if context.command_id else "",
+                code,
+                reason,
+            )
         else:
             log.debug("command cmd/%s rejected (%s): %s", context.name, code, reason)
 
@@ -624,11 +716,17 @@ class RemoteCommands:
     not block (a bounded queue's put_nowait, for instance).
     """
 
-    def __init__(self, config: EdgeConfig, live: LiveModel, accept_trigger: Callable[[TriggerRequest], str | None],
-                 answer: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        config: EdgeConfig,
+        live: LiveModel,
+        accept_trigger: Callable[[TriggerRequest], str | None],
+        answer: Callable[[str], bool],
+    ) -> None:
         self._config = config.mqtt.commands
-        self._station_ref = StationRef(site=config.station.site, line=config.station.line,
-                                       station=config.station.station)
+        self._station_ref = StationRef(
+            site=config.station.site, line=config.station.line, station=config.station.station
+        )
         self._live = live
         self._accept_trigger = accept_trigger
         self._answer = answer
@@ -646,7 +744,7 @@ class RemoteCommands:
         context = _Context(_printable(name, _SHOWN_NAME_CHARS), utc_iso(datetime.now(timezone.utc)))
         try:
             self._handle(name, payload, retained, received_at, context)
-        except Exception as exc:  # noqa: BLE001 - whatever a command does, the daemon goes on
+        except Exception as exc:
             self._failed(context, exc)
 
     def _failed(self, context: _Context, exc: Exception) -> None:
@@ -656,39 +754,66 @@ class RemoteCommands:
             self._last_traceback = now
             more = self._failures_unlogged
             self._failures_unlogged = 0
-            log.error("command cmd/%s failed%s", context.name,
-                      f" ({more} more failure(s) since the last one logged)" if more else "", exc_info=exc)
+            log.error(
+                "command cmd/%s failed%s",
+                context.name,
+                f" ({more} more failure(s) since the last one logged)" if more else "",
+                exc_info=exc,
+            )
         else:
             self._failures_unlogged += 1
         if context.answered:
             return
         try:
-            self._reject(context, "internal_error", f"the daemon failed to handle it ({type(exc).__name__}: "
-                         f"{exc}); see its log", log_it=False)
-        except Exception:  # noqa: BLE001 - the answer itself failed: send one that holds nothing of the command
+            self._reject(
+                context,
+                "internal_error",
+                f"the daemon failed to handle it ({type(exc).__name__}: {exc}); see its log",
+                log_it=False,
+            )
+        except Exception:
             context.command_id = None
             try:
                 self._reject(context, "internal_error", "the daemon failed to handle it; see its log", log_it=False)
-            except Exception:  # noqa: BLE001 - nothing left to try; the failure was logged (rate-limited) above
+            except Exception:
                 pass
 
     def _handle(self, name: str, payload: bytes, retained: bool, received_at: float, context: _Context) -> None:
         limit = self._config.max_payload_bytes
         if len(payload) <= limit:
-            context.command_id = _id_of(payload, ("trigger_id",) if name == "trigger" else
-                                        ("command_id",) if name in COMMANDS else ("command_id", "trigger_id"))
+            context.command_id = _id_of(
+                payload,
+                ("trigger_id",)
+                if name == "trigger"
+                else ("command_id",)
+                if name in COMMANDS
+                else ("command_id", "trigger_id"),
+            )
         if name not in COMMANDS:
-            return self._reject(context, "unknown_command", f"unknown command {context.name!r}: the commands are "
-                                "cmd/trigger, cmd/reload and cmd/threshold")
+            return self._reject(
+                context,
+                "unknown_command",
+                f"unknown command {context.name!r}: the commands are cmd/trigger, cmd/reload and cmd/threshold",
+            )
         if name not in self._config.allow:
-            return self._reject(context, "not_allowed", f"cmd/{name} is not allowed on this station "
-                                f"(mqtt.commands.allow: [{', '.join(self._config.allow)}])")
+            return self._reject(
+                context,
+                "not_allowed",
+                f"cmd/{name} is not allowed on this station (mqtt.commands.allow: [{', '.join(self._config.allow)}])",
+            )
         if retained:
-            return self._reject(context, "retained", "a retained message is not a command (it would run again at "
-                                "every reconnect): publish commands with retain false, and clear the retained one")
+            return self._reject(
+                context,
+                "retained",
+                "a retained message is not a command (it would run again at "
+                "every reconnect): publish commands with retain false, and clear the retained one",
+            )
         if len(payload) > limit:
-            return self._reject(context, "too_large", f"{len(payload)} bytes, more than "
-                                f"mqtt.commands.max_payload_bytes ({limit}); not read")
+            return self._reject(
+                context,
+                "too_large",
+                f"{len(payload)} bytes, more than mqtt.commands.max_payload_bytes ({limit}); not read",
+            )
         try:
             command = COMMANDS[name].model_validate_json(payload)
         except ValidationError as exc:
@@ -696,11 +821,16 @@ class RemoteCommands:
             return self._reject(context, code, reason)
         station = getattr(command, "station", None)
         if station is not None and station != self._station_ref:
-            return self._reject(context, "wrong_station", f"the command is for {_path(station)}; this is "
-                                f"{_path(self._station_ref)}")
+            return self._reject(
+                context, "wrong_station", f"the command is for {_path(station)}; this is {_path(self._station_ref)}"
+            )
         if not self._bucket.take():
-            return self._reject(context, "rate_limited", f"more than {self._config.max_per_s:g} commands per "
-                                f"second (burst {self._config.burst}; mqtt.commands.max_per_s)")
+            return self._reject(
+                context,
+                "rate_limited",
+                f"more than {self._config.max_per_s:g} commands per "
+                f"second (burst {self._config.burst}; mqtt.commands.max_per_s)",
+            )
         if isinstance(command, TriggerCommand):
             self._trigger(command, received_at, context)
         elif isinstance(command, ThresholdCommand):
@@ -725,22 +855,29 @@ class RemoteCommands:
         if self._reload is not None and self._reload.is_alive():
             return self._reject(context, "busy", "a reload is under way; send cmd/reload again when it is answered")
         log.info("cmd/reload: loading %s", self._live.bundle_path)
-        self._reload = threading.Thread(target=self._run_reload, args=(context,), name="ganspect-reload",
-                                        daemon=True)
+        self._reload = threading.Thread(target=self._run_reload, args=(context,), name="ganspect-reload", daemon=True)
         self._reload.start()
 
     def _run_reload(self, context: _Context) -> None:
         try:
             why, _ = self._live.reload()
             if why is not None:
-                log.error("cmd/reload refused: %s; still scoring with %s %s", why,
-                          self._live.scorer.manifest.name, self._live.scorer.model_file.sha256[:12])
+                log.error(
+                    "cmd/reload refused: %s; still scoring with %s %s",
+                    why,
+                    self._live.scorer.manifest.name,
+                    self._live.scorer.model_file.sha256[:12],
+                )
                 return self._reject(context, "bundle_refused", why, log_it=False)
             scorer = self._live.scorer
-            model = ModelState(name=scorer.manifest.name, kind=scorer.manifest.kind,
-                               sha256=scorer.model_file.sha256, precision=scorer.model_file.precision)
+            model = ModelState(
+                name=scorer.manifest.name,
+                kind=scorer.manifest.kind,
+                sha256=scorer.model_file.sha256,
+                precision=scorer.model_file.precision,
+            )
             self._send(context, "done", threshold=self._live.threshold_state(), model=model)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("cmd/reload failed")
             self._reject(context, "internal_error", "the reload failed unexpectedly; see the daemon's log")
 
@@ -751,13 +888,31 @@ class RemoteCommands:
             self._rejections.note(context, code, reason)
         self._send(context, "rejected", code=code, reason=reason)
 
-    def _send(self, context: _Context, outcome: Literal["accepted", "done", "rejected"], *,
-              code: RejectCode | None = None, reason: str | None = None, part_id: str | None = None,
-              threshold: ThresholdState | None = None, model: ModelState | None = None) -> None:
+    def _send(
+        self,
+        context: _Context,
+        outcome: Literal["accepted", "done", "rejected"],
+        *,
+        code: RejectCode | None = None,
+        reason: str | None = None,
+        part_id: str | None = None,
+        threshold: ThresholdState | None = None,
+        model: ModelState | None = None,
+    ) -> None:
         result = CommandResult(
-            schema=RESULT_SCHEMA, command=context.name, command_id=context.command_id, station=self._station_ref,
-            outcome=outcome, code=code, reason=reason, part_id=part_id, threshold=threshold, model=model,
-            received_at=context.received_at, answered_at=utc_iso(datetime.now(timezone.utc)))
+            schema=RESULT_SCHEMA,
+            command=context.name,
+            command_id=context.command_id,
+            station=self._station_ref,
+            outcome=outcome,
+            code=code,
+            reason=reason,
+            part_id=part_id,
+            threshold=threshold,
+            model=model,
+            received_at=context.received_at,
+            answered_at=utc_iso(datetime.now(timezone.utc)),
+        )
         text = result.model_dump_json(by_alias=True)
         context.answered = True  # counted once it is made: the tally says what was answered, not attempted
         with self._counts_lock:

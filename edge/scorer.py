@@ -67,8 +67,13 @@ class Scorer:
         self._outputs = [outputs.score, outputs.heatmap, outputs.peak]
 
     @classmethod
-    def load(cls, root: str | Path, precision: Literal["auto", "fp32", "int8"] = "auto",
-             intra_op_threads: int = 0, trusted_keys: Sequence[Path] = ()) -> Scorer:
+    def load(
+        cls,
+        root: str | Path,
+        precision: Literal["auto", "fp32", "int8"] = "auto",
+        intra_op_threads: int = 0,
+        trusted_keys: Sequence[Path] = (),
+    ) -> Scorer:
         """Verify the bundle (signed by one of `trusted_keys` when there are any) and open the chosen file."""
         bundle = load_bundle(root, trusted_keys)
         model_file = bundle.manifest.model_file(None if precision == "auto" else precision)
@@ -89,9 +94,15 @@ class Scorer:
         scorer._check_interface(path)
         scorer._warm_up(path)
         scorer._self_test(path)
-        log.info("model %s (%s, %s) loaded from %s; threshold %.4g; golden self-test passed on %d images",
-                 scorer.manifest.name, scorer.manifest.kind, model_file.precision, path, model_file.threshold,
-                 len(scorer.manifest.golden))
+        log.info(
+            "model %s (%s, %s) loaded from %s; threshold %.4g; golden self-test passed on %d images",
+            scorer.manifest.name,
+            scorer.manifest.kind,
+            model_file.precision,
+            path,
+            model_file.threshold,
+            len(scorer.manifest.golden),
+        )
         return scorer
 
     def _check_interface(self, path: Path) -> None:
@@ -113,8 +124,10 @@ class Scorer:
         outputs = {o.name for o in self._session.get_outputs()}
         missing = [name for name in self._outputs if name not in outputs]
         if missing:
-            raise BundleError(f"{path} lacks output(s) {', '.join(missing)} named in the manifest "
-                              f"(it has: {', '.join(sorted(outputs))})")
+            raise BundleError(
+                f"{path} lacks output(s) {', '.join(missing)} named in the manifest "
+                f"(it has: {', '.join(sorted(outputs))})"
+            )
 
     def _warm_up(self, path: Path) -> None:
         spec = self.manifest.input
@@ -122,8 +135,9 @@ class Scorer:
         try:
             score, heatmap, peak = self._session.run(self._outputs, {spec.name: blank})
         except Exception as exc:
-            raise BundleError(f"{path} fails on a blank {spec.height}x{spec.width} image: "
-                              f"{str(exc).strip().splitlines()[0]}") from exc
+            raise BundleError(
+                f"{path} fails on a blank {spec.height}x{spec.width} image: {str(exc).strip().splitlines()[0]}"
+            ) from exc
         if np.shape(score) != (1,) or np.shape(heatmap) != (1, spec.height, spec.width) or np.shape(peak) != (1, 2):
             raise BundleError(
                 f"{path} returned score {np.shape(score)}, heatmap {np.shape(heatmap)} and peak {np.shape(peak)}; "
@@ -137,22 +151,26 @@ class Scorer:
         for i, golden in enumerate(self.manifest.golden):
             image = read_golden_image(self.bundle.root / golden.path, spec)
             score, heatmap, _ = self._session.run(self._outputs, {spec.name: image[None]})
-            checks = (("score", float(score[0]), expected.scores[i]),
-                      ("heatmap peak", float(np.max(heatmap[0])), expected.heatmap_peaks[i]))
+            checks = (
+                ("score", float(score[0]), expected.scores[i]),
+                ("heatmap peak", float(np.max(heatmap[0])), expected.heatmap_peaks[i]),
+            )
             for what, actual, wanted in checks:
                 # Written so that NaN fails too.
                 if not abs(actual - wanted) <= expected.allowed(wanted):
                     raise BundleError(
                         f"{path} fails its golden self-test: {what} {actual:.6g} on {golden.path}, expected "
                         f"{wanted:.6g} ± {expected.allowed(wanted):.2g} ({self.model_file.precision}); this machine "
-                        "does not compute what the export machine did, so the model is not used")
+                        "does not compute what the export machine did, so the model is not used"
+                    )
             # Scores within tolerance can still fall on the other side of the threshold: the verdict is what counts.
             verdict = golden_verdict(float(score[0]), self.model_file.threshold)
             if golden.expect is not None and verdict != golden.expect:
                 raise BundleError(
                     f"{path} fails its golden self-test: {golden.path} ({golden.origin}) scores {float(score[0]):.6g} "
                     f"here, judged {verdict} by the threshold {self.model_file.threshold:.6g} instead of "
-                    f"{golden.expect}; so the model is not used")
+                    f"{golden.expect}; so the model is not used"
+                )
 
     def score(self, frame_bgr: np.ndarray) -> Score:
         """Score one frame: preprocess, one session.run, peak of the heatmap."""

@@ -49,8 +49,10 @@ class Signature(BaseModel):
 
 
 def _cryptography_missing(exc: ImportError) -> ConfigError:
-    return ConfigError(f"model.trusted_keys needs the Python package cryptography ({exc.name} is missing): "
-                       "pip install 'ganspect[edge]'")
+    return ConfigError(
+        f"model.trusted_keys needs the Python package cryptography ({exc.name} is missing): "
+        "pip install 'ganspect[edge]'"
+    )
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -72,8 +74,9 @@ def load_public_key(path: Path, key: str = "model.trusted_keys") -> Ed25519Publi
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read the public key {path}: {exc.strerror or exc}") from exc
     except ValueError as exc:
-        raise ConfigError(f"{key}: {path} is not a PEM public key (expected the output of `openssl pkey -in KEY "
-                          "-pubout`)") from exc
+        raise ConfigError(
+            f"{key}: {path} is not a PEM public key (expected the output of `openssl pkey -in KEY -pubout`)"
+        ) from exc
     if not isinstance(loaded, Ed25519PublicKey):
         raise ConfigError(f"{key}: {path} is a {type(loaded).__name__.removeprefix('_')}, not an Ed25519 public key")
     return loaded
@@ -89,24 +92,32 @@ def verify_signature(root: Path, trusted_keys: Sequence[Path]) -> str:
     trusted = ", ".join(sorted(keys))
     path = root / SIGNATURE_NAME
     if not path.is_file():
-        raise BundleError(f"model bundle {root} is not signed (no {SIGNATURE_NAME}) and this station takes only "
-                          f"bundles signed by a trusted key (model.trusted_keys: {trusted}); export it with "
-                          "`ganspect export --sign KEY`")
+        raise BundleError(
+            f"model bundle {root} is not signed (no {SIGNATURE_NAME}) and this station takes only "
+            f"bundles signed by a trusted key (model.trusted_keys: {trusted}); export it with "
+            "`ganspect export --sign KEY`"
+        )
     try:
         raw: Any = json.loads(path.read_text(encoding="utf-8"))
         signature = Signature.model_validate(raw)
         signed = base64.b64decode(signature.signature, validate=True)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValidationError, binascii.Error) as exc:
-        raise BundleError(f"{path} is not a valid signature file ({type(exc).__name__}); re-sign the bundle with "
-                          "`ganspect export --sign KEY`") from exc
+        raise BundleError(
+            f"{path} is not a valid signature file ({type(exc).__name__}); re-sign the bundle with "
+            "`ganspect export --sign KEY`"
+        ) from exc
     key = keys.get(signature.key_id)
     if key is None:
-        raise BundleError(f"model bundle {root} is signed by the key {signature.key_id}, which this station does not "
-                          f"trust (model.trusted_keys: {trusted})")
+        raise BundleError(
+            f"model bundle {root} is signed by the key {signature.key_id}, which this station does not "
+            f"trust (model.trusted_keys: {trusted})"
+        )
     try:
         key.verify(signed, (root / SIGNED_FILE).read_bytes())
     except (InvalidSignature, OSError) as exc:
-        raise BundleError(f"model bundle {root}: the signature by the key {signature.key_id} does not match its "
-                          f"{SIGNED_FILE}: the manifest (or the signature) was changed after signing; re-export or "
-                          "re-copy the bundle") from exc
+        raise BundleError(
+            f"model bundle {root}: the signature by the key {signature.key_id} does not match its "
+            f"{SIGNED_FILE}: the manifest (or the signature) was changed after signing; re-export or "
+            "re-copy the bundle"
+        ) from exc
     return signature.key_id

@@ -91,8 +91,9 @@ def is_camera(uri: str) -> bool:
 class VideoSource:
     """A cv2.VideoCapture over a camera index, device path, video file or stream URL."""
 
-    def __init__(self, uri: str, name: str, loop: bool = False, timeout_s: float = 10.0,
-                 camera: CameraConfig | None = None) -> None:
+    def __init__(
+        self, uri: str, name: str, loop: bool = False, timeout_s: float = 10.0, camera: CameraConfig | None = None
+    ) -> None:
         self.uri = uri
         self.name = name
         self.live = not Path(uri).is_file()
@@ -118,8 +119,10 @@ class VideoSource:
         if not cap.isOpened():
             cap.release()
             kind = "camera" if camera else "video source"
-            raise SourceError(f"cannot open {kind} {self.uri!r} (OpenCV could not open it; check the path, "
-                              "the device permissions or the URL)")
+            raise SourceError(
+                f"cannot open {kind} {self.uri!r} (OpenCV could not open it; check the path, "
+                "the device permissions or the URL)"
+            )
         if camera and self._camera is not None:
             _apply_camera_settings(cap, self._camera, self.uri)
         return cap
@@ -182,8 +185,11 @@ def _apply_camera_settings(cap: cv2.VideoCapture, camera: CameraConfig, uri: str
         "gain": f"{cap.get(cv2.CAP_PROP_GAIN):g}",
     }
     log.info("camera %s accepted: %s", uri, ", ".join(f"{k} {v}" for k, v in got.items()))
-    wanted = {"format": camera.fourcc, "size": f"{camera.width}x{camera.height}" if camera.width and camera.height
-              else None, "fps": f"{camera.fps:g}" if camera.fps else None}
+    wanted = {
+        "format": camera.fourcc,
+        "size": f"{camera.width}x{camera.height}" if camera.width and camera.height else None,
+        "fps": f"{camera.fps:g}" if camera.fps else None,
+    }
     for key, value in wanted.items():
         if value is not None and got[key] != value:
             log.warning("camera %s: asked for %s %s, it gives %s", uri, key, value, got[key])
@@ -269,8 +275,9 @@ class CaptureStats:
 class Capture:
     """Reads a source on its own thread; `get` hands frames to the scoring loop (see the module docstring)."""
 
-    def __init__(self, reader: VideoSource | ImageFolderSource, config: SourceConfig, delivery: Delivery,
-                 stop: threading.Event) -> None:
+    def __init__(
+        self, reader: VideoSource | ImageFolderSource, config: SourceConfig, delivery: Delivery, stop: threading.Event
+    ) -> None:
         self.reader = reader
         self.name = reader.name
         self.delivery = delivery
@@ -285,8 +292,11 @@ class Capture:
         self._last_mono: float | None = None
         # Live sources come at their own pace. Under `every_frame` the loop sets the pace (the
         # capture waits for it); under `latest` a file is paced to behave like a camera.
-        pace = None if delivery == "every_frame" or reader.live else (
-            reader.file_fps or config.max_fps or _DEFAULT_FILE_FPS)
+        pace = (
+            None
+            if delivery == "every_frame" or reader.live
+            else (reader.file_fps or config.max_fps or _DEFAULT_FILE_FPS)
+        )
         self._interval = 1.0 / pace if pace else 0.0
         self._thread = threading.Thread(target=self._run, name="ganspect-capture", daemon=True)
 
@@ -302,8 +312,7 @@ class Capture:
         with self._cond:
             state = self._state
             last = self._last_mono
-        if state == "open" and self.live and last is not None and \
-                time.monotonic() - last > self._config.stale_after_s:
+        if state == "open" and self.live and last is not None and time.monotonic() - last > self._config.stale_after_s:
             return "stalled"
         return state
 
@@ -311,8 +320,13 @@ class Capture:
         with self._cond:
             last = self._last_mono
             captured, skipped, reconnects = self._captured, self._skipped, self._reconnects
-        return CaptureStats(state=self.state, captured=captured, skipped=skipped, reconnects=reconnects,
-                            last_frame_age_s=None if last is None else time.monotonic() - last)
+        return CaptureStats(
+            state=self.state,
+            captured=captured,
+            skipped=skipped,
+            reconnects=reconnects,
+            last_frame_age_s=None if last is None else time.monotonic() - last,
+        )
 
     @property
     def ended(self) -> bool:
@@ -412,8 +426,13 @@ class Capture:
                 self.reader.reopen()
             except SourceError as exc:
                 if attempt == 1 or attempt % 10 == 0:
-                    log.warning("source %s: reopen attempt %d failed (%s); next try in %.1f s", self.name,
-                                attempt, exc, min(delay * 2, self._config.reconnect_max_delay_s))
+                    log.warning(
+                        "source %s: reopen attempt %d failed (%s); next try in %.1f s",
+                        self.name,
+                        attempt,
+                        exc,
+                        min(delay * 2, self._config.reconnect_max_delay_s),
+                    )
                 delay = min(delay * 2, self._config.reconnect_max_delay_s)
                 continue
             with self._cond:

@@ -53,8 +53,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at REAL NOT NULL       -- unix time the verdict was queued
 );
 """
-_SAVE_LAST_SEQ = ("INSERT INTO meta (key, value) VALUES ('last_seq', ?) "
-                  "ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)")
+_SAVE_LAST_SEQ = (
+    "INSERT INTO meta (key, value) VALUES ('last_seq', ?) "
+    "ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)"
+)
 # Drops are logged at ERROR at most this often; the counter counts every one.
 _DROP_LOG_INTERVAL_S = 10.0
 
@@ -87,6 +89,7 @@ class _Salvage:
 
 def _salvage(path: Path) -> _Salvage:
     """Read what a damaged outbox still tells, without writing to it (its owner may want to recover it)."""
+
     def ask(sql: str) -> tuple[int | None, ...] | None:
         try:
             db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
@@ -123,9 +126,11 @@ def _move_aside(path: Path) -> Path:
                 os.replace(side, f"{target}{companion}")
         os.replace(path, target)
     except OSError as exc:
-        raise OutboxError(f"the verdict outbox {path} is damaged and cannot be moved aside: {exc.strerror or exc}; "
-                          f"move it (and {path.name}-wal) out of data.dir by hand, the daemon then starts a new "
-                          "one") from exc
+        raise OutboxError(
+            f"the verdict outbox {path} is damaged and cannot be moved aside: {exc.strerror or exc}; "
+            f"move it (and {path.name}-wal) out of data.dir by hand, the daemon then starts a new "
+            "one"
+        ) from exc
     return target
 
 
@@ -159,8 +164,10 @@ def _lock_exclusively(path: Path) -> IO[str]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             handle.close()
-            raise OutboxError(f"{path.parent} is in use by another ganspect edge daemon ({exc.strerror}); "
-                              "give each daemon its own data.dir") from exc
+            raise OutboxError(
+                f"{path.parent} is in use by another ganspect edge daemon ({exc.strerror}); "
+                "give each daemon its own data.dir"
+            ) from exc
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
@@ -198,18 +205,31 @@ class Outbox:
             floor = salvaged.last_seq if salvaged.last_seq is not None else int(time.time() * 1000)
             self._write(_SAVE_LAST_SEQ, (floor,))
             self._last_seq = max(self._last_seq, floor)
-            lost = (f"{salvaged.waiting} verdict(s) that waited for the broker's acknowledgement "
-                    f"(seq {salvaged.first_waiting} .. {salvaged.last_waiting})" if salvaged.waiting else
-                    "no verdict (none was waiting)" if salvaged.waiting == 0 else
-                    "the verdicts that waited for the broker's acknowledgement (how many cannot be read)")
-            log.error("the verdict outbox %s is damaged (%s): moved aside to %s and a new one started; lost: %s; "
-                      "seq continues from %d%s", path, exc, moved.name, lost, floor + 1,
-                      "" if salvaged.last_seq is not None else " (the old counter could not be read)")
+            lost = (
+                f"{salvaged.waiting} verdict(s) that waited for the broker's acknowledgement "
+                f"(seq {salvaged.first_waiting} .. {salvaged.last_waiting})"
+                if salvaged.waiting
+                else "no verdict (none was waiting)"
+                if salvaged.waiting == 0
+                else "the verdicts that waited for the broker's acknowledgement (how many cannot be read)"
+            )
+            log.error(
+                "the verdict outbox %s is damaged (%s): moved aside to %s and a new one started; lost: %s; "
+                "seq continues from %d%s",
+                path,
+                exc,
+                moved.name,
+                lost,
+                floor + 1,
+                "" if salvaged.last_seq is not None else " (the old counter could not be read)",
+            )
         if mode.lower() != "wal":
             self._db.close()
             self._lockfile.close()
-            raise OutboxError(f"the verdict outbox {path} cannot use SQLite WAL mode (got {mode}); "
-                              "put data.dir on a local file system")
+            raise OutboxError(
+                f"the verdict outbox {path} cannot use SQLite WAL mode (got {mode}); "
+                "put data.dir on a local file system"
+            )
         self._last_seq = max(self._last_seq, int(top))
         self._count = int(count)
         self._bytes = int(size)
@@ -237,7 +257,8 @@ class Outbox:
             row = self._db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
             self._last_seq = int(row[0]) if row else 0
             count, size, top = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(seq), 0) FROM outbox").fetchone()
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(seq), 0) FROM outbox"
+            ).fetchone()
         except _Damaged:
             self._db.close()
             raise
@@ -246,8 +267,9 @@ class Outbox:
             if _is_damage(exc):
                 raise _Damaged(str(exc)) from exc
             self._lockfile.close()
-            raise OutboxError(f"cannot open the verdict outbox {path}: {exc} "
-                              "(check data.dir and that the folder is writable)") from exc
+            raise OutboxError(
+                f"cannot open the verdict outbox {path}: {exc} (check data.dir and that the folder is writable)"
+            ) from exc
         return str(mode), int(count), int(size), int(top)
 
     def _close_quietly(self) -> None:
@@ -289,8 +311,10 @@ class Outbox:
                 self._db.execute("BEGIN IMMEDIATE")
                 if self.when_full == "drop_oldest":
                     self._drop_oldest_for(size)
-                self._db.execute("INSERT INTO outbox (seq, result_id, payload, size, created_at) "
-                                 "VALUES (?, ?, ?, ?, ?)", (seq, result_id, payload, size, time.time()))
+                self._db.execute(
+                    "INSERT INTO outbox (seq, result_id, payload, size, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (seq, result_id, payload, size, time.time()),
+                )
                 self._db.execute(_SAVE_LAST_SEQ, (seq,))
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -309,8 +333,9 @@ class Outbox:
         dropped = 0
         inflight = set(self._inflight.values())
         while self._over_quota(1, size):
-            rows = self._db.execute("SELECT seq, size FROM outbox ORDER BY seq LIMIT ?",
-                                    (len(inflight) + 64,)).fetchall()
+            rows = self._db.execute(
+                "SELECT seq, size FROM outbox ORDER BY seq LIMIT ?", (len(inflight) + 64,)
+            ).fetchall()
             victims = [(s, n) for s, n in rows if s not in inflight]
             if not victims:
                 break  # everything left is in flight; the quota is exceeded by at most max_inflight rows
@@ -329,15 +354,22 @@ class Outbox:
         now = time.monotonic()
         if now - self._last_drop_log >= _DROP_LOG_INTERVAL_S:
             self._last_drop_log = now
-            log.error("verdict outbox FULL (%d messages / %d bytes allowed, policy %s): %s; %d dropped so far "
-                      "- the MQTT broker has not acknowledged verdicts for a long time", self.max_messages,
-                      self.max_bytes, self.when_full, what, self._dropped)
+            log.error(
+                "verdict outbox FULL (%d messages / %d bytes allowed, policy %s): %s; %d dropped so far "
+                "- the MQTT broker has not acknowledged verdicts for a long time",
+                self.max_messages,
+                self.max_bytes,
+                self.when_full,
+                what,
+                self._dropped,
+            )
 
     def pending(self, after_seq: int, limit: int) -> list[Row]:
         """Up to `limit` rows with seq > after_seq, in seq order."""
         with self._lock:
-            rows = self._db.execute("SELECT seq, result_id, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-                                    (after_seq, limit)).fetchall()
+            rows = self._db.execute(
+                "SELECT seq, result_id, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+            ).fetchall()
         return [Row(int(s), r, p) for s, r, p in rows]
 
     # -- acknowledgements --------------------------------------------------------------

@@ -59,7 +59,7 @@ def stitch(tile_maps: np.ndarray, origins: list[tuple[int, int]], height: int, w
     tile_h, tile_w = tile_maps.shape[-2:]
     out = np.full((height, width), -np.inf, np.float32)
     for (y, x), tile in zip(origins, tile_maps):
-        window = out[y: y + tile_h, x: x + tile_w]
+        window = out[y : y + tile_h, x : x + tile_w]
         np.maximum(window, tile, out=window)
     return out
 
@@ -85,18 +85,24 @@ def framing_for(config: InspectionConfig, manifest: Manifest) -> Framing:
         return Framing(config.tiling, config.tile_overlap, config.roi)
     explicit = config.model_fields_set
     if "tiling" in explicit and config.tiling != spec.mode:
-        raise ConfigError(f"inspection.tiling is {config.tiling} but the model {manifest.name} was trained with "
-                          f"tiling {spec.mode}; remove inspection.tiling (the bundle says how to frame) or retrain")
+        raise ConfigError(
+            f"inspection.tiling is {config.tiling} but the model {manifest.name} was trained with "
+            f"tiling {spec.mode}; remove inspection.tiling (the bundle says how to frame) or retrain"
+        )
     if spec.mode == "tiles" and "tile_overlap" in explicit and config.tile_overlap != spec.overlap:
-        raise ConfigError(f"inspection.tile_overlap is {config.tile_overlap} but the model {manifest.name} was "
-                          f"trained with tiles overlapping by {spec.overlap}; remove inspection.tile_overlap")
+        raise ConfigError(
+            f"inspection.tile_overlap is {config.tile_overlap} but the model {manifest.name} was "
+            f"trained with tiles overlapping by {spec.overlap}; remove inspection.tile_overlap"
+        )
     roi = config.roi
     if spec.roi is not None:
         trained = RoiConfig(x=spec.roi.x, y=spec.roi.y, width=spec.roi.width, height=spec.roi.height)
         if roi is not None and roi != trained:
-            raise ConfigError(f"inspection.roi ({roi.x},{roi.y}) {roi.width}x{roi.height} differs from the region the "
-                              f"model {manifest.name} was trained on ({trained.x},{trained.y}) "
-                              f"{trained.width}x{trained.height}; remove inspection.roi or retrain")
+            raise ConfigError(
+                f"inspection.roi ({roi.x},{roi.y}) {roi.width}x{roi.height} differs from the region the "
+                f"model {manifest.name} was trained on ({trained.x},{trained.y}) "
+                f"{trained.width}x{trained.height}; remove inspection.roi or retrain"
+            )
         roi = trained
     return Framing(spec.mode, spec.overlap, roi)
 
@@ -126,20 +132,25 @@ class Inspector:
         if config.tiling != "tiles":
             return
         if config.tile_overlap >= min(spec.height, spec.width):
-            raise ConfigError(f"inspection.tile_overlap {config.tile_overlap} must be smaller than the model's "
-                              f"{spec.width}x{spec.height} input")
+            raise ConfigError(
+                f"inspection.tile_overlap {config.tile_overlap} must be smaller than the model's "
+                f"{spec.width}x{spec.height} input"
+            )
         roi = config.roi
         if roi is not None and (roi.width < spec.width or roi.height < spec.height):
-            raise ConfigError(f"inspection.roi {roi.width}x{roi.height} is smaller than the model's "
-                              f"{spec.width}x{spec.height} tiles; enlarge it or use inspection.tiling: resize")
+            raise ConfigError(
+                f"inspection.roi {roi.width}x{roi.height} is smaller than the model's "
+                f"{spec.width}x{spec.height} tiles; enlarge it or use inspection.tiling: resize"
+            )
 
     def region(self, frame_shape: tuple[int, ...], roi: RoiConfig | None = None) -> Region:
         height, width = frame_shape[:2]
         if roi is None:
             return Region(0, 0, width, height)
         if roi.x + roi.width > width or roi.y + roi.height > height:
-            raise ValueError(f"inspection.roi ({roi.x},{roi.y}) {roi.width}x{roi.height} does not fit in the "
-                             f"{width}x{height} frame")
+            raise ValueError(
+                f"inspection.roi ({roi.x},{roi.y}) {roi.width}x{roi.height} does not fit in the {width}x{height} frame"
+            )
         return Region(roi.x, roi.y, roi.width, roi.height)
 
     def inspect(self, frame_bgr: np.ndarray, scorer: Scorer, threshold: float) -> Inspection:
@@ -147,7 +158,7 @@ class Inspector:
         t0 = time.perf_counter()
         framing = self.framing(scorer.manifest)
         region = self.region(frame_bgr.shape, framing.roi)
-        crop = frame_bgr[region.y: region.y + region.height, region.x: region.x + region.width]
+        crop = frame_bgr[region.y : region.y + region.height, region.x : region.x + region.width]
         spec = scorer.manifest.input
         if framing.tiling == "resize":
             batch = preprocess(crop, spec)  # (1, H, W, C)
@@ -157,8 +168,9 @@ class Inspector:
             xs = tile_starts(region.width, spec.width, framing.tile_overlap)
             origins = [(y, x) for y in ys for x in xs]
             # Tiles are model-sized already: preprocess only converts colour and adds the batch axis.
-            batch = np.concatenate([preprocess(crop[y: y + spec.height, x: x + spec.width], spec)
-                                    for y, x in origins])  # (N, H, W, C)
+            batch = np.concatenate(
+                [preprocess(crop[y : y + spec.height, x : x + spec.width], spec) for y, x in origins]
+            )  # (N, H, W, C)
         t1 = time.perf_counter()
         scores, heatmaps = scorer.run_batch(batch)  # (N,), (N, H, W)
         t2 = time.perf_counter()
@@ -169,7 +181,14 @@ class Inspector:
         peak_y, peak_x = np.unravel_index(int(np.argmax(heat)), heat.shape)
         # max() of a NaN-holding array is NaN: a broken tile makes the frame UNDEFINED, never OK.
         worst = float(np.max(scores))
-        score = Score(score=worst, threshold=threshold, heatmap=heat, peak_x=int(peak_x), peak_y=int(peak_y),
-                      peak_value=float(heat[peak_y, peak_x]), preprocess_ms=(t1 - t0) * 1000.0,
-                      inference_ms=(t2 - t1) * 1000.0)
+        score = Score(
+            score=worst,
+            threshold=threshold,
+            heatmap=heat,
+            peak_x=int(peak_x),
+            peak_y=int(peak_y),
+            peak_value=float(heat[peak_y, peak_x]),
+            preprocess_ms=(t1 - t0) * 1000.0,
+            inference_ms=(t2 - t1) * 1000.0,
+        )
         return Inspection(score=score, roi=region, tiles=len(origins))

@@ -68,11 +68,13 @@ Verdict = Literal["OK", "NG"]
 SCORE_FORMULAS = {
     "efficient_gan": (
         "A(x) = (1 - lambda) * L_R + lambda * L_D with lambda = {lam:g}; x = image / 127.5 - 1; "
-        "r = mean over channels of |x - G(E(x))|; L_R = {residual}; L_D = {discrimination}"),
+        "r = mean over channels of |x - G(E(x))|; L_R = {residual}; L_D = {discrimination}"
+    ),
     "anogan": (
         "A(x) = (1 - lambda) * L_R + lambda * L_D with lambda = {lam:g}; x = image / 127.5 - 1; z = E(x) from the "
         "encoder trained with the GAN frozen; r = mean over channels of |x - G(z)|; L_R = {residual}; "
-        "L_D = {discrimination}"),
+        "L_D = {discrimination}"
+    ),
 }
 DISCRIMINATION_FORMULA = {
     ("efficient_gan", "feature_matching"): "mean |f_D(x, E(x)) - f_D(G(E(x)), E(x))| (feature matching)",
@@ -83,7 +85,8 @@ RESIDUAL_FORMULA = {"mean": "mean of r over H, W", "peak": "max over H, W of Gau
 SEGMENTATION_FORMULA = (
     "score = max over H, W of the Gaussian-smoothed sigmoid(S(x, G(E(x)), |x - G(E(x))|)), S the segmentation head "
     "trained on pseudo-defects; x = image / 127.5 - 1 (A(x) with lambda = {lam:g}, L_R = {residual} and "
-    "L_D = {discrimination} stay available on the workstation)")
+    "L_D = {discrimination} stay available on the workstation)"
+)
 
 
 def _ganspect_version() -> str:
@@ -97,10 +100,10 @@ def _ganspect_version() -> str:
 class RunImages:
     """The run's images, re-read from its data set (same size, channels and held-out split as training)."""
 
-    train: np.ndarray          # normal training images (INT8 calibration)
-    holdout: np.ndarray        # held-out normals (thresholds; first part of the guard set)
+    train: np.ndarray  # normal training images (INT8 calibration)
+    holdout: np.ndarray  # held-out normals (thresholds; first part of the guard set)
     holdout_names: list[str]
-    test: np.ndarray | None    # the data set's test images, when it has an MVTec-style test/ folder
+    test: np.ndarray | None  # the data set's test images, when it has an MVTec-style test/ folder
     test_labels: np.ndarray | None
     test_names: list[str]
     test_kinds: list[str]
@@ -114,25 +117,37 @@ class RunImages:
 MAX_GUARD_TILES = 256
 
 
-def _tiles_of(images: Any, size: int, overlap: int, rng: np.random.Generator, masks: Any = None,
-              names: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+def _tiles_of(
+    images: Any, size: int, overlap: int, rng: np.random.Generator, masks: Any = None, names: list[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
     """Up to MAX_GUARD_TILES seeded tiles (T, S, S, C) of the edge's grid; with masks, only tiles on a defect."""
     from ganspect.train.calibrate import tile_origins
 
     picked: list[tuple[int, int, int]] = []
     for i, image in enumerate(images):
         for y, x in tile_origins(image.shape[0], image.shape[1], size, overlap):
-            if masks is None or masks[i][y:y + size, x:x + size].any():
+            if masks is None or masks[i][y : y + size, x : x + size].any():
                 picked.append((i, y, x))
     chosen = sorted(rng.choice(len(picked), min(MAX_GUARD_TILES, len(picked)), replace=False)) if picked else []
-    tiles = [images[picked[c][0]][picked[c][1]:picked[c][1] + size, picked[c][2]:picked[c][2] + size] for c in chosen]
-    labels = [f"{(names or [])[picked[c][0]] if names else picked[c][0]} tile at ({picked[c][1]}, {picked[c][2]})"
-              for c in chosen]
+    tiles = [
+        images[picked[c][0]][picked[c][1] : picked[c][1] + size, picked[c][2] : picked[c][2] + size] for c in chosen
+    ]
+    labels = [
+        f"{(names or [])[picked[c][0]] if names else picked[c][0]} tile at ({picked[c][1]}, {picked[c][2]})"
+        for c in chosen
+    ]
     return np.stack(tiles) if tiles else np.zeros((0, size, size, images[0].shape[-1]), np.uint8), labels
 
 
-def _run_images(source: Path, size: int, channels: int, holdout: float, seed: int,
-                guard_source: Path | None = None, tiling: Any = None) -> RunImages | None:
+def _run_images(
+    source: Path,
+    size: int,
+    channels: int,
+    holdout: float,
+    seed: int,
+    guard_source: Path | None = None,
+    tiling: Any = None,
+) -> RunImages | None:
     """The run's images; the test images come from `guard_source` when given, else from the run's data set."""
     from ganspect.train.data import Framing, is_mvtec_layout, load_normal_images, load_test_set, split_holdout
 
@@ -153,27 +168,45 @@ def _run_images(source: Path, size: int, channels: int, holdout: float, seed: in
         if test is not None and len(test):
             good = [i for i, label in enumerate(test.labels) if label == 0]
             bad = [i for i, label in enumerate(test.labels) if label == 1]
-            parts = [_tiles_of([test.images[i] for i in good], size, overlap, rng,
-                               names=[test.names[i] for i in good]),
-                     _tiles_of([test.images[i] for i in bad], size, overlap, rng,
-                               masks=None if test.masks is None else [test.masks[i] for i in bad],
-                               names=[test.names[i] for i in bad])]
+            parts = [
+                _tiles_of([test.images[i] for i in good], size, overlap, rng, names=[test.names[i] for i in good]),
+                _tiles_of(
+                    [test.images[i] for i in bad],
+                    size,
+                    overlap,
+                    rng,
+                    masks=None if test.masks is None else [test.masks[i] for i in bad],
+                    names=[test.names[i] for i in bad],
+                ),
+            ]
             test_tiles = np.concatenate([parts[0][0], parts[1][0]])
             test_labels = np.array([0] * len(parts[0][0]) + [1] * len(parts[1][0]))
             test_names = parts[0][1] + parts[1][1]
             bad_kinds = {test.names[i]: test.kinds[i] for i in bad}
-            test_kinds = ["good"] * len(parts[0][0]) + [bad_kinds.get(n.split(" tile at ")[0], "defect")
-                                                        for n in parts[1][1]]
-        return RunImages(train=train_tiles, holdout=held_tiles, holdout_names=held_names, test=test_tiles,
-                         test_labels=test_labels, test_names=test_names, test_kinds=test_kinds,
-                         test_source=str(test_source), holdout_frames=held.images)
+            test_kinds = ["good"] * len(parts[0][0]) + [
+                bad_kinds.get(n.split(" tile at ")[0], "defect") for n in parts[1][1]
+            ]
+        return RunImages(
+            train=train_tiles,
+            holdout=held_tiles,
+            holdout_names=held_names,
+            test=test_tiles,
+            test_labels=test_labels,
+            test_names=test_names,
+            test_kinds=test_kinds,
+            test_source=str(test_source),
+            holdout_frames=held.images,
+        )
     return RunImages(
-        train=np.ascontiguousarray(train.images), holdout=np.ascontiguousarray(held.images),
+        train=np.ascontiguousarray(train.images),
+        holdout=np.ascontiguousarray(held.images),
         holdout_names=list(held.names),
         test=None if test is None or not len(test.images) else np.ascontiguousarray(test.images),
         test_labels=None if test is None else np.asarray(test.labels).astype(int),
-        test_names=[] if test is None else list(test.names), test_kinds=[] if test is None else list(test.kinds),
-        test_source=str(test_source))
+        test_names=[] if test is None else list(test.names),
+        test_kinds=[] if test is None else list(test.kinds),
+        test_source=str(test_source),
+    )
 
 
 def _tiled_threshold(path: Path, frames: Any, config: Any, nu: float) -> float:
@@ -197,14 +230,21 @@ def _guard_data(images: RunImages) -> Any:
         parts.append(images.test)
         labels.append(images.test_labels)
         n_bad = int(images.test_labels.sum())
-        description += (f" + {len(images.test)} test images of {images.test_source} ({len(images.test) - n_bad} good, "
-                        f"{n_bad} anomalous), used only to measure the guard, never to choose anything")
-    return GuardData(images=np.concatenate(parts), labels=np.concatenate(labels), n_holdout=len(images.holdout),
-                     description=description)
+        description += (
+            f" + {len(images.test)} test images of {images.test_source} ({len(images.test) - n_bad} good, "
+            f"{n_bad} anomalous), used only to measure the guard, never to choose anything"
+        )
+    return GuardData(
+        images=np.concatenate(parts),
+        labels=np.concatenate(labels),
+        n_holdout=len(images.holdout),
+        description=description,
+    )
 
 
-def _golden_choice(images: RunImages | None, size: int, channels: int, seed: int,
-                   files: dict[Path, tuple[str, float]]) -> list[tuple[np.ndarray, str, Verdict | None]]:
+def _golden_choice(
+    images: RunImages | None, size: int, channels: int, seed: int, files: dict[Path, tuple[str, float]]
+) -> list[tuple[np.ndarray, str, Verdict | None]]:
     """(image, origin, expected verdict): two held-out normals and up to two test anomalies of different kinds.
 
     Every golden image checks that the edge computes what the exporter did; those labelled
@@ -216,8 +256,10 @@ def _golden_choice(images: RunImages | None, size: int, channels: int, seed: int
     """
     if images is None:
         rng = np.random.default_rng(seed)
-        return [(rng.integers(0, 256, (size, size, channels), dtype=np.uint8), f"seeded random pixels #{i}", None)
-                for i in range(2)]
+        return [
+            (rng.integers(0, 256, (size, size, channels), dtype=np.uint8), f"seeded random pixels #{i}", None)
+            for i in range(2)
+        ]
     from ganspect.export.onnx_export import INPUT_NAME, OUTPUT_NAMES, onnx_session
 
     sessions: dict[Path, Any] = {path: onnx_session(path) for path in files}
@@ -251,8 +293,10 @@ def _golden_choice(images: RunImages | None, size: int, channels: int, seed: int
         # Two kinds at most, those with a detected image first (their verdicts check the threshold from above).
         chosen += sorted(picks, key=lambda c: c[2] is None)[:2]
     if not any(verdict == "NG" for _, _, verdict in chosen):
-        log.warning("no golden image is a test anomaly that every file's threshold judges NG with a margin: the "
-                    "edge can refute a threshold set too low, not one set too high")
+        log.warning(
+            "no golden image is a test anomaly that every file's threshold judges NG with a margin: the "
+            "edge can refute a threshold set too low, not one set too high"
+        )
     return chosen
 
 
@@ -275,8 +319,11 @@ def _scalar_metrics(run: Path) -> dict[str, float | None]:
     if not path.is_file():
         return {}
     raw = json.loads(path.read_text(encoding="utf-8"))
-    return {k: (float(v) if v is not None else None) for k, v in raw.items()
-            if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
+    return {
+        k: (float(v) if v is not None else None)
+        for k, v in raw.items()
+        if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+    }
 
 
 def _prepare_destination(out: Path) -> None:
@@ -301,8 +348,16 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, settings: Any = None,
-               latency_budget_s: float = 1.0, guard_data: Path | None = None, sign: Path | None = None) -> Path:
+def export_run(
+    run: Path,
+    out: Path,
+    int8: bool = False,
+    force: bool = False,
+    settings: Any = None,
+    latency_budget_s: float = 1.0,
+    guard_data: Path | None = None,
+    sign: Path | None = None,
+) -> Path:
     """Export the run's calibrated model to ONNX (and INT8), verify it, write the bundle; return its folder.
 
     `sign` is an Ed25519 private key (PEM): the bundle then carries `signature.json`, which
@@ -317,8 +372,15 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
 
     from ganspect.edge.golden import write_golden_image
     from ganspect.export.onnx_export import compare, export_onnx, opset_of, parameter_names, run_onnx, run_torch
-    from ganspect.export.quantize import (GuardResult, Int8Settings, describe_layers, judge, learned_layers, quantize,
-                                          sensitive_layers)
+    from ganspect.export.quantize import (
+        GuardResult,
+        Int8Settings,
+        describe_layers,
+        judge,
+        learned_layers,
+        quantize,
+        sensitive_layers,
+    )
     from ganspect.export.report import Latency, measure_latency, write_report
     from ganspect.export.signing import load_signing_key, sign_bundle
     from ganspect.train.loop import load_run_model, read_run_config, read_run_info
@@ -343,12 +405,21 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
     discrimination = getattr(cfg, "discrimination", "feature_matching")
     if (kind, discrimination) not in DISCRIMINATION_FORMULA:
         raise GanspectError(f"{run}: {kind} with discrimination {discrimination!r} cannot be exported by this ganspect")
-    images = _run_images(Path(info["source"]), size, channels, config.data.holdout, config.train.seed,
-                         Path(guard_data) if guard_data is not None else None, config.tiling)
+    images = _run_images(
+        Path(info["source"]),
+        size,
+        channels,
+        config.data.holdout,
+        config.train.seed,
+        Path(guard_data) if guard_data is not None else None,
+        config.tiling,
+    )
     if images is None:
         if int8:
-            raise GanspectError(f"--int8 needs the run's training data at {info['source']} (calibration and the "
-                                "accuracy guard run on it); it is gone")
+            raise GanspectError(
+                f"--int8 needs the run's training data at {info['source']} (calibration and the "
+                "accuracy guard run on it); it is gone"
+            )
         log.warning("training data %s is gone: checking ONNX parity on random images instead", info["source"])
     guard_set = _guard_data(images) if images is not None else None
     if guard_set is not None:
@@ -371,10 +442,15 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
             raise GanspectError(
                 f"ONNX and PyTorch disagree on {fp32_parity.n_images} images (max score difference "
                 f"{fp32_parity.max_abs_score_diff:.3g}, heatmap {fp32_parity.max_abs_heatmap_diff:.3g}, same peak "
-                f"{fp32_parity.peak_agreement:.0%}); bundle not written")
-        log.info("ONNX opset %d; parity on %d images: max |score diff| %.2e, max |heatmap diff| %.2e",
-                 opset_of(fp32_path), fp32_parity.n_images, fp32_parity.max_abs_score_diff,
-                 fp32_parity.max_abs_heatmap_diff)
+                f"{fp32_parity.peak_agreement:.0%}); bundle not written"
+            )
+        log.info(
+            "ONNX opset %d; parity on %d images: max |score diff| %.2e, max |heatmap diff| %.2e",
+            opset_of(fp32_path),
+            fp32_parity.n_images,
+            fp32_parity.max_abs_score_diff,
+            fp32_parity.max_abs_heatmap_diff,
+        )
         thresholds = {MODEL_FILE: float(model.threshold)}
         nu = float(cal.get("nu", config.calibration.nu))
 
@@ -387,18 +463,32 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
             proto = onnx.load(str(fp32_path))
             layers = learned_layers(proto, parameter_names(model))
             keep = sensitive_layers(proto, layers)
-            attempts = [("all learned layers INT8", []),
-                        ("first/last layers and D's feature layer kept in FP32", describe_layers(proto, keep))]
+            attempts = [
+                ("all learned layers INT8", []),
+                ("first/last layers and D's feature layer kept in FP32", describe_layers(proto, keep)),
+            ]
             guard = []
             int8_path = tmp / INT8_FILE
             for (label, kept_names), kept in zip(attempts, ([], keep)):
                 log.info("quantizing to INT8 (%s) on %d normal training images", label, n_cal)
                 quantize(fp32_path, int8_path, calibration, layers, kept, settings)
                 int8_out = run_onnx(int8_path, check_images)
-                frame_threshold = (None if images.holdout_frames is None else
-                                   _tiled_threshold(int8_path, images.holdout_frames, config, nu))
-                result = judge(label, kept_names, guard_set, fp32_out, thresholds[MODEL_FILE], int8_out, nu, settings,
-                               int8_threshold=frame_threshold)
+                frame_threshold = (
+                    None
+                    if images.holdout_frames is None
+                    else _tiled_threshold(int8_path, images.holdout_frames, config, nu)
+                )
+                result = judge(
+                    label,
+                    kept_names,
+                    guard_set,
+                    fp32_out,
+                    thresholds[MODEL_FILE],
+                    int8_out,
+                    nu,
+                    settings,
+                    int8_threshold=frame_threshold,
+                )
                 guard.append(result)
                 log.info("INT8 guard (%s): %s", label, "pass" if result.ok else "; ".join(result.failures))
                 if result.ok:
@@ -408,40 +498,58 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
                 raise GanspectError(
                     f"INT8 model refused by the accuracy guard: {'; '.join(final.failures)} (also with "
                     f"{len(keep)} sensitive layers kept in FP32); nothing was written: export without --int8, "
-                    "or pass --force to ship it anyway")
+                    "or pass --force to ship it anyway"
+                )
             if not final.ok:
-                log.warning("INT8 model failed its guard (%s) and is shipped because of --force",
-                            "; ".join(final.failures))
+                log.warning(
+                    "INT8 model failed its guard (%s) and is shipped because of --force", "; ".join(final.failures)
+                )
             thresholds[INT8_FILE] = final.int8_threshold
             parity["ONNX FP32 vs ONNX INT8"] = compare(fp32_out, int8_out)
             parity["PyTorch eval vs ONNX INT8"] = compare(torch_out, int8_out)
 
         precisions = {MODEL_FILE: "fp32", INT8_FILE: "int8"}
-        golden_images = _golden_choice(images, size, channels, config.train.seed,
-                                       {tmp / name: (precisions[name], thresholds[name]) for name in thresholds})
+        golden_images = _golden_choice(
+            images,
+            size,
+            channels,
+            config.train.seed,
+            {tmp / name: (precisions[name], thresholds[name]) for name in thresholds},
+        )
         golden: list[GoldenImage] = []
         for i, (image, origin, expect) in enumerate(golden_images):
             name = f"golden/{i}.png"
             write_golden_image(tmp / name, image)
             golden.append(describe_golden(tmp, name, origin, expect))
         files: list[ModelFile] = [
-            describe_file(tmp, name, precisions[name], thresholds[name],  # type: ignore[arg-type]
-                          _golden_expectation(tmp / name, [g for g, _, _ in golden_images], precisions[name]))
-            for name in thresholds]
+            describe_file(
+                tmp,
+                name,
+                precisions[name],
+                thresholds[name],  # type: ignore[arg-type]
+                _golden_expectation(tmp / name, [g for g, _, _ in golden_images], precisions[name]),
+            )
+            for name in thresholds
+        ]
 
         log.info("measuring batch-1 latency")
         latency: dict[str, list[Latency]] = {
-            name: [measure_latency(tmp / name, check_images[0], threads, budget_s=latency_budget_s)
-                   for threads in (1, 0)] for name in thresholds}
+            name: [
+                measure_latency(tmp / name, check_images[0], threads, budget_s=latency_budget_s) for threads in (1, 0)
+            ]
+            for name in thresholds
+        }
 
         metrics = _scalar_metrics(run)
         evaluated_at = metrics.get("threshold")
-        if evaluated_at is not None and not math.isclose(evaluated_at, thresholds[MODEL_FILE], rel_tol=1e-6,
-                                                         abs_tol=1e-12):
+        if evaluated_at is not None and not math.isclose(
+            evaluated_at, thresholds[MODEL_FILE], rel_tol=1e-6, abs_tol=1e-12
+        ):
             # The edge refuses a bundle whose metrics were measured at another threshold than its model's.
             raise GanspectError(
                 f"{run / 'metrics.json'} was measured at the threshold {evaluated_at:.9g}, the model's is "
-                f"{thresholds[MODEL_FILE]:.9g} (calibrated again since?): run `ganspect eval {run}` again, then export")
+                f"{thresholds[MODEL_FILE]:.9g} (calibrated again since?): run `ganspect eval {run}` again, then export"
+            )
         for label, key in (("PyTorch eval vs ONNX FP32", "fp32"), ("ONNX FP32 vs ONNX INT8", "int8_vs_fp32")):
             if label in parity:
                 metrics[f"parity_{key}_max_abs_score_diff"] = parity[label].max_abs_score_diff
@@ -453,10 +561,16 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
             metrics[f"latency_ms_{tag}_all_threads"] = lat[1].median_ms
         if guard is not None:
             final = guard[-1]
-            metrics.update({"int8_guard_passed": float(final.ok), "int8_guard_spearman": final.spearman,
-                            "int8_guard_agreement": final.agreement, "int8_guard_fp32_auroc": final.fp32_auroc,
-                            "int8_guard_int8_auroc": final.int8_auroc,
-                            "int8_layers_kept_fp32": float(len(final.fp32_nodes))})
+            metrics.update(
+                {
+                    "int8_guard_passed": float(final.ok),
+                    "int8_guard_spearman": final.spearman,
+                    "int8_guard_agreement": final.agreement,
+                    "int8_guard_fp32_auroc": final.fp32_auroc,
+                    "int8_guard_int8_auroc": final.int8_auroc,
+                    "int8_layers_kept_fp32": float(len(final.fp32_nodes)),
+                }
+            )
         metrics = {k: _finite(v) for k, v in metrics.items()}
 
         source = getattr(cfg, "scoring", "residual")
@@ -467,34 +581,63 @@ def export_run(run: Path, out: Path, int8: bool = False, force: bool = False, se
             kind=kind,
             created_at=utc_now(),
             ganspect_version=_ganspect_version(),
-            input=InputSpec(height=size, width=size, channels=channels,
-                            colour_order="GRAY" if channels == 1 else "BGR", resize_interpolation="area"),
+            input=InputSpec(
+                height=size,
+                width=size,
+                channels=channels,
+                colour_order="GRAY" if channels == 1 else "BGR",
+                resize_interpolation="area",
+            ),
             normalisation=Normalisation(scale=1 / 127.5, offset=-1.0),
             score=ScoreSpec(
                 formula=(SEGMENTATION_FORMULA if source == "segmentation" else SCORE_FORMULAS[kind]).format(
-                    lam=cfg.lambda_, residual=RESIDUAL_FORMULA[cfg.residual_reduction],
-                    discrimination=DISCRIMINATION_FORMULA[(kind, discrimination)]),
-                lambda_=cfg.lambda_, discrimination=discrimination, residual_reduction=cfg.residual_reduction,
-                source=source),
-            threshold=ThresholdSpec(method=cal.get("method", "normal_quantile"), nu=cal.get("nu"),
-                                    n_images=int(cal.get("n_images", 0))),
-            heatmap=HeatmapSpec(scale=float(model.heatmap_scale), smoothing_sigma=cfg.heatmap_sigma,
-                                per_pixel=bool(getattr(cfg, "pixel_calibration", False))),
-            tiling=TilingSpec(mode=config.tiling.mode, overlap=config.tiling.overlap,
-                              roi=None if roi is None else RegionSpec(**roi.model_dump())),
-            training_data=TrainingData(source=str(info["source"]), n_train=int(info["n_train"]),
-                                       n_val=int(info["n_val"])),
+                    lam=cfg.lambda_,
+                    residual=RESIDUAL_FORMULA[cfg.residual_reduction],
+                    discrimination=DISCRIMINATION_FORMULA[(kind, discrimination)],
+                ),
+                lambda_=cfg.lambda_,
+                discrimination=discrimination,
+                residual_reduction=cfg.residual_reduction,
+                source=source,
+            ),
+            threshold=ThresholdSpec(
+                method=cal.get("method", "normal_quantile"), nu=cal.get("nu"), n_images=int(cal.get("n_images", 0))
+            ),
+            heatmap=HeatmapSpec(
+                scale=float(model.heatmap_scale),
+                smoothing_sigma=cfg.heatmap_sigma,
+                per_pixel=bool(getattr(cfg, "pixel_calibration", False)),
+            ),
+            tiling=TilingSpec(
+                mode=config.tiling.mode,
+                overlap=config.tiling.overlap,
+                roi=None if roi is None else RegionSpec(**roi.model_dump()),
+            ),
+            training_data=TrainingData(
+                source=str(info["source"]), n_train=int(info["n_train"]), n_val=int(info["n_val"])
+            ),
             metrics=metrics,
             files=files,
             golden=golden,
         )
         write_manifest(tmp, manifest)
-        write_report(tmp / REPORT_FILE, name=manifest.name, kind=kind, image_size=size, channels=channels,
-                     files={f.path: f.bytes for f in files}, thresholds=thresholds, latency=latency, parity=parity,
-                     parity_images=check_description, guard=guard,
-                     guard_data=guard_set.description if guard_set is not None else None,
-                     settings=settings if int8 else None, forced=force,
-                     golden=[f"{g.path}: {g.origin}" for g in golden])
+        write_report(
+            tmp / REPORT_FILE,
+            name=manifest.name,
+            kind=kind,
+            image_size=size,
+            channels=channels,
+            files={f.path: f.bytes for f in files},
+            thresholds=thresholds,
+            latency=latency,
+            parity=parity,
+            parity_images=check_description,
+            guard=guard,
+            guard_data=guard_set.description if guard_set is not None else None,
+            settings=settings if int8 else None,
+            forced=force,
+            golden=[f"{g.path}: {g.origin}" for g in golden],
+        )
         if signing_key is not None:
             # Last, over the finished manifest (it holds the hashes of every file the report names).
             log.info("bundle signed with the Ed25519 key %s", sign_bundle(tmp, signing_key))

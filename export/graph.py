@@ -118,8 +118,14 @@ class _SubPixelUpsample(nn.Module):
 
     @staticmethod
     def handles(layer: nn.ConvTranspose2d) -> bool:
-        return (layer.kernel_size == (4, 4) and layer.stride == (2, 2) and layer.padding == (1, 1)
-                and layer.output_padding == (0, 0) and layer.dilation == (1, 1) and layer.groups == 1)
+        return (
+            layer.kernel_size == (4, 4)
+            and layer.stride == (2, 2)
+            and layer.padding == (1, 1)
+            and layer.output_padding == (0, 0)
+            and layer.dilation == (1, 1)
+            and layer.groups == 1
+        )
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         super().__init__()
@@ -133,8 +139,10 @@ class _SubPixelUpsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         # Phase 0 reads the row above (pad the top), phase 1 the row below (pad the bottom).
-        phases = [[F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), getattr(self, f"phase{a}{b}"), self.bias)
-                   for b in (0, 1)] for a in (0, 1)]
+        phases = [
+            [F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), getattr(self, f"phase{a}{b}"), self.bias) for b in (0, 1)]
+            for a in (0, 1)
+        ]
         # Two stacks, not one 6-D permute: onnxruntime's Transpose of it took 3 ms of a 256 px model.
         rows = [torch.stack(row, dim=-1) for row in phases]  # each (N, C, H, W, 2): b innermost
         return torch.stack(rows, dim=3).reshape(n, -1, 2 * h, 2 * w)  # (N, C, H, 2, W, 2) -> (N, C, 2H, 2W)
@@ -145,8 +153,13 @@ class _LatentToMap(nn.Module):
 
     @staticmethod
     def handles(layer: nn.ConvTranspose2d) -> bool:
-        return (layer.stride == (1, 1) and layer.padding == (0, 0) and layer.output_padding == (0, 0)
-                and layer.dilation == (1, 1) and layer.groups == 1)
+        return (
+            layer.stride == (1, 1)
+            and layer.padding == (0, 0)
+            and layer.output_padding == (0, 0)
+            and layer.dilation == (1, 1)
+            and layer.groups == 1
+        )
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         super().__init__()

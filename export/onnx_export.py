@@ -44,9 +44,16 @@ def export_onnx(model: torch.nn.Module, path: Path, image_size: int, channels: i
         # torch.export's internals warn about their own deprecations; nothing for the user to act on.
         warnings.simplefilter("ignore", FutureWarning)
         program = torch.onnx.export(
-            model, (example,), dynamo=True, external_data=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-            dynamic_shapes={param: {0: batch}}, optimize=True, verbose=False,
+            model,
+            (example,),
+            dynamo=True,
+            external_data=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={param: {0: batch}},
+            optimize=True,
+            verbose=False,
         )
     if program is None:
         raise GanspectError("the ONNX exporter returned no program")
@@ -97,9 +104,9 @@ def opset_of(path: Path) -> int:
 class Outputs:
     """The graph's three outputs for a set of images."""
 
-    score: np.ndarray    # (N,) float32
+    score: np.ndarray  # (N,) float32
     heatmap: np.ndarray  # (N, H, W) float32
-    peak: np.ndarray     # (N, 2) int64 (row, column)
+    peak: np.ndarray  # (N, 2) int64 (row, column)
 
 
 def _concat(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Outputs:
@@ -120,8 +127,12 @@ def onnx_session(path: Path, threads: int = 0) -> object:
 def run_onnx(path: Path, images: np.ndarray, batch_size: int = 64) -> Outputs:
     """Score uint8 NHWC images with onnxruntime on CPU."""
     session = onnx_session(path)
-    return _concat([tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[i:i + batch_size]}))  # type: ignore[attr-defined]
-                    for i in range(0, len(images), batch_size)])
+    return _concat(
+        [
+            tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[i : i + batch_size]}))  # type: ignore[attr-defined]
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
 def run_torch(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> Outputs:
@@ -130,7 +141,7 @@ def run_torch(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) 
     parts = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            s, h, p = graph(torch.from_numpy(images[start:start + batch_size]))
+            s, h, p = graph(torch.from_numpy(images[start : start + batch_size]))
             parts.append((s.numpy(), h.numpy(), p.numpy()))
     return _concat(parts)
 
@@ -145,21 +156,27 @@ class Parity:
     median_rel_score_diff: float
     p95_rel_score_diff: float
     max_abs_heatmap_diff: float
-    peak_agreement: float       # share of images with the very same peak position
-    max_peak_distance: float    # pixels, largest distance between the two peaks
+    peak_agreement: float  # share of images with the very same peak position
+    max_peak_distance: float  # pixels, largest distance between the two peaks
     ok: bool
 
     def to_dict(self) -> dict[str, float | int | bool]:
         return dict(self.__dict__)
 
 
-def compare(reference: Outputs, other: Outputs, rtol: float = 1e-3, atol: float = 1e-4,
-            heatmap_atol: float = 1e-3) -> Parity:
+def compare(
+    reference: Outputs, other: Outputs, rtol: float = 1e-3, atol: float = 1e-4, heatmap_atol: float = 1e-3
+) -> Parity:
     """Compare outputs: scores (rtol/atol), heatmaps (atol), peaks (equal or a tie in the reference heatmap)."""
-    if (other.score.shape != reference.score.shape or other.heatmap.shape != reference.heatmap.shape
-            or other.peak.shape != reference.peak.shape):
-        raise GanspectError(f"output shapes {other.score.shape}, {other.heatmap.shape}, {other.peak.shape} differ from "
-                            f"{reference.score.shape}, {reference.heatmap.shape}, {reference.peak.shape}")
+    if (
+        other.score.shape != reference.score.shape
+        or other.heatmap.shape != reference.heatmap.shape
+        or other.peak.shape != reference.peak.shape
+    ):
+        raise GanspectError(
+            f"output shapes {other.score.shape}, {other.heatmap.shape}, {other.peak.shape} differ from "
+            f"{reference.score.shape}, {reference.heatmap.shape}, {reference.peak.shape}"
+        )
     abs_diff = np.abs(other.score - reference.score)
     rel_diff = abs_diff / np.maximum(np.abs(reference.score), 1e-12)
     rows = np.arange(len(reference.peak))
@@ -169,9 +186,11 @@ def compare(reference: Outputs, other: Outputs, rtol: float = 1e-3, atol: float 
     at_ref = reference.heatmap[rows, reference.peak[:, 0], reference.peak[:, 1]] if len(rows) else np.zeros(0)
     peaks_tie = same_peak | (np.abs(at_ref - at_other) <= heatmap_atol)
     distance = np.hypot(*(other.peak - reference.peak).T.astype(np.float64)) if len(rows) else np.zeros(0)
-    ok = bool(np.allclose(other.score, reference.score, rtol=rtol, atol=atol)
-              and np.allclose(other.heatmap, reference.heatmap, rtol=rtol, atol=heatmap_atol)
-              and peaks_tie.all())
+    ok = bool(
+        np.allclose(other.score, reference.score, rtol=rtol, atol=atol)
+        and np.allclose(other.heatmap, reference.heatmap, rtol=rtol, atol=heatmap_atol)
+        and peaks_tie.all()
+    )
     return Parity(
         n_images=len(reference.score),
         max_abs_score_diff=float(abs_diff.max(initial=0.0)),
@@ -185,7 +204,13 @@ def compare(reference: Outputs, other: Outputs, rtol: float = 1e-3, atol: float 
     )
 
 
-def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray,
-                 rtol: float = 1e-3, atol: float = 1e-4, heatmap_atol: float = 1e-3) -> Parity:
+def check_parity(
+    model: torch.nn.Module,
+    onnx_path: Path,
+    images: np.ndarray,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    heatmap_atol: float = 1e-3,
+) -> Parity:
     """Compare PyTorch (eval) and onnxruntime FP32 outputs on the same images, with the module's tolerances."""
     return compare(run_torch(model, images), run_onnx(onnx_path, images), rtol, atol, heatmap_atol)

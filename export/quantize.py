@@ -53,26 +53,29 @@ class Int8Settings(BaseModel):
 
     reduce_range: bool = Field(False, description="7-bit weights for edge CPUs without VNNI (AVX2-only).")
     calibration_images: int = Field(64, ge=1, description="Normal training images the activation ranges come from.")
-    max_auroc_drop: float = Field(0.01, ge=0.0, description="Refuse when INT8 image AUROC is lower than FP32's by more.")
+    max_auroc_drop: float = Field(
+        0.01, ge=0.0, description="Refuse when INT8 image AUROC is lower than FP32's by more."
+    )
     min_spearman: float = Field(0.95, ge=-1.0, le=1.0, description="Refuse when the score rank correlation is lower.")
-    min_agreement: float = Field(0.95, ge=0.0, le=1.0,
-                                 description="Refuse when fewer guard images get the same OK/NG from both models.")
+    min_agreement: float = Field(
+        0.95, ge=0.0, le=1.0, description="Refuse when fewer guard images get the same OK/NG from both models."
+    )
 
 
 @dataclass
 class GuardData:
     """Images the guard compares the two models on, with labels (0 normal, 1 anomalous)."""
 
-    images: np.ndarray          # uint8 (N, H, W, C)
-    labels: np.ndarray          # int (N,)
-    n_holdout: int              # the first n_holdout images are the held-out normals (they set thresholds)
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: np.ndarray  # int (N,)
+    n_holdout: int  # the first n_holdout images are the held-out normals (they set thresholds)
     description: str
 
 
 @dataclass
 class GuardResult:
     attempt: str
-    fp32_nodes: list[str]                 # learned layers kept in FP32 in this attempt
+    fp32_nodes: list[str]  # learned layers kept in FP32 in this attempt
     int8_threshold: float
     spearman: float
     agreement: float
@@ -94,8 +97,9 @@ class GuardResult:
 def learned_layers(proto: Any, parameter_names: Iterable[str]) -> list[str]:
     """Names of the nodes worth quantizing: Conv/ConvTranspose/Gemm/MatMul with a parameter as weight."""
     params = set(parameter_names)
-    return [n.name for n in proto.graph.node
-            if n.op_type in QUANTIZED_OP_TYPES and any(i in params for i in n.input[1:2])]
+    return [
+        n.name for n in proto.graph.node if n.op_type in QUANTIZED_OP_TYPES and any(i in params for i in n.input[1:2])
+    ]
 
 
 def sensitive_layers(proto: Any, layers: Sequence[str]) -> list[str]:
@@ -150,15 +154,22 @@ class _ImageReader(CalibrationDataReader):
 
     def __init__(self, images: np.ndarray, batch_size: int = 8) -> None:
         self._batches: Iterator[np.ndarray] = iter(
-            [np.ascontiguousarray(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+            [np.ascontiguousarray(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._batches, None)
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def quantize(fp32_path: Path, out_path: Path, calibration_images: np.ndarray, layers: Sequence[str],
-             keep_fp32: Sequence[str], settings: Int8Settings) -> Path:
+def quantize(
+    fp32_path: Path,
+    out_path: Path,
+    calibration_images: np.ndarray,
+    layers: Sequence[str],
+    keep_fp32: Sequence[str],
+    settings: Int8Settings,
+) -> Path:
     """Write the QDQ INT8 model of `fp32_path`, quantizing `layers` except `keep_fp32`."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -173,10 +184,16 @@ def quantize(fp32_path: Path, out_path: Path, calibration_images: np.ndarray, la
         # (and it applies them anyway when it loads the model).
         quant_pre_process(str(fp32_path), str(prepared), skip_optimization=True, skip_symbolic_shape=True)
         quantize_static(
-            str(prepared), str(out_path), _ImageReader(calibration_images),
-            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=settings.reduce_range,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            op_types_to_quantize=list(QUANTIZED_OP_TYPES), nodes_to_quantize=to_quantize,
+            str(prepared),
+            str(out_path),
+            _ImageReader(calibration_images),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=settings.reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+            nodes_to_quantize=to_quantize,
             calibration_providers=["CPUExecutionProvider"],
         )
     return out_path
@@ -190,8 +207,17 @@ def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, scores))
 
 
-def judge(attempt: str, keep_fp32: list[str], data: GuardData, fp32: Outputs, fp32_threshold: float,
-          int8: Outputs, nu: float, settings: Int8Settings, int8_threshold: float | None = None) -> GuardResult:
+def judge(
+    attempt: str,
+    keep_fp32: list[str],
+    data: GuardData,
+    fp32: Outputs,
+    fp32_threshold: float,
+    int8: Outputs,
+    nu: float,
+    settings: Int8Settings,
+    int8_threshold: float | None = None,
+) -> GuardResult:
     """Compare the INT8 outputs with FP32's on the guard images; calibrate the INT8 threshold.
 
     `int8_threshold` is given when the threshold is not one of the guard images' (tiles
@@ -202,7 +228,7 @@ def judge(attempt: str, keep_fp32: list[str], data: GuardData, fp32: Outputs, fp
     from ganspect.train.calibrate import normal_quantile_threshold
 
     if int8_threshold is None:
-        int8_threshold = normal_quantile_threshold(int8.score[:data.n_holdout], nu)
+        int8_threshold = normal_quantile_threshold(int8.score[: data.n_holdout], nu)
     finite = bool(np.all(np.isfinite(int8.score)))
     if not finite:
         rho = float("nan")
@@ -212,15 +238,23 @@ def judge(attempt: str, keep_fp32: list[str], data: GuardData, fp32: Outputs, fp
         rho = float(spearmanr(fp32.score, int8.score).statistic)
     # Written so that NaN scores count as NG, as at the edge.
     agreement = float(np.mean((~(fp32.score <= fp32_threshold)) == (~(int8.score <= int8_threshold))))
-    result = GuardResult(attempt=attempt, fp32_nodes=list(keep_fp32), int8_threshold=int8_threshold,
-                         spearman=rho, agreement=agreement, fp32_auroc=_auroc(data.labels, fp32.score),
-                         int8_auroc=_auroc(data.labels, int8.score) if finite else None)
+    result = GuardResult(
+        attempt=attempt,
+        fp32_nodes=list(keep_fp32),
+        int8_threshold=int8_threshold,
+        spearman=rho,
+        agreement=agreement,
+        fp32_auroc=_auroc(data.labels, fp32.score),
+        int8_auroc=_auroc(data.labels, int8.score) if finite else None,
+    )
     if not finite:
         result.failures.append("INT8 scores are not all finite")
     drop = result.auroc_drop
     if drop is not None and drop > settings.max_auroc_drop:
-        result.failures.append(f"image AUROC drops by {drop:.3f} ({result.fp32_auroc:.3f} -> {result.int8_auroc:.3f}; "
-                               f"limit {settings.max_auroc_drop:g})")
+        result.failures.append(
+            f"image AUROC drops by {drop:.3f} ({result.fp32_auroc:.3f} -> {result.int8_auroc:.3f}; "
+            f"limit {settings.max_auroc_drop:g})"
+        )
     if not rho >= settings.min_spearman:
         result.failures.append(f"score rank correlation {rho:.3f} < {settings.min_spearman:g}")
     if not agreement >= settings.min_agreement:

@@ -41,8 +41,12 @@ def measure_latency(path: Path, image: np.ndarray, threads: int, min_runs: int =
         t0 = time.perf_counter()
         session.run(list(OUTPUT_NAMES), feed)
         times.append((time.perf_counter() - t0) * 1000.0)
-    return Latency(threads=threads or (os.cpu_count() or 1), median_ms=float(np.median(times)),
-                   p90_ms=float(np.percentile(times, 90)), runs=len(times))
+    return Latency(
+        threads=threads or (os.cpu_count() or 1),
+        median_ms=float(np.median(times)),
+        p90_ms=float(np.percentile(times, 90)),
+        runs=len(times),
+    )
 
 
 def cpu_description() -> str:
@@ -67,66 +71,115 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 
 def _parity_row(label: str, p: Parity) -> str:
     gate = ("yes" if p.ok else "no") if "INT8" not in label else "n/a (the guard decides)"
-    return (f"| {label} | {p.n_images} | {p.max_abs_score_diff:.2e} | {p.median_rel_score_diff:.2e} / "
-            f"{p.p95_rel_score_diff:.2e} / {p.max_rel_score_diff:.2e} | {p.max_abs_heatmap_diff:.2e} | "
-            f"{p.peak_agreement:.0%} | {p.max_peak_distance:.1f} | {gate} |")
+    return (
+        f"| {label} | {p.n_images} | {p.max_abs_score_diff:.2e} | {p.median_rel_score_diff:.2e} / "
+        f"{p.p95_rel_score_diff:.2e} / {p.max_rel_score_diff:.2e} | {p.max_abs_heatmap_diff:.2e} | "
+        f"{p.peak_agreement:.0%} | {p.max_peak_distance:.1f} | {gate} |"
+    )
 
 
-def write_report(path: Path, *, name: str, kind: str, image_size: int, channels: int, files: dict[str, int],
-                 thresholds: dict[str, float], latency: dict[str, list[Latency]], parity: dict[str, Parity],
-                 parity_images: str, guard: list[GuardResult] | None, guard_data: str | None,
-                 settings: Int8Settings | None, forced: bool, golden: list[str]) -> Path:
+def write_report(
+    path: Path,
+    *,
+    name: str,
+    kind: str,
+    image_size: int,
+    channels: int,
+    files: dict[str, int],
+    thresholds: dict[str, float],
+    latency: dict[str, list[Latency]],
+    parity: dict[str, Parity],
+    parity_images: str,
+    guard: list[GuardResult] | None,
+    guard_data: str | None,
+    settings: Int8Settings | None,
+    forced: bool,
+    golden: list[str],
+) -> Path:
     """Write the Markdown export report; every figure in it was measured by this export."""
-    lines = [f"# Export report: {name}", "",
-             f"- model kind: {kind}, input {image_size}x{image_size}x{channels} uint8 NHWC",
-             f"- exported on: {cpu_description()}, onnxruntime CPU execution provider", ""]
+    lines = [
+        f"# Export report: {name}",
+        "",
+        f"- model kind: {kind}, input {image_size}x{image_size}x{channels} uint8 NHWC",
+        f"- exported on: {cpu_description()}, onnxruntime CPU execution provider",
+        "",
+    ]
 
-    lines += ["## Files and latency", "",
-              "Batch 1, median (90th percentile) of `session.run` after warm-up.", "",
-              "| file | size | threshold | 1 thread | all threads |", "|---|---|---|---|---|"]
+    lines += [
+        "## Files and latency",
+        "",
+        "Batch 1, median (90th percentile) of `session.run` after warm-up.",
+        "",
+        "| file | size | threshold | 1 thread | all threads |",
+        "|---|---|---|---|---|",
+    ]
     for file_name, size in files.items():
         lat = {lt.threads == 1: lt for lt in latency[file_name]}
         one, many = lat.get(True), lat.get(False)
-        lines.append(f"| {file_name} | {size / 1e6:.2f} MB | {thresholds[file_name]:.5g} | "
-                     f"{_fmt(one and one.median_ms, '.2f')} ms ({_fmt(one and one.p90_ms, '.2f')}) | "
-                     f"{_fmt(many and many.median_ms, '.2f')} ms ({_fmt(many and many.p90_ms, '.2f')}), "
-                     f"{many.threads if many else '?'} threads |")
+        lines.append(
+            f"| {file_name} | {size / 1e6:.2f} MB | {thresholds[file_name]:.5g} | "
+            f"{_fmt(one and one.median_ms, '.2f')} ms ({_fmt(one and one.p90_ms, '.2f')}) | "
+            f"{_fmt(many and many.median_ms, '.2f')} ms ({_fmt(many and many.p90_ms, '.2f')}), "
+            f"{many.threads if many else '?'} threads |"
+        )
     if len(files) == 2:
         fp32, int8 = (latency[f] for f in files)
         speedups = [f"{a.median_ms / b.median_ms:.2f}x with {a.threads} thread(s)" for a, b in zip(fp32, int8)]
         lines += ["", f"INT8 speed-up over FP32: {', '.join(speedups)}."]
 
-    lines += ["", "## Parity", "", f"Images: {parity_images}.", "",
-              "Tolerances (the export gate): PyTorch vs ONNX FP32 scores within rtol 1e-3 + atol 1e-4, heatmaps "
-              "within atol 1e-3, peaks equal or tied (within 1e-3) in the reference heatmap. INT8 rounds every "
-              "learned layer's activations to 8 bits, so its figures are reported and the accuracy guard below "
-              "decides. On a flat normal heatmap the peak may move far between near-equal pixels.", "",
-              "| comparison | images | max abs score diff | rel score diff median / p95 / max | "
-              "max abs heatmap diff | same peak | max peak distance (px) | within FP32 tolerances |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Parity",
+        "",
+        f"Images: {parity_images}.",
+        "",
+        "Tolerances (the export gate): PyTorch vs ONNX FP32 scores within rtol 1e-3 + atol 1e-4, heatmaps "
+        "within atol 1e-3, peaks equal or tied (within 1e-3) in the reference heatmap. INT8 rounds every "
+        "learned layer's activations to 8 bits, so its figures are reported and the accuracy guard below "
+        "decides. On a flat normal heatmap the peak may move far between near-equal pixels.",
+        "",
+        "| comparison | images | max abs score diff | rel score diff median / p95 / max | "
+        "max abs heatmap diff | same peak | max peak distance (px) | within FP32 tolerances |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     lines += [_parity_row(label, p) for label, p in parity.items()]
 
     if guard is not None and settings is not None:
         final = guard[-1]
         verdict = "passed" if final.ok else ("FAILED, shipped because of --force" if forced else "FAILED")
-        lines += ["", "## INT8 accuracy guard", "", f"Guard images: {guard_data}.", "",
-                  f"Limits: AUROC drop <= {settings.max_auroc_drop:g}, Spearman rho >= {settings.min_spearman:g}, "
-                  f"OK/NG agreement >= {settings.min_agreement:.0%} (each model at its own threshold). "
-                  f"Quantization: QDQ, U8S8, per-channel weights, reduce_range={settings.reduce_range}, MinMax "
-                  f"calibration on {settings.calibration_images} normal training images at most.", "",
-                  "| attempt | layers kept in FP32 | INT8 threshold | AUROC FP32 | AUROC INT8 | Spearman | "
-                  "agreement | result |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## INT8 accuracy guard",
+            "",
+            f"Guard images: {guard_data}.",
+            "",
+            f"Limits: AUROC drop <= {settings.max_auroc_drop:g}, Spearman rho >= {settings.min_spearman:g}, "
+            f"OK/NG agreement >= {settings.min_agreement:.0%} (each model at its own threshold). "
+            f"Quantization: QDQ, U8S8, per-channel weights, reduce_range={settings.reduce_range}, MinMax "
+            f"calibration on {settings.calibration_images} normal training images at most.",
+            "",
+            "| attempt | layers kept in FP32 | INT8 threshold | AUROC FP32 | AUROC INT8 | Spearman | "
+            "agreement | result |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for g in guard:
-            lines.append(f"| {g.attempt} | {len(g.fp32_nodes)} | {g.int8_threshold:.5g} | {_fmt(g.fp32_auroc)} | "
-                         f"{_fmt(g.int8_auroc)} | {g.spearman:.4f} | {g.agreement:.1%} | "
-                         f"{'pass' if g.ok else '; '.join(g.failures)} |")
+            lines.append(
+                f"| {g.attempt} | {len(g.fp32_nodes)} | {g.int8_threshold:.5g} | {_fmt(g.fp32_auroc)} | "
+                f"{_fmt(g.int8_auroc)} | {g.spearman:.4f} | {g.agreement:.1%} | "
+                f"{'pass' if g.ok else '; '.join(g.failures)} |"
+            )
         lines += ["", f"Result: **{verdict}** ({final.attempt})."]
         if final.fp32_nodes:
             lines += ["", "Layers kept in FP32:", ""] + [f"- {n}" for n in final.fp32_nodes]
 
-    lines += ["", "## Golden images", "",
-              "The edge scores these at load and refuses the bundle when a file's outputs differ from the "
-              "recorded ones by more than its tolerance (in manifest.json).", ""]
+    lines += [
+        "",
+        "## Golden images",
+        "",
+        "The edge scores these at load and refuses the bundle when a file's outputs differ from the "
+        "recorded ones by more than its tolerance (in manifest.json).",
+        "",
+    ]
     lines += [f"- {g}" for g in golden]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -76,8 +76,9 @@ class Broker:
         _stop_mosquitto(self.process)
 
 
-def _start_mosquitto(folder: Path, port: int, persistent: bool = False, listener_lines: Sequence[str] = (),
-                     allow_anonymous: bool = True) -> Broker:
+def _start_mosquitto(
+    folder: Path, port: int, persistent: bool = False, listener_lines: Sequence[str] = (), allow_anonymous: bool = True
+) -> Broker:
     conf = folder / f"mosquitto-{port}.conf"
     # Listener options (cafile, certfile, require_certificate ...) follow their `listener` line.
     lines = [f"listener {port} 127.0.0.1", *listener_lines, f"allow_anonymous {str(allow_anonymous).lower()}"]
@@ -129,8 +130,13 @@ def start_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
         pytest.fail(f"{MOSQUITTO} not found: install it with `apt-get install -y mosquitto` (.ci/run does)")
     started: list[Broker] = []
 
-    def start(port: int | None = None, persistent: bool = False, *, listener_lines: Sequence[str] = (),
-              allow_anonymous: bool = True) -> Broker:
+    def start(
+        port: int | None = None,
+        persistent: bool = False,
+        *,
+        listener_lines: Sequence[str] = (),
+        allow_anonymous: bool = True,
+    ) -> Broker:
         broker = _start_mosquitto(tmp_path, port or free_port(), persistent, listener_lines, allow_anonymous)
         started.append(broker)
         return broker
@@ -191,11 +197,14 @@ def mqtt_subscriber() -> Iterator[Callable[..., Subscriber]]:
     clients: list[Any] = []
     subscribers: list[Subscriber] = []
 
-    def subscribe(host: str, port: int, topic: str, persistent: bool = False,
-                  setup: Callable[[Any], None] | None = None) -> Subscriber:
-        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                             client_id=f"test-sub-{len(clients)}-{os.getpid()}",
-                             clean_session=not persistent)
+    def subscribe(
+        host: str, port: int, topic: str, persistent: bool = False, setup: Callable[[Any], None] | None = None
+    ) -> Subscriber:
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"test-sub-{len(clients)}-{os.getpid()}",
+            clean_session=not persistent,
+        )
         client.reconnect_delay_set(min_delay=1, max_delay=1)
         sub = Subscriber(client)
         subscribed = threading.Event()
@@ -237,7 +246,9 @@ def build_tiny_model(height: int, width: int, channels: int) -> bytes:
         return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.FLOAT, [], [value]))
 
     nodes = [
-        const("inv255", 1.0 / 255.0), const("half", 0.5), const("inv_scale", 1.0 / HEATMAP_SCALE),
+        const("inv255", 1.0 / 255.0),
+        const("half", 0.5),
+        const("inv_scale", 1.0 / HEATMAP_SCALE),
         helper.make_node("Cast", ["image"], ["x_f"], to=TensorProto.FLOAT),  # (N, H, W, C)
         helper.make_node("Mul", ["x_f", "inv255"], ["x01"]),
         helper.make_node("Sub", ["x01", "half"], ["centred"]),
@@ -246,7 +257,9 @@ def build_tiny_model(height: int, width: int, channels: int) -> bytes:
         helper.make_node("Mul", ["dev_hw", "inv_scale"], ["heatmap"]),  # (N, H, W)
         helper.make_node("ReduceMean", ["dev_hw"], ["score"], axes=[1, 2], keepdims=0),  # (N,)
         # peak: argmax over the flattened heatmap -> (row, column), as numpy's argmax + unravel_index.
-        helper.make_node("Constant", [], ["flat_shape"], value=helper.make_tensor("fs", TensorProto.INT64, [2], [0, -1])),
+        helper.make_node(
+            "Constant", [], ["flat_shape"], value=helper.make_tensor("fs", TensorProto.INT64, [2], [0, -1])
+        ),
         helper.make_node("Constant", [], ["width"], value=helper.make_tensor("w", TensorProto.INT64, [], [width])),
         helper.make_node("Reshape", ["heatmap", "flat_shape"], ["flat"]),  # (N, H*W)
         helper.make_node("ArgMax", ["flat"], ["index"], axis=1, keepdims=1),  # (N, 1) int64
@@ -255,11 +268,14 @@ def build_tiny_model(height: int, width: int, channels: int) -> bytes:
         helper.make_node("Concat", ["row", "col"], ["peak"], axis=1),  # (N, 2)
     ]
     graph = helper.make_graph(
-        nodes, "tiny",
+        nodes,
+        "tiny",
         [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", height, width, channels])],
-        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
-         helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, ["N", height, width]),
-         helper.make_tensor_value_info("peak", TensorProto.INT64, ["N", 2])],
+        [
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+            helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, ["N", height, width]),
+            helper.make_tensor_value_info("peak", TensorProto.INT64, ["N", 2]),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="ganspect-tests")
     model.ir_version = 8
@@ -267,15 +283,34 @@ def build_tiny_model(height: int, width: int, channels: int) -> bytes:
     return model.SerializeToString()
 
 
-def write_tiny_bundle(root: Path, *, height: int = 32, width: int = 32,
-                      colour_order: Literal["GRAY", "BGR"] = "GRAY", threshold: float = TINY_THRESHOLD,
-                      graph_shape: tuple[int, int, int] | None = None, tiling: dict[str, Any] | None = None) -> Path:
+def write_tiny_bundle(
+    root: Path,
+    *,
+    height: int = 32,
+    width: int = 32,
+    colour_order: Literal["GRAY", "BGR"] = "GRAY",
+    threshold: float = TINY_THRESHOLD,
+    graph_shape: tuple[int, int, int] | None = None,
+    tiling: dict[str, Any] | None = None,
+) -> Path:
     """Write model.onnx, golden images + manifest.json into `root`; `graph_shape` (H, W, C) builds a graph that
     disagrees; `tiling` is the manifest's tiling record (None: none, as bundles before it)."""
     from ganspect.edge.golden import write_golden_image
-    from ganspect.edge.manifest import (GoldenExpectation, HeatmapSpec, InputSpec, Manifest, Normalisation,
-                                        ScoreSpec, ThresholdSpec, TilingSpec, TrainingData, describe_file,
-                                        describe_golden, utc_now, write_manifest)
+    from ganspect.edge.manifest import (
+        GoldenExpectation,
+        HeatmapSpec,
+        InputSpec,
+        Manifest,
+        Normalisation,
+        ScoreSpec,
+        ThresholdSpec,
+        TilingSpec,
+        TrainingData,
+        describe_file,
+        describe_golden,
+        utc_now,
+        write_manifest,
+    )
     from ganspect.edge.preprocess import preprocess
 
     root.mkdir(parents=True, exist_ok=True)
@@ -293,11 +328,19 @@ def write_tiny_bundle(root: Path, *, height: int = 32, width: int = 32,
         peaks.append(float(deviation.max() / HEATMAP_SCALE))
     expectation = GoldenExpectation(scores=scores, heatmap_peaks=peaks, atol=1e-5, rtol=1e-4)
     manifest = Manifest(
-        format_version=2, name="tiny-test", kind="efficient_gan", created_at=utc_now(), ganspect_version="0.1.0",
+        format_version=2,
+        name="tiny-test",
+        kind="efficient_gan",
+        created_at=utc_now(),
+        ganspect_version="0.1.0",
         input=spec,
         normalisation=Normalisation(scale=1 / 255, offset=-0.5),
-        score=ScoreSpec(formula="mean |x/255 - 0.5| (test model)", lambda_=0.1, discrimination="feature_matching",
-                            residual_reduction="mean"),
+        score=ScoreSpec(
+            formula="mean |x/255 - 0.5| (test model)",
+            lambda_=0.1,
+            discrimination="feature_matching",
+            residual_reduction="mean",
+        ),
         threshold=ThresholdSpec(method="manual", n_images=0),
         heatmap=HeatmapSpec(scale=HEATMAP_SCALE, smoothing_sigma=0.0),
         tiling=None if tiling is None else TilingSpec.model_validate(tiling),
@@ -328,7 +371,7 @@ def part_image(ng: bool, index: int, size: tuple[int, int] = (64, 48)) -> np.nda
     image = (128 + rng.integers(-8, 9, size=(h, w, 3))).astype(np.uint8)
     if ng:
         value = 255 if index % 2 else 0
-        image[h // 8: h - h // 8, w // 8: w - w // 8] = value  # 56% of the area
+        image[h // 8 : h - h // 8, w // 8 : w - w // 8] = value  # 56% of the area
     return image
 
 
@@ -382,15 +425,27 @@ def make_edge_config(tmp_path: Path) -> Callable[..., Path]:
 
     broker None disables MQTT. Overrides are merged per section, e.g. mqtt={"qos": 2}.
     """
-    def make(bundle: Path, media: Path | str, broker: Broker | tuple[str, int] | None = None,
-             name: str = "edge.yaml", **overrides: dict[str, Any]) -> Path:
+
+    def make(
+        bundle: Path,
+        media: Path | str,
+        broker: Broker | tuple[str, int] | None = None,
+        name: str = "edge.yaml",
+        **overrides: dict[str, Any],
+    ) -> Path:
         host, port = broker if broker is not None else ("127.0.0.1", 1)
         config: dict[str, dict[str, Any]] = {
             "station": {"site": "testsite", "line": "l1", "station": "s1"},
             "model": {"bundle": str(bundle), "intra_op_threads": 1},
             "source": {"uri": str(media)},
-            "mqtt": {"enabled": broker is not None, "host": host, "port": port, "prefix": "gstest",
-                     "connect_timeout_s": 5, "drain_timeout_s": 5},
+            "mqtt": {
+                "enabled": broker is not None,
+                "host": host,
+                "port": port,
+                "prefix": "gstest",
+                "connect_timeout_s": 5,
+                "drain_timeout_s": 5,
+            },
             "display": {"window": "off"},
         }
         for section, values in overrides.items():
@@ -402,17 +457,23 @@ def make_edge_config(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def run_ganspect(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_ganspect(
+    *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """`python -m ganspect.edge ARGS` as a real subprocess; stdout/stderr captured as text."""
-    return subprocess.run([sys.executable, "-m", "ganspect.edge", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "ganspect.edge", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture
 def ganspect_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Factory: ganspect_cli(*args, timeout=60) runs the `ganspect` CLI in a subprocess."""
     return run_ganspect
-
 
 
 _SCHEMA_VALIDATORS: dict[str, Any] = {}

@@ -27,16 +27,45 @@ if str(REPO) not in sys.path:
 def test_quick_inference_piece_writes_results_file(tmp_path: Path) -> None:
     out = tmp_path / "RESULTS.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--only", "inference", "--sizes", "32", "--kinds",
-         "efficient_gan", "--channels", "3", "--budget-s", "0.05", "--min-runs", "5", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--only",
+            "inference",
+            "--sizes",
+            "32",
+            "--kinds",
+            "efficient_gan",
+            "--channels",
+            "3",
+            "--budget-s",
+            "0.05",
+            "--min-runs",
+            "5",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     # Without --workdir: models go to a temporary folder that is gone by the end, as on a fresh setup.
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = out.read_text(encoding="utf-8")
 
-    for heading in ("# ganspect benchmarks", "## Machine", "## Targets", "## 1. Inference",
-                    "## 2. End to end: the edge daemon", "## 3. One pass vs latent search", "## 4. Training",
-                    "## 5. Accuracy summary"):
+    for heading in (
+        "# ganspect benchmarks",
+        "## Machine",
+        "## Targets",
+        "## 1. Inference",
+        "## 2. End to end: the edge daemon",
+        "## 3. One pass vs latent search",
+        "## 4. Training",
+        "## 5. Accuracy summary",
+    ):
         assert f"\n{heading}\n" in f"\n{text}", heading
     assert re.search(r"^- CPU: .+ logical CPU", text, re.MULTILINE)
     assert re.search(r"^- versions: Python [\d.]+, .*onnxruntime [\d.]+", text, re.MULTILINE)
@@ -46,16 +75,27 @@ def test_quick_inference_piece_writes_results_file(tmp_path: Path) -> None:
     targets = re.findall(r"^\| (.+?) \| \**(met|missed|not measured)\** \| (.+) \|$", text, re.MULTILINE)
     assert len(targets) == 7, targets
     statements = " ".join(t[0] for t in targets)
-    for phrase in ("INT8 at least 2x faster", "256x256 colour INT8 at most 5 ms", "128x128 colour INT8 under 3 ms",
-                   "under 20 MB", ">= 60 frames per second", "under 250 MB", "300x faster"):
+    for phrase in (
+        "INT8 at least 2x faster",
+        "256x256 colour INT8 at most 5 ms",
+        "128x128 colour INT8 under 3 ms",
+        "under 20 MB",
+        ">= 60 frames per second",
+        "under 250 MB",
+        "300x faster",
+    ):
         assert phrase in statements, phrase
     # Sections this run skipped are not measured, and say why.
     daemon = next(t for t in targets if "60 frames per second" in t[0])
     assert daemon[1] == "not measured" and "--only" in daemon[2]
     assert "193 ms per image on one core" in text and "16.5 GFLOP" in text
 
-    row = re.search(r"^\| efficient_gan \| 32 \| colour \| fp32 \| 1 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) "
-                    r"\| ([\d.]+) \|", text, re.MULTILINE)
+    row = re.search(
+        r"^\| efficient_gan \| 32 \| colour \| fp32 \| 1 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) "
+        r"\| ([\d.]+) \|",
+        text,
+        re.MULTILINE,
+    )
     assert row, text
     median, p99, fastest, runs, gflop = float(row[1]), float(row[2]), float(row[3]), int(row[4]), float(row[5])
     assert 0 < fastest <= median <= p99 and runs >= 5 and gflop > 0
@@ -76,16 +116,18 @@ def test_graph_macs_counts_conv_convtranspose_and_gemm(tmp_path: Path) -> None:
         # (1, 3, 16, 16) -> (1, 8, 8, 8): 8*8*8 outputs x 3*4*4 = 24,576 MACs
         helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1]),
         # (1, 8, 8, 8) -> (1, 4, 16, 16): 8*8*8 inputs x 4*4*4 = 32,768 MACs
-        helper.make_node("ConvTranspose", ["c1", "w2"], ["c2"], kernel_shape=[4, 4], strides=[2, 2],
-                         pads=[1, 1, 1, 1]),
+        helper.make_node("ConvTranspose", ["c1", "w2"], ["c2"], kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1]),
         helper.make_node("Flatten", ["c2"], ["f"]),
         # (1, 1024) x (1024, 10): 10,240 MACs
         helper.make_node("Gemm", ["f", "w3"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "macs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        nodes,
+        "macs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
-        initializer=[weight("w1", [8, 3, 4, 4]), weight("w2", [8, 4, 4, 4]), weight("w3", [1024, 10])])
+        initializer=[weight("w1", [8, 3, 4, 4]), weight("w2", [8, 4, 4, 4]), weight("w3", [1024, 10])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = tmp_path / "macs.onnx"
     onnx.save(model, str(path))
@@ -109,9 +151,11 @@ def test_accuracy_section_links_point_into_the_results_folder() -> None:
     from benchmarks.bench_report import _from_results_folder
 
     text = "![h](seed003_anogan_histogram.png) [r](synthetic128/efficient_gan/report.md) [w](https://x.org/a) [t](#top)"
-    assert _from_results_folder(text) == ("![h](results/seed003_anogan_histogram.png) "
-                                          "[r](results/synthetic128/efficient_gan/report.md) "
-                                          "[w](https://x.org/a) [t](#top)")
+    assert _from_results_folder(text) == (
+        "![h](results/seed003_anogan_histogram.png) "
+        "[r](results/synthetic128/efficient_gan/report.md) "
+        "[w](https://x.org/a) [t](#top)"
+    )
 
 
 @pytest.mark.slow
@@ -121,18 +165,50 @@ def test_quality_benchmark_on_a_new_folder_trains_evaluates_exports_and_resumes(
 
     data = tmp_path / "parts"
     synthesize_dataset(data, size=32, n_train=16, n_test_good=4, n_test_bad=4, seed=1)
-    env = {**__import__("os").environ, "GANSPECT_BENCH_RESULTS": str(tmp_path / "results"),
-           "GANSPECT_BENCH_RUNS": str(tmp_path / "runs")}
-    command = [sys.executable, "benchmarks/quality.py", "--data", str(data), "--seeds", "0", "--tag", "tiny",
-               "--set", "model.image_size=32", "--set", "model.latent_stride=4", "--set", "model.latent_dim=8",
-               "--set", "model.base_width=8", "--set", "model.head_width=4", "--set", "train.steps=3",
-               "--set", "train.batch_size=4"]
+    env = {
+        **__import__("os").environ,
+        "GANSPECT_BENCH_RESULTS": str(tmp_path / "results"),
+        "GANSPECT_BENCH_RUNS": str(tmp_path / "runs"),
+    }
+    command = [
+        sys.executable,
+        "benchmarks/quality.py",
+        "--data",
+        str(data),
+        "--seeds",
+        "0",
+        "--tag",
+        "tiny",
+        "--set",
+        "model.image_size=32",
+        "--set",
+        "model.latent_stride=4",
+        "--set",
+        "model.latent_dim=8",
+        "--set",
+        "model.base_width=8",
+        "--set",
+        "model.head_width=4",
+        "--set",
+        "train.steps=3",
+        "--set",
+        "train.batch_size=4",
+    ]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = (tmp_path / "results" / "quality_tiny.md").read_text(encoding="utf-8")
-    for row in ("image AUROC", "image AUPRC", "pixel AUROC", "F1 at the held-out threshold",
-                "best F1 on the test set (information only)", "image AUROC, scratch", "training wall time (min)", "INT8 ms per tile, 1 thread",
-                "INT8 ms per 256x256 region, 1 thread", "INT8 ms per 32x32 frame, 1 thread"):
+    for row in (
+        "image AUROC",
+        "image AUPRC",
+        "pixel AUROC",
+        "F1 at the held-out threshold",
+        "best F1 on the test set (information only)",
+        "image AUROC, scratch",
+        "training wall time (min)",
+        "INT8 ms per tile, 1 thread",
+        "INT8 ms per 256x256 region, 1 thread",
+        "INT8 ms per 32x32 frame, 1 thread",
+    ):
         assert re.search(rf"^\| {re.escape(row)} \| \d+\.\d+ ± \d+\.\d+ \| [\d.]+ \|$", text, re.MULTILINE), row
     # A few steps cannot make a model the INT8 guard accepts: the table says so instead of failing.
     assert re.search(r"^\| INT8 accuracy guard \| [01] of 1 passed \|", text, re.MULTILINE)

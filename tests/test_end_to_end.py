@@ -15,7 +15,7 @@ from ganspect.edge.manifest import load_bundle
 from ganspect.export.bundle import export_run
 from ganspect.train.config import config_from_dict
 from ganspect.train.loop import train
-from ganspect.train.synth import write_conveyor_video, synthesize_dataset
+from ganspect.train.synth import synthesize_dataset, write_conveyor_video
 
 SCHEMA = json.loads((Path(ganspect.edge.__file__).parent / "schemas" / "verdict.schema.json").read_text())
 N_PARTS = 8
@@ -25,17 +25,21 @@ N_PARTS = 8
 def tiny_trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("e2e")
     synthesize_dataset(root / "data", size=32, n_train=24, n_test_good=4, n_test_bad=4, seed=3)
-    config = config_from_dict({
-        "model": {"image_size": 32, "channels": 3, "base_width": 8, "latent_dim": 16},
-        "train": {"steps": 12, "batch_size": 8, "checkpoint_every": 12, "log_every": 4},
-        "data": {"holdout": 0.25},
-    }, source="test")
+    config = config_from_dict(
+        {
+            "model": {"image_size": 32, "channels": 3, "base_width": 8, "latent_dim": 16},
+            "train": {"steps": 12, "batch_size": 8, "checkpoint_every": 12, "log_every": 4},
+            "data": {"holdout": 0.25},
+        },
+        source="test",
+    )
     train(config, data=root / "data", out=root / "run")
     return export_run(root / "run", root / "bundle")
 
 
 def test_trained_model_runs_on_the_edge_and_every_frame_reaches_the_subscriber(
-        tiny_trained_bundle, mosquitto_broker, mqtt_subscriber, make_edge_config, ganspect_cli, tmp_path):
+    tiny_trained_bundle, mosquitto_broker, mqtt_subscriber, make_edge_config, ganspect_cli, tmp_path
+):
     bundle = load_bundle(tiny_trained_bundle)
     video = tmp_path / "conveyor.avi"
     parts = write_conveyor_video(video, n_parts=N_PARTS, defect_rate=0.25, seed=5)
@@ -54,5 +58,4 @@ def test_trained_model_runs_on_the_edge_and_every_frame_reaches_the_subscriber(
     assert [v["part_id"] for v in verdicts] == [f"conveyor:{p.frame_index}" for p in parts]
     assert {v["model"]["sha256"] for v in verdicts} == {bundle.manifest.model_file().sha256}
     assert {v["threshold"]["value"] for v in verdicts} == {bundle.manifest.model_file().threshold}
-    assert all(v["evaluation"]["state"] == ("NG" if v["score"] > v["threshold"]["value"] else "OK")
-               for v in verdicts)
+    assert all(v["evaluation"]["state"] == ("NG" if v["score"] > v["threshold"]["value"] else "OK") for v in verdicts)

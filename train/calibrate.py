@@ -29,17 +29,26 @@ class Scored:
     when the images differ in size) and the per-image values are those of the worst tile.
     """
 
-    score: np.ndarray      # (N,) the model's score, as its forward
-    l_r: np.ndarray        # (N,)
-    l_d: np.ndarray        # (N,)
-    residual: np.ndarray   # (N, H, W) smoothed residual before dividing by heatmap_scale
-    heatmap: np.ndarray    # (N, H, W) residual / heatmap_scale, as the model's forward
+    score: np.ndarray  # (N,) the model's score, as its forward
+    l_r: np.ndarray  # (N,)
+    l_d: np.ndarray  # (N,)
+    residual: np.ndarray  # (N, H, W) smoothed residual before dividing by heatmap_scale
+    heatmap: np.ndarray  # (N, H, W) residual / heatmap_scale, as the model's forward
     recon: np.ndarray | None = None  # (N, H, W, C) uint8 reconstructions, when asked for (keep_recon)
 
 
-def score_images(model: ScoringModel, images: np.ndarray, batch_size: int = 64,
-                 device: str | torch.device = "cpu", scoring: str = "model", search_steps: int = 500,
-                 search_lr: float = 0.05, seed: int = 0, progress: bool = False, keep_recon: bool = False) -> Scored:
+def score_images(
+    model: ScoringModel,
+    images: np.ndarray,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    scoring: str = "model",
+    search_steps: int = 500,
+    search_lr: float = 0.05,
+    seed: int = 0,
+    progress: bool = False,
+    keep_recon: bool = False,
+) -> Scored:
     """Score uint8 (N, H, W, C) images with the model in eval mode.
 
     scoring "model" is the model's own one-pass `score_parts` (what `forward` and the
@@ -65,7 +74,7 @@ def score_images(model: ScoringModel, images: np.ndarray, batch_size: int = 64,
         bar = progress_bar(len(images), desc=f"latent search ({search_steps} steps)", unit="image")
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(images[start:start + batch_size]).to(device)
+            batch = torch.from_numpy(images[start : start + batch_size]).to(device)
             x = model.normalise(batch)
             if scoring == "search":
                 parts = model.search(x, steps=search_steps, lr=search_lr, generator=gen).parts  # type: ignore[operator]
@@ -80,14 +89,23 @@ def score_images(model: ScoringModel, images: np.ndarray, batch_size: int = 64,
             out["residual"].append(raw_map.cpu().numpy())
             out["heatmap"].append((raw_map / model.heatmap_scale).cpu().numpy())
             if keep_recon:
-                recons.append(((parts.recon + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-                              .permute(0, 2, 3, 1).cpu().numpy())
+                recons.append(
+                    ((parts.recon + 1.0) * 127.5)
+                    .round()
+                    .clamp(0, 255)
+                    .to(torch.uint8)
+                    .permute(0, 2, 3, 1)
+                    .cpu()
+                    .numpy()
+                )
     if bar is not None:
         bar.close()
     model.train(was_training)
     h, w = images.shape[1:3]
-    cat = {k: np.concatenate(v) if v else np.zeros((0, h, w) if k in ("residual", "heatmap") else (0,), np.float32)
-           for k, v in out.items()}
+    cat = {
+        k: np.concatenate(v) if v else np.zeros((0, h, w) if k in ("residual", "heatmap") else (0,), np.float32)
+        for k, v in out.items()
+    }
     return Scored(**cat, recon=np.concatenate(recons) if keep_recon and recons else None)
 
 
@@ -101,11 +119,18 @@ def tile_origins(height: int, width: int, size: int, overlap: int) -> list[tuple
 def cut_tiles(image: np.ndarray, size: int, overlap: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """The model-sized tiles (T, S, S, C) of a native-size image and their origins, as the edge cuts them."""
     origins = tile_origins(image.shape[0], image.shape[1], size, overlap)
-    return np.stack([image[y:y + size, x:x + size] for y, x in origins]), origins
+    return np.stack([image[y : y + size, x : x + size] for y, x in origins]), origins
 
 
-def score_tiled(model: ScoringModel, images: Any, overlap: int, batch_size: int = 64,
-                device: str | torch.device = "cpu", keep_recon: bool = False, progress: str | None = None) -> Scored:
+def score_tiled(
+    model: ScoringModel,
+    images: Any,
+    overlap: int,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    keep_recon: bool = False,
+    progress: str | None = None,
+) -> Scored:
     """Score native-size uint8 images (N, H, W, C) or a list of (H_i, W_i, C) tile by tile, as the edge does.
 
     Each image is cut into model-sized tiles sharing `overlap` pixels; the image's score
@@ -132,7 +157,7 @@ def score_tiled(model: ScoringModel, images: Any, overlap: int, batch_size: int 
         if keep_recon and part.recon is not None:
             recon = np.zeros_like(image)
             for (y, x), tile in zip(origins, part.recon):
-                recon[y:y + size, x:x + size] = tile
+                recon[y : y + size, x : x + size] = tile
             recons.append(recon)
         if bar is not None:
             bar.update(1)
@@ -140,16 +165,24 @@ def score_tiled(model: ScoringModel, images: Any, overlap: int, batch_size: int 
         bar.close()
     from ganspect.train.data import stack_if_uniform
 
-    return Scored(**{k: np.asarray(v, np.float32) for k, v in values.items()},
-                  residual=stack_if_uniform(residuals), heatmap=stack_if_uniform(heatmaps),
-                  recon=stack_if_uniform(recons) if keep_recon else None)
+    return Scored(
+        **{k: np.asarray(v, np.float32) for k, v in values.items()},
+        residual=stack_if_uniform(residuals),
+        heatmap=stack_if_uniform(heatmaps),
+        recon=stack_if_uniform(recons) if keep_recon else None,
+    )
 
 
 def score_framed(model: ScoringModel, images: Any, tiles: bool, overlap: int, **kwargs: Any) -> Scored:
     """`score_tiled` for native images (tiling mode tiles), `score_images` for model-sized ones."""
     if tiles:
-        return score_tiled(model, images, overlap, progress=f"scoring {len(images)} images in tiles",
-                           **{k: v for k, v in kwargs.items() if k in ("batch_size", "device", "keep_recon")})
+        return score_tiled(
+            model,
+            images,
+            overlap,
+            progress=f"scoring {len(images)} images in tiles",
+            **{k: v for k, v in kwargs.items() if k in ("batch_size", "device", "keep_recon")},
+        )
     return score_images(model, images, **kwargs)
 
 
@@ -162,8 +195,11 @@ def normal_quantile_threshold(scores: np.ndarray, nu: float) -> float:
 
 def heatmap_scale(residuals: np.ndarray, quantile: float) -> float:
     """The `quantile` quantile of all residual pixels (1.0 = max); never below a tiny positive floor."""
-    pixels = (np.concatenate([np.ravel(r) for r in residuals]) if isinstance(residuals, list)
-              else np.asarray(residuals).ravel())
+    pixels = (
+        np.concatenate([np.ravel(r) for r in residuals])
+        if isinstance(residuals, list)
+        else np.asarray(residuals).ravel()
+    )
     value = float(np.max(pixels)) if quantile >= 1.0 else float(np.quantile(pixels.astype(np.float64), quantile))
     return max(value, 1e-6)
 
@@ -196,8 +232,9 @@ class Calibration:
         }
 
 
-def threshold_confidence(normal_scores: np.ndarray, threshold: float, nu: float, seed: int = 0,
-                         resamples: int = 2000) -> dict[str, float]:
+def threshold_confidence(
+    normal_scores: np.ndarray, threshold: float, nu: float, seed: int = 0, resamples: int = 2000
+) -> dict[str, float]:
     """How far a threshold from n held-out normals can be trusted, in the two ways a line needs it.
 
     - false alarms: k of the n normals score above it; the one-sided 95 % Clopper-Pearson
@@ -214,12 +251,18 @@ def threshold_confidence(normal_scores: np.ndarray, threshold: float, nu: float,
     upper = float(beta.ppf(0.95, above + 1, n - above)) if above < n else 1.0
     rng = np.random.default_rng(seed)
     boot = np.quantile(scores[rng.integers(0, n, (resamples, n))], 1.0 - nu, axis=1)
-    return {"held_out_above": above, "false_alarm_rate_held_out": above / n, "false_alarm_rate_upper_95": upper,
-            "threshold_p05": float(np.quantile(boot, 0.05)), "threshold_p95": float(np.quantile(boot, 0.95))}
+    return {
+        "held_out_above": above,
+        "false_alarm_rate_held_out": above / n,
+        "false_alarm_rate_upper_95": upper,
+        "threshold_p05": float(np.quantile(boot, 0.05)),
+        "threshold_p95": float(np.quantile(boot, 0.95)),
+    }
 
 
-def choose_threshold(normal_scores: np.ndarray, nu: float, method: str = "normal_quantile",
-                     anomaly_scores: np.ndarray | None = None) -> float:
+def choose_threshold(
+    normal_scores: np.ndarray, nu: float, method: str = "normal_quantile", anomaly_scores: np.ndarray | None = None
+) -> float:
     """The decision threshold (score > threshold = NG) by `method`: normal_quantile or f1_optimal."""
     if method == "normal_quantile":
         return normal_quantile_threshold(normal_scores, nu)
@@ -241,8 +284,9 @@ SPREAD_FLOOR = 0.1
 HOT_SHARE = 0.05
 
 
-def _calibrate_pixels(model: ScoringModel, images: np.ndarray, batch_size: int, device: str | torch.device
-                      ) -> tuple[Scored, dict[str, Any]]:
+def _calibrate_pixels(
+    model: ScoringModel, images: np.ndarray, batch_size: int, device: str | torch.device
+) -> tuple[Scored, dict[str, Any]]:
     """Set the model's per-pixel mean and spread from held-out normals; return their leave-one-out scores.
 
     Each image's own map is left out of the statistics it is normalised with, so that
@@ -259,10 +303,10 @@ def _calibrate_pixels(model: ScoringModel, images: np.ndarray, batch_size: int, 
         raise ValueError(f"per-pixel calibration needs at least 3 held-out normals, got {n}")
     total, squares = maps.sum(axis=0), np.square(maps).sum(axis=0)
     mean = total / n
-    spread = np.sqrt(np.maximum(squares / n - mean ** 2, 0.0))
+    spread = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
     floor = max(SPREAD_FLOOR * float(np.median(spread)), 1e-6)
     loo_mean = (total - maps) / (n - 1)
-    loo_spread = np.sqrt(np.maximum((squares - np.square(maps)) / (n - 1) - loo_mean ** 2, 0.0))
+    loo_spread = np.sqrt(np.maximum((squares - np.square(maps)) / (n - 1) - loo_mean**2, 0.0))
     z = ((maps - loo_mean) / np.maximum(loo_spread, floor)).astype(np.float32)
     peaks = z.reshape(n, -1).max(axis=1)
     lam = model.cfg.lambda_
@@ -274,18 +318,31 @@ def _calibrate_pixels(model: ScoringModel, images: np.ndarray, batch_size: int, 
         return float(hot.ravel()[flat].mean())
 
     before, after = on_hot(maps), on_hot(z)
-    report = {"spread_floor": floor, "peaks_on_hot_pixels_before": before, "peaks_on_hot_pixels_after": after,
-              "hot_share": HOT_SHARE,
-              "helps": bool(before >= 0.25 and after < before / 2)}
+    report = {
+        "spread_floor": floor,
+        "peaks_on_hot_pixels_before": before,
+        "peaks_on_hot_pixels_after": after,
+        "hot_share": HOT_SHARE,
+        "helps": bool(before >= 0.25 and after < before / 2),
+    }
     model.pixel_mean.copy_(torch.from_numpy(mean.astype(np.float32)))
     model.pixel_spread.copy_(torch.from_numpy(np.maximum(spread, floor).astype(np.float32)))
     return Scored(score=score.astype(np.float32), l_r=peaks, l_d=raw.l_d, residual=z, heatmap=z), report
 
 
-def calibrate(model: ScoringModel, normal_images: Any, nu: float, quantile: float,
-              batch_size: int = 64, device: str | torch.device = "cpu", anomaly_images: Any = None,
-              method: str = "normal_quantile", tiles: bool = False, overlap: int = 0,
-              per_pixel: bool = False) -> Calibration:
+def calibrate(
+    model: ScoringModel,
+    normal_images: Any,
+    nu: float,
+    quantile: float,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    anomaly_images: Any = None,
+    method: str = "normal_quantile",
+    tiles: bool = False,
+    overlap: int = 0,
+    per_pixel: bool = False,
+) -> Calibration:
     """Compute threshold and heatmap scale on held-out normals and store them in the model's buffers.
 
     With `tiles`, the images are native-size and scored tile by tile as the edge scores them.
@@ -301,8 +358,7 @@ def calibrate(model: ScoringModel, normal_images: Any, nu: float, quantile: floa
     if method == "f1_optimal":
         if anomaly_images is None:
             raise ValueError("the f1_optimal threshold needs labelled anomalous images")
-        anomaly_scores = score_framed(model, anomaly_images, tiles, overlap, batch_size=batch_size,
-                                      device=device).score
+        anomaly_scores = score_framed(model, anomaly_images, tiles, overlap, batch_size=batch_size, device=device).score
     threshold = choose_threshold(scored.score, nu, method, anomaly_scores)
     cal = Calibration(
         threshold=threshold,

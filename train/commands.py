@@ -25,19 +25,31 @@ def _run_synth(args: argparse.Namespace) -> int:
     from ganspect.train.synth import synthesize_dataset
 
     summary = synthesize_dataset(
-        args.out, size=args.size, n_train=args.n_train, n_test_good=args.n_test_good,
-        n_test_bad=args.n_test_bad, seed=args.seed,
+        args.out,
+        size=args.size,
+        n_train=args.n_train,
+        n_test_good=args.n_test_good,
+        n_test_bad=args.n_test_bad,
+        seed=args.seed,
     )
     print(f"wrote {sum(summary.values())} images to {args.out}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
 
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, required=True, help="training config YAML, e.g. configs/train/efficient_gan.yaml")
+    p.add_argument(
+        "--config", type=Path, required=True, help="training config YAML, e.g. configs/train/efficient_gan.yaml"
+    )
     p.add_argument("--data", type=Path, required=True, help="MVTec-layout data set or a folder of normal images")
     p.add_argument("--out", type=Path, required=True, help="run folder for checkpoints, config and calibration")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a config value (YAML syntax), e.g. --set train.steps=200; repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config value (YAML syntax), e.g. --set train.steps=200; repeatable",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
 
 
@@ -52,13 +64,22 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run folder written by `ganspect train`")
-    p.add_argument("--data", type=Path, default=None,
-                   help="MVTec-layout data set with a test/ folder (default: the data set the run was trained on)")
-    p.add_argument("--scoring", choices=("encoder", "search"), default="encoder",
-                   help="encoder = the one-pass forward that is exported (default; the only one for Efficient GAN); "
-                        "search = AnoGAN's latent search (anogan.search_steps per image: slow)")
-    p.add_argument("--no-report", dest="report", action="store_false",
-                   help="write metrics only, no report/ folder with figures")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="MVTec-layout data set with a test/ folder (default: the data set the run was trained on)",
+    )
+    p.add_argument(
+        "--scoring",
+        choices=("encoder", "search"),
+        default="encoder",
+        help="encoder = the one-pass forward that is exported (default; the only one for Efficient GAN); "
+        "search = AnoGAN's latent search (anogan.search_steps per image: slow)",
+    )
+    p.add_argument(
+        "--no-report", dest="report", action="store_false", help="write metrics only, no report/ folder with figures"
+    )
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -74,8 +95,12 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _configure_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", type=Path, default=Path("work/demo"),
-                   help="where data, run, bundle, video and verdict log go (default work/demo)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("work/demo"),
+        help="where data, run, bundle, video and verdict log go (default work/demo)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes, about two minutes: a smoke test of an install")
     p.add_argument("--broker", default="127.0.0.1:1883", help="MQTT broker HOST:PORT (default 127.0.0.1:1883)")
     p.add_argument("--headless", action="store_true", help="never open the operator window")
@@ -88,9 +113,17 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(workdir=args.workdir, quick=args.quick, broker=args.broker, headless=args.headless, seed=args.seed)
 
 
-SYNTH = Command("write synthetic machined parts with defects and masks (MVTec AD layout)",
-                _configure_synth, _run_synth, extra="train")
+SYNTH = Command(
+    "write synthetic machined parts with defects and masks (MVTec AD layout)",
+    _configure_synth,
+    _run_synth,
+    extra="train",
+)
 TRAIN = Command("train a model on normal images", _configure_train, _run_train, extra="train")
 EVAL = Command("evaluate a run on a test set and write metrics.json", _configure_eval, _run_eval, extra="train")
-DEMO = Command("synthesize parts, train, evaluate, export and run the edge daemon on a simulated conveyor",
-               _configure_demo, _run_demo, extra="train")
+DEMO = Command(
+    "synthesize parts, train, evaluate, export and run the edge daemon on a simulated conveyor",
+    _configure_demo,
+    _run_demo,
+    extra="train",
+)

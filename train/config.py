@@ -23,39 +23,57 @@ class _Section(BaseModel):
 
 class ModelSection(_Section):
     kind: Literal["efficient_gan", "anogan"] = Field(
-        "efficient_gan", description="Model family: efficient_gan (BiGAN with encoder) or anogan (DCGAN, "
-        "latent search, plus a one-pass encoder trained afterwards; see the anogan section).")
+        "efficient_gan",
+        description="Model family: efficient_gan (BiGAN with encoder) or anogan (DCGAN, "
+        "latent search, plus a one-pass encoder trained afterwards; see the anogan section).",
+    )
     image_size: int = Field(64, description="Square input side in pixels: a power of two from 32 to 256.")
     channels: Literal[1, 3] = Field(3, description="1 = grayscale, 3 = colour (BGR, as OpenCV reads it).")
     latent_dim: int = Field(64, ge=2, le=1024, description="Size of the latent code z = E(x).")
     base_width: int = Field(16, ge=4, le=256, description="Feature maps of the first conv stage; doubles per stage.")
-    lambda_: float = Field(0.1, alias="lambda", ge=0.0, le=1.0,
-                           description="Score weight: A(x) = (1 - lambda) * L_R + lambda * L_D.")
+    lambda_: float = Field(
+        0.1, alias="lambda", ge=0.0, le=1.0, description="Score weight: A(x) = (1 - lambda) * L_R + lambda * L_D."
+    )
     discrimination: Literal["feature_matching", "cross_entropy"] = Field(
-        "feature_matching", description="L_D: feature_matching = mean |f_D(x, E(x)) - f_D(G(E(x)), E(x))| over "
+        "feature_matching",
+        description="L_D: feature_matching = mean |f_D(x, E(x)) - f_D(G(E(x)), E(x))| over "
         "D's joint features; cross_entropy = BCE(D(x, E(x)), real) (Efficient GAN only; AnoGAN always "
-        "feature-matches).")
+        "feature-matches).",
+    )
     residual_reduction: Literal["peak", "mean"] = Field(
-        "peak", description="L_R from the per-pixel residual: peak = max of the smoothed residual (local defects), "
-        "mean = the papers' mean absolute residual (whole-image anomalies such as another MNIST digit).")
+        "peak",
+        description="L_R from the per-pixel residual: peak = max of the smoothed residual (local defects), "
+        "mean = the papers' mean absolute residual (whole-image anomalies such as another MNIST digit).",
+    )
     heatmap_sigma: float | None = Field(
-        None, ge=0.0, description="Gaussian smoothing of the heatmap in pixels; null = image_size / 32 (2 px at 64).")
+        None, ge=0.0, description="Gaussian smoothing of the heatmap in pixels; null = image_size / 32 (2 px at 64)."
+    )
     norm: Literal["batch", "group", "none"] = Field(
-        "batch", description="Normalisation in E and G; their BatchNorm statistics are re-estimated after training.")
+        "batch", description="Normalisation in E and G; their BatchNorm statistics are re-estimated after training."
+    )
     spectral_norm: bool = Field(True, description="Spectral normalisation on D's layers (stabilises the GAN).")
     d_dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout in D during training (BiGAN practice).")
     latent: Literal["vector", "spatial"] = Field(
-        "vector", description="vector = one latent_dim code per image (the papers); spatial = a map of codes, one "
-        "per latent_stride x latent_stride cell: fully convolutional, keeps the detail of textured parts.")
-    latent_stride: int = Field(8, description="Spatial latent only: image pixels per latent cell (power of two, "
-                               "2 to 32, at most image_size / 4).")
+        "vector",
+        description="vector = one latent_dim code per image (the papers); spatial = a map of codes, one "
+        "per latent_stride x latent_stride cell: fully convolutional, keeps the detail of textured parts.",
+    )
+    latent_stride: int = Field(
+        8,
+        description="Spatial latent only: image pixels per latent cell (power of two, "
+        "2 to 32, at most image_size / 4).",
+    )
     segmentation_head: bool = Field(
-        False, description="A small defect-segmentation network on (x, G(E(x)), |x - G(E(x))|), trained to mark "
-        "the pseudo-defects painted on normal images (train.pseudo_defects); Efficient GAN only.")
+        False,
+        description="A small defect-segmentation network on (x, G(E(x)), |x - G(E(x))|), trained to mark "
+        "the pseudo-defects painted on normal images (train.pseudo_defects); Efficient GAN only.",
+    )
     head_width: int = Field(8, ge=2, le=64, description="Feature maps of the segmentation head's first stage.")
     scoring: Literal["residual", "segmentation"] = Field(
-        "residual", description="Where score and heatmap come from: residual = A(x) = (1 - lambda) L_R + lambda L_D "
-        "and the smoothed residual; segmentation = the peak of the head's smoothed defect map, and that map.")
+        "residual",
+        description="Where score and heatmap come from: residual = A(x) = (1 - lambda) L_R + lambda L_D "
+        "and the smoothed residual; segmentation = the peak of the head's smoothed defect map, and that map.",
+    )
 
     @field_validator("image_size")
     @classmethod
@@ -70,10 +88,13 @@ class ModelSection(_Section):
             raise ValueError("discrimination: AnoGAN scores with feature_matching only")
         if self.scoring == "segmentation" and not self.segmentation_head:
             raise ValueError("scoring: segmentation needs segmentation_head: true")
-        if self.latent == "spatial" and (self.latent_stride not in (2, 4, 8, 16, 32)
-                                         or self.latent_stride > self.image_size // 4):
-            raise ValueError(f"latent_stride: a power of two from 2 to 32 and at most image_size / 4 is needed, "
-                             f"got {self.latent_stride}")
+        if self.latent == "spatial" and (
+            self.latent_stride not in (2, 4, 8, 16, 32) or self.latent_stride > self.image_size // 4
+        ):
+            raise ValueError(
+                f"latent_stride: a power of two from 2 to 32 and at most image_size / 4 is needed, "
+                f"got {self.latent_stride}"
+            )
         if self.kind == "anogan" and (self.latent == "spatial" or self.segmentation_head):
             raise ValueError("latent: spatial and segmentation_head are Efficient GAN settings")
         return self
@@ -83,119 +104,187 @@ class AugmentSection(_Section):
     hflip: bool = Field(False, description="Random horizontal flips (only if a mirrored part is still a good part).")
     vflip: bool = Field(False, description="Random vertical flips (same caveat as hflip).")
     shift: int = Field(2, ge=0, le=32, description="Random shift of up to this many pixels (edge pixels repeated).")
-    rotation: float = Field(0.0, ge=0.0, le=45.0,
-                            description="Random rotation of up to +/- this many degrees about the centre.")
+    rotation: float = Field(
+        0.0, ge=0.0, le=45.0, description="Random rotation of up to +/- this many degrees about the centre."
+    )
     brightness: float = Field(0.05, ge=0.0, le=0.5, description="Random brightness change of up to +/- this fraction.")
-    contrast: float = Field(0.0, ge=0.0, le=0.5,
-                            description="Random contrast change of up to +/- this fraction (about mid-grey).")
+    contrast: float = Field(
+        0.0, ge=0.0, le=0.5, description="Random contrast change of up to +/- this fraction (about mid-grey)."
+    )
 
 
 class TilingSection(_Section):
     """How an image (a camera frame) reaches the model: the one definition the trainer and the edge share."""
 
     mode: Literal["resize", "tiles"] = Field(
-        "resize", description="resize = the image (its ROI) is resized to image_size x image_size; tiles = one "
+        "resize",
+        description="resize = the image (its ROI) is resized to image_size x image_size; tiles = one "
         "image pixel is one model pixel: training takes random image_size crops, evaluation and the edge cut the "
-        "ROI into image_size tiles and stitch their heatmaps (the larger value where tiles overlap).")
-    overlap: int = Field(16, ge=0, description="tiles: pixels shared by neighbouring tiles (the last tile of a row "
-                         "or column is flush with the ROI's edge).")
-    roi: RoiConfig | None = Field(None, description="Region of every image to inspect (the station's "
-                                  "inspection.roi, in frame pixels); null = the whole image.")
+        "ROI into image_size tiles and stitch their heatmaps (the larger value where tiles overlap).",
+    )
+    overlap: int = Field(
+        16,
+        ge=0,
+        description="tiles: pixels shared by neighbouring tiles (the last tile of a row "
+        "or column is flush with the ROI's edge).",
+    )
+    roi: RoiConfig | None = Field(
+        None,
+        description="Region of every image to inspect (the station's "
+        "inspection.roi, in frame pixels); null = the whole image.",
+    )
 
 
 class DataSection(_Section):
-    holdout: float = Field(0.15, gt=0.0, lt=0.9,
-                           description="Share of the normal training images held out (never trained on) for calibration.")
+    holdout: float = Field(
+        0.15,
+        gt=0.0,
+        lt=0.9,
+        description="Share of the normal training images held out (never trained on) for calibration.",
+    )
     augment: AugmentSection = Field(default_factory=AugmentSection, description="Training-time augmentation.")
 
 
 class TrainSection(_Section):
-    steps: int = Field(1000, ge=1, description="Optimisation steps of the GAN (one batch each for D and for "
-                       "E+G, or G for AnoGAN); AnoGAN's encoder steps come after (anogan.encoder_steps).")
+    steps: int = Field(
+        1000,
+        ge=1,
+        description="Optimisation steps of the GAN (one batch each for D and for "
+        "E+G, or G for AnoGAN); AnoGAN's encoder steps come after (anogan.encoder_steps).",
+    )
     batch_size: int = Field(16, ge=2, le=1024, description="Images per step.")
     lr: float = Field(5e-4, gt=0.0, description="Adam learning rate for E and G.")
     lr_d: float = Field(5e-4, gt=0.0, description="Adam learning rate for D.")
     beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam beta1 (0.5 as in DCGAN/BiGAN).")
     recon_weight: float = Field(
-        100.0, ge=0.0,
+        100.0,
+        ge=0.0,
         description="Efficient GAN: weight of an explicit L1 term |x - G(E(x))| in the E+G loss; 0 = pure BiGAN "
-        "losses. AnoGAN ignores it (its G never sees real images).")
+        "losses. AnoGAN ignores it (its G never sees real images).",
+    )
     seed: int = Field(0, description="Seed for torch, numpy and python; also chooses the held-out images.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available, else CPU.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; null = torch's default.")
     checkpoint_every: int = Field(500, ge=1, description="Write out/checkpoints/last.pt every this many steps.")
     log_every: int = Field(25, ge=1, description="Append losses to out/losses.csv every this many steps.")
     ema_decay: float = Field(
-        0.999, ge=0.0, lt=1.0,
+        0.999,
+        ge=0.0,
+        lt=1.0,
         description="Exponential moving average of the weights, used for scoring, calibration and export "
-        "(the reference implementation scores with 0.999); 0 = score with the last weights.")
+        "(the reference implementation scores with 0.999); 0 = score with the last weights.",
+    )
     validate_every: int = Field(
-        0, ge=0, description="Every this many steps, the mean residual of the held-out normals (validation "
-        "loss, written to losses.csv); 0 = never. Only normal data: the test set is never looked at.")
+        0,
+        ge=0,
+        description="Every this many steps, the mean residual of the held-out normals (validation "
+        "loss, written to losses.csv); 0 = never. Only normal data: the test set is never looked at.",
+    )
     keep: Literal["last", "best"] = Field(
-        "last", description="Weights to keep: last = at the final step; best = at the lowest validation loss "
-        "(needs validate_every > 0).")
+        "last",
+        description="Weights to keep: last = at the final step; best = at the lowest validation loss "
+        "(needs validate_every > 0).",
+    )
     early_stop_patience: int | None = Field(
-        None, ge=1, description="Stop after this many validations without improvement; null = never "
-        "(needs validate_every > 0).")
+        None,
+        ge=1,
+        description="Stop after this many validations without improvement; null = never (needs validate_every > 0).",
+    )
     adversarial_weight: float = Field(
-        1.0, ge=0.0, description="Efficient GAN: weight of the BiGAN losses in the E+G loss; 0 = no adversarial "
-        "game (D is not trained, L_D is then meaningless).")
+        1.0,
+        ge=0.0,
+        description="Efficient GAN: weight of the BiGAN losses in the E+G loss; 0 = no adversarial "
+        "game (D is not trained, L_D is then meaningless).",
+    )
     segmentation_weight: float = Field(1.0, ge=0.0, description="Weight of the segmentation head's focal loss.")
     grad_clip: float | None = Field(
-        None, gt=0.0, description="Clip the gradient norm of the E+G (+ head) update at this value; null = never. "
-        "Against the rare loss spikes a bad batch can set off.")
+        None,
+        gt=0.0,
+        description="Clip the gradient norm of the E+G (+ head) update at this value; null = never. "
+        "Against the rare loss spikes a bad batch can set off.",
+    )
 
 
 class PseudoDefectSection(_Section):
-    enabled: bool = Field(False, description="Paint synthetic defects on training images: E and G learn to restore "
-                          "the clean image, the segmentation head (model.segmentation_head) learns to mark them.")
+    enabled: bool = Field(
+        False,
+        description="Paint synthetic defects on training images: E and G learn to restore "
+        "the clean image, the segmentation head (model.segmentation_head) learns to mark them.",
+    )
     probability: float = Field(0.5, gt=0.0, le=1.0, description="Share of the training images that get a defect.")
     kinds: list[Literal["perlin", "cutpaste", "scratch"]] = Field(
-        ["perlin", "cutpaste", "scratch"], min_length=1,
+        ["perlin", "cutpaste", "scratch"],
+        min_length=1,
         description="perlin = Perlin-noise blobs filled with grey, noise or another image's texture; cutpaste = a "
-        "patch of the image moved elsewhere; scratch = thin lines and cracks.")
+        "patch of the image moved elsewhere; scratch = thin lines and cracks.",
+    )
 
 
 class AnoGANSection(_Section):
     encoder_steps: int = Field(
-        1000, ge=0, description="Steps of encoder training after the GAN (G and D frozen; izi_f loss); "
-        "the one-pass scoring and the export use this encoder.")
+        1000,
+        ge=0,
+        description="Steps of encoder training after the GAN (G and D frozen; izi_f loss); "
+        "the one-pass scoring and the export use this encoder.",
+    )
     encoder_lr: float = Field(1e-3, gt=0.0, description="Adam learning rate for the encoder.")
     encoder_kappa: float = Field(
-        1.0, ge=0.0, description="Weight of D's feature distance in the encoder loss "
-        "mean |x - G(E(x))| + kappa * mean |f(x) - f(G(E(x)))|.")
+        1.0,
+        ge=0.0,
+        description="Weight of D's feature distance in the encoder loss "
+        "mean |x - G(E(x))| + kappa * mean |f(x) - f(G(E(x)))|.",
+    )
     search_steps: int = Field(500, ge=1, description="Gradient steps on z per image for latent-search scoring.")
     search_lr: float = Field(0.05, gt=0.0, description="Adam learning rate on z in the latent search.")
 
 
 class OCNNSection(_Section):
-    enabled: bool = Field(False, description="Train a one-class network (OC-NN, seed 004) on the encoder's frozen "
-                          "latent codes after training; eval reports its score beside the GAN's.")
-    nu: float = Field(0.1, gt=0.0, lt=1.0, description="Share of training codes allowed outside the boundary; "
-                      "r is set to the nu-quantile of the outputs after each update.")
+    enabled: bool = Field(
+        False,
+        description="Train a one-class network (OC-NN, seed 004) on the encoder's frozen "
+        "latent codes after training; eval reports its score beside the GAN's.",
+    )
+    nu: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="Share of training codes allowed outside the boundary; "
+        "r is set to the nu-quantile of the outputs after each update.",
+    )
     hidden: int = Field(32, ge=1, le=4096, description="Hidden units of the OC-NN.")
     steps: int = Field(1000, ge=1, description="Full-batch Adam updates of the OC-NN.")
     lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of the OC-NN.")
 
 
 class CalibrationSection(_Section):
-    nu: float = Field(0.01, ge=0.0, lt=1.0,
-                      description="Tolerated false-alarm rate: threshold = (1 - nu) quantile of held-out normal scores.")
+    nu: float = Field(
+        0.01,
+        ge=0.0,
+        lt=1.0,
+        description="Tolerated false-alarm rate: threshold = (1 - nu) quantile of held-out normal scores.",
+    )
     heatmap_quantile: float = Field(
-        1.0, gt=0.0, le=1.0,
-        description="Quantile of all held-out normal smoothed residual pixels that maps to heatmap 1.0 (1.0 = max).")
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Quantile of all held-out normal smoothed residual pixels that maps to heatmap 1.0 (1.0 = max).",
+    )
     batch_size: int = Field(64, ge=1, description="Images per batch when scoring.")
     threshold: Literal["normal_quantile", "f1_optimal"] = Field(
-        "normal_quantile", description="normal_quantile = the (1 - nu) quantile of held-out normal scores; "
-        "f1_optimal = the F1-maximising cut between held-out normals and the labelled anomalies in `anomalies`.")
+        "normal_quantile",
+        description="normal_quantile = the (1 - nu) quantile of held-out normal scores; "
+        "f1_optimal = the F1-maximising cut between held-out normals and the labelled anomalies in `anomalies`.",
+    )
     anomalies: Path | None = Field(
-        None, description="Folder of labelled anomalous images for threshold: f1_optimal (never the test set).")
+        None, description="Folder of labelled anomalous images for threshold: f1_optimal (never the test set)."
+    )
     per_pixel: bool = Field(
-        False, description="Aligned parts (tiling.mode resize): the map becomes (map - mean) / spread per pixel, both "
+        False,
+        description="Aligned parts (tiling.mode resize): the map becomes (map - mean) / spread per pixel, both "
         "from the held-out normals and stored in the graph, so that rims and edges that are always there stop "
         "deciding the peak; the threshold comes from leave-one-out maps. Needs a peak score (residual_reduction: "
-        "peak, or scoring: segmentation).")
+        "peak, or scoring: segmentation).",
+    )
 
     @model_validator(mode="after")
     def _f1_needs_anomalies(self) -> CalibrationSection:
@@ -210,15 +299,20 @@ class TrainConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection, description="Network and score settings.")
     data: DataSection = Field(default_factory=DataSection, description="Held-out split and augmentation.")
     train: TrainSection = Field(default_factory=TrainSection, description="Optimisation settings.")
-    anogan: AnoGANSection = Field(default_factory=AnoGANSection,
-                                  description="AnoGAN only: encoder training and latent search.")
+    anogan: AnoGANSection = Field(
+        default_factory=AnoGANSection, description="AnoGAN only: encoder training and latent search."
+    )
     ocnn: OCNNSection = Field(default_factory=OCNNSection, description="Optional OC-NN head on the latent codes.")
-    calibration: CalibrationSection = Field(default_factory=CalibrationSection,
-                                            description="Threshold and heatmap scale from held-out normals.")
-    tiling: TilingSection = Field(default_factory=TilingSection,
-                                  description="How images reach the model (resize or native-pixel tiles), and the ROI.")
-    pseudo_defects: PseudoDefectSection = Field(default_factory=PseudoDefectSection,
-                                                description="Synthetic defects painted on training images.")
+    calibration: CalibrationSection = Field(
+        default_factory=CalibrationSection, description="Threshold and heatmap scale from held-out normals."
+    )
+    tiling: TilingSection = Field(
+        default_factory=TilingSection,
+        description="How images reach the model (resize or native-pixel tiles), and the ROI.",
+    )
+    pseudo_defects: PseudoDefectSection = Field(
+        default_factory=PseudoDefectSection, description="Synthetic defects painted on training images."
+    )
 
     @model_validator(mode="after")
     def _validation_needed(self) -> TrainConfig:
@@ -228,14 +322,20 @@ class TrainConfig(_Section):
         if self.model.segmentation_head and not self.pseudo_defects.enabled:
             raise ValueError("model.segmentation_head learns from painted defects: set pseudo_defects.enabled: true")
         if self.calibration.per_pixel and self.tiling.mode == "tiles":
-            raise ValueError("calibration.per_pixel is for aligned parts scored whole (tiling.mode: resize); a tile "
-                             "lands on other places of each image")
+            raise ValueError(
+                "calibration.per_pixel is for aligned parts scored whole (tiling.mode: resize); a tile "
+                "lands on other places of each image"
+            )
         if self.calibration.per_pixel and self.model.scoring == "residual" and self.model.residual_reduction != "peak":
-            raise ValueError("calibration.per_pixel needs a peak score: model.residual_reduction: peak or "
-                             "model.scoring: segmentation")
+            raise ValueError(
+                "calibration.per_pixel needs a peak score: model.residual_reduction: peak or "
+                "model.scoring: segmentation"
+            )
         if self.tiling.mode == "tiles" and self.tiling.overlap >= self.model.image_size:
-            raise ValueError(f"tiling.overlap {self.tiling.overlap} must be smaller than the "
-                             f"{self.model.image_size} px tiles (model.image_size)")
+            raise ValueError(
+                f"tiling.overlap {self.tiling.overlap} must be smaller than the "
+                f"{self.model.image_size} px tiles (model.image_size)"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

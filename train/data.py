@@ -83,8 +83,9 @@ def _read(path: Path, flags: int) -> np.ndarray:
     try:
         image = cv2.imdecode(data, flags) if data.size else None
     except cv2.error as exc:  # e.g. a header claiming more pixels than OpenCV will allocate
-        raise GanspectError(f"cannot decode image {path}: OpenCV refused it "
-                            f"({str(exc).strip().splitlines()[-1]})") from None
+        raise GanspectError(
+            f"cannot decode image {path}: OpenCV refused it ({str(exc).strip().splitlines()[-1]})"
+        ) from None
     if image is None:
         raise GanspectError(f"cannot decode image {path}: not a readable image file")
     return image
@@ -110,9 +111,10 @@ class Framing:
         if self.roi is not None:
             x, y, w, h = self.roi
             if x + w > image.shape[1] or y + h > image.shape[0]:
-                raise GanspectError(f"{path}: tiling.roi ({x},{y}) {w}x{h} does not fit in the "
-                                    f"{image.shape[1]}x{image.shape[0]} image")
-            image = image[y:y + h, x:x + w]
+                raise GanspectError(
+                    f"{path}: tiling.roi ({x},{y}) {w}x{h} does not fit in the {image.shape[1]}x{image.shape[0]} image"
+                )
+            image = image[y : y + h, x : x + w]
         if not self.tiles:
             return cv2.resize(image, (self.size, self.size), interpolation=interpolation)
         short_y, short_x = max(0, self.size - image.shape[0]), max(0, self.size - image.shape[1])
@@ -196,8 +198,10 @@ def load_test_set(root: Path, size: int, channels: int, framing: Framing | None 
     _check_args(root, size, channels)
     test = root / "test"
     if not test.is_dir():
-        raise GanspectError(f"{root} has no test/ folder: a test set needs the MVTec layout "
-                            "(test/good, test/<defect>, optional ground_truth/<defect>)")
+        raise GanspectError(
+            f"{root} has no test/ folder: a test set needs the MVTec layout "
+            "(test/good, test/<defect>, optional ground_truth/<defect>)"
+        )
     kinds = sorted((d.name for d in test.iterdir() if d.is_dir()), key=lambda k: (k != GOOD, k))
     entries = [(kind, path) for kind in kinds for path in _image_files(test / kind, recursive=False)]
     if not entries:
@@ -236,8 +240,9 @@ def split_holdout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSe
     n = len(images)
     n_val = 0 if fraction == 0 else max(1, int(round(n * fraction)))
     if n - n_val < 1:
-        raise GanspectError(f"{n} image(s) are too few to hold out {fraction:.0%} for validation "
-                            "and still train on at least one")
+        raise GanspectError(
+            f"{n} image(s) are too few to hold out {fraction:.0%} for validation and still train on at least one"
+        )
     order = np.random.default_rng(seed).permutation(n)
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     return images.subset(train_idx), images.subset(val_idx)

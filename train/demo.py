@@ -43,14 +43,34 @@ class DemoPlan:
 # percentile (nu = 0.01) leaves one of them above it rather than sitting at their maximum
 # (the trainer warns below n_val * nu = 1).
 # Quick only proves that every stage runs on this installation.
-FULL = DemoPlan(size=64, n_train=400, n_test_good=40, n_test_bad=60, n_parts=100,
-                train_overrides={"model": {"image_size": 64}, "data": {"holdout": 0.25}})
-QUICK = DemoPlan(size=32, n_train=60, n_test_good=10, n_test_bad=12, n_parts=16,
-                 train_overrides={"model": {"image_size": 32}, "train": {"steps": 150, "checkpoint_every": 150}})
+FULL = DemoPlan(
+    size=64,
+    n_train=400,
+    n_test_good=40,
+    n_test_bad=60,
+    n_parts=100,
+    train_overrides={"model": {"image_size": 64}, "data": {"holdout": 0.25}},
+)
+QUICK = DemoPlan(
+    size=32,
+    n_train=60,
+    n_test_good=10,
+    n_test_bad=12,
+    n_parts=16,
+    train_overrides={"model": {"image_size": 32}, "train": {"steps": 150, "checkpoint_every": 150}},
+)
 
 # edge-data holds the daemon's outbox and seq counter: a new demo starts a new station.
-OUTPUTS = ("data", "run", "bundle", "conveyor.avi", "conveyor.avi.truth.json", "edge.yaml", "verdicts.jsonl",
-           "edge-data")
+OUTPUTS = (
+    "data",
+    "run",
+    "bundle",
+    "conveyor.avi",
+    "conveyor.avi.truth.json",
+    "edge.yaml",
+    "verdicts.jsonl",
+    "edge-data",
+)
 DEFECT_RATE = 0.3
 
 
@@ -87,8 +107,7 @@ def _clear_outputs(workdir: Path) -> None:
             path.unlink()
 
 
-def _write_edge_config(workdir: Path, bundle: Path, video: Path, broker: tuple[str, int] | None,
-                       window: bool) -> Path:
+def _write_edge_config(workdir: Path, bundle: Path, video: Path, broker: tuple[str, int] | None, window: bool) -> Path:
     host, port = broker if broker else ("127.0.0.1", 1883)
     config = {
         "station": {"site": "demo", "line": "line1", "station": "cam1"},
@@ -142,8 +161,14 @@ def run_demo(workdir: Path, quick: bool, broker: str, headless: bool, seed: int)
 
     data = workdir / "data"
     with _stage("synth", f"synthesize parts ({plan.size}x{plan.size}, {plan.n_train} good for training)", timings):
-        counts = synthesize_dataset(data, size=plan.size, n_train=plan.n_train, n_test_good=plan.n_test_good,
-                                    n_test_bad=plan.n_test_bad, seed=seed)
+        counts = synthesize_dataset(
+            data,
+            size=plan.size,
+            n_train=plan.n_train,
+            n_test_good=plan.n_test_good,
+            n_test_bad=plan.n_test_bad,
+            seed=seed,
+        )
         print("   " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
 
     run = workdir / "run"
@@ -153,8 +178,10 @@ def run_demo(workdir: Path, quick: bool, broker: str, headless: bool, seed: int)
 
     with _stage("eval", "evaluate on the synthetic test set", timings):
         metrics = evaluate_run(run, data=data, report=not quick)
-        print(f"   image AUROC {metrics['image_auroc']:.3f}, AUPRC {metrics['image_auprc']:.3f}, "
-              f"F1 {metrics['f1']:.3f} at threshold {metrics['threshold']:.4g} ({metrics['threshold_method']})")
+        print(
+            f"   image AUROC {metrics['image_auroc']:.3f}, AUPRC {metrics['image_auprc']:.3f}, "
+            f"F1 {metrics['f1']:.3f} at threshold {metrics['threshold']:.4g} ({metrics['threshold_method']})"
+        )
         if metrics.get("report"):
             print(f"   report with figures: {metrics['report']}")
 
@@ -174,14 +201,23 @@ def run_demo(workdir: Path, quick: bool, broker: str, headless: bool, seed: int)
     verdict_log = workdir / "verdicts.jsonl"
     with _stage("edge", "run the edge daemon on the video", timings):
         if broker_up:
-            print(f"   publishing verdicts to the MQTT broker at {broker} "
-                  f"(topic ganspect/demo/line1/cam1/verdict)")
+            print(f"   publishing verdicts to the MQTT broker at {broker} (topic ganspect/demo/line1/cam1/verdict)")
         else:
-            print(f"   no MQTT broker answers at {broker}: verdicts go to {verdict_log.name} only "
-                  f"(start mosquitto to see them on MQTT)")
+            print(
+                f"   no MQTT broker answers at {broker}: verdicts go to {verdict_log.name} only "
+                f"(start mosquitto to see them on MQTT)"
+            )
         config = _write_edge_config(workdir, bundle, video, broker_address if broker_up else None, window)
-        command = [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config),
-                   "--verdict-log", str(verdict_log)] + ([] if window else ["--headless"])
+        command = [
+            sys.executable,
+            "-m",
+            "ganspect.edge",
+            "edge",
+            "--config",
+            str(config),
+            "--verdict-log",
+            str(verdict_log),
+        ] + ([] if window else ["--headless"])
         edge = subprocess.run(command, check=False)
         if edge.returncode != 0:
             raise GanspectError(f"the edge daemon exited with code {edge.returncode}; see its messages above")
@@ -190,11 +226,15 @@ def run_demo(workdir: Path, quick: bool, broker: str, headless: bool, seed: int)
     tally = compare_with_truth(verdicts, truth)
     total = time.monotonic() - started
     print("\n== demo summary")
-    print(f"   synthetic test set: image AUROC {metrics['image_auroc']:.3f}"
-          + (f", pixel AUROC {metrics['pixel_auroc']:.3f}" if metrics.get("pixel_auroc") is not None else ""))
-    print(f"   conveyor video: {tally['judged']}/{tally['parts']} parts judged by the edge daemon; "
-          f"defective parts caught {tally['caught']}/{tally['defective']}, "
-          f"good parts rejected {tally['rejected']}/{tally['good']}")
+    print(
+        f"   synthetic test set: image AUROC {metrics['image_auroc']:.3f}"
+        + (f", pixel AUROC {metrics['pixel_auroc']:.3f}" if metrics.get("pixel_auroc") is not None else "")
+    )
+    print(
+        f"   conveyor video: {tally['judged']}/{tally['parts']} parts judged by the edge daemon; "
+        f"defective parts caught {tally['caught']}/{tally['defective']}, "
+        f"good parts rejected {tally['rejected']}/{tally['good']}"
+    )
     print(f"   verdicts: {verdict_log}" + (f" and MQTT at {broker}" if broker_up else ""))
     print(f"   time: {total / 60:.1f} min (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")")
     return 0

@@ -28,7 +28,8 @@ def image_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> d
     pred = (np.asarray(scores) > threshold).astype(int)
     both = len(np.unique(labels)) == 2
     precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, pred, average="binary", pos_label=1, zero_division=0)
+        labels, pred, average="binary", pos_label=1, zero_division=0
+    )
     return {
         "image_auroc": float(roc_auc_score(labels, scores)) if both else math.nan,
         "image_auprc": float(average_precision_score(labels, scores)) if both else math.nan,
@@ -87,8 +88,14 @@ def per_kind_auroc(scores: np.ndarray, labels: np.ndarray, kinds: list[str]) -> 
     return result
 
 
-def lambda_sweep(l_r: np.ndarray, l_d: np.ndarray, labels: np.ndarray, held_l_r: np.ndarray | None = None,
-                 held_l_d: np.ndarray | None = None, nu: float = 0.01) -> list[dict[str, float | None]]:
+def lambda_sweep(
+    l_r: np.ndarray,
+    l_d: np.ndarray,
+    labels: np.ndarray,
+    held_l_r: np.ndarray | None = None,
+    held_l_d: np.ndarray | None = None,
+    nu: float = 0.01,
+) -> list[dict[str, float | None]]:
     """Seed 000's table from the score parts: for lambda = 0.0 ... 1.0, image AUROC and AUPRC, and F1.
 
     F1 is measured at that lambda's own threshold, the (1 - nu) quantile of the held-out
@@ -151,8 +158,10 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
     model, ckpt = load_run_model(run)
     kind = ckpt.get("kind", "efficient_gan")
     if scoring == "search" and kind != "anogan":
-        raise GanspectError(f"--scoring search is AnoGAN's latent search; {run} holds an {kind} model "
-                            "(it scores in one pass: use --scoring encoder)")
+        raise GanspectError(
+            f"--scoring search is AnoGAN's latent search; {run} holds an {kind} model "
+            "(it scores in one pass: use --scoring encoder)"
+        )
     if not ckpt.get("calibrated"):
         raise GanspectError(f"{run}: training did not finish (no calibration yet); resume it with --resume")
     data = Path(data) if data is not None else Path(info["source"])
@@ -166,9 +175,14 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
     if len(labels) == 0:
         raise GanspectError(f"{data}/test holds no images")
     bs = config.calibration.batch_size
-    kw = dict(batch_size=bs, scoring="search" if scoring == "search" else "model",
-              search_steps=config.anogan.search_steps, search_lr=config.anogan.search_lr,
-              seed=config.train.seed, progress=True)
+    kw = dict(
+        batch_size=bs,
+        scoring="search" if scoring == "search" else "model",
+        search_steps=config.anogan.search_steps,
+        search_lr=config.anogan.search_lr,
+        seed=config.train.seed,
+        progress=True,
+    )
     held_images = _held_out_images(config, info, size, channels)
     overlap = config.tiling.overlap
     held = score_framed(model, held_images, tiles, overlap, **kw) if held_images is not None else None
@@ -180,8 +194,10 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
     method = cal.get("method", "normal_quantile")
     if scoring == "search":
         if held is None:
-            raise GanspectError(f"latent-search evaluation needs the held-out normals to set its threshold, "
-                                f"but the training data {info['source']} is gone")
+            raise GanspectError(
+                f"latent-search evaluation needs the held-out normals to set its threshold, "
+                f"but the training data {info['source']} is gone"
+            )
         # The search finds other reconstructions than the encoder: its scores need their own threshold.
         method = "normal_quantile"
         threshold = choose_threshold(held.score, nu, method)
@@ -190,19 +206,21 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
         held.heatmap = held.residual / scale
 
     metrics: dict[str, Any] = image_metrics(scored.score, labels, threshold)
-    metrics.update({
-        "kind": kind,
-        "scoring": scoring,
-        "threshold": threshold,
-        "threshold_method": method,
-        "nu": nu,
-        "lambda": model.cfg.lambda_,
-        "discrimination": model.cfg.discrimination,
-        "residual_reduction": model.cfg.residual_reduction,
-        "n_test_good": int((labels == 0).sum()),
-        "n_test_bad": int((labels == 1).sum()),
-        "n_calibration": int(cal.get("n_images", 0)) if held is None else len(held.score),
-    })
+    metrics.update(
+        {
+            "kind": kind,
+            "scoring": scoring,
+            "threshold": threshold,
+            "threshold_method": method,
+            "nu": nu,
+            "lambda": model.cfg.lambda_,
+            "discrimination": model.cfg.discrimination,
+            "residual_reduction": model.cfg.residual_reduction,
+            "n_test_good": int((labels == 0).sum()),
+            "n_test_bad": int((labels == 1).sum()),
+            "n_calibration": int(cal.get("n_images", 0)) if held is None else len(held.score),
+        }
+    )
     if held is not None:
         metrics["false_alarm_rate_held_out"] = float((held.score > threshold).mean())
     if len(np.unique(labels)) == 2:
@@ -211,8 +229,8 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
         metrics["f1_at_f1_optimal"] = f1
         metrics["image_auroc_by_kind"] = per_kind_auroc(scored.score, labels, list(test.kinds))
         metrics["lambda_sweep"] = lambda_sweep(
-            scored.l_r, scored.l_d, labels, None if held is None else held.l_r,
-            None if held is None else held.l_d, nu)
+            scored.l_r, scored.l_d, labels, None if held is None else held.l_r, None if held is None else held.l_d, nu
+        )
     metrics["pixel_auroc"] = pixel_auroc(scored.heatmap, test.masks) if test.masks is not None else None
     metrics["data"] = str(data)
     head = load_ocnn_head(ckpt)
@@ -252,6 +270,7 @@ def _json_safe(value: Any) -> Any:
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     """A short human-readable table of the headline metrics."""
+
     def fmt(v: Any) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "n/a"
@@ -269,15 +288,22 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         f"F1 {fmt(metrics.get('f1'))}",
     ]
     if "f1_optimal_threshold" in metrics:
-        lines.append(f"F1-optimal      threshold {fmt(metrics['f1_optimal_threshold'])}  "
-                     f"F1 {fmt(metrics['f1_at_f1_optimal'])} (chosen on the test set: information only)")
+        lines.append(
+            f"F1-optimal      threshold {fmt(metrics['f1_optimal_threshold'])}  "
+            f"F1 {fmt(metrics['f1_at_f1_optimal'])} (chosen on the test set: information only)"
+        )
     for kind, auc in (metrics.get("image_auroc_by_kind") or {}).items():
         lines.append(f"  AUROC {kind:<20} {fmt(auc)}")
     if metrics.get("ocnn"):
         o = metrics["ocnn"]
-        lines.append(f"OC-NN head      AUROC {fmt(o['image_auroc'])}, F1 {fmt(o['f1'])} at its boundary; "
-                     f"rank average with the GAN score: AUROC {fmt(o['combined_image_auroc'])}")
+        lines.append(
+            f"OC-NN head      AUROC {fmt(o['image_auroc'])}, F1 {fmt(o['f1'])} at its boundary; "
+            f"rank average with the GAN score: AUROC {fmt(o['combined_image_auroc'])}"
+        )
     if metrics.get("lambda_sweep"):
-        lines.append("lambda sweep    " + "  ".join(
-            f"{r['lambda']:.1f}:{fmt(r['image_auroc'])[:5]}" for r in metrics["lambda_sweep"]) + "  (AUROC)")
+        lines.append(
+            "lambda sweep    "
+            + "  ".join(f"{r['lambda']:.1f}:{fmt(r['image_auroc'])[:5]}" for r in metrics["lambda_sweep"])
+            + "  (AUROC)"
+        )
     return "\n".join(lines)

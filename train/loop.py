@@ -71,14 +71,30 @@ LOSS_COLUMNS = ("loss_d", "loss_g", "loss_recon", "loss_feature", "loss_seg")
 def model_config_from(config: TrainConfig) -> EfficientGANConfig | AnoGANConfig:
     m = config.model
     sigma = m.heatmap_sigma if m.heatmap_sigma is not None else m.image_size / 32
-    common = dict(image_size=m.image_size, channels=m.channels, latent_dim=m.latent_dim, base_width=m.base_width,
-                  lambda_=m.lambda_, residual_reduction=m.residual_reduction, heatmap_sigma=sigma,
-                  spectral_norm=m.spectral_norm, norm=m.norm, pixel_calibration=config.calibration.per_pixel)
+    common = dict(
+        image_size=m.image_size,
+        channels=m.channels,
+        latent_dim=m.latent_dim,
+        base_width=m.base_width,
+        lambda_=m.lambda_,
+        residual_reduction=m.residual_reduction,
+        heatmap_sigma=sigma,
+        spectral_norm=m.spectral_norm,
+        norm=m.norm,
+        pixel_calibration=config.calibration.per_pixel,
+    )
     if m.kind == "anogan":
         return AnoGANConfig(**common)
-    return EfficientGANConfig(**common, discrimination=m.discrimination, d_dropout=m.d_dropout, latent=m.latent,
-                              latent_stride=m.latent_stride, segmentation_head=m.segmentation_head,
-                              head_width=m.head_width, scoring=m.scoring)
+    return EfficientGANConfig(
+        **common,
+        discrimination=m.discrimination,
+        d_dropout=m.d_dropout,
+        latent=m.latent,
+        latent_stride=m.latent_stride,
+        segmentation_head=m.segmentation_head,
+        head_width=m.head_width,
+        scoring=m.scoring,
+    )
 
 
 def build_for(config: TrainConfig) -> ScoringModel:
@@ -110,8 +126,15 @@ def progress_bar(total: int, initial: int = 0, desc: str = "train", unit: str = 
     from tqdm import tqdm
 
     tty = sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=tty,
-                mininterval=0.5 if tty else 30.0, maxinterval=60.0 if tty else 600.0)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        dynamic_ncols=tty,
+        mininterval=0.5 if tty else 30.0,
+        maxinterval=60.0 if tty else 600.0,
+    )
 
 
 def augment(x: torch.Tensor, cfg: AugmentSection) -> torch.Tensor:
@@ -129,10 +152,13 @@ def augment(x: torch.Tensor, cfg: AugmentSection) -> torch.Tensor:
         # affine_grid works in [-1, 1] coordinates: a shift of s pixels is 2 s / side.
         shift = (torch.rand(n, 2, device=x.device) * 2 - 1) * cfg.shift
         cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack([
-            torch.stack([cos, -sin, shift[:, 0] * 2 / w], dim=1),
-            torch.stack([sin, cos, shift[:, 1] * 2 / h], dim=1),
-        ], dim=1)  # (N, 2, 3)
+        theta = torch.stack(
+            [
+                torch.stack([cos, -sin, shift[:, 0] * 2 / w], dim=1),
+                torch.stack([sin, cos, shift[:, 1] * 2 / h], dim=1),
+            ],
+            dim=1,
+        )  # (N, 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if cfg.brightness:
@@ -154,8 +180,9 @@ def refresh_batchnorm(model: ScoringModel, x: torch.Tensor, batch_size: int = 64
     weights that score. Recomputing them ("precise BN") makes eval-mode outputs match the
     weights. A no-op for GroupNorm or no normalisation.
     """
-    norms = [m for part in (model.encoder, model.generator) for m in part.modules()
-             if isinstance(m, torch.nn.BatchNorm2d)]
+    norms = [
+        m for part in (model.encoder, model.generator) for m in part.modules() if isinstance(m, torch.nn.BatchNorm2d)
+    ]
     if not norms:
         return
     was_training = model.training
@@ -168,7 +195,7 @@ def refresh_batchnorm(model: ScoringModel, x: torch.Tensor, batch_size: int = 64
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            batch = x[start:start + batch_size]
+            batch = x[start : start + batch_size]
             z = model.encoder(batch)
             if isinstance(model, AnoGAN):
                 z = torch.randn(z.shape, generator=gen).to(z.device)  # AnoGAN's G is trained on the prior
@@ -225,11 +252,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's text spans paragraphs and suggests weights_only=False, which would run the file's code.
-        detail = next((line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line),
-                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise GanspectError(f"{path} is not a readable ganspect checkpoint: it holds Python objects besides "
-                            f"tensors ({detail}), and loading those could run code; use a checkpoint that "
-                            "ganspect train wrote") from exc
+        detail = next(
+            (line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line),
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+        raise GanspectError(
+            f"{path} is not a readable ganspect checkpoint: it holds Python objects besides "
+            f"tensors ({detail}), and loading those could run code; use a checkpoint that "
+            "ganspect train wrote"
+        ) from exc
     except Exception as exc:  # torch raises several types for damaged or foreign files
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GanspectError(f"{path} is not a readable ganspect checkpoint: {first_line}") from exc
@@ -343,7 +374,7 @@ class _Trainer:
         total = 0.0
         with torch.no_grad():
             for start in range(0, len(x_val), batch_size):
-                xb = x_val[start:start + batch_size]
+                xb = x_val[start : start + batch_size]
                 total += float((xb - probe.score_parts(xb).recon).abs().mean(dim=(1, 2, 3)).sum())
         return total / max(1, len(x_val))
 
@@ -371,45 +402,64 @@ def read_run_info(run: Path) -> dict[str, Any]:
 def _check_resume_compatible(config: TrainConfig, ckpt: dict[str, Any]) -> None:
     saved = config_from_dict(ckpt["train_config"], source="checkpoint")
     if saved.model != config.model:
-        raise GanspectError("--resume: the model section differs from the checkpoint's; "
-                            "use the run's config.yaml (only train.* settings may change)")
+        raise GanspectError(
+            "--resume: the model section differs from the checkpoint's; "
+            "use the run's config.yaml (only train.* settings may change)"
+        )
     if saved.data.holdout != config.data.holdout or saved.train.seed != config.train.seed:
-        raise GanspectError("--resume: data.holdout and train.seed must stay as in the checkpoint "
-                            "(they choose the held-out images)")
-    if (saved.model.kind == "anogan" and saved.train.steps != config.train.steps
-            and int(ckpt["step"]) > min(saved.train.steps, config.train.steps)):
+        raise GanspectError(
+            "--resume: data.holdout and train.seed must stay as in the checkpoint (they choose the held-out images)"
+        )
+    if (
+        saved.model.kind == "anogan"
+        and saved.train.steps != config.train.steps
+        and int(ckpt["step"]) > min(saved.train.steps, config.train.steps)
+    ):
         raise GanspectError("--resume: AnoGAN's encoder phase has begun; train.steps (the GAN's) can no longer change")
     if (saved.train.ema_decay > 0) != (config.train.ema_decay > 0):
         raise GanspectError("--resume: train.ema_decay cannot be switched on or off in a running run")
 
 
-def latent_codes(model: ScoringModel, images: np.ndarray, batch_size: int = 256,
-                 device: str | torch.device = "cpu") -> torch.Tensor:
+def latent_codes(
+    model: ScoringModel, images: np.ndarray, batch_size: int = 256, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """z = E(x) (N, latent) of uint8 (N, H, W, C) images, in eval mode, detached, on the CPU."""
     model.eval()
     codes = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            x = to_model_input(images[start:start + batch_size]).to(device)
+            x = to_model_input(images[start : start + batch_size]).to(device)
             codes.append(model.encoder(x).cpu())
     return torch.cat(codes)
 
 
-def _fit_ocnn_head(config: TrainConfig, model: ScoringModel, train_images: np.ndarray, ckpt_path: Path
-                   ) -> dict[str, Any]:
+def _fit_ocnn_head(
+    config: TrainConfig, model: ScoringModel, train_images: np.ndarray, ckpt_path: Path
+) -> dict[str, Any]:
     """Fit the OC-NN on the frozen training codes and store it in the checkpoint under `ocnn`."""
     from ganspect.train.models.ocnn import fit_ocnn
 
     o = config.ocnn
     device = next(model.parameters()).device
-    fit = fit_ocnn(latent_codes(model, train_images, device=device), nu=o.nu, hidden=o.hidden, steps=o.steps,
-                   lr=o.lr, seed=config.train.seed)
+    fit = fit_ocnn(
+        latent_codes(model, train_images, device=device),
+        nu=o.nu,
+        hidden=o.hidden,
+        steps=o.steps,
+        lr=o.lr,
+        seed=config.train.seed,
+    )
     ckpt = load_checkpoint(ckpt_path)
-    ckpt["ocnn"] = {"state": {k: v.detach().cpu() for k, v in fit.model.state_dict().items()},
-                    "in_dim": int(fit.model.V.in_features), "hidden": o.hidden, "nu": o.nu}
+    ckpt["ocnn"] = {
+        "state": {k: v.detach().cpu() for k, v in fit.model.state_dict().items()},
+        "in_dim": int(fit.model.V.in_features),
+        "hidden": o.hidden,
+        "nu": o.nu,
+    }
     save_checkpoint(ckpt_path, ckpt)
-    log.info("OC-NN head: r %.4f, %.1f %% of training codes outside (nu %.2f)",
-             float(fit.model.r), 100 * fit.outside, o.nu)
+    log.info(
+        "OC-NN head: r %.4f, %.1f %% of training codes outside (nu %.2f)", float(fit.model.r), 100 * fit.outside, o.nu
+    )
     return {"nu": o.nu, "r": float(fit.model.r), "train_outside": fit.outside, "final_loss": fit.losses[-1]}
 
 
@@ -448,13 +498,15 @@ def data_warnings(n_train: int, n_val: int, image_size: int, nu: float, threshol
     if n_train < need:
         warnings.append(
             f"only {n_train} normal training images at {image_size}x{image_size} (at least {need} advised): "
-            "expect the GAN to memorise them; turn on augmentation (data.augment) or use a smaller model.image_size")
+            "expect the GAN to memorise them; turn on augmentation (data.augment) or use a smaller model.image_size"
+        )
     if threshold == "normal_quantile" and n_val * nu < 1:
         warnings.append(
             f"{n_val} held-out normals x nu {nu:g} = {n_val * nu:.2g} < 1: the (1 - nu) quantile lies above all "
             f"but {n_val * nu:.2g} held-out scores, so the threshold is (nearly) their maximum and the real false-"
             f"alarm rate is not measured; hold out at least {math.ceil(1 / nu) if nu > 0 else 'more'} normals "
-            "(data.holdout) or raise calibration.nu")
+            "(data.holdout) or raise calibration.nu"
+        )
     return warnings
 
 
@@ -467,15 +519,23 @@ def train(config: TrainConfig, data: Path, out: Path, resume: bool = False) -> P
     images = load_normal_images(data, m.image_size, m.channels, framing)
     train_set, holdout_set = split_holdout(images, config.data.holdout, config.train.seed)
     if len(train_set.images) < 2 or len(holdout_set.images) < 1:
-        raise GanspectError(f"{data}: {len(images.images)} normal images are too few to train and hold out; "
-                            "at least 10 are needed")
+        raise GanspectError(
+            f"{data}: {len(images.images)} normal images are too few to train and hold out; at least 10 are needed"
+        )
     anomalies = None
     if config.calibration.threshold == "f1_optimal":
         assert config.calibration.anomalies is not None  # the config validator guarantees it
         anomalies = load_normal_images(config.calibration.anomalies, m.image_size, m.channels, framing).images
-    return train_arrays(config, train_set.images, holdout_set.images, out, resume=resume,
-                        source=str(Path(data).resolve()), holdout_names=list(holdout_set.names),
-                        anomaly_images=anomalies)
+    return train_arrays(
+        config,
+        train_set.images,
+        holdout_set.images,
+        out,
+        resume=resume,
+        source=str(Path(data).resolve()),
+        holdout_names=list(holdout_set.names),
+        anomaly_images=anomalies,
+    )
 
 
 class CropPool:
@@ -498,13 +558,20 @@ class CropPool:
             image = self.images[i]
             y = int(torch.randint(0, image.shape[0] - self.size + 1, (1,), generator=self.gen))
             x = int(torch.randint(0, image.shape[1] - self.size + 1, (1,), generator=self.gen))
-            crops.append(image[y:y + self.size, x:x + self.size])
+            crops.append(image[y : y + self.size, x : x + self.size])
         return torch.stack(crops)
 
 
-def train_arrays(config: TrainConfig, train_images: Any, holdout_images: Any, out: Path,
-                 resume: bool = False, source: str = "arrays", holdout_names: list[str] | None = None,
-                 anomaly_images: Any = None) -> Path:
+def train_arrays(
+    config: TrainConfig,
+    train_images: Any,
+    holdout_images: Any,
+    out: Path,
+    resume: bool = False,
+    source: str = "arrays",
+    holdout_names: list[str] | None = None,
+    anomaly_images: Any = None,
+) -> Path:
     """Train on uint8 (N, H, W, C) normal images, calibrate on the held-out ones; return the run folder.
 
     In tiling mode tiles the images are native-size (a list when their sizes differ) and
@@ -526,8 +593,9 @@ def train_arrays(config: TrainConfig, train_images: Any, holdout_images: Any, ou
     seed_everything(t.seed)
 
     m = config.model
-    warnings = data_warnings(len(train_images), len(holdout_images), m.image_size, config.calibration.nu,
-                             config.calibration.threshold)
+    warnings = data_warnings(
+        len(train_images), len(holdout_images), m.image_size, config.calibration.nu, config.calibration.threshold
+    )
     for line in warnings:
         log.warning("%s", line)
 
@@ -541,10 +609,20 @@ def train_arrays(config: TrainConfig, train_images: Any, holdout_images: Any, ou
 
     out.mkdir(parents=True, exist_ok=True)
     _write_config(out, config)
-    (out / "run.json").write_text(json.dumps({
-        **data_info, "kind": m.kind, "device": str(device), "warnings": warnings,
-        "holdout_names": list(holdout_names or []),
-    }, indent=2) + "\n", encoding="utf-8")
+    (out / "run.json").write_text(
+        json.dumps(
+            {
+                **data_info,
+                "kind": m.kind,
+                "device": str(device),
+                "warnings": warnings,
+                "holdout_names": list(holdout_names or []),
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
 
     tiles = config.tiling.mode == "tiles"
     pool = None
@@ -578,8 +656,9 @@ def train_arrays(config: TrainConfig, train_images: Any, holdout_images: Any, ou
                 losses = trainer.train_step(augment(batch, config.data.augment))
                 bar.update(1)
                 val = None
-                validating = (t.validate_every and trainer.step % t.validate_every == 0
-                              and trainer.recipe.validates(trainer.step))
+                validating = (
+                    t.validate_every and trainer.step % t.validate_every == 0 and trainer.recipe.validates(trainer.step)
+                )
                 if validating:
                     val = trainer.validation_loss(x_all, x_val, config.calibration.batch_size)
                     if val < trainer.best_val:
@@ -589,13 +668,22 @@ def train_arrays(config: TrainConfig, train_images: Any, holdout_images: Any, ou
                         trainer.bad_validations += 1
                         if t.early_stop_patience and trainer.bad_validations >= t.early_stop_patience:
                             trainer.stopped_early = True
-                            log.info("early stop at step %d: no better validation loss since step %d",
-                                     trainer.step, trainer.best_step)
+                            log.info(
+                                "early stop at step %d: no better validation loss since step %d",
+                                trainer.step,
+                                trainer.best_step,
+                            )
                 if trainer.step % t.log_every == 0 or trainer.step == total or val is not None:
                     bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
-                    writer.writerow([trainer.step, phase,
-                                     *(f"{losses[k]:.5f}" if k in losses else "" for k in LOSS_COLUMNS),
-                                     "" if val is None else f"{val:.5f}", f"{time.monotonic() - started:.1f}"])
+                    writer.writerow(
+                        [
+                            trainer.step,
+                            phase,
+                            *(f"{losses[k]:.5f}" if k in losses else "" for k in LOSS_COLUMNS),
+                            "" if val is None else f"{val:.5f}",
+                            f"{time.monotonic() - started:.1f}",
+                        ]
+                    )
                     f.flush()
                 if trainer.step % t.checkpoint_every == 0:
                     save_checkpoint(ckpt_path, trainer.state(data_info))
@@ -614,10 +702,19 @@ def train_arrays(config: TrainConfig, train_images: Any, holdout_images: Any, ou
         scoring.load_state_dict(best["model"])
         log.info("keeping the weights of step %d (lowest validation loss %.5f)", trainer.best_step, trainer.best_val)
     refresh_batchnorm(scoring, x_all, batch_size=config.calibration.batch_size, seed=t.seed)
-    cal = calibrate(scoring, holdout_images, nu=config.calibration.nu,
-                    quantile=config.calibration.heatmap_quantile, batch_size=config.calibration.batch_size,
-                    device=device, anomaly_images=anomaly_images, method=config.calibration.threshold,
-                    tiles=tiles, overlap=config.tiling.overlap, per_pixel=config.calibration.per_pixel)
+    cal = calibrate(
+        scoring,
+        holdout_images,
+        nu=config.calibration.nu,
+        quantile=config.calibration.heatmap_quantile,
+        batch_size=config.calibration.batch_size,
+        device=device,
+        anomaly_images=anomaly_images,
+        method=config.calibration.threshold,
+        tiles=tiles,
+        overlap=config.tiling.overlap,
+        per_pixel=config.calibration.per_pixel,
+    )
     trainer.calibrated = True
     save_checkpoint(ckpt_path, trainer.state(data_info))
     cal_dict = cal.to_dict()
@@ -625,27 +722,50 @@ def train_arrays(config: TrainConfig, train_images: Any, holdout_images: Any, ou
     if config.ocnn.enabled:
         cal_dict["ocnn"] = _fit_ocnn_head(config, scoring, train_images, ckpt_path)
     (out / "calibration.json").write_text(json.dumps(cal_dict, indent=2) + "\n", encoding="utf-8")
-    log.info("trained %d steps; threshold %.5f (%s, nu %.3f on %d held-out normals), heatmap scale %.5f",
-             trainer.step, cal.threshold, cal.method, cal.nu, cal.n_images, cal.heatmap_scale)
+    log.info(
+        "trained %d steps; threshold %.5f (%s, nu %.3f on %d held-out normals), heatmap scale %.5f",
+        trainer.step,
+        cal.threshold,
+        cal.method,
+        cal.nu,
+        cal.n_images,
+        cal.heatmap_scale,
+    )
     if cal.per_pixel is not None:
         pp = cal.per_pixel
-        log.info("per-pixel calibration: %.0f %% of the held-out normals' peaks sat on the hottest %.0f %% of pixels "
-                 "before, %.0f %% after", 100 * pp["peaks_on_hot_pixels_before"], 100 * pp["hot_share"],
-                 100 * pp["peaks_on_hot_pixels_after"])
+        log.info(
+            "per-pixel calibration: %.0f %% of the held-out normals' peaks sat on the hottest %.0f %% of pixels "
+            "before, %.0f %% after",
+            100 * pp["peaks_on_hot_pixels_before"],
+            100 * pp["hot_share"],
+            100 * pp["peaks_on_hot_pixels_after"],
+        )
         if not pp["helps"]:
-            log.warning("per-pixel calibration does not help here: the normals' peaks do not sit on fixed places "
-                        "(rims, edges) that it could remove; the parts are not aligned enough, or have none. "
-                        "Consider calibration.per_pixel: false")
+            log.warning(
+                "per-pixel calibration does not help here: the normals' peaks do not sit on fixed places "
+                "(rims, edges) that it could remove; the parts are not aligned enough, or have none. "
+                "Consider calibration.per_pixel: false"
+            )
     if cal.confidence is not None:
         c = cal.confidence
-        log.info("threshold confidence: %d of %d held-out normals above it; real false-alarm rate below %.1f %% "
-                 "(95 %% bound); other normals would move it within %.5g .. %.5g", c["held_out_above"], cal.n_images,
-                 100 * c["false_alarm_rate_upper_95"], c["threshold_p05"], c["threshold_p95"])
+        log.info(
+            "threshold confidence: %d of %d held-out normals above it; real false-alarm rate below %.1f %% "
+            "(95 %% bound); other normals would move it within %.5g .. %.5g",
+            c["held_out_above"],
+            cal.n_images,
+            100 * c["false_alarm_rate_upper_95"],
+            c["threshold_p05"],
+            c["threshold_p95"],
+        )
         if c["false_alarm_rate_upper_95"] > 3 * max(cal.nu, 1e-9):
-            log.warning("%d held-out normals cannot show a false-alarm rate of %.1f %%: the data can promise only "
-                        "%.1f %%; hold out more normals (data.holdout) for a threshold you can defend",
-                        cal.n_images, 100 * cal.nu, 100 * c["false_alarm_rate_upper_95"])
+            log.warning(
+                "%d held-out normals cannot show a false-alarm rate of %.1f %%: the data can promise only "
+                "%.1f %%; hold out more normals (data.holdout) for a threshold you can defend",
+                cal.n_images,
+                100 * cal.nu,
+                100 * c["false_alarm_rate_upper_95"],
+            )
     return out
 
 
-__all__ = ["Calibration", "EfficientGAN", "AnoGAN", "load_run_model", "train", "train_arrays"]
+__all__ = ["AnoGAN", "Calibration", "EfficientGAN", "load_run_model", "train", "train_arrays"]

@@ -34,8 +34,7 @@ def _rand(gen: torch.Generator, *shape: int, device: torch.device) -> torch.Tens
     return torch.rand(*shape, generator=gen, device="cpu").to(device)
 
 
-def perlin(height: int, width: int, res_y: int, res_x: int, gen: torch.Generator,
-           device: torch.device) -> torch.Tensor:
+def perlin(height: int, width: int, res_y: int, res_x: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     """2-D Perlin noise (H, W) in about [-0.7, 0.7] with res_y x res_x gradient cells."""
     angles = _rand(gen, res_y + 1, res_x + 1, device=device) * 2 * math.pi
     grads = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)  # (ry+1, rx+1, 2)
@@ -71,8 +70,11 @@ def _perlin_mask(h: int, w: int, gen: torch.Generator, device: torch.device) -> 
 
 def _segment_distance(h: int, w: int, p0: torch.Tensor, p1: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Distance in pixels (H, W) of every pixel centre from the segment p0-p1 ((y, x) points)."""
-    yy, xx = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
-                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(h, device=device, dtype=torch.float32),
+        torch.arange(w, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
     d = p1 - p0
     t = (((yy - p0[0]) * d[0] + (xx - p0[1]) * d[1]) / d.square().sum().clamp_min(1e-6)).clamp(0, 1)
     return torch.hypot(yy - (p0[0] + t * d[0]), xx - (p0[1] + t * d[1]))
@@ -118,13 +120,13 @@ def _cutpaste(image: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, 
     y, x, rh, rw = _rectangle(h, w, gen, image.device, scar)
     sy = int(_rand(gen, 1, device=image.device).item() * (h - rh + 1))
     sx = int(_rand(gen, 1, device=image.device).item() * (w - rw + 1))
-    patch = image[:, sy:sy + rh, sx:sx + rw]
+    patch = image[:, sy : sy + rh, sx : sx + rw]
     r = _rand(gen, 2, device=image.device)
     gain = 1.0 + (r[0].item() * 2 - 1) * 0.2 if r[1].item() < 0.5 else 1.0
     damaged = image.clone()
-    damaged[:, y:y + rh, x:x + rw] = ((patch + 1) * gain - 1).clamp(-1, 1)
+    damaged[:, y : y + rh, x : x + rw] = ((patch + 1) * gain - 1).clamp(-1, 1)
     mask = torch.zeros(h, w, device=image.device)
-    mask[y:y + rh, x:x + rw] = 1.0
+    mask[y : y + rh, x : x + rw] = 1.0
     return damaged, mask
 
 
@@ -134,7 +136,7 @@ def _tone(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     _, h, w = image.shape
     y = int(_rand(gen, 1, device=image.device).item() * h)
     x = int(_rand(gen, 1, device=image.device).item() * w)
-    return image[:, y:y + 1, x:x + 1]
+    return image[:, y : y + 1, x : x + 1]
 
 
 def _fill(image: torch.Tensor, other: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -148,13 +150,17 @@ def _fill(image: torch.Tensor, other: torch.Tensor, gen: torch.Generator) -> tor
         noise = torch.randn(c, h, w, generator=gen).to(image.device)
         return (level + 0.3 * noise).clamp(-1, 1)
     # Another normal image, flipped and rolled, so that the texture is the part's own but out of place.
-    shifted = torch.roll(other, shifts=(int(h * _rand(gen, 1, device=image.device).item()),
-                                        int(w * _rand(gen, 1, device=image.device).item())), dims=(1, 2))
+    shifted = torch.roll(
+        other,
+        shifts=(int(h * _rand(gen, 1, device=image.device).item()), int(w * _rand(gen, 1, device=image.device).item())),
+        dims=(1, 2),
+    )
     return shifted.flip(2) if choice < 5 / 6 else shifted.flip(1)
 
 
-def paint(x: torch.Tensor, probability: float, kinds: tuple[str, ...] | list[str], gen: torch.Generator
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def paint(
+    x: torch.Tensor, probability: float, kinds: tuple[str, ...] | list[str], gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Paint defects on a (N, C, H, W) batch in [-1, 1]; returns (damaged batch, mask (N, 1, H, W) in [0, 1]).
 
     Each image gets one defect with probability `probability`, of a kind drawn from
@@ -193,4 +199,3 @@ def paint(x: torch.Tensor, probability: float, kinds: tuple[str, ...] | list[str
         damaged[i] = painted
         masks[i, 0] = (region > 0.5).float() * changed.float()
     return damaged, masks
-

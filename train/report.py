@@ -1,11 +1,11 @@
 """A report per evaluated run: Markdown with PNG figures (matplotlib, Agg backend).
 
-    run/report/report.md          (run/report_search/ for AnoGAN's latent-search scoring)
-    losses.png                    training losses and the validation loss against the step
-    scores.png                    score histograms: held-out normals, test normals, test anomalies, threshold
-    roc_pr.png                    ROC and precision-recall curves of the test set
-    lambda_sweep.png              AUROC, AUPRC and F1 against lambda (seed 000's figure)
-    examples.png                  inputs, reconstructions, heatmaps, and heatmaps over the masks
+run/report/report.md          (run/report_search/ for AnoGAN's latent-search scoring)
+losses.png                    training losses and the validation loss against the step
+scores.png                    score histograms: held-out normals, test normals, test anomalies, threshold
+roc_pr.png                    ROC and precision-recall curves of the test set
+lambda_sweep.png              AUROC, AUPRC and F1 against lambda (seed 000's figure)
+examples.png                  inputs, reconstructions, heatmaps, and heatmaps over the masks
 """
 
 from __future__ import annotations
@@ -52,8 +52,7 @@ def plot_losses(losses_csv: Path, path: Path) -> bool:
             continue
         steps, values = zip(*pts)
         target = axes[1] if col in ("loss_recon", "loss_feature", "val_loss") else axes[0]
-        target.plot(steps, values, label=col, marker="o" if col == "val_loss" or len(pts) < 20 else None,
-                    markersize=3)
+        target.plot(steps, values, label=col, marker="o" if col == "val_loss" or len(pts) < 20 else None, markersize=3)
     axes[0].set_title("adversarial losses")
     axes[1].set_title("reconstruction / feature losses (val = held-out normals)")
     phases = [(int(r["step"]), r.get("phase", "")) for r in rows]
@@ -70,8 +69,7 @@ def plot_losses(losses_csv: Path, path: Path) -> bool:
     return True
 
 
-def plot_scores(scores: np.ndarray, labels: np.ndarray, held: np.ndarray | None, threshold: float,
-                path: Path) -> None:
+def plot_scores(scores: np.ndarray, labels: np.ndarray, held: np.ndarray | None, threshold: float, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     everything = np.concatenate([scores, held if held is not None else []])
@@ -79,8 +77,12 @@ def plot_scores(scores: np.ndarray, labels: np.ndarray, held: np.ndarray | None,
     bins = np.linspace(finite.min(), finite.max(), 40) if finite.size and finite.min() < finite.max() else 20
     if held is not None:
         ax.hist(held, bins=bins, alpha=0.4, color="tab:green", label=f"held-out normals (n={len(held)})")
-    ax.hist(scores[labels == 0], bins=bins, alpha=0.55, color="tab:blue", label=f"test normal (n={(labels == 0).sum()})")
-    ax.hist(scores[labels == 1], bins=bins, alpha=0.55, color="tab:red", label=f"test anomalous (n={(labels == 1).sum()})")
+    ax.hist(
+        scores[labels == 0], bins=bins, alpha=0.55, color="tab:blue", label=f"test normal (n={(labels == 0).sum()})"
+    )
+    ax.hist(
+        scores[labels == 1], bins=bins, alpha=0.55, color="tab:red", label=f"test anomalous (n={(labels == 1).sum()})"
+    )
     if math.isfinite(threshold):
         ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
     ax.set_xlabel("anomaly score A(x)")
@@ -145,8 +147,17 @@ def _pick_examples(scores: np.ndarray, labels: np.ndarray, kinds: list[str], row
     return picked[:rows] if len(picked) > rows else picked
 
 
-def plot_examples(images: np.ndarray, recon: np.ndarray | None, heatmaps: np.ndarray, masks: np.ndarray | None,
-                  scores: np.ndarray, labels: np.ndarray, kinds: list[str], threshold: float, path: Path) -> None:
+def plot_examples(
+    images: np.ndarray,
+    recon: np.ndarray | None,
+    heatmaps: np.ndarray,
+    masks: np.ndarray | None,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    kinds: list[str],
+    threshold: float,
+    path: Path,
+) -> None:
     plt = _plt()
     rows = _pick_examples(scores, labels, kinds, GRID_ROWS)
     cols = 4 if masks is not None else 3
@@ -192,8 +203,7 @@ def write_report(run: Path, metrics: dict[str, Any], test: Any, scored: Any, hel
     figures: list[tuple[str, str]] = []
     if plot_losses(run / "losses.csv", folder / "losses.png"):
         figures.append(("Training losses", "losses.png"))
-    plot_scores(scored.score, labels, None if held is None else held.score, metrics["threshold"],
-                folder / "scores.png")
+    plot_scores(scored.score, labels, None if held is None else held.score, metrics["threshold"], folder / "scores.png")
     figures.append(("Score histograms (seed 003's figure)", "scores.png"))
     if both:
         plot_roc_pr(scored.score, labels, folder / "roc_pr.png")
@@ -201,8 +211,17 @@ def write_report(run: Path, metrics: dict[str, Any], test: Any, scored: Any, hel
     if metrics.get("lambda_sweep"):
         plot_lambda_sweep(metrics["lambda_sweep"], metrics["lambda"], folder / "lambda_sweep.png")
         figures.append(("λ sweep (seed 000's figure)", "lambda_sweep.png"))
-    plot_examples(test.images, scored.recon, scored.heatmap, test.masks, scored.score, labels, list(test.kinds),
-                  metrics["threshold"], folder / "examples.png")
+    plot_examples(
+        test.images,
+        scored.recon,
+        scored.heatmap,
+        test.masks,
+        scored.score,
+        labels,
+        list(test.kinds),
+        metrics["threshold"],
+        folder / "examples.png",
+    )
     figures.append(("Examples: input, reconstruction, heatmap, heatmap over the defect mask", "examples.png"))
 
     lines = [
@@ -228,16 +247,26 @@ def write_report(run: Path, metrics: dict[str, Any], test: Any, scored: Any, hel
         lines.append(f"| AUROC, good vs {kind} | {_fmt(auc)} |")
     ocnn = metrics.get("ocnn")
     if ocnn:
-        lines.append(f"| OC-NN on the latent codes (seed 004): AUROC / F1 at its boundary | "
-                     f"{_fmt(ocnn['image_auroc'])} / {_fmt(ocnn['f1'])} |")
-        lines.append(f"| rank average of the GAN score and the OC-NN score: AUROC | "
-                     f"{_fmt(ocnn['combined_image_auroc'])} |")
+        lines.append(
+            f"| OC-NN on the latent codes (seed 004): AUROC / F1 at its boundary | "
+            f"{_fmt(ocnn['image_auroc'])} / {_fmt(ocnn['f1'])} |"
+        )
+        lines.append(
+            f"| rank average of the GAN score and the OC-NN score: AUROC | {_fmt(ocnn['combined_image_auroc'])} |"
+        )
     if metrics.get("lambda_sweep"):
-        lines += ["", "## λ sweep", "", "| λ | AUROC | AUPRC | F1 (held-out threshold) | F1 (best test threshold) |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## λ sweep",
+            "",
+            "| λ | AUROC | AUPRC | F1 (held-out threshold) | F1 (best test threshold) |",
+            "|---|---|---|---|---|",
+        ]
         for r in metrics["lambda_sweep"]:
-            lines.append(f"| {r['lambda']:.1f} | {_fmt(r['image_auroc'])} | {_fmt(r['image_auprc'])} | "
-                         f"{_fmt(r.get('f1'))} | {_fmt(r['f1_optimal'])} |")
+            lines.append(
+                f"| {r['lambda']:.1f} | {_fmt(r['image_auroc'])} | {_fmt(r['image_auprc'])} | "
+                f"{_fmt(r.get('f1'))} | {_fmt(r['f1_optimal'])} |"
+            )
     for title, name in figures:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
     path = folder / "report.md"

@@ -85,8 +85,9 @@ class _Pose:
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_x: float, sigma_y: float) -> np.ndarray:
     """Zero-mean, unit-std Gaussian noise blurred with the given sigmas (pixels): (H, W) float32."""
     field = rng.standard_normal(shape).astype(np.float32)
-    field = cv2.GaussianBlur(field, (0, 0), sigmaX=max(sigma_x, 0.1), sigmaY=max(sigma_y, 0.1),
-                             borderType=cv2.BORDER_REFLECT)
+    field = cv2.GaussianBlur(
+        field, (0, 0), sigmaX=max(sigma_x, 0.1), sigmaY=max(sigma_y, 0.1), borderType=cv2.BORDER_REFLECT
+    )
     std = float(field.std())
     return field / std if std > 0 else field
 
@@ -102,7 +103,7 @@ def _background(rng: np.random.Generator, s: int) -> np.ndarray:
     rail = np.zeros((s, 1), dtype=np.float32)
     rail_w = int(round(0.05 * s))
     rail[:rail_w] = 1.0
-    rail[s - rail_w:] = 1.0
+    rail[s - rail_w :] = 1.0
     rail = cv2.GaussianBlur(rail, (0, 0), sigmaX=0.1, sigmaY=0.003 * s + 0.3)
     rail_shade = 0.36 + 0.05 * np.cos(np.pi * y)  # the rail nearer the light is brighter
     bg = bg * (1 - rail[..., None]) + (rail * rail_shade)[..., None] * np.array([0.98, 0.96, 0.93], np.float32)
@@ -175,7 +176,10 @@ def _draw_scene(rng: np.random.Generator, s: int) -> _Scene:
     theta = rng.uniform(-0.15, 0.15) + np.pi / 4
     grey = rng.uniform(0.60, 0.64)
     return _Scene(
-        s=s, pose=pose, u=u, v=v,
+        s=s,
+        pose=pose,
+        u=u,
+        v=v,
         background=_background(rng, s),
         streaks=_sample(streaks, u, v),
         metal=np.array([grey * 1.02, grey * 1.0, grey * 0.97], dtype=np.float32),  # cool steel
@@ -206,8 +210,7 @@ def _metal_shading(scene: _Scene) -> np.ndarray:
     rho = np.hypot(dx, dy) + 1e-6
     radial = np.stack([dx / rho, dy / rho], axis=-1)  # outward unit vector, camera frame
     facing = radial @ _LIGHT  # (S, S): +1 where the outward normal faces the light
-    r_out, r_in, bevel = (_OUTER_RADIUS * s * scene.pose.scale, _INNER_RADIUS * s * scene.pose.scale,
-                          _BEVEL * s)
+    r_out, r_in, bevel = (_OUTER_RADIUS * s * scene.pose.scale, _INNER_RADIUS * s * scene.pose.scale, _BEVEL * s)
     # Bevels tilt outward at the outer rim and inward at the hole: brighter where they face the light.
     outer_bevel = np.clip((rho - (r_out - bevel)) / bevel, 0, 1)
     inner_bevel = np.clip(((r_in + bevel) - rho) / bevel, 0, 1)
@@ -266,7 +269,7 @@ def _scratch(rng: np.random.Generator, scene: _Scene, metal: np.ndarray) -> np.n
     along = np.clip(np.abs(rel) / half_span, 0, None)  # 0 at the middle, 1 at the tips
     across_px = np.abs(dist - radius) * scene.pose.scale * s
     profile = np.clip(1 - (across_px / half_width) ** 2, 0, 1)
-    taper = np.clip(1 - along ** 4, 0, 1)
+    taper = np.clip(1 - along**4, 0, 1)
     depth = (profile * taper).astype(np.float32)
     if rng.random() < 0.5:
         change = 1 - rng.uniform(0.45, 0.6) * depth  # groove in shadow
@@ -279,7 +282,7 @@ def _dent(rng: np.random.Generator, scene: _Scene, metal: np.ndarray) -> np.ndar
     radius = rng.uniform(0.055, 0.072)
     cu, cv_ = _point_on_face(rng, radius * 0.9)
     du, dv = (scene.u - cu) / radius, (scene.v - cv_) / radius
-    r2 = du ** 2 + dv ** 2
+    r2 = du**2 + dv**2
     inside = r2 < 1
     depth = np.where(inside, (1 - r2) ** 2, 0).astype(np.float32)  # smooth bowl, 0 at the rim
     # Surface slope of the bowl, rotated to the camera frame to shade against the light.
@@ -351,8 +354,9 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return np.where(flood[1:-1, 1:-1] == 2, 0, 1).astype(np.uint8)
 
 
-def render_pair(rng: np.random.Generator, defect: str | None, frame_size: int = CAMERA_SIZE,
-                out_size: int | None = None) -> RenderedPart:
+def render_pair(
+    rng: np.random.Generator, defect: str | None, frame_size: int = CAMERA_SIZE, out_size: int | None = None
+) -> RenderedPart:
     """Render one part at `frame_size` and reduce it to `out_size` with INTER_AREA.
 
     Returns the part with and without its defect (same pose, light and sensor noise) and
@@ -391,8 +395,9 @@ def render_pair(rng: np.random.Generator, defect: str | None, frame_size: int = 
     return RenderedPart(image=image, clean=clean_image, mask=mask)
 
 
-def render_part(rng: np.random.Generator, defect: str | None,
-                frame_size: int = CAMERA_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def render_part(
+    rng: np.random.Generator, defect: str | None, frame_size: int = CAMERA_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
     """One camera frame of a part: (uint8 (S, S, 3) BGR image, uint8 (S, S) mask, 255 = defect)."""
     part = render_pair(rng, defect, frame_size)
     return part.image, part.mask
@@ -444,8 +449,9 @@ def _write_png(path: Path, image: np.ndarray) -> None:
         raise GanspectError(f"could not write {path}")
 
 
-def synthesize_dataset(out: Path, size: int, n_train: int, n_test_good: int, n_test_bad: int,
-                       seed: int) -> dict[str, int]:
+def synthesize_dataset(
+    out: Path, size: int, n_train: int, n_test_good: int, n_test_bad: int, seed: int
+) -> dict[str, int]:
     """Write an MVTec AD layout data set of synthetic washers and return image counts per folder.
 
     Layout: ``train/good``, ``test/good``, ``test/<defect>`` and
@@ -506,9 +512,14 @@ def read_conveyor_truth(path: Path) -> list[ConveyorPart]:
     sidecar = truth_path(path)
     try:
         doc = json.loads(sidecar.read_text(encoding="utf-8"))
-        return [ConveyorPart(part_id=str(p["part_id"]), frame_index=int(p["frame_index"]),
-                             defect=None if p["defect"] is None else str(p["defect"]))
-                for p in doc["parts"]]
+        return [
+            ConveyorPart(
+                part_id=str(p["part_id"]),
+                frame_index=int(p["frame_index"]),
+                defect=None if p["defect"] is None else str(p["defect"]),
+            )
+            for p in doc["parts"]
+        ]
     except FileNotFoundError:
         raise GanspectError(f"no ground-truth file {sidecar}") from None
     except (ValueError, KeyError, TypeError) as exc:
@@ -530,8 +541,9 @@ def render_conveyor_frame(part: ConveyorPart, seed: int, frame_size: int = CAMER
     return image
 
 
-def write_conveyor_video(path: Path, n_parts: int, defect_rate: float, seed: int, fps: float = 5.0,
-                         frame_size: int = CAMERA_SIZE) -> list[ConveyorPart]:
+def write_conveyor_video(
+    path: Path, n_parts: int, defect_rate: float, seed: int, fps: float = 5.0, frame_size: int = CAMERA_SIZE
+) -> list[ConveyorPart]:
     """Write a lossless (FFV1 .avi) video of a triggered line camera, one frame per part.
 
     Each frame is a part rendered by `render_part` at `frame_size` with its own pose and
@@ -553,8 +565,7 @@ def write_conveyor_video(path: Path, n_parts: int, defect_rate: float, seed: int
     parts = _plan_parts(n_parts, defect_rate, seed)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), fps, (frame_size, frame_size), True)
     if not writer.isOpened():
-        raise GanspectError(f"OpenCV could not open a FFV1 video writer for {path} "
-                            "(is OpenCV built with FFmpeg?)")
+        raise GanspectError(f"OpenCV could not open a FFV1 video writer for {path} (is OpenCV built with FFmpeg?)")
     try:
         for part in parts:
             writer.write(render_conveyor_frame(part, seed, frame_size))

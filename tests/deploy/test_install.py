@@ -28,8 +28,9 @@ pytestmark = [
 
 
 def _install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(INSTALL), "--root", str(root), *args], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        ["bash", str(INSTALL), "--root", str(root), *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def _scratch_root(path: Path) -> Path:
@@ -88,7 +89,7 @@ def test_files_owners_and_modes(installed: tuple[Path, subprocess.CompletedProce
     assert _owner_mode(root / "var/lib/ganspect/models") == (uid, gid, 0o750)
     unit = root / "etc/systemd/system/ganspect-edge.service"
     assert _owner_mode(unit) == (0, 0, 0o644)
-    assert (unit.read_bytes() == (REPO / "deploy/ganspect-edge.service").read_bytes())
+    assert unit.read_bytes() == (REPO / "deploy/ganspect-edge.service").read_bytes()
     assert (root / "etc/systemd/user/ganspect-edge-window.service").is_file()
     rule = (root / "etc/udev/rules.d/70-ganspect-camera.rules").read_text(encoding="utf-8")
     assert 'ATTRS{idVendor}=="046d", ATTRS{idProduct}=="0825"' in rule and 'SYMLINK+="ganspect-camera"' in rule
@@ -98,18 +99,21 @@ def test_files_owners_and_modes(installed: tuple[Path, subprocess.CompletedProce
 def test_venv_has_the_edge_extra_and_no_torch(installed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     root, _ = installed
     python = root / "opt/ganspect/venv/bin/python"
-    listed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True,
-                            check=True).stdout.lower()
+    listed = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, check=True
+    ).stdout.lower()
     names = {line.split("==")[0] for line in listed.splitlines()}
     assert {"ganspect", "onnxruntime", "paho-mqtt", "opencv-python"} <= names
     assert "torch" not in names and "opencv-python-headless" not in names
-    help_text = subprocess.run([str(root / "opt/ganspect/venv/bin/ganspect"), "--help"], capture_output=True,
-                               text=True, check=True).stdout
+    help_text = subprocess.run(
+        [str(root / "opt/ganspect/venv/bin/ganspect"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "doctor" in help_text and "edge" in help_text
 
 
 def test_generated_config_names_the_station_and_validates(
-        installed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    installed: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
     root, _ = installed
     config_path = root / "etc/ganspect/edge.yaml"
     config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
@@ -117,17 +121,33 @@ def test_generated_config_names_the_station_and_validates(
     assert config["model"]["bundle"] == "/var/lib/ganspect/models/current"
     assert config["data"]["dir"] == "/var/lib/ganspect"
     # The installed software validates it (`--check` would also load the model, which comes later).
-    check = subprocess.run([str(root / "opt/ganspect/venv/bin/python"), "-c",
-                            "import sys; from ganspect.edge.config import load_config; load_config(sys.argv[1])",
-                            str(config_path)], capture_output=True, text=True)
+    check = subprocess.run(
+        [
+            str(root / "opt/ganspect/venv/bin/python"),
+            "-c",
+            "import sys; from ganspect.edge.config import load_config; load_config(sys.argv[1])",
+            str(config_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert check.returncode == 0, check.stderr
 
 
 def test_unit_passes_systemd_analyze_verify(installed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     root, _ = installed
     # --root: ExecStart's /opt/ganspect/venv/bin/ganspect is looked up inside the scratch root.
-    result = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "--recursive-errors=no",
-                             str(root / "etc/systemd/system/ganspect-edge.service")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            "systemd-analyze",
+            "verify",
+            f"--root={root}",
+            "--recursive-errors=no",
+            str(root / "etc/systemd/system/ganspect-edge.service"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
@@ -160,12 +180,15 @@ def test_uninstall_keeps_data_unless_purged(installed: tuple[Path, subprocess.Co
     assert "ganspect:" not in (root / "etc/passwd").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    ((), "give --site, --line and --station"),
-    (("--site", "plant 1", "--line", "l", "--station", "s"), "letters, digits"),
-    (("--site", "p", "--line", "l", "--station", "s", "--opencv", "both"), "gui or headless"),
-    (("--site", "p", "--line", "l", "--station", "s", "--camera-id", "logitech"), "VENDOR:PRODUCT"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "give --site, --line and --station"),
+        (("--site", "plant 1", "--line", "l", "--station", "s"), "letters, digits"),
+        (("--site", "p", "--line", "l", "--station", "s", "--opencv", "both"), "gui or headless"),
+        (("--site", "p", "--line", "l", "--station", "s", "--camera-id", "logitech"), "VENDOR:PRODUCT"),
+    ],
+)
 def test_bad_arguments_change_nothing(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     root = _scratch_root(tmp_path / "root")
     before = sorted(p.relative_to(root) for p in root.rglob("*"))

@@ -33,7 +33,7 @@ class MjpegCamera:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            def do_GET(self) -> None:
                 if camera.paused.is_set():
                     self.send_error(503)
                     return
@@ -45,8 +45,11 @@ class MjpegCamera:
                         i = camera.sent
                         ng = bool(camera.ng_every) and i % camera.ng_every == 0
                         ok, jpg = cv2.imencode(".jpg", make_image(ng, i), [cv2.IMWRITE_JPEG_QUALITY, 95])
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
-                                         % len(jpg) + jpg.tobytes() + b"\r\n")
+                        self.wfile.write(
+                            b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
+                            + jpg.tobytes()
+                            + b"\r\n"
+                        )
                         camera.sent += 1
                         time.sleep(1.0 / camera.fps)
                     while camera.paused.is_set():  # hold the connection open, sending nothing

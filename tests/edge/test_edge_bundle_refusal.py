@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-
 from typing import Any
 
 import pytest
@@ -79,6 +78,7 @@ def _golden_mismatch(bundle: Path) -> str:
     # onnxruntime, so the recorded expectation is moved instead (and the manifest resealed).
     def edit(raw: dict[str, Any]) -> None:
         raw["files"][0]["golden"]["scores"][1] += 0.01
+
     _reseal(bundle, edit)
     return "fails its golden self-test: score"
 
@@ -88,9 +88,12 @@ def _threshold(value: float) -> Callable[[Path], str]:
     # part OK, -1 every part NG. The bundle's own golden images contradict it.
     def tamper(bundle: Path) -> str:
         _reseal(bundle, lambda raw: raw["files"][0].update(threshold=value))
-        return ("judges the golden image golden/1_ng.png (tests/conftest.py part_image, score 0.283896) OK, not NG"
-                if value > 0 else "judges the golden image golden/0_ok.png (tests/conftest.py part_image, score "
-                "0.00566023) NG, not OK")
+        return (
+            "judges the golden image golden/1_ng.png (tests/conftest.py part_image, score 0.283896) OK, not NG"
+            if value > 0
+            else "judges the golden image golden/0_ok.png (tests/conftest.py part_image, score 0.00566023) NG, not OK"
+        )
+
     return tamper
 
 
@@ -115,6 +118,7 @@ def _verdict_flips_within_tolerance(bundle: Path) -> str:
         measured = raw["files"][0]["golden"]["scores"][1]
         raw["files"][0]["golden"]["scores"][1] = measured + 2e-5
         raw["files"][0]["threshold"] = measured + 1e-5
+
     _reseal(bundle, edit)
     return "fails its golden self-test: golden/1_ng.png (tests/conftest.py part_image) scores 0.283896 here, judged OK"
 
@@ -153,8 +157,9 @@ def test_damaged_bundle_is_refused_by_the_daemon(how, tiny_bundle, tiny_video, m
     assert proc.stdout == ""  # no verdict, no summary
 
 
-def test_manifest_shape_disagreeing_with_graph_is_refused(tmp_path, make_bundle, tiny_video, make_edge_config,
-                                                          ganspect_cli):
+def test_manifest_shape_disagreeing_with_graph_is_refused(
+    tmp_path, make_bundle, tiny_video, make_edge_config, ganspect_cli
+):
     # The manifest says 32x32 grey; the graph (hash valid) takes 24x24 grey.
     bundle = make_bundle(tmp_path / "bundle", height=32, width=32, graph_shape=(24, 24, 1))
     with pytest.raises(BundleError, match=r"has shape \['N', 24, 24, 1\]; the manifest says \(N, 32, 32, 1\)"):
@@ -180,8 +185,10 @@ def test_file_that_is_not_onnx_is_refused(tmp_path, make_bundle):
     (bundle / "model.onnx").write_bytes(b"\x00not an onnx model at all")
     manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text(encoding="utf-8"))
     old = manifest.files[0]
-    write_manifest(bundle, manifest.model_copy(
-        update={"files": [describe_file(bundle, "model.onnx", "fp32", old.threshold, old.golden)]}))
+    write_manifest(
+        bundle,
+        manifest.model_copy(update={"files": [describe_file(bundle, "model.onnx", "fp32", old.threshold, old.golden)]}),
+    )
     with pytest.raises(BundleError, match="is not a model onnxruntime can load"):
         Scorer.load(bundle)
 
@@ -208,8 +215,9 @@ def test_a_manifest_key_with_a_newline_stays_one_line(tiny_bundle):
 
 
 @pytest.mark.parametrize("value", [1e30, -1.0])
-def test_install_model_refuses_a_threshold_the_golden_images_contradict(value, tmp_path, make_bundle, tiny_video,
-                                                                        make_edge_config, ganspect_cli):
+def test_install_model_refuses_a_threshold_the_golden_images_contradict(
+    value, tmp_path, make_bundle, tiny_video, make_edge_config, ganspect_cli
+):
     # The audit's case: files[0].threshold edited, content_sha256 recomputed; install-model said "verified".
     bundle = make_bundle(tmp_path / "export")
     _threshold(value)(bundle)

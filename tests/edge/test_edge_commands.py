@@ -24,8 +24,15 @@ import yaml
 import ganspect.edge
 from ganspect.edge.config import EdgeConfig, load_config
 from ganspect.edge.errors import ConfigError
-from ganspect.edge.remote import (COMMANDS, THRESHOLD_FILE, LiveModel, RemoteCommands,
-                                  refuse_triggers_in_continuous_mode, schema_text, schemas)
+from ganspect.edge.remote import (
+    COMMANDS,
+    THRESHOLD_FILE,
+    LiveModel,
+    RemoteCommands,
+    refuse_triggers_in_continuous_mode,
+    schema_text,
+    schemas,
+)
 from ganspect.edge.scorer import Scorer
 from ganspect.edge.triggers import TriggerRequest
 
@@ -34,8 +41,13 @@ STATION = {"site": "testsite", "line": "l1", "station": "s1"}
 
 
 def _config(tmp_path: Path, bundle: Path, **commands: Any) -> EdgeConfig:
-    raw = {"station": STATION, "model": {"bundle": str(bundle), "intra_op_threads": 1}, "source": {"uri": "0"},
-           "data": {"dir": str(tmp_path / "data")}, "mqtt": {"commands": commands}}
+    raw = {
+        "station": STATION,
+        "model": {"bundle": str(bundle), "intra_op_threads": 1},
+        "source": {"uri": "0"},
+        "data": {"dir": str(tmp_path / "data")},
+        "mqtt": {"commands": commands},
+    }
     path = tmp_path / "edge.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return load_config(path)
@@ -44,8 +56,9 @@ def _config(tmp_path: Path, bundle: Path, **commands: Any) -> EdgeConfig:
 class Station:
     """A RemoteCommands with a LiveModel on a real bundle; answers and triggers are recorded."""
 
-    def __init__(self, config: EdgeConfig,
-                 accept_trigger: Callable[[TriggerRequest], str | None] | None = None) -> None:
+    def __init__(
+        self, config: EdgeConfig, accept_trigger: Callable[[TriggerRequest], str | None] | None = None
+    ) -> None:
         self.config = config
         self.live = LiveModel(Scorer.load(config.model.bundle, intra_op_threads=1), config)
         self.triggers: list[TriggerRequest] = []
@@ -96,7 +109,8 @@ def test_the_schema_files_are_generated_from_the_payload_models():
         path = SCHEMA_DIR / name
         assert path.exists(), f"{name} missing: run `python -m ganspect.edge.remote`"
         assert path.read_text(encoding="utf-8") == schema_text(schema), (
-            f"{name} differs from the model: run `python -m ganspect.edge.remote` and review the diff")
+            f"{name} differs from the model: run `python -m ganspect.edge.remote` and review the diff"
+        )
         jsonschema.Draft202012Validator.check_schema(schema)
 
 
@@ -113,16 +127,18 @@ SCHEMA_CASES: list[tuple[str, Any, str | None]] = [
     ("trigger", {"part_id": "a\u007fb"}, "part_id: must not contain control characters"),
     ("trigger", {"part_id": "ok\n"}, "part_id: must not contain control characters"),
     # What an MES and a log viewer show as it is: no C1 controls, bidi or format characters, line separators.
-    ("trigger", {"part_id": "P\u0085FAKE\u009b31m"}, "part_id: must not contain control characters (U+0085 at "
-                                                       "index 1"),
+    ("trigger", {"part_id": "P\u0085FAKE\u009b31m"}, "part_id: must not contain control characters (U+0085 at index 1"),
     ("trigger", {"part_id": "P-1\u202e7-X"}, "part_id: must not contain control characters (U+202E at index 3"),
     ("trigger", {"part_id": "P-1\u2028P-2"}, "(U+2028 at index 3"),
     ("trigger", {"part_id": "P\u200b-1"}, "(U+200B at index 1"),
     ("trigger", {"part_id": "\ufeffP-1"}, "(U+FEFF at index 0"),
     ("trigger", {"part_id": "P-1", "trigger_id": "T\u2066-1"}, "trigger_id: must not contain control characters"),
     ("trigger", {"part_id": "P-\U000e0041"}, "(U+E0041 at index 2"),  # a tag character, beyond the BMP
-    ("trigger", {"part_id": "P", "station": {"site": "testsite", "line": "l1", "station": "s1\u200d"}},
-     "station.station: must not contain control characters (U+200D"),
+    (
+        "trigger",
+        {"part_id": "P", "station": {"site": "testsite", "line": "l1", "station": "s1\u200d"}},
+        "station.station: must not contain control characters (U+200D",
+    ),
     ("trigger", {"part_id": "P-\U0001f600 \u00a0x\u0301"}, None),  # an emoji, spaces, a combining accent
     ("reload", {"command_id": "R\u009b1"}, "command_id: must not contain control characters (U+009B"),
     ("threshold", {"value": 0.2, "command_id": "C\u2029"}, "command_id: must not contain control characters"),
@@ -168,9 +184,12 @@ def test_ids_refuse_exactly_the_control_format_separator_and_surrogate_character
     from ganspect.edge.remote import _UNSHOWABLE
 
     refused_categories = {"Cc", "Cf", "Cs", "Zl", "Zp"}
-    wrong = [f"U+{code:04X} {unicodedata.category(chr(code))}" for code in range(sys.maxunicode + 1)
-             if (unicodedata.category(chr(code)) in refused_categories) != bool(_UNSHOWABLE.search(chr(code)))
-             and unicodedata.category(chr(code)) != "Cn"]  # an older database may not know a listed one yet
+    wrong = [
+        f"U+{code:04X} {unicodedata.category(chr(code))}"
+        for code in range(sys.maxunicode + 1)
+        if (unicodedata.category(chr(code)) in refused_categories) != bool(_UNSHOWABLE.search(chr(code)))
+        and unicodedata.category(chr(code)) != "Cn"
+    ]  # an older database may not know a listed one yet
     assert wrong == [], f"edge/remote.py _UNSHOWABLE_RANGES disagrees with Unicode {unicodedata.unidata_version}"
     # The schema files hold the same pattern, and jsonschema reads it as the daemon does, beyond the BMP too.
     validator = _validator("cmd-trigger.schema.json")
@@ -181,23 +200,36 @@ def test_ids_refuse_exactly_the_control_format_separator_and_surrogate_character
 # -- the pipeline, check by check -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, payload, retained, code, words", [
-    ("shutdown", b'{"command_id": "X-1"}', False, "unknown_command", "unknown command 'shutdown'"),
-    ("Trigger", b'{"part_id": "P"}', False, "unknown_command", "unknown command 'Trigger'"),
-    ("", b"{}", False, "unknown_command", "unknown command ''"),
-    ("tri\x00gger", b"{}", False, "unknown_command", "unknown command 'tri?gger'"),
-    ("trigger", b'{"part_id": "P", "trigger_id": "T"}', True, "retained", "a retained message is not a command"),
-    ("trigger", b'{"part_id": "' + b"x" * 5000 + b'"}', False, "too_large", "5015 bytes, more than "
-                                                                            "mqtt.commands.max_payload_bytes (4096)"),
-    ("threshold", b"", False, "malformed", "not JSON"),
-    ("threshold", b"\xff\xfe{}", False, "malformed", "not JSON"),
-    ("threshold", b'{"value": 0.2', False, "malformed", "not JSON"),
-    ("threshold", b"[" * 4000, False, "malformed", "not JSON: recursion limit exceeded"),
-    ("threshold", b'{"value": NaN}', False, "invalid", "value: input should be a finite number"),
-    ("threshold", b'{"value": 1e999}', False, "invalid", "value: input should be a finite number"),
-    ("threshold", b'{"value": 0.2, "station": {"site": "testsite", "line": "l1", "station": "s2"}}', False,
-     "wrong_station", "the command is for testsite/l1/s2; this is testsite/l1/s1"),
-])
+@pytest.mark.parametrize(
+    "name, payload, retained, code, words",
+    [
+        ("shutdown", b'{"command_id": "X-1"}', False, "unknown_command", "unknown command 'shutdown'"),
+        ("Trigger", b'{"part_id": "P"}', False, "unknown_command", "unknown command 'Trigger'"),
+        ("", b"{}", False, "unknown_command", "unknown command ''"),
+        ("tri\x00gger", b"{}", False, "unknown_command", "unknown command 'tri?gger'"),
+        ("trigger", b'{"part_id": "P", "trigger_id": "T"}', True, "retained", "a retained message is not a command"),
+        (
+            "trigger",
+            b'{"part_id": "' + b"x" * 5000 + b'"}',
+            False,
+            "too_large",
+            "5015 bytes, more than mqtt.commands.max_payload_bytes (4096)",
+        ),
+        ("threshold", b"", False, "malformed", "not JSON"),
+        ("threshold", b"\xff\xfe{}", False, "malformed", "not JSON"),
+        ("threshold", b'{"value": 0.2', False, "malformed", "not JSON"),
+        ("threshold", b"[" * 4000, False, "malformed", "not JSON: recursion limit exceeded"),
+        ("threshold", b'{"value": NaN}', False, "invalid", "value: input should be a finite number"),
+        ("threshold", b'{"value": 1e999}', False, "invalid", "value: input should be a finite number"),
+        (
+            "threshold",
+            b'{"value": 0.2, "station": {"site": "testsite", "line": "l1", "station": "s2"}}',
+            False,
+            "wrong_station",
+            "the command is for testsite/l1/s2; this is testsite/l1/s1",
+        ),
+    ],
+)
 def test_each_rejection_names_its_reason(station, name, payload, retained, code, words):
     answer = station.send(name, payload, retained)
     assert (answer["outcome"], answer["code"]) == ("rejected", code)
@@ -243,7 +275,11 @@ def test_a_valid_trigger_reaches_the_scoring_loop_as_a_trigger_request(station):
     before = time.monotonic()
     answer = station.send("trigger", {"part_id": "P-42", "trigger_id": "T-42", "station": STATION})
     assert (answer["outcome"], answer["code"], answer["part_id"], answer["command_id"]) == (
-        "accepted", None, "P-42", "T-42")
+        "accepted",
+        None,
+        "P-42",
+        "T-42",
+    )
     [request] = station.triggers
     assert (request.part_id, request.trigger_id) == ("P-42", "T-42")
     assert before <= request.received_at <= time.monotonic()
@@ -299,21 +335,30 @@ def test_a_threshold_outside_the_bounds_is_refused(station, value):
     assert station.live.threshold_state().source == "bundle"
 
 
-@pytest.mark.parametrize("value, words", [
-    (0.07499999, "0.07499999 is outside 0.075 .. 0.3 ("),  # rounded to 6 digits, it read 0.075 is outside 0.075
-    (0.30000001, "0.30000001 is outside 0.075 .. 0.3 ("),
-    (math.nextafter(0.075, 0), f"{math.nextafter(0.075, 0)!r} is outside 0.075 .. 0.3 ("),  # the double below
-])
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        (0.07499999, "0.07499999 is outside 0.075 .. 0.3 ("),  # rounded to 6 digits, it read 0.075 is outside 0.075
+        (0.30000001, "0.30000001 is outside 0.075 .. 0.3 ("),
+        (math.nextafter(0.075, 0), f"{math.nextafter(0.075, 0)!r} is outside 0.075 .. 0.3 ("),  # the double below
+    ],
+)
 def test_a_threshold_just_outside_the_bounds_is_shown_with_the_digits_that_differ(station, value, words):
     answer = station.send("threshold", {"value": value})
     assert answer["code"] == "out_of_bounds"
     assert words in answer["reason"], answer["reason"]
 
 
-@pytest.mark.parametrize("name, shown", [
-    ("\u04551", "testsite/l1/\\u04551 (as written: testsite/l1/\u04551)"),  # a Cyrillic dze where the s is
-    ("s1\u3164", "testsite/l1/s1\\u3164 (as written: testsite/l1/s1\u3164)"),  # an invisible Hangul filler (a letter)
-])
+@pytest.mark.parametrize(
+    "name, shown",
+    [
+        ("\u04551", "testsite/l1/\\u04551 (as written: testsite/l1/\u04551)"),  # a Cyrillic dze where the s is
+        (
+            "s1\u3164",
+            "testsite/l1/s1\\u3164 (as written: testsite/l1/s1\u3164)",
+        ),  # an invisible Hangul filler (a letter)
+    ],
+)
 def test_a_wrong_station_that_looks_like_this_one_is_shown_escaped(station, name, shown):
     answer = station.send("threshold", {"value": 0.2, "station": {**STATION, "station": name}})
     assert answer["code"] == "wrong_station"
@@ -362,8 +407,7 @@ def _replace_bundle(path: Path, make_bundle: Callable[..., Path], **kwargs: Any)
     make_bundle(path, **kwargs)
 
 
-def test_reload_swaps_in_the_configured_bundle_and_clears_an_override_for_the_old_model(
-        tmp_path, make_bundle, caplog):
+def test_reload_swaps_in_the_configured_bundle_and_clears_an_override_for_the_old_model(tmp_path, make_bundle, caplog):
     bundle = make_bundle(tmp_path / "bundle")
     station = Station(_config(tmp_path, bundle))
     old_sha = station.live.scorer.model_file.sha256
@@ -388,11 +432,14 @@ def test_reload_of_the_same_model_keeps_the_override(station):
     assert answer["threshold"]["source"] == "override"
 
 
-@pytest.mark.parametrize("damage, words", [
-    ("corrupt model", "does not match its manifest (SHA-256"),
-    ("no manifest", "manifest.json"),
-    ("wrong shape", "the manifest does not belong to this model"),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("corrupt model", "does not match its manifest (SHA-256"),
+        ("no manifest", "manifest.json"),
+        ("wrong shape", "the manifest does not belong to this model"),
+    ],
+)
 def test_a_bad_bundle_is_refused_and_the_old_model_keeps_scoring(tmp_path, make_bundle, damage, words, caplog):
     bundle = make_bundle(tmp_path / "bundle")
     station = Station(_config(tmp_path, bundle))
@@ -437,14 +484,19 @@ def test_a_second_reload_while_one_loads_is_answered_busy(station, monkeypatch):
 # -- config --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"commands": {"allow": ["trigger", "shutdown"]}}, "mqtt.commands.allow.1: Input should be 'trigger', "
-                                                       "'reload' or 'threshold'"),
-    ({"commands": {"max_payload_bytes": 10}}, "mqtt.commands.max_payload_bytes: Input should be greater than"),
-    ({"commands": {"threshold_max_ratio": 0.5}}, "mqtt.commands.threshold_max_ratio: Input should be greater"),
-    ({"commands": {"enable": True}}, "mqtt.commands.enable: unknown key"),
-    ({"protocol": "5"}, "mqtt.protocol: Input should be 'v3.1.1' or 'v5' (got '5')"),
-])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        (
+            {"commands": {"allow": ["trigger", "shutdown"]}},
+            "mqtt.commands.allow.1: Input should be 'trigger', 'reload' or 'threshold'",
+        ),
+        ({"commands": {"max_payload_bytes": 10}}, "mqtt.commands.max_payload_bytes: Input should be greater than"),
+        ({"commands": {"threshold_max_ratio": 0.5}}, "mqtt.commands.threshold_max_ratio: Input should be greater"),
+        ({"commands": {"enable": True}}, "mqtt.commands.enable: unknown key"),
+        ({"protocol": "5"}, "mqtt.protocol: Input should be 'v3.1.1' or 'v5' (got '5')"),
+    ],
+)
 def test_command_and_protocol_config_mistakes_name_the_key(tmp_path, section, message):
     raw = {"station": STATION, "model": {"bundle": "b"}, "source": {"uri": "0"}, "mqtt": section}
     path = tmp_path / "edge.yaml"
@@ -485,15 +537,22 @@ def test_the_daemon_can_refuse_a_reloaded_model_that_does_not_suit_its_inspectio
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-_FUZZ = settings(max_examples=int(__import__("os").environ.get("GANSPECT_FUZZ_EXAMPLES", "150")), deadline=None,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+_FUZZ = settings(
+    max_examples=int(__import__("os").environ.get("GANSPECT_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 _json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=30)),
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
-    max_leaves=20)
+    max_leaves=20,
+)
 _names = st.one_of(st.sampled_from(["trigger", "threshold", "reload"]), st.text(max_size=20))
-_VALID = {"trigger": {"part_id": "P-1", "trigger_id": "T-1"}, "threshold": {"value": 0.16},
-          "reload": {"command_id": "R-1"}}
+_VALID = {
+    "trigger": {"part_id": "P-1", "trigger_id": "T-1"},
+    "threshold": {"value": 0.16},
+    "reload": {"command_id": "R-1"},
+}
 
 
 def _fuzz_answer(station: Station, name: str, payload: bytes) -> dict[str, Any]:
@@ -515,10 +574,12 @@ def test_fuzz_random_json(station, name, document):
 
 
 @_FUZZ
-@given(name=st.sampled_from(sorted(_VALID)), key=st.sampled_from(["part_id", "trigger_id", "value", "command_id",
-                                                                  "station", "extra"]),
-       value=st.one_of(_json_values, st.text(min_size=200, max_size=6000), st.just("\x00\n\x1b[31m")),
-       depth=st.integers(0, 3000))
+@given(
+    name=st.sampled_from(sorted(_VALID)),
+    key=st.sampled_from(["part_id", "trigger_id", "value", "command_id", "station", "extra"]),
+    value=st.one_of(_json_values, st.text(min_size=200, max_size=6000), st.just("\x00\n\x1b[31m")),
+    depth=st.integers(0, 3000),
+)
 def test_fuzz_mutated_valid_commands(station, name, key, value, depth):
     document = dict(_VALID[name])
     document[key] = value

@@ -30,9 +30,22 @@ DAEMON_TOPICS = ("/verdict", "/status", "/cmd/result")
 
 
 def _daemon(config: Path, verdict_log: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless",
-                             "--verdict-log", str(verdict_log)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ganspect.edge",
+            "edge",
+            "--config",
+            str(config),
+            "--headless",
+            "--verdict-log",
+            str(verdict_log),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[str, str]:
@@ -70,8 +83,9 @@ def mes(mosquitto_broker: Any) -> Iterator[Callable[..., mqtt.Client]]:
     clients: list[mqtt.Client] = []
 
     def connect(broker: Any = mosquitto_broker) -> mqtt.Client:
-        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                             client_id=f"test-mes-{len(clients)}-{os.getpid()}")
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-mes-{len(clients)}-{os.getpid()}"
+        )
         client.max_inflight_messages_set(100)
         client.connect(broker.host, broker.port)
         client.loop_start()
@@ -103,11 +117,13 @@ def _from_daemon(sub: Any, validate_published: Callable[[str, bytes], Any]) -> d
 
 # -- 1,000 hostile commands --------------------------------------------------------------------
 
-OTHER_STATIONS = [{"site": "testsite", "line": "l1", "station": "s2"},
-                  {"site": "testsite", "line": "l2", "station": "s1"},
-                  {"site": "othersite", "line": "l1", "station": "s1"},
-                  {"site": "testsite", "line": "l1", "station": "S1"},
-                  {"site": "testsite", "line": "l1", "station": "s1 "}]
+OTHER_STATIONS = [
+    {"site": "testsite", "line": "l1", "station": "s2"},
+    {"site": "testsite", "line": "l2", "station": "s1"},
+    {"site": "othersite", "line": "l1", "station": "s1"},
+    {"site": "testsite", "line": "l1", "station": "S1"},
+    {"site": "testsite", "line": "l1", "station": "s1 "},
+]
 UNKNOWN_NAMES = ["shutdown", "TRIGGER", "trigger2", "reboot", "", "exec", "触发", "x" * 200, "reload.now", "Threshold"]
 
 
@@ -138,8 +154,12 @@ def _hostile_commands() -> list[tuple[str, bytes, str, str | None]]:
         elif kind == 6:
             add("trigger", {"part_id": 5, "trigger_id": ident}, "invalid", ident)
         elif kind == 7:
-            add("trigger", {"part_id": "P\r\n2026-01-01 ganspect: forged log line", "trigger_id": ident}, "invalid",
-                ident)
+            add(
+                "trigger",
+                {"part_id": "P\r\n2026-01-01 ganspect: forged log line", "trigger_id": ident},
+                "invalid",
+                ident,
+            )
         elif kind == 8:
             add("threshold", {"value": "0.2", "command_id": ident}, "invalid", ident)
         elif kind == 9:
@@ -176,6 +196,7 @@ _NOT_JSON = object()
 
 def _rfc_json(payload: bytes) -> Any:
     """The document, or _NOT_JSON for what RFC 8259 does not allow (bad UTF-8, NaN, too deep, ...)."""
+
     def no_constants(name: str) -> Any:
         raise ValueError(name)
 
@@ -195,8 +216,8 @@ def _command_validator(name: str) -> Any:
 
 
 def test_a_thousand_hostile_commands_are_each_rejected_with_a_reason_while_inspection_goes_on(
-        mosquitto_broker, mqtt_subscriber, mes, tiny_bundle, make_video, make_edge_config, validate_published,
-        tmp_path):
+    mosquitto_broker, mqtt_subscriber, mes, tiny_bundle, make_video, make_edge_config, validate_published, tmp_path
+):
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
     client = mes()
     # A retained command left on the broker reaches the daemon when it subscribes: refused, not run.
@@ -207,8 +228,11 @@ def test_a_thousand_hostile_commands_are_each_rejected_with_a_reason_while_inspe
     commands = _hostile_commands()
     proc = _daemon(config, verdict_log)
     try:
-        _wait(lambda: len(sub.on("/verdict")) >= 10 and len(sub.on("/cmd/result")) >= 1, 30,
-              "the daemon inspecting, and its answer to the retained command")
+        _wait(
+            lambda: len(sub.on("/verdict")) >= 10 and len(sub.on("/cmd/result")) >= 1,
+            30,
+            "the daemon inspecting, and its answer to the retained command",
+        )
         flood_started = time.time()
         for name, payload, _, _ in commands:
             client.publish(f"{CMD}/{name}", payload, qos=1)
@@ -240,8 +264,9 @@ def test_a_thousand_hostile_commands_are_each_rejected_with_a_reason_while_inspe
     assert "the command is for testsite/l1/s2; this is testsite/l1/s1" in by_id["W-0"]["reason"]
     assert "path: is not a field of this command" in by_id["M-11"]["reason"]
     assert "part_id: must not contain control characters" in by_id["M-7"]["reason"]
-    assert all("more than mqtt.commands.max_payload_bytes (4096)" in a["reason"] for a in flood
-               if a["code"] == "too_large")
+    assert all(
+        "more than mqtt.commands.max_payload_bytes (4096)" in a["reason"] for a in flood if a["code"] == "too_large"
+    )
     # Where the payload was read, the schema files and the daemon agree on what is valid.
     checked = 0
     for name, payload, code, _ in commands:
@@ -268,8 +293,10 @@ def test_a_thousand_hostile_commands_are_each_rejected_with_a_reason_while_inspe
     assert re.search(r"\d+ more command\(s\) rejected within 10 s of the last one logged \(", stderr), stderr
     assert "\n2026-01-01 ganspect: forged log line" not in stderr
     seconds = flood_answered - flood_started
-    print(f"\n1000 hostile commands answered in {seconds:.2f} s ({1000 / seconds:.0f}/s); "
-          f"{len(during)} verdicts made meanwhile ({len(during) / seconds:.1f}/s, source paced at 25/s)")
+    print(
+        f"\n1000 hostile commands answered in {seconds:.2f} s ({1000 / seconds:.0f}/s); "
+        f"{len(during)} verdicts made meanwhile ({len(during) / seconds:.1f}/s, source paced at 25/s)"
+    )
 
 
 # -- trigger, threshold, reload ---------------------------------------------------------------
@@ -296,15 +323,24 @@ def _verdicts_after(sub: Any, count: int, after: int, timeout: float = 30) -> li
 
 @pytest.mark.parametrize("protocol", ["v3.1.1", "v5"])
 def test_threshold_reload_and_trigger_commands_over_mqtt(
-        protocol, mosquitto_broker, mqtt_subscriber, mes, make_bundle, make_video, make_edge_config,
-        validate_published, tmp_path):
+    protocol,
+    mosquitto_broker,
+    mqtt_subscriber,
+    mes,
+    make_bundle,
+    make_video,
+    make_edge_config,
+    validate_published,
+    tmp_path,
+):
     bundle = make_bundle(tmp_path / "bundle")  # threshold 0.15; NG frames score about 0.28
     first_sha = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))["files"][0]["sha256"]
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
     client = mes()
     video = make_video(tmp_path / "parts.avi", PATTERN)
-    config = make_edge_config(bundle, video, mosquitto_broker, source={"loop": True, "max_fps": 25},
-                              mqtt={"protocol": protocol})
+    config = make_edge_config(
+        bundle, video, mosquitto_broker, source={"loop": True, "max_fps": 25}, mqtt={"protocol": protocol}
+    )
     logs = [tmp_path / "run1.jsonl", tmp_path / "run2.jsonl"]
 
     proc = _daemon(config, logs[0])
@@ -315,19 +351,25 @@ def test_threshold_reload_and_trigger_commands_over_mqtt(
         assert (trigger["outcome"], trigger["code"]) == ("rejected", "not_accepted")
         assert "inspects continuously" in trigger["reason"]
 
-        _send(client, "threshold", {"value": 0.3, "command_id": "C-1",
-                                    "station": {"site": "testsite", "line": "l1", "station": "s1"}})
+        _send(
+            client,
+            "threshold",
+            {"value": 0.3, "command_id": "C-1", "station": {"site": "testsite", "line": "l1", "station": "s1"}},
+        )
         answer = _answer(sub, "C-1")
-        assert (answer["outcome"], answer["threshold"]) == ("done", {"value": 0.3, "source": "override",
-                                                                     "bundle_value": 0.15})
+        assert (answer["outcome"], answer["threshold"]) == (
+            "done",
+            {"value": 0.3, "source": "override", "bundle_value": 0.15},
+        )
         seen = len(sub.on("/verdict"))
         after = _verdicts_after(sub, 12, seen)
         # Verdicts made before the answer may still be on their way; from the first override on, all are.
-        overridden = after[[v["threshold"]["source"] for v in after].index("override"):]
+        overridden = after[[v["threshold"]["source"] for v in after].index("override") :]
         assert len(overridden) >= 10
         assert all(v["threshold"] == {"value": 0.3, "source": "override"} for v in overridden)
-        assert any(0.15 < v["score"] <= 0.3 and v["evaluation"]["state"] == "OK" for v in overridden), \
+        assert any(0.15 < v["score"] <= 0.3 and v["evaluation"]["state"] == "OK" for v in overridden), (
             "a part the bundle's threshold calls NG passes under the override"
+        )
         stdout, stderr = _finish(proc)
         assert proc.returncode == 0, stderr
     finally:
@@ -352,10 +394,11 @@ def test_threshold_reload_and_trigger_commands_over_mqtt(
         assert answer["threshold"] == {"value": 0.2, "source": "bundle", "bundle_value": 0.2}
         seen = len(sub.on("/verdict"))
         after = _verdicts_after(sub, 8, seen)
-        swapped = after[[v["model"]["sha256"] for v in after].index(second_sha):]
+        swapped = after[[v["model"]["sha256"] for v in after].index(second_sha) :]
         assert len(swapped) >= 5
-        assert all(v["model"]["sha256"] == second_sha and v["threshold"] == {"value": 0.2, "source": "bundle"}
-                   for v in swapped)
+        assert all(
+            v["model"]["sha256"] == second_sha and v["threshold"] == {"value": 0.2, "source": "bundle"} for v in swapped
+        )
 
         # A damaged bundle is refused with its reason; the running model keeps scoring.
         with open(bundle / "model.onnx", "r+b") as handle:
@@ -378,10 +421,12 @@ def test_threshold_reload_and_trigger_commands_over_mqtt(
     published = _from_daemon(sub, validate_published)  # every message against its schema
     produced = _logged(logs[0]) + _logged(logs[1])
     assert {v["result_id"] for v in published["/verdict"]} == {p["result_id"] for p in produced}
-    assert all((v["score"] > v["threshold"]["value"]) == (v["evaluation"]["state"] == "NG")
-               for v in published["/verdict"])
-    assert [a["command_id"] for a in published["/cmd/result"]] == ["T-1", "C-1", "R-1", "R-2"], \
+    assert all(
+        (v["score"] > v["threshold"]["value"]) == (v["evaluation"]["state"] == "NG") for v in published["/verdict"]
+    )
+    assert [a["command_id"] for a in published["/cmd/result"]] == ["T-1", "C-1", "R-1", "R-2"], (
         "one answer per command, and the daemon does not answer its own answers"
+    )
     assert published["/status"] == ["online", "stopped", "online", "stopped"]
     # The broker's log names the protocol of each connection: p2 is MQTT 3.1.1, p5 is MQTT 5.
     broker_log = (tmp_path / f"mosquitto-{mosquitto_broker.port}.log").read_text(encoding="utf-8")
@@ -422,10 +467,18 @@ def test_answers_published_from_other_threads_never_acknowledge_a_verdict(mosqui
     from ganspect.edge.mqtt import VerdictPublisher
     from ganspect.edge.spool import Outbox
 
-    raw = {"station": {"site": "testsite", "line": "l1", "station": "s1"}, "model": {"bundle": "b"},
-           "source": {"uri": "0"}, "mqtt": {"host": mosquitto_broker.host, "port": mosquitto_broker.port,
-                                            "prefix": "gstest", "max_inflight": 50,
-                                            "commands": {"max_pending_results": 100_000}}}
+    raw = {
+        "station": {"site": "testsite", "line": "l1", "station": "s1"},
+        "model": {"bundle": "b"},
+        "source": {"uri": "0"},
+        "mqtt": {
+            "host": mosquitto_broker.host,
+            "port": mosquitto_broker.port,
+            "prefix": "gstest",
+            "max_inflight": 50,
+            "commands": {"max_pending_results": 100_000},
+        },
+    }
     (tmp_path / "edge.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     config = load_config(tmp_path / "edge.yaml")
     outbox = Outbox(tmp_path / "outbox.sqlite3", max_messages=100_000, max_bytes=1 << 26)
@@ -442,6 +495,7 @@ def test_answers_published_from_other_threads_never_acknowledge_a_verdict(mosqui
     publisher._client.publish = publish_then_linger  # type: ignore[method-assign]
     publisher.start()
     try:
+
         def answer_many() -> None:
             for _ in range(300):
                 assert publisher.publish_result('{"answer": "test"}')
@@ -454,8 +508,11 @@ def test_answers_published_from_other_threads_never_acknowledge_a_verdict(mosqui
             publisher.submit(payload, json.dumps(payload))
         for thread in threads:
             thread.join()
-        _wait(lambda: outbox.stats().backlog == 0 and not publisher._other_mids, 30,
-              "every verdict and answer acknowledged")
+        _wait(
+            lambda: outbox.stats().backlog == 0 and not publisher._other_mids,
+            30,
+            "every verdict and answer acknowledged",
+        )
         assert outbox.stats().acknowledged == 200
         assert outbox._early == set(), "an answer's ack reached the outbox"
         assert publisher._held_acks == []
@@ -476,9 +533,18 @@ def _publisher_with_commands(tmp_path: Path, broker: Any, **commands: Any) -> tu
     from ganspect.edge.scorer import Scorer
     from ganspect.edge.spool import Outbox
 
-    raw = {"station": {"site": "testsite", "line": "l1", "station": "s1"}, "model": {"bundle": "bundle"},
-           "source": {"uri": "0"}, "mqtt": {"host": broker.host, "port": broker.port, "prefix": "gstest",
-                                            "reconnect_max_delay_s": 1, "commands": commands}}
+    raw = {
+        "station": {"site": "testsite", "line": "l1", "station": "s1"},
+        "model": {"bundle": "bundle"},
+        "source": {"uri": "0"},
+        "mqtt": {
+            "host": broker.host,
+            "port": broker.port,
+            "prefix": "gstest",
+            "reconnect_max_delay_s": 1,
+            "commands": commands,
+        },
+    }
     (tmp_path / "edge.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     config = load_config(tmp_path / "edge.yaml")
     outbox = Outbox(tmp_path / "outbox.sqlite3", max_messages=1000, max_bytes=1 << 20)
@@ -490,7 +556,8 @@ def _publisher_with_commands(tmp_path: Path, broker: Any, **commands: Any) -> tu
 
 
 def test_commands_are_heard_again_after_the_broker_restarts_and_only_on_the_stations_own_topic(
-        start_broker, mqtt_subscriber, mes, tiny_bundle, tmp_path):
+    start_broker, mqtt_subscriber, mes, tiny_bundle, tmp_path
+):
     broker = start_broker()  # not persistent: a restarted broker has forgotten every subscription
     publisher, outbox, remote = _publisher_with_commands(tmp_path, broker)
     try:
@@ -508,8 +575,9 @@ def test_commands_are_heard_again_after_the_broker_restarts_and_only_on_the_stat
         assert _answer(sub, "after")["threshold"]["source"] == "bundle"
 
         # Another station's command topic is not this station's business: no answer, no effect.
-        client.publish("gstest/testsite/l1/s2/cmd/threshold", json.dumps({"value": 0.2, "command_id": "other"}),
-                       qos=1).wait_for_publish(5)
+        client.publish(
+            "gstest/testsite/l1/s2/cmd/threshold", json.dumps({"value": 0.2, "command_id": "other"}), qos=1
+        ).wait_for_publish(5)
         _send(client, "reload", {"command_id": "last"})
         _answer(sub, "last")
         assert [json.loads(m.payload)["command_id"] for m in sub.on("/cmd/result")] == ["after", "last"]
@@ -520,8 +588,9 @@ def test_commands_are_heard_again_after_the_broker_restarts_and_only_on_the_stat
         outbox.close()
 
 
-def test_with_commands_disabled_the_daemon_does_not_subscribe(mosquitto_broker, mqtt_subscriber, mes, tiny_bundle,
-                                                              tmp_path):
+def test_with_commands_disabled_the_daemon_does_not_subscribe(
+    mosquitto_broker, mqtt_subscriber, mes, tiny_bundle, tmp_path
+):
     publisher, outbox, remote = _publisher_with_commands(tmp_path, mosquitto_broker, enabled=False)
     try:
         sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, f"{CMD}/result")
@@ -556,13 +625,22 @@ def _surrogate_commands() -> list[tuple[str, bytes, str]]:
 
 @pytest.mark.parametrize("protocol", ["v3.1.1", "v5"])
 def test_commands_whose_ids_hold_lone_surrogates_are_each_answered_once_and_logged_a_few_times(
-        protocol, mosquitto_broker, mqtt_subscriber, mes, tiny_bundle, make_video, make_edge_config,
-        validate_published, tmp_path):
+    protocol,
+    mosquitto_broker,
+    mqtt_subscriber,
+    mes,
+    tiny_bundle,
+    make_video,
+    make_edge_config,
+    validate_published,
+    tmp_path,
+):
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
     client = mes()
     video = make_video(tmp_path / "parts.avi", PATTERN)
-    config = make_edge_config(tiny_bundle, video, mosquitto_broker, source={"loop": True, "max_fps": 25},
-                              mqtt={"protocol": protocol})
+    config = make_edge_config(
+        tiny_bundle, video, mosquitto_broker, source={"loop": True, "max_fps": 25}, mqtt={"protocol": protocol}
+    )
     commands = _surrogate_commands()
     proc = _daemon(config, tmp_path / "verdicts.jsonl")
     try:
@@ -582,7 +660,8 @@ def test_commands_whose_ids_hold_lone_surrogates_are_each_answered_once_and_logg
     assert len(answers) == len(commands) + 1, "exactly one answer per command"
     assert [a["code"] for a in answers[:-1]] == [code for _, _, code in commands]
     assert [a["command_id"] for a in answers[:-1]] == [
-        "T-1" if b'"T-1"' in payload else None for _, payload, _ in commands], "an id that is not text is not echoed"
+        "T-1" if b'"T-1"' in payload else None for _, payload, _ in commands
+    ], "an id that is not text is not echoed"
     assert (answers[-1]["command_id"], answers[-1]["outcome"]) == ("after", "done")
     assert "Traceback" not in stderr and "internal_error" not in stderr + stdout
     # Apart from the verdict lines (one per NG part), a handful: start-up, one rejection, a count, the tally.

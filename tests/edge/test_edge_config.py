@@ -64,18 +64,24 @@ def test_every_field_has_a_description():
     assert walk(EdgeConfig) == []
 
 
-@pytest.mark.parametrize("text, expected", [
-    (GOOD + "  hostname: broker\n", "edge.yaml:11: mqtt.hostname: unknown key"),
-    (GOOD.replace("port: 1884", "port: lots"), "edge.yaml:10: mqtt.port: Input should be a valid integer"),
-    (GOOD.replace("port: 1884", "port: 70000"), "edge.yaml:10: mqtt.port: Input should be less than or equal to 65535"),
-    (GOOD.replace("  station: cam1\n", ""), "edge.yaml:1: station.station: required key is missing"),
-    (GOOD.replace("site: plant1", "site: plant/1"), "edge.yaml:2: station.site: String should match pattern"),
-    ("model:\n  bundle: b\nsource:\n  uri: '0'\n", "edge.yaml:1: station: required key is missing"),
-    (GOOD + "displayy: {}\n", "edge.yaml:11: displayy: unknown key"),
-    (GOOD + "  password_env: X\n", "mqtt: Value error, a password needs a username"),
-    ("station: [unclosed\n", "not valid YAML"),
-    ("- just\n- a list\n", "expected a mapping with station, model and source sections"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (GOOD + "  hostname: broker\n", "edge.yaml:11: mqtt.hostname: unknown key"),
+        (GOOD.replace("port: 1884", "port: lots"), "edge.yaml:10: mqtt.port: Input should be a valid integer"),
+        (
+            GOOD.replace("port: 1884", "port: 70000"),
+            "edge.yaml:10: mqtt.port: Input should be less than or equal to 65535",
+        ),
+        (GOOD.replace("  station: cam1\n", ""), "edge.yaml:1: station.station: required key is missing"),
+        (GOOD.replace("site: plant1", "site: plant/1"), "edge.yaml:2: station.site: String should match pattern"),
+        ("model:\n  bundle: b\nsource:\n  uri: '0'\n", "edge.yaml:1: station: required key is missing"),
+        (GOOD + "displayy: {}\n", "edge.yaml:11: displayy: unknown key"),
+        (GOOD + "  password_env: X\n", "mqtt: Value error, a password needs a username"),
+        ("station: [unclosed\n", "not valid YAML"),
+        ("- just\n- a list\n", "expected a mapping with station, model and source sections"),
+    ],
+)
 def test_bad_config_is_one_line_naming_the_key(tmp_path, text, expected):
     with pytest.raises(ConfigError) as info:
         load_config(_write(tmp_path, text))
@@ -84,14 +90,17 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path, text, expected):
     assert expected in message
 
 
-@pytest.mark.parametrize("mistake, key", [
-    ("  colour: blue\n", "source.colour: unknown key"),
-    ("run:\n  max_frames: many\n", "run.max_frames: Input should be a valid integer"),
-    ("", "station: required key is missing"),
-])
+@pytest.mark.parametrize(
+    "mistake, key",
+    [
+        ("  colour: blue\n", "source.colour: unknown key"),
+        ("run:\n  max_frames: many\n", "run.max_frames: Input should be a valid integer"),
+        ("", "station: required key is missing"),
+    ],
+)
 def test_bad_config_exits_2_from_the_command(tmp_path, ganspect_cli, mistake, key):
     # An empty mistake means: the station section is left out.
-    text = GOOD.replace("mqtt:\n  port: 1884\n", "") + mistake if mistake else GOOD[GOOD.index("model:"):]
+    text = GOOD.replace("mqtt:\n  port: 1884\n", "") + mistake if mistake else GOOD[GOOD.index("model:") :]
     path = _write(tmp_path, text)
     proc = ganspect_cli("edge", "--config", str(path), "--check")
     assert proc.returncode == 2
@@ -137,21 +146,31 @@ def test_both_password_sources_is_an_error(tmp_path):
         load_config(_write(tmp_path, GOOD + "  username: u\n  password_env: A\n  password_file: pw\n"))
 
 
-@pytest.mark.parametrize(("written", "meant"), [("on", "on"), ("off", "off"), ("'on'", "on"), ("yes", "on"),
-                                                ("auto", "auto")])
+@pytest.mark.parametrize(
+    ("written", "meant"), [("on", "on"), ("off", "off"), ("'on'", "on"), ("yes", "on"), ("auto", "auto")]
+)
 def test_unquoted_on_and_off_mean_what_an_operator_wrote(tmp_path, written, meant):
     # YAML 1.1 turns an unquoted on/off/yes into a boolean before the config sees it.
     config = load_config(_write(tmp_path, GOOD + f"display:\n  window: {written}\n"))
     assert config.display.window == meant
 
 
-@pytest.mark.parametrize(("mistake", "expected"), [
-    ("inspection:\n  roi: {x: 0, y: 0, width: 64, heigth: 48}\n", "edge.yaml:12: inspection.roi.heigth: unknown key"),
-    ("trigger:\n  mode: plc\n", "edge.yaml:12: trigger.mode: Input should be 'continuous' or 'mqtt'"),
-    ("images:\n  max_count: lots\n", "edge.yaml:12: images.max_count: Input should be a valid integer"),
-    ("source:\n  uri: x\n  stale_after_s: -1\n", "edge.yaml:11: source.stale_after_s: Input should be greater than 0"),
-    ("health:\n  interval_s: 0\n", "edge.yaml:12: health.interval_s: Input should be greater than 0"),
-])
+@pytest.mark.parametrize(
+    ("mistake", "expected"),
+    [
+        (
+            "inspection:\n  roi: {x: 0, y: 0, width: 64, heigth: 48}\n",
+            "edge.yaml:12: inspection.roi.heigth: unknown key",
+        ),
+        ("trigger:\n  mode: plc\n", "edge.yaml:12: trigger.mode: Input should be 'continuous' or 'mqtt'"),
+        ("images:\n  max_count: lots\n", "edge.yaml:12: images.max_count: Input should be a valid integer"),
+        (
+            "source:\n  uri: x\n  stale_after_s: -1\n",
+            "edge.yaml:11: source.stale_after_s: Input should be greater than 0",
+        ),
+        ("health:\n  interval_s: 0\n", "edge.yaml:12: health.interval_s: Input should be greater than 0"),
+    ],
+)
 def test_new_sections_are_strict_too(tmp_path, mistake, expected):
     text = GOOD.replace("source:\n  uri: parts.avi\n", "") if mistake.startswith("source:") else GOOD
     with pytest.raises(ConfigError) as info:
@@ -182,15 +201,18 @@ def test_check_config_loads_the_bundle_and_fits_the_tiles_to_it(tmp_path, ganspe
     proc = ganspect_cli("edge", "--check-config", str(path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ganspect edge: error:")]
-    assert errors == ["ganspect edge: error: inspection.roi 16x64 is smaller than the model's 32x32 "
-                      "tiles; enlarge it or use inspection.tiling: resize"]
+    assert errors == [
+        "ganspect edge: error: inspection.roi 16x64 is smaller than the model's 32x32 "
+        "tiles; enlarge it or use inspection.tiling: resize"
+    ]
 
 
 def test_no_config_at_all_is_one_clear_line(ganspect_cli):
     proc = ganspect_cli("edge", "--headless")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("ganspect edge: error: give the config file: --config FILE (or --check-config "
-                                   "FILE to only check it)")
+    assert proc.stderr.strip() == (
+        "ganspect edge: error: give the config file: --config FILE (or --check-config FILE to only check it)"
+    )
 
 
 def test_trigger_mode_without_mqtt_is_refused_at_start_up(tmp_path):

@@ -28,8 +28,13 @@ def validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(schema)
 
 
-def _check_verdicts(payloads: list[dict[str, Any]], expected: list[str], source_name: str,
-                    validator: jsonschema.Draft202012Validator, bundle: Path) -> None:
+def _check_verdicts(
+    payloads: list[dict[str, Any]],
+    expected: list[str],
+    source_name: str,
+    validator: jsonschema.Draft202012Validator,
+    bundle: Path,
+) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
     for p in payloads:
         validator.validate(p)
@@ -37,19 +42,21 @@ def _check_verdicts(payloads: list[dict[str, Any]], expected: list[str], source_
         assert p["threshold"]["source"] == "bundle" and p["evaluation"]["reason"] is None
         assert p["trigger_id"] is None and p["replayed"] is False
         assert datetime.fromisoformat(p["captured_at"].replace("Z", "+00:00")) <= datetime.fromisoformat(
-            p["published_at"].replace("Z", "+00:00"))
+            p["published_at"].replace("Z", "+00:00")
+        )
     assert [p["seq"] for p in payloads] == list(range(1, len(expected) + 1))
     assert [p["evaluation"]["state"] for p in payloads] == expected
     assert [p["part_id"] for p in payloads] == [f"{source_name}:{i}" for i in range(len(expected))]
     assert len({p["result_id"] for p in payloads}) == len(payloads)
     assert {p["model"]["sha256"] for p in payloads} == {manifest["files"][0]["sha256"]}
     assert {json.dumps(p["station"], sort_keys=True) for p in payloads} == {
-        json.dumps({"line": "l1", "site": "testsite", "station": "s1"})}
+        json.dumps({"line": "l1", "site": "testsite", "station": "s1"})
+    }
 
 
 def test_video_run_publishes_one_valid_verdict_per_frame(
-        mosquitto_broker, mqtt_subscriber, tiny_bundle, tiny_video, make_edge_config, ganspect_cli, validator,
-        tmp_path):
+    mosquitto_broker, mqtt_subscriber, tiny_bundle, tiny_video, make_edge_config, ganspect_cli, validator, tmp_path
+):
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
     config = make_edge_config(tiny_bundle, tiny_video.path, mosquitto_broker)
     verdict_log = tmp_path / "verdicts.jsonl"
@@ -77,16 +84,25 @@ def test_video_run_publishes_one_valid_verdict_per_frame(
     # The summary counts what happened.
     n_ng = tiny_video.expected.count("NG")
     assert f"frames {n}: OK {n - n_ng}, NG {n_ng}" in proc.stdout
-    assert f"verdicts queued {n}, acknowledged {n} (replayed 0), dropped when full 0, left in the outbox 0" \
-        in proc.stdout
+    assert (
+        f"verdicts queued {n}, acknowledged {n} (replayed 0), dropped when full 0, left in the outbox 0" in proc.stdout
+    )
     assert "p95" in proc.stdout
     # One concise log line per verdict (rate-limited at INFO; this video is too short to hit the limit for NG).
     assert "#3 parts:2 NG score" in proc.stderr
 
 
 def test_image_folder_source_with_flag_overrides(
-        mosquitto_broker, mqtt_subscriber, tiny_bundle, tiny_video, make_edge_config, make_part_image,
-        ganspect_cli, validator, tmp_path):
+    mosquitto_broker,
+    mqtt_subscriber,
+    tiny_bundle,
+    tiny_video,
+    make_edge_config,
+    make_part_image,
+    ganspect_cli,
+    validator,
+    tmp_path,
+):
     pattern = [True, False, False, True, False, True]
     folder = tmp_path / "station_images"
     folder.mkdir()
@@ -97,8 +113,7 @@ def test_image_folder_source_with_flag_overrides(
     # The config names the video; --source and --max-frames override it.
     config = make_edge_config(tiny_bundle, tiny_video.path, mosquitto_broker)
 
-    proc = ganspect_cli("edge", "--config", str(config), "--headless", "--source", str(folder),
-                        "--max-frames", "4")
+    proc = ganspect_cli("edge", "--config", str(config), "--headless", "--source", str(folder), "--max-frames", "4")
 
     assert proc.returncode == 0, proc.stderr
     expected = ["NG" if ng else "OK" for ng in pattern[:4]]
@@ -112,12 +127,16 @@ def test_image_folder_source_with_flag_overrides(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly_after_every_verdict_is_acknowledged(
-        sig, mosquitto_broker, mqtt_subscriber, tiny_bundle, tiny_video, make_edge_config, tmp_path):
+    sig, mosquitto_broker, mqtt_subscriber, tiny_bundle, tiny_video, make_edge_config, tmp_path
+):
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
-    config = make_edge_config(tiny_bundle, tiny_video.path, mosquitto_broker,
-                              source={"loop": True, "max_fps": 40})
-    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    config = make_edge_config(tiny_bundle, tiny_video.path, mosquitto_broker, source={"loop": True, "max_fps": 40})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # Past the end of the 8-frame video: looping works and part ids keep counting.
         assert len(sub.wait_for("/verdict", 12, timeout=30)) >= 12, "daemon published too few verdicts"
@@ -141,10 +160,15 @@ def test_signal_stops_cleanly_after_every_verdict_is_acknowledged(
     assert [m.payload for m in sub.wait_for("/status", 2)] == [b"online", b"stopped"]
 
 
-def test_required_broker_not_answering_is_one_clear_line(tiny_bundle, tiny_video, make_edge_config, ganspect_cli,
-                                                         unused_port):
-    config = make_edge_config(tiny_bundle, tiny_video.path, ("127.0.0.1", unused_port),
-                              mqtt={"enabled": True, "connect_timeout_s": 1.5, "require_broker": True})
+def test_required_broker_not_answering_is_one_clear_line(
+    tiny_bundle, tiny_video, make_edge_config, ganspect_cli, unused_port
+):
+    config = make_edge_config(
+        tiny_bundle,
+        tiny_video.path,
+        ("127.0.0.1", unused_port),
+        mqtt={"enabled": True, "connect_timeout_s": 1.5, "require_broker": True},
+    )
     proc = ganspect_cli("edge", "--config", str(config), "--headless")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -155,28 +179,44 @@ def test_required_broker_not_answering_is_one_clear_line(tiny_bundle, tiny_video
 
 
 def test_no_broker_keeps_inspecting_and_keeps_the_verdicts_on_disk(
-        tiny_bundle, tiny_video, make_edge_config, ganspect_cli, unused_port, tmp_path):
+    tiny_bundle, tiny_video, make_edge_config, ganspect_cli, unused_port, tmp_path
+):
     # require_broker is false by default: the daemon inspects and its verdicts wait in the outbox.
-    config = make_edge_config(tiny_bundle, tiny_video.path, ("127.0.0.1", unused_port),
-                              mqtt={"enabled": True, "connect_timeout_s": 0.5, "drain_timeout_s": 0.5})
+    config = make_edge_config(
+        tiny_bundle,
+        tiny_video.path,
+        ("127.0.0.1", unused_port),
+        mqtt={"enabled": True, "connect_timeout_s": 0.5, "drain_timeout_s": 0.5},
+    )
     verdict_log = tmp_path / "v.jsonl"
     proc = ganspect_cli("edge", "--config", str(config), "--headless", "--verdict-log", str(verdict_log))
     n = len(tiny_video.expected)
     assert proc.returncode == 0, proc.stderr
     assert "did not answer within 0.5 s" in proc.stderr and "verdicts wait in the outbox" in proc.stderr
-    assert f"verdicts queued {n}, acknowledged 0 (replayed 0), dropped when full 0, left in the outbox {n}" \
-        in proc.stdout
+    assert (
+        f"verdicts queued {n}, acknowledged 0 (replayed 0), dropped when full 0, left in the outbox {n}" in proc.stdout
+    )
     assert f"outbox {tmp_path / 'edge-data' / 'outbox.sqlite3'}: 0 waiting at start, {n} at exit" in proc.stdout
     assert len(verdict_log.read_text(encoding="utf-8").splitlines()) == n
 
 
 def test_verdicts_made_before_a_late_broker_are_delivered_when_it_starts(
-        tiny_bundle, tiny_video, make_edge_config, start_broker, mqtt_subscriber, unused_port):
-    config = make_edge_config(tiny_bundle, tiny_video.path, ("127.0.0.1", unused_port),
-                              mqtt={"enabled": True, "connect_timeout_s": 0.3, "reconnect_max_delay_s": 1},
-                              source={"loop": True, "max_fps": 10}, run={"max_frames": 20})
-    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tiny_bundle, tiny_video, make_edge_config, start_broker, mqtt_subscriber, unused_port
+):
+    config = make_edge_config(
+        tiny_bundle,
+        tiny_video.path,
+        ("127.0.0.1", unused_port),
+        mqtt={"enabled": True, "connect_timeout_s": 0.3, "reconnect_max_delay_s": 1},
+        source={"loop": True, "max_fps": 10},
+        run={"max_frames": 20},
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # Start the broker only once the daemon has given up waiting for it (a loaded machine starts slowly).
         early = []
@@ -194,8 +234,9 @@ def test_verdicts_made_before_a_late_broker_are_delivered_when_it_starts(
     assert proc.returncode == 0, stderr
     line = next(l for l in stdout.splitlines() if "verdicts queued" in l)
     replayed = int(line.split("(replayed ")[1].split(")")[0])
-    assert line == (f"  verdicts queued 20, acknowledged 20 (replayed {replayed}), dropped when full 0, "
-                    "left in the outbox 0")
+    assert line == (
+        f"  verdicts queued 20, acknowledged 20 (replayed {replayed}), dropped when full 0, left in the outbox 0"
+    )
     assert replayed >= 5  # about 10 verdicts were made in the second before the broker started
     # The broker acknowledged all 20 (above), including those made while it was down. The
     # subscriber may join a moment after the daemon's reconnect, so it sees an in-order tail.
@@ -217,8 +258,9 @@ def test_mqtt_disabled_runs_and_logs(tiny_bundle, tiny_video, make_edge_config, 
     logged = [json.loads(line) for line in verdict_log.read_text(encoding="utf-8").splitlines()]
     assert [p["evaluation"]["state"] for p in logged] == tiny_video.expected
     # The station's seq is kept on disk even without MQTT: a second run continues it.
-    proc = ganspect_cli("edge", "--config", str(config), "--headless", "--verdict-log", str(verdict_log),
-                        "--max-frames", "2")
+    proc = ganspect_cli(
+        "edge", "--config", str(config), "--headless", "--verdict-log", str(verdict_log), "--max-frames", "2"
+    )
     assert proc.returncode == 0, proc.stderr
     seqs = [json.loads(line)["seq"] for line in verdict_log.read_text(encoding="utf-8").splitlines()]
     assert seqs == list(range(1, len(tiny_video.expected) + 3))
@@ -248,18 +290,34 @@ def test_a_non_finite_score_is_an_undefined_result_that_still_validates(tiny_bun
     bundle = load_bundle(tiny_bundle)
     station = StationConfig(site="testsite", line="l1", station="s1")
     for value in (float("nan"), float("inf")):
-        score = Score(score=value, threshold=0.15, heatmap=np.zeros((2, 2), np.float32), peak_x=1, peak_y=0,
-                      peak_value=value, preprocess_ms=0.1, inference_ms=0.2)
-        payload = build_verdict(seq=7, station=station, part_id="cam:3", captured_at=datetime.now(timezone.utc),
-                                score=score, manifest=bundle.manifest, model_file=bundle.manifest.model_file(),
-                                total_ms=0.5)
+        score = Score(
+            score=value,
+            threshold=0.15,
+            heatmap=np.zeros((2, 2), np.float32),
+            peak_x=1,
+            peak_y=0,
+            peak_value=value,
+            preprocess_ms=0.1,
+            inference_ms=0.2,
+        )
+        payload = build_verdict(
+            seq=7,
+            station=station,
+            part_id="cam:3",
+            captured_at=datetime.now(timezone.utc),
+            score=score,
+            manifest=bundle.manifest,
+            model_file=bundle.manifest.model_file(),
+            total_ms=0.5,
+        )
         validator.validate(payload)
         assert payload["evaluation"]["state"] == "UNDEFINED" and "non-finite" in payload["evaluation"]["reason"]
         assert payload["score"] is None and payload["heatmap_peak"]["value"] is None
 
 
 def test_window_on_with_a_display_that_does_not_answer_is_one_clear_line(
-        tiny_bundle, tiny_video, make_edge_config, ganspect_cli):
+    tiny_bundle, tiny_video, make_edge_config, ganspect_cli
+):
     # Without the check, OpenCV's Qt backend would abort the process on this display.
     config = make_edge_config(tiny_bundle, tiny_video.path, None, display={"window": "on"})
     proc = ganspect_cli("edge", "--config", str(config), env={"DISPLAY": "127.0.0.1:59", "WAYLAND_DISPLAY": ""})
@@ -271,10 +329,15 @@ def test_window_on_with_a_display_that_does_not_answer_is_one_clear_line(
 
 def test_sigterm_while_starting_is_a_clean_stop(tiny_bundle, tiny_video, make_edge_config, unused_port, tmp_path):
     # Start-up waits for a broker that never answers (connect_timeout_s); systemd may stop the unit meanwhile.
-    config = make_edge_config(tiny_bundle, tiny_video.path, ("127.0.0.1", unused_port),
-                              mqtt={"connect_timeout_s": 20}, source={"loop": True})
-    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    config = make_edge_config(
+        tiny_bundle, tiny_video.path, ("127.0.0.1", unused_port), mqtt={"connect_timeout_s": 20}, source={"loop": True}
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(2.0)  # past the imports and the model load, inside the broker wait
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=15)  # not the 20 s broker wait: a stop ends it

@@ -35,9 +35,23 @@ def validator() -> jsonschema.Draft202012Validator:
 
 
 def _daemon(config: Path, verdict_log: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless",
-                             "--verdict-log", str(verdict_log), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ganspect.edge",
+            "edge",
+            "--config",
+            str(config),
+            "--headless",
+            "--verdict-log",
+            str(verdict_log),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen[str], sig: int | None = signal.SIGTERM, timeout: float = 30) -> tuple[str, str]:
@@ -87,12 +101,18 @@ def _received(sub: Any) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("protocol", ["v3.1.1", "v5"])
 def test_a_ten_second_broker_outage_loses_no_verdict_and_keeps_production_order(
-        protocol, start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, validator, tmp_path):
+    protocol, start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, validator, tmp_path
+):
     broker = start_broker(persistent=True)
     sub = mqtt_subscriber(broker.host, broker.port, f"{BASE_TOPIC}/verdict", persistent=True)
     video = make_video(tmp_path / "parts.avi", PATTERN)
-    config = make_edge_config(tiny_bundle, video, broker, source={"loop": True, "max_fps": 25},
-                              mqtt={"reconnect_max_delay_s": 1, "keepalive": 5, "protocol": protocol})
+    config = make_edge_config(
+        tiny_bundle,
+        video,
+        broker,
+        source={"loop": True, "max_fps": 25},
+        mqtt={"reconnect_max_delay_s": 1, "keepalive": 5, "protocol": protocol},
+    )
     verdict_log = tmp_path / "verdicts.jsonl"
     proc = _daemon(config, verdict_log)
     try:
@@ -129,10 +149,12 @@ def test_a_ten_second_broker_outage_loses_no_verdict_and_keeps_production_order(
     # captured_at is when the frame was read; it is scored a moment later (a file is read ahead into a short
     # queue), and the daemon learns of the loss from its network thread, which a loaded 2-core machine can
     # hold up a moment: frames near either edge of the outage may fall on either side, so they are left out.
-    outage = {p["result_id"] for p in produced
-              if stopped_at + 1.5 < _utc(p["captured_at"]) < restarted_at - 1.0}
-    live = {p["result_id"] for p in produced
-            if _utc(p["captured_at"]) < stopped_at - 1.5 or _utc(p["captured_at"]) > restarted_at + 4}
+    outage = {p["result_id"] for p in produced if stopped_at + 1.5 < _utc(p["captured_at"]) < restarted_at - 1.0}
+    live = {
+        p["result_id"]
+        for p in produced
+        if _utc(p["captured_at"]) < stopped_at - 1.5 or _utc(p["captured_at"]) > restarted_at + 4
+    }
     assert len(outage) >= 150, len(outage)  # about 187 at 25 verdicts/s
     assert all(p["replayed"] for p in received if p["result_id"] in outage)
     assert not any(p["replayed"] for p in received if p["result_id"] in live)
@@ -146,13 +168,19 @@ def test_a_ten_second_broker_outage_loses_no_verdict_and_keeps_production_order(
 
 
 def test_verdicts_of_a_killed_daemon_are_sent_by_the_next_start(
-        start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, validator, tmp_path):
+    start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, validator, tmp_path
+):
     broker = start_broker(persistent=True)
     sub = mqtt_subscriber(broker.host, broker.port, f"{BASE_TOPIC}/verdict", persistent=True)
     broker.stop()
     video = make_video(tmp_path / "parts.avi", PATTERN)
-    config = make_edge_config(tiny_bundle, video, broker, source={"loop": True, "max_fps": 25},
-                              mqtt={"connect_timeout_s": 0.5, "reconnect_max_delay_s": 1})
+    config = make_edge_config(
+        tiny_bundle,
+        video,
+        broker,
+        source={"loop": True, "max_fps": 25},
+        mqtt={"connect_timeout_s": 0.5, "reconnect_max_delay_s": 1},
+    )
     first_log, second_log = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
 
     first = _daemon(config, first_log)
@@ -196,7 +224,8 @@ def _retained_status(mqtt_subscriber: Any, broker: Any) -> list[tuple[bytes, boo
 
 
 def test_last_will_says_offline_after_sigkill_and_stopped_after_sigterm(
-        mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path):
+    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path
+):
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, f"{BASE_TOPIC}/status")
     video = make_video(tmp_path / "parts.avi", PATTERN)
     config = make_edge_config(tiny_bundle, video, mosquitto_broker, source={"loop": True, "max_fps": 25})
@@ -204,8 +233,14 @@ def test_last_will_says_offline_after_sigkill_and_stopped_after_sigterm(
     for run, (sig, final) in enumerate([(signal.SIGKILL, b"offline"), (signal.SIGTERM, b"stopped")]):
         proc = _daemon(config, tmp_path / f"run{run}.jsonl")
         try:
-            _wait(lambda: [m.payload for m in sub.on("/status")][-1:] == [b"online"]
-                  and len(_logged(tmp_path / f"run{run}.jsonl")) >= 3, 30, "the daemon online and inspecting")
+            _wait(
+                lambda: (
+                    [m.payload for m in sub.on("/status")][-1:] == [b"online"]
+                    and len(_logged(tmp_path / f"run{run}.jsonl")) >= 3
+                ),
+                30,
+                "the daemon online and inspecting",
+            )
         finally:
             _finish(proc, sig)
         _wait(lambda: [m.payload for m in sub.on("/status")][-1:] == [final], 10, f"status {final!r}")
@@ -214,15 +249,21 @@ def test_last_will_says_offline_after_sigkill_and_stopped_after_sigterm(
 
 
 def test_only_the_brokers_ack_removes_a_verdict_from_the_outbox(
-        start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, validator, tmp_path):
+    start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, validator, tmp_path
+):
     # A frozen broker keeps the connection open but never acknowledges: the daemon sends
     # up to max_inflight verdicts into the void. Both processes are then killed, so those
     # verdicts exist only in the daemon's outbox; the next start must send them.
     broker = start_broker(persistent=True)
     sub = mqtt_subscriber(broker.host, broker.port, f"{BASE_TOPIC}/verdict", persistent=True)
     video = make_video(tmp_path / "parts.avi", PATTERN)
-    config = make_edge_config(tiny_bundle, video, broker, source={"loop": True, "max_fps": 25},
-                              mqtt={"connect_timeout_s": 0.5, "reconnect_max_delay_s": 1, "max_inflight": 5})
+    config = make_edge_config(
+        tiny_bundle,
+        video,
+        broker,
+        source={"loop": True, "max_fps": 25},
+        mqtt={"connect_timeout_s": 0.5, "reconnect_max_delay_s": 1, "max_inflight": 5},
+    )
     first_log, second_log = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
     first = _daemon(config, first_log)
     try:
@@ -253,12 +294,18 @@ def test_only_the_brokers_ack_removes_a_verdict_from_the_outbox(
 
 
 def test_sigterm_during_a_broker_restart_waits_for_it_within_the_drain_time(
-        start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path):
+    start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path
+):
     broker = start_broker(persistent=True)
     sub = mqtt_subscriber(broker.host, broker.port, f"{BASE_TOPIC}/verdict", persistent=True)
     video = make_video(tmp_path / "parts.avi", PATTERN)
-    config = make_edge_config(tiny_bundle, video, broker, source={"loop": True, "max_fps": 50},
-                              mqtt={"reconnect_max_delay_s": 1, "keepalive": 5, "drain_timeout_s": 20})
+    config = make_edge_config(
+        tiny_bundle,
+        video,
+        broker,
+        source={"loop": True, "max_fps": 50},
+        mqtt={"reconnect_max_delay_s": 1, "keepalive": 5, "drain_timeout_s": 20},
+    )
     verdict_log = tmp_path / "verdicts.jsonl"
     proc = _daemon(config, verdict_log)
     try:

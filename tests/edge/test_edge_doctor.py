@@ -16,8 +16,6 @@ from typing import Any
 import pytest
 
 
-
-
 def _lines(result: CompletedProcess[str]) -> dict[str, str]:
     """The PASS/FAIL line of each check, by check name (with its hint line, when there is one)."""
     found: dict[str, str] = {}
@@ -32,14 +30,17 @@ def _lines(result: CompletedProcess[str]) -> dict[str, str]:
 
 
 @pytest.fixture
-def station(tiny_bundle: Path, tiny_video: Any, mosquitto_broker: Any,
-            make_edge_config: Callable[..., Path], tmp_path: Path) -> Callable[..., Path]:
+def station(
+    tiny_bundle: Path, tiny_video: Any, mosquitto_broker: Any, make_edge_config: Callable[..., Path], tmp_path: Path
+) -> Callable[..., Path]:
     """A good station's config; keyword sections override it, e.g. station(mqtt={"port": 1})."""
+
     def make(**overrides: dict[str, Any]) -> Path:
         sections: dict[str, dict[str, Any]] = {"data": {"dir": str(tmp_path / "data")}}
         for section, values in overrides.items():
             sections.setdefault(section, {}).update(values)
         return make_edge_config(tiny_bundle, tiny_video.path, mosquitto_broker, **sections)
+
     return make
 
 
@@ -63,8 +64,9 @@ def _only_failure(result: CompletedProcess[str], name: str) -> str:
     return checks[name]
 
 
-def test_changed_model_file_fails_the_model_check(station: Callable[..., Path], tiny_bundle: Path,
-                                                  ganspect_cli: Callable[..., Any]) -> None:
+def test_changed_model_file_fails_the_model_check(
+    station: Callable[..., Path], tiny_bundle: Path, ganspect_cli: Callable[..., Any]
+) -> None:
     model = tiny_bundle / "model.onnx"
     data = bytearray(model.read_bytes())
     data[-1] ^= 0xFF
@@ -73,16 +75,17 @@ def test_changed_model_file_fails_the_model_check(station: Callable[..., Path], 
     assert "SHA-256" in line or "sha256" in line.lower()
 
 
-def test_no_broker_fails_the_broker_check(station: Callable[..., Path], unused_port: int,
-                                          ganspect_cli: Callable[..., Any]) -> None:
+def test_no_broker_fails_the_broker_check(
+    station: Callable[..., Path], unused_port: int, ganspect_cli: Callable[..., Any]
+) -> None:
     config = station(mqtt={"port": unused_port, "connect_timeout_s": 1})
     line = _only_failure(ganspect_cli("doctor", "--config", str(config)), "broker")
     assert f"127.0.0.1:{unused_port}" in line and "broker runs" in line
 
 
-def test_wrong_password_fails_the_broker_check(start_broker: Callable[..., Any], tmp_path: Path,
-                                               station: Callable[..., Path],
-                                               ganspect_cli: Callable[..., Any]) -> None:
+def test_wrong_password_fails_the_broker_check(
+    start_broker: Callable[..., Any], tmp_path: Path, station: Callable[..., Path], ganspect_cli: Callable[..., Any]
+) -> None:
     import subprocess
 
     passwords = tmp_path / "passwords"
@@ -96,43 +99,46 @@ def test_wrong_password_fails_the_broker_check(start_broker: Callable[..., Any],
     assert good.returncode == 0, good.stdout
 
 
-def test_unreadable_camera_fails_the_camera_check(station: Callable[..., Path], tmp_path: Path,
-                                                  ganspect_cli: Callable[..., Any]) -> None:
+def test_unreadable_camera_fails_the_camera_check(
+    station: Callable[..., Path], tmp_path: Path, ganspect_cli: Callable[..., Any]
+) -> None:
     not_a_video = tmp_path / "camera.avi"
     not_a_video.write_bytes(os.urandom(4096))
-    line = _only_failure(ganspect_cli("doctor", "--config", str(station(source={"uri": str(not_a_video)}))),
-                         "camera")
+    line = _only_failure(ganspect_cli("doctor", "--config", str(station(source={"uri": str(not_a_video)}))), "camera")
     assert "camera.avi" in line and "group video" in line
 
 
-def test_outbox_quota_beyond_free_space_fails_the_data_check(station: Callable[..., Path],
-                                                             ganspect_cli: Callable[..., Any]) -> None:
+def test_outbox_quota_beyond_free_space_fails_the_data_check(
+    station: Callable[..., Path], ganspect_cli: Callable[..., Any]
+) -> None:
     config = station(mqtt={"outbox": {"max_bytes": 2**60}})
     line = _only_failure(ganspect_cli("doctor", "--config", str(config)), "data")
     assert "mqtt.outbox.max_bytes" in line
 
 
-def test_unwritable_data_folder_fails_the_data_check(station: Callable[..., Path], tmp_path: Path,
-                                                     ganspect_cli: Callable[..., Any]) -> None:
+def test_unwritable_data_folder_fails_the_data_check(
+    station: Callable[..., Path], tmp_path: Path, ganspect_cli: Callable[..., Any]
+) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder", encoding="utf-8")
-    line = _only_failure(ganspect_cli("doctor", "--config", str(station(data={"dir": str(blocker / "data")}))),
-                         "data")
+    line = _only_failure(ganspect_cli("doctor", "--config", str(station(data={"dir": str(blocker / "data")}))), "data")
     assert "not writable" in line
 
 
-def test_window_on_without_display_fails_the_display_check(station: Callable[..., Path],
-                                                           ganspect_cli: Callable[..., Any]) -> None:
+def test_window_on_without_display_fails_the_display_check(
+    station: Callable[..., Path], ganspect_cli: Callable[..., Any]
+) -> None:
     env = {"DISPLAY": ":250", "WAYLAND_DISPLAY": ""}  # nothing serves display 250 here
-    line = _only_failure(ganspect_cli("doctor", "--config", str(station(display={"window": "on"})), env=env),
-                         "display")
+    line = _only_failure(ganspect_cli("doctor", "--config", str(station(display={"window": "on"})), env=env), "display")
     assert "display.window is on" in line
 
 
 def test_invalid_config_is_one_failed_check(tmp_path: Path, ganspect_cli: Callable[..., Any]) -> None:
     config = tmp_path / "edge.yaml"
-    config.write_text("station: {site: a, line: b, station: c}\nmodel: {bundle: x}\nsource: {uri: '0'}\n"
-                      "mqtt: {hostname: nowhere}\n", encoding="utf-8")
+    config.write_text(
+        "station: {site: a, line: b, station: c}\nmodel: {bundle: x}\nsource: {uri: '0'}\nmqtt: {hostname: nowhere}\n",
+        encoding="utf-8",
+    )
     result = ganspect_cli("doctor", "--config", str(config))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert _lines(result)["config"].startswith("FAIL") and "mqtt.hostname" in result.stdout

@@ -44,8 +44,9 @@ def test_retention_by_bytes_and_by_age_including_what_an_earlier_run_left(tmp_pa
     forty_days_ago = time.time() - 40 * 86_400
     os.utime(old, (forty_days_ago, forty_days_ago))
 
-    store = ImageStore(tmp_path, ImagesConfig(max_bytes=1024 * 1024, max_age_days=30, min_free_bytes=0,
-                                              jpeg_quality=100))
+    store = ImageStore(
+        tmp_path, ImagesConfig(max_bytes=1024 * 1024, max_age_days=30, min_free_bytes=0, jpeg_quality=100)
+    )
     store.start()
     for i in range(12):  # ~130 kB each at quality 100: noise does not compress
         store.offer(f"r{i}", "2026-01-02", lambda i=i: _noise(i, 256))
@@ -94,8 +95,9 @@ def test_a_writer_that_falls_behind_never_blocks_the_caller(tmp_path):
     assert (stats.saved, stats.dropped_queue_full) == (2, 1)
 
 
-def test_daemon_keeps_judging_when_the_disk_is_nearly_full(tiny_bundle, tiny_video, make_edge_config,
-                                                            ganspect_cli, tmp_path):
+def test_daemon_keeps_judging_when_the_disk_is_nearly_full(
+    tiny_bundle, tiny_video, make_edge_config, ganspect_cli, tmp_path
+):
     config = make_edge_config(tiny_bundle, tiny_video.path, None, images={"min_free_bytes": 2**62})
     verdict_log = tmp_path / "v.jsonl"
 
@@ -111,7 +113,8 @@ def test_daemon_keeps_judging_when_the_disk_is_nearly_full(tiny_bundle, tiny_vid
 
 
 def test_the_summary_counts_the_images_the_writer_finished_after_the_last_frame(
-        tiny_bundle, make_video, make_edge_config, ganspect_cli, tmp_path):
+    tiny_bundle, make_video, make_edge_config, ganspect_cli, tmp_path
+):
     # The last frames are NG: their images are still being written when the loop ends.
     video = make_video(tmp_path / "parts.avi", [False, True, True, True, True])
     config = make_edge_config(tiny_bundle, video, None)

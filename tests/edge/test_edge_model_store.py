@@ -30,8 +30,9 @@ def test_first_install_links_current(store: ModelStore, make_bundle: Callable[..
     assert _threshold(store.current_link) == 0.11
 
 
-def test_second_install_keeps_the_first_as_previous(store: ModelStore, make_bundle: Callable[..., Path],
-                                                    tmp_path: Path) -> None:
+def test_second_install_keeps_the_first_as_previous(
+    store: ModelStore, make_bundle: Callable[..., Path], tmp_path: Path
+) -> None:
     first = store.install(make_bundle(tmp_path / "export-a", threshold=0.11))
     second = store.install(make_bundle(tmp_path / "export-b", threshold=0.12))
     assert second.previous == first.path
@@ -42,8 +43,9 @@ def test_second_install_keeps_the_first_as_previous(store: ModelStore, make_bund
     assert kept == sorted([second.path.name, third.path.name])
 
 
-def test_a_damaged_bundle_is_refused_and_nothing_changes(store: ModelStore, make_bundle: Callable[..., Path],
-                                                         tmp_path: Path) -> None:
+def test_a_damaged_bundle_is_refused_and_nothing_changes(
+    store: ModelStore, make_bundle: Callable[..., Path], tmp_path: Path
+) -> None:
     store.install(make_bundle(tmp_path / "export-a", threshold=0.11))
     before = sorted(p.name for p in store.root.iterdir()), os.readlink(store.current_link)
     damaged = make_bundle(tmp_path / "export-b", threshold=0.12)
@@ -56,9 +58,9 @@ def test_a_damaged_bundle_is_refused_and_nothing_changes(store: ModelStore, make
     assert _threshold(store.current_link) == 0.11
 
 
-def test_a_bundle_whose_graph_disagrees_with_its_manifest_is_refused(store: ModelStore,
-                                                                     make_bundle: Callable[..., Path],
-                                                                     tmp_path: Path) -> None:
+def test_a_bundle_whose_graph_disagrees_with_its_manifest_is_refused(
+    store: ModelStore, make_bundle: Callable[..., Path], tmp_path: Path
+) -> None:
     wrong = make_bundle(tmp_path / "export-wrong", graph_shape=(16, 16, 1))  # hashes fine, graph is not 32x32
     with pytest.raises(BundleError, match="does not belong to this model"):
         store.install(wrong)
@@ -71,8 +73,9 @@ def test_not_a_bundle(store: ModelStore, tmp_path: Path) -> None:
         store.install(tmp_path / "photos")
 
 
-def test_installing_the_current_bundle_again_changes_nothing(store: ModelStore, make_bundle: Callable[..., Path],
-                                                             tmp_path: Path) -> None:
+def test_installing_the_current_bundle_again_changes_nothing(
+    store: ModelStore, make_bundle: Callable[..., Path], tmp_path: Path
+) -> None:
     bundle = make_bundle(tmp_path / "export-a")
     first = store.install(bundle)
     again = store.install(bundle)
@@ -95,8 +98,9 @@ def test_a_hand_copied_folder_is_adopted(store: ModelStore, make_bundle: Callabl
     assert _threshold(store.previous_link) == 0.11 and _threshold(store.current_link) == 0.12
 
 
-def test_leftovers_of_an_interrupted_install_are_removed(store: ModelStore, make_bundle: Callable[..., Path],
-                                                         tmp_path: Path) -> None:
+def test_leftovers_of_an_interrupted_install_are_removed(
+    store: ModelStore, make_bundle: Callable[..., Path], tmp_path: Path
+) -> None:
     store.root.mkdir(parents=True)
     stray = store.root / ".incoming-abc123"
     stray.mkdir()

@@ -40,29 +40,51 @@ def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @pytest.fixture
-def station(tmp_path: Path, make_bundle: Callable[..., Path], make_edge_config: Callable[..., Path],
-            tiny_video: Any, mosquitto_broker: Any, ganspect_cli: Callable[..., Any]) -> Path:
+def station(
+    tmp_path: Path,
+    make_bundle: Callable[..., Path],
+    make_edge_config: Callable[..., Path],
+    tiny_video: Any,
+    mosquitto_broker: Any,
+    ganspect_cli: Callable[..., Any],
+) -> Path:
     """A station config whose model.bundle is models/current, with bundle A (threshold 0.15) installed."""
-    config = make_edge_config(tmp_path / "models" / "current", tiny_video.path, mosquitto_broker,
-                              source={"loop": True, "max_fps": 30})
-    result = ganspect_cli("edge", "install-model", str(make_bundle(tmp_path / "export-a", threshold=0.15)),
-                          "--config", str(config))
+    config = make_edge_config(
+        tmp_path / "models" / "current", tiny_video.path, mosquitto_broker, source={"loop": True, "max_fps": 30}
+    )
+    result = ganspect_cli(
+        "edge", "install-model", str(make_bundle(tmp_path / "export-a", threshold=0.15)), "--config", str(config)
+    )
     assert result.returncode == 0, result.stderr
     assert "verified and installed" in result.stdout
     return config
 
 
-def test_install_model_swaps_between_frames_and_refuses_a_bad_bundle(station: Path, tmp_path: Path,
-                                                                     make_bundle: Callable[..., Path],
-                                                                     ganspect_cli: Callable[..., Any]) -> None:
+def test_install_model_swaps_between_frames_and_refuses_a_bad_bundle(
+    station: Path, tmp_path: Path, make_bundle: Callable[..., Path], ganspect_cli: Callable[..., Any]
+) -> None:
     verdict_log = tmp_path / "verdicts.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(station), "--headless",
-                             "--verdict-log", str(verdict_log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ganspect.edge",
+            "edge",
+            "--config",
+            str(station),
+            "--headless",
+            "--verdict-log",
+            str(verdict_log),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait(lambda: len(_lines(verdict_log)) >= 10, 30, "10 verdicts with bundle A")
-        swap = ganspect_cli("edge", "install-model", str(make_bundle(tmp_path / "export-b", threshold=0.2)),
-                            "--config", str(station))
+        swap = ganspect_cli(
+            "edge", "install-model", str(make_bundle(tmp_path / "export-b", threshold=0.2)), "--config", str(station)
+        )
         assert swap.returncode == 0, swap.stderr
         assert "the previous one" in swap.stdout
         _wait(lambda: any(v["threshold"]["value"] == 0.2 for v in _lines(verdict_log)), 30, "a verdict by B")
@@ -91,10 +113,13 @@ def test_install_model_swaps_between_frames_and_refuses_a_bad_bundle(station: Pa
     assert "left in the outbox 0" in stdout
 
 
-def test_a_station_refuses_a_bundle_its_inspection_cannot_use(station: Path, tmp_path: Path,
-                                                              make_bundle: Callable[..., Path],
-                                                              ganspect_cli: Callable[..., Any]) -> None:
-    text = station.read_text(encoding="utf-8") + "inspection:\n  tiling: tiles\n  roi: {x: 0, y: 0, width: 48, height: 48}\n"
+def test_a_station_refuses_a_bundle_its_inspection_cannot_use(
+    station: Path, tmp_path: Path, make_bundle: Callable[..., Path], ganspect_cli: Callable[..., Any]
+) -> None:
+    text = (
+        station.read_text(encoding="utf-8")
+        + "inspection:\n  tiling: tiles\n  roi: {x: 0, y: 0, width: 48, height: 48}\n"
+    )
     station.write_text(text, encoding="utf-8")
     big = make_bundle(tmp_path / "export-64", height=64, width=64)
     refused = ganspect_cli("edge", "install-model", str(big), "--config", str(station))
@@ -102,16 +127,21 @@ def test_a_station_refuses_a_bundle_its_inspection_cannot_use(station: Path, tmp
     assert load_config(station).model.bundle.resolve().name.startswith("tiny-test-")
 
 
-def test_a_damaged_current_bundle_at_start_falls_back_to_the_previous_one(station: Path, tmp_path: Path,
-                                                                          make_bundle: Callable[..., Path],
-                                                                          ganspect_cli: Callable[..., Any]) -> None:
-    assert ganspect_cli("edge", "install-model", str(make_bundle(tmp_path / "export-b", threshold=0.2)),
-                        "--config", str(station)).returncode == 0
+def test_a_damaged_current_bundle_at_start_falls_back_to_the_previous_one(
+    station: Path, tmp_path: Path, make_bundle: Callable[..., Path], ganspect_cli: Callable[..., Any]
+) -> None:
+    assert (
+        ganspect_cli(
+            "edge", "install-model", str(make_bundle(tmp_path / "export-b", threshold=0.2)), "--config", str(station)
+        ).returncode
+        == 0
+    )
     current = load_config(station).model.bundle
     model = current.resolve() / "model.onnx"
     model.write_bytes(model.read_bytes()[:-10])  # the disk lost the end of the file
-    result = ganspect_cli("edge", "--config", str(station), "--headless", "--max-frames", "3",
-                          "--verdict-log", str(tmp_path / "v.jsonl"))
+    result = ganspect_cli(
+        "edge", "--config", str(station), "--headless", "--max-frames", "3", "--verdict-log", str(tmp_path / "v.jsonl")
+    )
     assert result.returncode == 0, result.stderr
     assert "restoring the last good bundle" in result.stderr
     assert {v["threshold"]["value"] for v in _lines(tmp_path / "v.jsonl")} == {0.15}
@@ -119,8 +149,8 @@ def test_a_damaged_current_bundle_at_start_falls_back_to_the_previous_one(statio
 
 
 def test_a_bundle_the_daemon_refuses_is_rolled_back_and_the_old_one_keeps_scoring(
-        tmp_path: Path, make_bundle: Callable[..., Path], make_edge_config: Callable[..., Path],
-        tiny_video: Any) -> None:
+    tmp_path: Path, make_bundle: Callable[..., Path], make_edge_config: Callable[..., Path], tiny_video: Any
+) -> None:
     # The daemon's own check refuses 64x64 models; install() here is not told, as on a station whose
     # inspection settings changed after the bundle was installed.
     config = load_config(make_edge_config(tmp_path / "models" / "current", tiny_video.path))
@@ -137,6 +167,7 @@ def test_a_bundle_the_daemon_refuses_is_rolled_back_and_the_old_one_keeps_scorin
     watch.poll()
     watch.close()
     assert live.scorer.manifest.input.width == 32
-    assert load_config(make_edge_config(tmp_path / "models" / "current", tiny_video.path)).model.bundle.resolve() \
-        == store.target(store.previous_link)
+    assert load_config(
+        make_edge_config(tmp_path / "models" / "current", tiny_video.path)
+    ).model.bundle.resolve() == store.target(store.previous_link)
     assert Scorer.load(config.model.bundle).manifest.threshold.value == 0.15

@@ -32,7 +32,8 @@ def test_every_edge_module_and_the_scorer_run_without_torch(tiny_bundle, make_pa
     import cv2
 
     assert cv2.imwrite(str(frame_path), make_part_image(True, 1))
-    code = textwrap.dedent(f"""
+    code = (
+        textwrap.dedent(f"""
         import importlib, pkgutil
         import cv2
         import ganspect.edge
@@ -43,7 +44,10 @@ def test_every_edge_module_and_the_scorer_run_without_torch(tiny_bundle, make_pa
         from ganspect.edge.scorer import Scorer
         result = Scorer.load({str(tiny_bundle)!r}).score(cv2.imread({str(frame_path)!r}))
         HEAVY = {HEAVY!r}
-    """) + _REPORT + "report['modules'] = names; report['result'] = result.result; print(json.dumps(report))"
+    """)
+        + _REPORT
+        + "report['modules'] = names; report['result'] = result.result; print(json.dumps(report))"
+    )
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -57,12 +61,16 @@ def test_the_daemon_through_the_cli_runs_without_torch(tiny_bundle, tiny_video, 
     # The real command path: entry points, config, bundle, OpenCV source, scoring, verdicts.
     config = make_edge_config(tiny_bundle, tiny_video.path, None)
     verdicts = tmp_path / "v.jsonl"
-    code = textwrap.dedent(f"""
+    code = (
+        textwrap.dedent(f"""
         import sys
         from ganspect.edge.cli import main
         rc = main(["edge", "--config", {str(config)!r}, "--headless", "--verdict-log", {str(verdicts)!r}])
         HEAVY = {HEAVY!r}
-    """) + _REPORT + "report['rc'] = rc; print(json.dumps(report))"
+    """)
+        + _REPORT
+        + "report['rc'] = rc; print(json.dumps(report))"
+    )
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])

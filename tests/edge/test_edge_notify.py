@@ -72,20 +72,24 @@ def test_a_vanished_socket_does_not_raise(tmp_path: Path) -> None:
     assert notifier.send("WATCHDOG=1") is False  # warned once, still no exception
 
 
-@pytest.mark.parametrize(("env", "expected"), [
-    ({"WATCHDOG_USEC": "30000000"}, 15.0),
-    ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, 15.0),
-    ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None),  # meant for another process
-    ({"WATCHDOG_USEC": "0"}, None),
-    ({"WATCHDOG_USEC": "soon"}, None),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"WATCHDOG_USEC": "30000000"}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None),  # meant for another process
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "soon"}, None),
+        ({}, None),
+    ],
+)
 def test_watchdog_interval_is_half_of_watchdog_sec(env: dict[str, str], expected: float | None) -> None:
     assert watchdog_interval_s(env) == expected
 
 
 def test_watchdog_pings_at_most_once_per_interval_and_stops_with_the_beats(
-        notify_socket: tuple[str, socket.socket]) -> None:
+    notify_socket: tuple[str, socket.socket],
+) -> None:
     address, server = notify_socket
     watchdog = Watchdog(SystemdNotifier({"NOTIFY_SOCKET": address}), interval_s=0.1)
     assert watchdog.armed
@@ -105,8 +109,8 @@ def test_watchdog_pings_at_most_once_per_interval_and_stops_with_the_beats(
 
 
 def test_the_daemon_is_ready_pings_while_scoring_and_stops_pinging_when_its_loop_hangs(
-        notify_socket: tuple[str, socket.socket], tiny_bundle: Path, make_video: Any, make_edge_config: Any,
-        tmp_path: Path) -> None:
+    notify_socket: tuple[str, socket.socket], tiny_bundle: Path, make_video: Any, make_edge_config: Any, tmp_path: Path
+) -> None:
     """READY=1 after start-up, WATCHDOG=1 while frames are scored, none while the loop is stuck, STOPPING=1.
 
     The stall is real: the verdict log is a FIFO that the test stops reading, so once the
@@ -140,9 +144,23 @@ def test_the_daemon_is_ready_pings_while_scoring_and_stops_pinging_when_its_loop
     video = make_video(tmp_path / "parts.avi", [False, True, False, False])
     config = make_edge_config(tiny_bundle, video, source={"loop": True, "max_fps": 100})
     env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"}  # a ping every 0.2 s
-    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless",
-                             "--verdict-log", str(fifo)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ganspect.edge",
+            "edge",
+            "--config",
+            str(config),
+            "--headless",
+            "--verdict-log",
+            str(fifo),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     def messages_for(seconds: float) -> list[tuple[float, str]]:
         got = []

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
 import sqlite3
 import subprocess
 import sys
@@ -158,7 +158,7 @@ def test_puts_and_acks_from_two_threads_lose_nothing(tmp_path):
                 with ready:
                     sent.append((seq, 1000 + seq))
                     ready.notify()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     def acker() -> None:  # plays paho's network thread: acks each message, sometimes before mark_sent
@@ -176,7 +176,7 @@ def test_puts_and_acks_from_two_threads_lose_nothing(tmp_path):
                     outbox.mark_sent(seq, mid)
                     outbox.acked(mid)
                 done += 1
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=producer), threading.Thread(target=acker)]
@@ -229,15 +229,16 @@ def _damaged_outbox(folder: Path, how: str) -> Path:
     data = bytearray(path.read_bytes())
     if how == "pages":  # some pages of the table overwritten: SQLite still opens it, its check finds the damage
         for offset in range(3 * 4096, 6 * 4096, 97):
-            data[offset:offset + 16] = b"\xa5" * 16
+            data[offset : offset + 16] = b"\xa5" * 16
     else:  # the header gone: not a database any more
         data[:100] = bytes(100)
     path.write_bytes(bytes(data))
     return path
 
 
-@pytest.mark.parametrize("how, counter", [("pages", "seq continues from 201"),
-                                          ("header", "(the old counter could not be read)")])
+@pytest.mark.parametrize(
+    "how, counter", [("pages", "seq continues from 201"), ("header", "(the old counter could not be read)")]
+)
 def test_a_damaged_outbox_is_moved_aside_kept_and_replaced_by_a_new_one(tmp_path, caplog, how, counter):
     path = _damaged_outbox(tmp_path, how)
     damaged = path.read_bytes()
@@ -266,8 +267,9 @@ def test_a_damaged_outbox_is_moved_aside_kept_and_replaced_by_a_new_one(tmp_path
     assert sorted(tmp_path.glob("outbox.damaged-*.sqlite3")) == kept
 
 
-def test_the_daemon_starts_with_a_damaged_outbox_and_says_what_was_lost(tmp_path, tiny_bundle, tiny_video,
-                                                                        make_edge_config, ganspect_cli):
+def test_the_daemon_starts_with_a_damaged_outbox_and_says_what_was_lost(
+    tmp_path, tiny_bundle, tiny_video, make_edge_config, ganspect_cli
+):
     data = tmp_path / "data"
     data.mkdir()
     _damaged_outbox(data, "pages")

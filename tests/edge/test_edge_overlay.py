@@ -68,8 +68,9 @@ def test_a_display_that_does_not_answer_is_not_available(monkeypatch, display):
 @pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb is not installed (apt-get install -y xvfb)")
 def test_a_running_x_server_is_available(monkeypatch):
     number = _free_display_number()
-    server = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", "320x240x24"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        ["Xvfb", f":{number}", "-screen", "0", "320x240x24"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 10
         while not Path(f"/tmp/.X11-unix/X{number}").exists() and time.monotonic() < deadline:

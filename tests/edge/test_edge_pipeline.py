@@ -32,8 +32,12 @@ def _validate(payload: dict[str, Any], schema: dict[str, Any]) -> None:
 
 
 def _start_daemon(config: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[str, str]:
@@ -51,10 +55,12 @@ def _payloads(sub: Any, suffix: str) -> list[dict[str, Any]]:
 
 
 def test_continuous_file_scores_every_frame_in_order_and_publishes_valid_metrics(
-        mosquitto_broker, mqtt_subscriber, tiny_bundle, tiny_video, make_edge_config, ganspect_cli):
+    mosquitto_broker, mqtt_subscriber, tiny_bundle, tiny_video, make_edge_config, ganspect_cli
+):
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
-    config = make_edge_config(tiny_bundle, tiny_video.path, mosquitto_broker, health={"interval_s": 0.2},
-                              source={"max_fps": 20})
+    config = make_edge_config(
+        tiny_bundle, tiny_video.path, mosquitto_broker, health={"interval_s": 0.2}, source={"max_fps": 20}
+    )
 
     proc = ganspect_cli("edge", "--config", str(config), "--headless")
 
@@ -74,8 +80,11 @@ def test_continuous_file_scores_every_frame_in_order_and_publishes_valid_metrics
     for report in metrics:
         _validate(report, METRICS_SCHEMA)
     last = metrics[-1]
-    assert last["results"] == {"OK": tiny_video.expected.count("OK"), "NG": tiny_video.expected.count("NG"),
-                               "UNDEFINED": 0}
+    assert last["results"] == {
+        "OK": tiny_video.expected.count("OK"),
+        "NG": tiny_video.expected.count("NG"),
+        "UNDEFINED": 0,
+    }
     assert last["camera"]["captured_frames"] == n and last["camera"]["skipped_frames"] == 0
     assert last["model"]["sha256"] == verdicts[0]["model"]["sha256"] and last["broker"] == "online"
     assert last["latency_ms"]["inference"]["p95"] > 0 and last["latency_ms"]["publish"]["max"] > 0
@@ -84,11 +93,13 @@ def test_continuous_file_scores_every_frame_in_order_and_publishes_valid_metrics
 
 
 def test_rate_limited_live_stream_scores_at_most_max_fps_and_counts_the_skipped_frames(
-        mosquitto_broker, mqtt_subscriber, tiny_bundle, make_edge_config, mjpeg_camera):
+    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_edge_config, mjpeg_camera
+):
     camera = mjpeg_camera(fps=25.0)
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
-    config = make_edge_config(tiny_bundle, camera.url, mosquitto_broker, source={"max_fps": 4, "name": "ipcam"},
-                              health={"interval_s": 0.5})
+    config = make_edge_config(
+        tiny_bundle, camera.url, mosquitto_broker, source={"max_fps": 4, "name": "ipcam"}, health={"interval_s": 0.5}
+    )
     proc = _start_daemon(config)
     try:
         assert len(sub.wait_for("/verdict", 8, timeout=30)) >= 8
@@ -107,26 +118,39 @@ def test_rate_limited_live_stream_scores_at_most_max_fps_and_counts_the_skipped_
 
 
 def test_a_stream_that_goes_silent_gives_undefined_then_recovers_and_sigterm_exits_0(
-        mosquitto_broker, mqtt_subscriber, tiny_bundle, make_edge_config, mjpeg_camera):
+    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_edge_config, mjpeg_camera
+):
     camera = mjpeg_camera(fps=20.0, ng_every=5)
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
-    config = make_edge_config(tiny_bundle, camera.url, mosquitto_broker, health={"interval_s": 0.5},
-                              source={"name": "ipcam", "stale_after_s": 0.6, "read_timeout_s": 1.0,
-                                      "reconnect_max_delay_s": 1.0, "max_fps": 10})
+    config = make_edge_config(
+        tiny_bundle,
+        camera.url,
+        mosquitto_broker,
+        health={"interval_s": 0.5},
+        source={
+            "name": "ipcam",
+            "stale_after_s": 0.6,
+            "read_timeout_s": 1.0,
+            "reconnect_max_delay_s": 1.0,
+            "max_fps": 10,
+        },
+    )
     proc = _start_daemon(config)
     try:
         assert len(sub.wait_for("/verdict", 5, timeout=30)) >= 5
         camera.paused.set()  # the camera hangs: no more frames, and it refuses new connections
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not any(
-                v["evaluation"]["state"] == "UNDEFINED" for v in _payloads(sub, "/verdict")):
+            v["evaluation"]["state"] == "UNDEFINED" for v in _payloads(sub, "/verdict")
+        ):
             time.sleep(0.1)
         time.sleep(1.5)  # long enough for a failed reopen or two
         camera.paused.clear()
         n_before = len(sub.on("/verdict"))
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not any(
-                v["evaluation"]["state"] in ("OK", "NG") for v in _payloads(sub, "/verdict")[n_before:]):
+            v["evaluation"]["state"] in ("OK", "NG") for v in _payloads(sub, "/verdict")[n_before:]
+        ):
             time.sleep(0.1)
         time.sleep(0.5)
     finally:
@@ -153,15 +177,19 @@ def test_a_stream_that_goes_silent_gives_undefined_then_recovers_and_sigterm_exi
 
 
 def test_trigger_mode_scores_the_first_frame_after_each_trigger_with_its_ids(
-        tiny_bundle, make_video, make_edge_config, tmp_path, mosquitto_broker, mqtt_subscriber):
+    tiny_bundle, make_video, make_edge_config, tmp_path, mosquitto_broker, mqtt_subscriber
+):
     from ganspect.edge.app import EdgeDaemon
     from ganspect.edge.config import load_config
     from ganspect.edge.triggers import TriggerRequest
 
     video = make_video(tmp_path / "line.avi", [False] * 40, fps=20.0)
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
-    config = load_config(make_edge_config(tiny_bundle, video, mosquitto_broker, source={"loop": True},
-                                          trigger={"mode": "mqtt", "queue_size": 2}))
+    config = load_config(
+        make_edge_config(
+            tiny_bundle, video, mosquitto_broker, source={"loop": True}, trigger={"mode": "mqtt", "queue_size": 2}
+        )
+    )
     daemon = EdgeDaemon(config, verdict_log=tmp_path / "v.jsonl")
     continuous = EdgeDaemon(load_config(make_edge_config(tiny_bundle, video, None, name="c.yaml")))
     refusal = continuous.accept_trigger(TriggerRequest("P-0", None, time.monotonic()))
@@ -191,7 +219,10 @@ def test_trigger_mode_scores_the_first_frame_after_each_trigger_with_its_ids(
     verdicts = [json.loads(line) for line in (tmp_path / "v.jsonl").read_text(encoding="utf-8").splitlines()]
     first = verdicts[:3]
     assert [(v["part_id"], v["trigger_id"]) for v in first] == [
-        ("A-100", "t0"), ("A-101", None), ("unknown/part id ok", "t2")]
+        ("A-100", "t0"),
+        ("A-101", None),
+        ("unknown/part id ok", "t2"),
+    ]
     for v, (request, wall) in zip(first, sent):
         _validate(v, VERDICT_SCHEMA)
         assert v["evaluation"]["state"] == "OK"
@@ -205,16 +236,23 @@ def test_trigger_mode_scores_the_first_frame_after_each_trigger_with_its_ids(
     assert [(p["part_id"], p["trigger_id"]) for p in published] == [(v["part_id"], v["trigger_id"]) for v in verdicts]
 
 
-def test_a_trigger_with_no_frame_after_it_is_undefined(tiny_bundle, make_edge_config, mjpeg_camera, tmp_path,
-                                                       mosquitto_broker):
+def test_a_trigger_with_no_frame_after_it_is_undefined(
+    tiny_bundle, make_edge_config, mjpeg_camera, tmp_path, mosquitto_broker
+):
     from ganspect.edge.app import EdgeDaemon
     from ganspect.edge.config import load_config
     from ganspect.edge.triggers import TriggerRequest
 
     camera = mjpeg_camera(fps=20.0)
-    config = load_config(make_edge_config(tiny_bundle, camera.url, mosquitto_broker, trigger={"mode": "mqtt",
-                                                                                  "frame_timeout_s": 0.5},
-                                          source={"read_timeout_s": 1.0, "reconnect_max_delay_s": 1.0}))
+    config = load_config(
+        make_edge_config(
+            tiny_bundle,
+            camera.url,
+            mosquitto_broker,
+            trigger={"mode": "mqtt", "frame_timeout_s": 0.5},
+            source={"read_timeout_s": 1.0, "reconnect_max_delay_s": 1.0},
+        )
+    )
     daemon = EdgeDaemon(config, verdict_log=tmp_path / "v.jsonl")
 
     def controller() -> None:
@@ -264,5 +302,6 @@ def test_an_inference_error_is_undefined_not_ok(tiny_bundle, tiny_video, make_ed
     for v in verdicts:
         _validate(v, VERDICT_SCHEMA)
         assert v["evaluation"]["state"] == "UNDEFINED" and v["score"] is None
-        assert v["evaluation"]["reason"] == ("inference failed: RuntimeError: [ONNXRuntimeError] : 6 : "
-                                             "RUNTIME_EXCEPTION : out of memory")
+        assert v["evaluation"]["reason"] == (
+            "inference failed: RuntimeError: [ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : out of memory"
+        )

@@ -51,6 +51,14 @@ def test_score_matches_the_models_formula(tmp_path, make_bundle, make_part_image
 def test_nan_score_is_ng_not_ok():
     from ganspect.edge.scorer import Score
 
-    nan = Score(score=float("nan"), threshold=0.1, heatmap=np.zeros((2, 2), np.float32), peak_x=0, peak_y=0,
-                peak_value=0.0, preprocess_ms=0.0, inference_ms=0.0)
+    nan = Score(
+        score=float("nan"),
+        threshold=0.1,
+        heatmap=np.zeros((2, 2), np.float32),
+        peak_x=0,
+        peak_y=0,
+        peak_value=0.0,
+        preprocess_ms=0.0,
+        inference_ms=0.0,
+    )
     assert nan.result == "NG"

@@ -29,8 +29,9 @@ from ganspect.edge.signature import SIGNATURE_NAME
 from ganspect.export.signing import PASSPHRASE_ENV, load_signing_key, sign_bundle
 
 BASE = "gstest/testsite/l1/s1"
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
-                                reason="needs the openssl command line tool (docs/security.md makes keys with it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs the openssl command line tool (docs/security.md makes keys with it)"
+)
 
 
 def _openssl(*args: str) -> None:
@@ -40,11 +41,13 @@ def _openssl(*args: str) -> None:
 @pytest.fixture
 def make_key(tmp_path: Path) -> Callable[[str], tuple[Path, Path]]:
     """make_key(name) -> (private key PEM, public key PEM), as docs/security.md makes them."""
+
     def make(name: str) -> tuple[Path, Path]:
         private, public = tmp_path / f"{name}.key", tmp_path / f"{name}.pub"
         _openssl("genpkey", "-algorithm", "ed25519", "-out", str(private))
         _openssl("pkey", "-in", str(private), "-pubout", "-out", str(public))
         return private, public
+
     return make
 
 
@@ -90,20 +93,31 @@ def _garbage_signature(bundle: Path, key: Path, other: Path) -> str:
     return "signature.json is not a valid signature file"
 
 
-REFUSALS = {"unsigned": _unsigned, "signed by another key": _other_key,
-            "threshold changed after signing": _threshold_changed_after_signing,
-            "model changed after signing": _model_changed_after_signing, "garbage signature": _garbage_signature}
+REFUSALS = {
+    "unsigned": _unsigned,
+    "signed by another key": _other_key,
+    "threshold changed after signing": _threshold_changed_after_signing,
+    "model changed after signing": _model_changed_after_signing,
+    "garbage signature": _garbage_signature,
+}
 
 
 @pytest.mark.parametrize("how", list(REFUSALS))
-def test_install_model_takes_only_bundles_signed_by_a_trusted_key(how, tmp_path, make_key, make_bundle, tiny_video,
-                                                                  make_edge_config, ganspect_cli):
+def test_install_model_takes_only_bundles_signed_by_a_trusted_key(
+    how, tmp_path, make_key, make_bundle, tiny_video, make_edge_config, ganspect_cli
+):
     key, public = make_key("line")
     other, _ = make_key("intruder")
-    config = make_edge_config(tmp_path / "models" / "current", tiny_video.path, None,
-                              model={"trusted_keys": [str(public)]})
-    good = ganspect_cli("edge", "install-model", str(_signed(make_bundle(tmp_path / "good", threshold=0.15), key)),
-                        "--config", str(config))
+    config = make_edge_config(
+        tmp_path / "models" / "current", tiny_video.path, None, model={"trusted_keys": [str(public)]}
+    )
+    good = ganspect_cli(
+        "edge",
+        "install-model",
+        str(_signed(make_bundle(tmp_path / "good", threshold=0.15), key)),
+        "--config",
+        str(config),
+    )
     assert good.returncode == 0, good.stderr
     assert "verified and installed" in good.stdout
     installed = (tmp_path / "models" / "current").resolve()
@@ -125,11 +139,13 @@ def test_install_model_takes_only_bundles_signed_by_a_trusted_key(how, tmp_path,
         Scorer.load(bundle)
 
 
-def test_the_daemon_refuses_to_start_with_an_unsigned_bundle(tmp_path, make_key, make_bundle, tiny_video,
-                                                             make_edge_config, ganspect_cli):
+def test_the_daemon_refuses_to_start_with_an_unsigned_bundle(
+    tmp_path, make_key, make_bundle, tiny_video, make_edge_config, ganspect_cli
+):
     _, public = make_key("line")
-    config = make_edge_config(make_bundle(tmp_path / "bundle"), tiny_video.path, None,
-                              model={"trusted_keys": [str(public)]})
+    config = make_edge_config(
+        make_bundle(tmp_path / "bundle"), tiny_video.path, None, model={"trusted_keys": [str(public)]}
+    )
     proc = ganspect_cli("edge", "--config", str(config), "--headless")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ganspect edge: error:")]
@@ -137,19 +153,24 @@ def test_the_daemon_refuses_to_start_with_an_unsigned_bundle(tmp_path, make_key,
     assert proc.stdout == ""
 
 
-def test_a_trusted_key_that_is_not_an_ed25519_public_key_is_a_config_error_naming_it(tmp_path, make_key, make_bundle,
-                                                                                     tiny_video, make_edge_config):
+def test_a_trusted_key_that_is_not_an_ed25519_public_key_is_a_config_error_naming_it(
+    tmp_path, make_key, make_bundle, tiny_video, make_edge_config
+):
     from ganspect.edge.config import load_config
 
     private, public = make_key("line")
     rsa = tmp_path / "rsa.pub"
     _openssl("genpkey", "-algorithm", "rsa", "-pkeyopt", "rsa_keygen_bits:1024", "-out", str(tmp_path / "rsa.key"))
     _openssl("pkey", "-in", str(tmp_path / "rsa.key"), "-pubout", "-out", str(rsa))
-    cases = [(private, "is not a PEM public key"), (rsa, "not an Ed25519 public key"),
-             (tmp_path / "missing.pub", "cannot read the public key")]
+    cases = [
+        (private, "is not a PEM public key"),
+        (rsa, "not an Ed25519 public key"),
+        (tmp_path / "missing.pub", "cannot read the public key"),
+    ]
     for path, words in cases:
-        config = make_edge_config(make_bundle(tmp_path / "bundle"), tiny_video.path, None,
-                                  model={"trusted_keys": [str(public), str(path)]})
+        config = make_edge_config(
+            make_bundle(tmp_path / "bundle"), tiny_video.path, None, model={"trusted_keys": [str(public), str(path)]}
+        )
         with pytest.raises(ConfigError) as err:
             load_config(config)
         line = config.read_text(encoding="utf-8").splitlines().index(f"  - {path}") + 1
@@ -171,22 +192,32 @@ def test_an_encrypted_signing_key_needs_its_pass_phrase_from_the_environment(tmp
     assert len(sign_bundle(make_bundle(tmp_path / "bundle"), load_signing_key(key))) == 16
 
 
-def test_cmd_reload_takes_only_bundles_signed_by_a_trusted_key(tmp_path, make_key, make_bundle, make_video,
-                                                                make_edge_config, mosquitto_broker, mqtt_subscriber):
+def test_cmd_reload_takes_only_bundles_signed_by_a_trusted_key(
+    tmp_path, make_key, make_bundle, make_video, make_edge_config, mosquitto_broker, mqtt_subscriber
+):
     key, public = make_key("line")
     other, _ = make_key("intruder")
     new_key, new_public = make_key("line-2026")
     bundle = _signed(make_bundle(tmp_path / "bundle", threshold=0.15), key)
     video = make_video(tmp_path / "parts.avi", [False] * 9 + [True])
     # Key rotation as docs/security.md describes it: the old and the new key are trusted side by side.
-    config = make_edge_config(bundle, video, mosquitto_broker, source={"loop": True, "max_fps": 25},
-                              model={"trusted_keys": [str(public), str(new_public)]})
+    config = make_edge_config(
+        bundle,
+        video,
+        mosquitto_broker,
+        source={"loop": True, "max_fps": 25},
+        model={"trusted_keys": [str(public), str(new_public)]},
+    )
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, f"{BASE}/#")
     mes = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-mes-{os.getpid()}")
     mes.connect(mosquitto_broker.host, mosquitto_broker.port)
     mes.loop_start()
-    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     def reload(command_id: str, replace: Callable[[Path], None]) -> dict[str, Any]:
         shutil.rmtree(bundle)
@@ -205,8 +236,9 @@ def test_cmd_reload_takes_only_bundles_signed_by_a_trusted_key(tmp_path, make_ke
         assert len(sub.wait_for("/verdict", 3, timeout=30)) >= 3
         unsigned = reload("R-unsigned", lambda root: make_bundle(root, threshold=0.2))
         intruder = reload("R-intruder", lambda root: _signed(make_bundle(root, threshold=0.2), other))
-        forged = reload("R-forged", lambda root: _threshold_changed_after_signing(
-            make_bundle(root, threshold=0.15), key, other))
+        forged = reload(
+            "R-forged", lambda root: _threshold_changed_after_signing(make_bundle(root, threshold=0.15), key, other)
+        )
         rotated = reload("R-rotated", lambda root: _signed(make_bundle(root, threshold=0.2), new_key))
         n = len(sub.on("/verdict"))
         verdicts = [json.loads(m.payload) for m in sub.wait_for("/verdict", n + 5, timeout=20)]
@@ -217,8 +249,11 @@ def test_cmd_reload_takes_only_bundles_signed_by_a_trusted_key(tmp_path, make_ke
         stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
-    for answer, words in [(unsigned, "is not signed"), (intruder, "which this station does not trust"),
-                          (forged, "was changed after signing")]:
+    for answer, words in [
+        (unsigned, "is not signed"),
+        (intruder, "which this station does not trust"),
+        (forged, "was changed after signing"),
+    ]:
         assert (answer["outcome"], answer["code"]) == ("rejected", "bundle_refused"), answer
         assert words in answer["reason"], answer["reason"]
     assert rotated["outcome"] == "done" and rotated["threshold"]["value"] == 0.2, rotated

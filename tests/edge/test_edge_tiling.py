@@ -27,7 +27,7 @@ def _frame(make_part_image: Any, defect: bool, index: int = 0) -> np.ndarray:
     image = make_part_image(False, index, FRAME_SIZE)
     if defect:
         x, y, w, h = DEFECT
-        image[y: y + h, x: x + w] = 255
+        image[y : y + h, x : x + w] = 255
     return image
 
 
@@ -46,12 +46,15 @@ class CountingSession:
         return getattr(self._session, name)
 
 
-@pytest.mark.parametrize(("length", "tile", "overlap", "expected"), [
-    (32, 32, 8, [0]),
-    (200, 32, 8, [0, 24, 48, 72, 96, 120, 144, 168]),
-    (136, 32, 8, [0, 24, 48, 72, 96, 104]),  # the last tile is flush with the edge
-    (64, 32, 0, [0, 32]),
-])
+@pytest.mark.parametrize(
+    ("length", "tile", "overlap", "expected"),
+    [
+        (32, 32, 8, [0]),
+        (200, 32, 8, [0, 24, 48, 72, 96, 120, 144, 168]),
+        (136, 32, 8, [0, 24, 48, 72, 96, 104]),  # the last tile is flush with the edge
+        (64, 32, 0, [0, 32]),
+    ],
+)
 def test_tiles_cover_the_length_with_the_overlap(length, tile, overlap, expected):
     starts = tile_starts(length, tile, overlap)
     assert starts == expected
@@ -82,8 +85,12 @@ def test_a_small_defect_in_one_tile_is_found_in_one_run_and_its_heatmap_lands_on
     assert heat.shape == (ROI.height, ROI.width)
     x, y, w, h = DEFECT
     rows, cols = np.nonzero(heat > 2.0)
-    assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == (x - ROI.x, y - ROI.y, x - ROI.x + w,
-                                                                        y - ROI.y + h)
+    assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == (
+        x - ROI.x,
+        y - ROI.y,
+        x - ROI.x + w,
+        y - ROI.y + h,
+    )
     assert x - ROI.x <= found.score.peak_x < x - ROI.x + w and y - ROI.y <= found.score.peak_y < y - ROI.y + h
     assert np.isfinite(heat).all()  # every ROI pixel is covered by a tile
     # The worst tile decides: the frame's score is the largest tile score.
@@ -100,16 +107,24 @@ def test_tiles_larger_than_the_roi_or_an_overlap_as_large_as_a_tile_are_refused(
 
 
 def test_daemon_with_tiles_finds_the_small_defect_and_saves_its_image(
-        tiny_bundle, make_part_image, make_edge_config, ganspect_cli, tmp_path):
+    tiny_bundle, make_part_image, make_edge_config, ganspect_cli, tmp_path
+):
     pattern = [False, True, False, False]
     video = tmp_path / "wide.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"FFV1"), 10.0, FRAME_SIZE)
     for i, defect in enumerate(pattern):
         writer.write(_frame(make_part_image, defect, i))
     writer.release()
-    config = make_edge_config(tiny_bundle, video, None, inspection={
-        "roi": {"x": ROI.x, "y": ROI.y, "width": ROI.width, "height": ROI.height}, "tiling": "tiles",
-        "tile_overlap": 8})
+    config = make_edge_config(
+        tiny_bundle,
+        video,
+        None,
+        inspection={
+            "roi": {"x": ROI.x, "y": ROI.y, "width": ROI.width, "height": ROI.height},
+            "tiling": "tiles",
+            "tile_overlap": 8,
+        },
+    )
     verdict_log = tmp_path / "v.jsonl"
 
     proc = ganspect_cli("edge", "--config", str(config), "--headless", "--verdict-log", str(verdict_log))
@@ -129,8 +144,8 @@ def test_daemon_with_tiles_finds_the_small_defect_and_saves_its_image(
     assert saved is not None
     assert all(v["image_path"] is None for v in verdicts if v["evaluation"]["state"] == "OK")
     scale = saved.shape[1] / FRAME_SIZE[0]  # the overlay scales small frames up for legibility
-    defect_px = saved[int((y + 4) * scale): int((y + h - 4) * scale), int((x + 4) * scale): int((x + w - 4) * scale)]
-    plain_px = saved[int(130 * scale): int(150 * scale), int(30 * scale): int(60 * scale)]
+    defect_px = saved[int((y + 4) * scale) : int((y + h - 4) * scale), int((x + 4) * scale) : int((x + w - 4) * scale)]
+    plain_px = saved[int(130 * scale) : int(150 * scale), int(30 * scale) : int(60 * scale)]
     # JET at the clip is dark red: the blended defect turns red-dominant; elsewhere the part stays grey.
     assert defect_px[..., 2].mean() > defect_px[..., 0].mean() + 40
     assert abs(float(plain_px[..., 2].mean()) - float(plain_px[..., 0].mean())) < 25
@@ -139,8 +154,7 @@ def test_daemon_with_tiles_finds_the_small_defect_and_saves_its_image(
 def test_the_bundle_s_tiling_frames_the_frame_when_the_station_says_nothing(make_bundle, make_part_image, tmp_path):
     # The model says how it was trained to see a frame (tiles of its input, this overlap, this region):
     # a station config that is silent on tiling follows it, and scores the same 48 tiles as above.
-    trained = {"mode": "tiles", "overlap": 8,
-               "roi": {"x": ROI.x, "y": ROI.y, "width": ROI.width, "height": ROI.height}}
+    trained = {"mode": "tiles", "overlap": 8, "roi": {"x": ROI.x, "y": ROI.y, "width": ROI.width, "height": ROI.height}}
     scorer = Scorer.load(make_bundle(tmp_path / "tiled", tiling=trained), intra_op_threads=1)
     inspector = Inspector(InspectionConfig())
     inspector.check(scorer.manifest)
@@ -149,18 +163,23 @@ def test_the_bundle_s_tiling_frames_the_frame_when_the_station_says_nothing(make
     assert found.score.result == "NG"
 
 
-@pytest.mark.parametrize(("station", "message"), [
-    ({"tiling": "resize"}, "inspection.tiling is resize but the model tiny-test was trained with tiling tiles"),
-    ({"tiling": "tiles", "tile_overlap": 4}, "inspection.tile_overlap is 4 but the model tiny-test was trained "
-                                             "with tiles overlapping by 8"),
-    ({"roi": {"x": 0, "y": 0, "width": 64, "height": 64}}, r"inspection.roi \(0,0\) 64x64 differs from the region"),
-])
-def test_a_station_that_would_tile_differently_from_the_training_is_refused(make_bundle, tmp_path, station,
-                                                                            message):
+@pytest.mark.parametrize(
+    ("station", "message"),
+    [
+        ({"tiling": "resize"}, "inspection.tiling is resize but the model tiny-test was trained with tiling tiles"),
+        (
+            {"tiling": "tiles", "tile_overlap": 4},
+            "inspection.tile_overlap is 4 but the model tiny-test was trained with tiles overlapping by 8",
+        ),
+        ({"roi": {"x": 0, "y": 0, "width": 64, "height": 64}}, r"inspection.roi \(0,0\) 64x64 differs from the region"),
+    ],
+)
+def test_a_station_that_would_tile_differently_from_the_training_is_refused(make_bundle, tmp_path, station, message):
     trained = {"mode": "tiles", "overlap": 8, "roi": {"x": 8, "y": 8, "width": 96, "height": 64}}
     manifest = Scorer.load(make_bundle(tmp_path / "tiled", tiling=trained), intra_op_threads=1).manifest
     with pytest.raises(ConfigError, match=message):
         Inspector(InspectionConfig.model_validate(station)).check(manifest)
     # Saying the same as the bundle is fine.
-    Inspector(InspectionConfig(tiling="tiles", tile_overlap=8,
-                               roi=RoiConfig(x=8, y=8, width=96, height=64))).check(manifest)
+    Inspector(InspectionConfig(tiling="tiles", tile_overlap=8, roi=RoiConfig(x=8, y=8, width=96, height=64))).check(
+        manifest
+    )

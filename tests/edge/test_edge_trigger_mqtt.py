@@ -22,14 +22,26 @@ BASE = "gstest/testsite/l1/s1"
 
 
 def test_a_trigger_over_mqtt_gives_that_parts_verdict_with_its_ids(
-        mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path):
+    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path
+):
     pattern = [False] * 9 + [True]  # the looping "camera": mostly good parts, one defective frame in ten
     video = make_video(tmp_path / "line.avi", pattern, fps=20.0)
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, f"{BASE}/#")
-    config = make_edge_config(tiny_bundle, video, mosquitto_broker, source={"loop": True},
-                              trigger={"mode": "mqtt"}, health={"interval_s": 0.5})
-    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    config = make_edge_config(
+        tiny_bundle,
+        video,
+        mosquitto_broker,
+        source={"loop": True},
+        trigger={"mode": "mqtt"},
+        health={"interval_s": 0.5},
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     plc = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-plc-{os.getpid()}")
     plc.connect(mosquitto_broker.host, mosquitto_broker.port)
     plc.loop_start()
@@ -65,15 +77,24 @@ def test_a_trigger_over_mqtt_gives_that_parts_verdict_with_its_ids(
 
 
 def test_a_reloaded_model_the_tiles_do_not_suit_is_refused_and_the_running_one_goes_on(
-        mosquitto_broker, mqtt_subscriber, make_bundle, make_video, make_edge_config, tmp_path):
+    mosquitto_broker, mqtt_subscriber, make_bundle, make_video, make_edge_config, tmp_path
+):
     bundle = make_bundle(tmp_path / "bundle")  # 32x32
     video = make_video(tmp_path / "line.avi", [False] * 10, fps=20.0)
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, f"{BASE}/#")
-    config = make_edge_config(bundle, video, mosquitto_broker, source={"loop": True, "max_fps": 10},
-                              inspection={"tiling": "tiles", "roi": {"x": 0, "y": 0, "width": 40, "height": 40},
-                                          "tile_overlap": 8})
-    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    config = make_edge_config(
+        bundle,
+        video,
+        mosquitto_broker,
+        source={"loop": True, "max_fps": 10},
+        inspection={"tiling": "tiles", "roi": {"x": 0, "y": 0, "width": 40, "height": 40}, "tile_overlap": 8},
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     plc = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-mes-{os.getpid()}")
     plc.connect(mosquitto_broker.host, mosquitto_broker.port)
     plc.loop_start()
@@ -98,15 +119,21 @@ def test_a_reloaded_model_the_tiles_do_not_suit_is_refused_and_the_running_one_g
 
 
 def test_ids_with_c1_bidi_or_invisible_characters_never_reach_a_verdict_or_the_log_raw(
-        mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path):
+    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path
+):
     # NEL (U+0085) breaks a log line, CSI (U+009B) starts a terminal escape, U+202E reverses what a viewer shows,
     # U+2028 is a line break, U+200B makes two ids look alike.
     hostile = ["P\u0085FAKE\u009b31m", "SN-1\u202e9-X", "SN-1\u20282026-01-01 forged", "SN\u200b-1"]
     video = make_video(tmp_path / "line.avi", [False] * 10, fps=20.0)
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, f"{BASE}/#")
     config = make_edge_config(tiny_bundle, video, mosquitto_broker, source={"loop": True}, trigger={"mode": "mqtt"})
-    proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+    )
     plc = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-plc-{os.getpid()}")
     plc.connect(mosquitto_broker.host, mosquitto_broker.port)
     plc.loop_start()
@@ -114,12 +141,17 @@ def test_ids_with_c1_bidi_or_invisible_characters_never_reach_a_verdict_or_the_l
         assert sub.wait_for("/status", 1, timeout=30), "the daemon did not come online"
         time.sleep(0.5)  # its subscription to cmd/+ follows the online status
         for i, part in enumerate(hostile):
-            plc.publish(f"{BASE}/cmd/trigger", json.dumps({"part_id": part, "trigger_id": f"T-{i}"},
-                                                          ensure_ascii=False), qos=1).wait_for_publish(10)
-        plc.publish(f"{BASE}/cmd/trigger", json.dumps({"part_id": "é-部品-1", "trigger_id": "T\u0085X"},
-                                                      ensure_ascii=False), qos=1).wait_for_publish(10)
-        plc.publish(f"{BASE}/cmd/trigger", json.dumps({"part_id": "é-部品-2", "trigger_id": "T-ok"},
-                                                      ensure_ascii=False), qos=1).wait_for_publish(10)
+            plc.publish(
+                f"{BASE}/cmd/trigger", json.dumps({"part_id": part, "trigger_id": f"T-{i}"}, ensure_ascii=False), qos=1
+            ).wait_for_publish(10)
+        plc.publish(
+            f"{BASE}/cmd/trigger",
+            json.dumps({"part_id": "é-部品-1", "trigger_id": "T\u0085X"}, ensure_ascii=False),
+            qos=1,
+        ).wait_for_publish(10)
+        plc.publish(
+            f"{BASE}/cmd/trigger", json.dumps({"part_id": "é-部品-2", "trigger_id": "T-ok"}, ensure_ascii=False), qos=1
+        ).wait_for_publish(10)
         answers = [json.loads(m.payload) for m in sub.wait_for("/cmd/result", 6, timeout=20)]
         verdicts = [json.loads(m.payload) for m in sub.wait_for("/verdict", 1, timeout=20)]
         time.sleep(0.5)
@@ -130,8 +162,8 @@ def test_ids_with_c1_bidi_or_invisible_characters_never_reach_a_verdict_or_the_l
         stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     assert [(a["outcome"], a["code"], a["command_id"]) for a in answers] == [
-        ("rejected", "invalid", f"T-{i}") for i in range(len(hostile))] + [
-        ("rejected", "invalid", None), ("accepted", None, "T-ok")]
+        ("rejected", "invalid", f"T-{i}") for i in range(len(hostile))
+    ] + [("rejected", "invalid", None), ("accepted", None, "T-ok")]
     assert all(f"U+{ord(c):04X} at index" in a["reason"] for a, c in zip(answers, "\u0085\u202e\u2028\u200b"))
     assert [(v["part_id"], v["trigger_id"]) for v in verdicts] == [("é-部品-2", "T-ok")]
     # The log holds none of these characters raw: not in a verdict line, not in a rejection.

@@ -21,10 +21,12 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="package")
 def run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = config_from_dict({
-        "model": {"image_size": 32, "channels": 3, "latent_dim": 8, "base_width": 8},
-        "train": {"steps": 4, "batch_size": 8, "threads": 2},
-    })
+    config = config_from_dict(
+        {
+            "model": {"image_size": 32, "channels": 3, "latent_dim": 8, "base_width": 8},
+            "train": {"steps": 4, "batch_size": 8, "threads": 2},
+        }
+    )
     out = train(config, data=data, out=tmp_path_factory.mktemp("runs") / "run")
     evaluate_run(out, data=None)
     return out

@@ -42,7 +42,8 @@ def test_bundle_loads_and_onnxruntime_matches_pytorch(run: Path, data: Path, tmp
     fp32 = m.model_file("fp32")
     assert len(m.golden) == 4 and [g.expect for g in m.golden[:2]] == ["OK", "OK"]
     assert all(g.expect in ("NG", None) for g in m.golden[2:]) and all(
-        g.origin.startswith("test anomaly") for g in m.golden[2:])
+        g.origin.startswith("test anomaly") for g in m.golden[2:]
+    )
     for g, score in zip(m.golden, fp32.golden.scores):
         if g.expect is not None:
             assert (score > fp32.threshold) == (g.expect == "NG")
@@ -150,8 +151,9 @@ def test_export_command(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert not (tmp_path / "c").exists()
 
 
-def test_export_sign_makes_a_bundle_that_only_its_key_vouches_for(run: Path, tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_sign_makes_a_bundle_that_only_its_key_vouches_for(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -161,10 +163,16 @@ def test_export_sign_makes_a_bundle_that_only_its_key_vouches_for(run: Path, tmp
         # The PEM files `openssl genpkey -algorithm ed25519` and `openssl pkey -pubout` write (docs/security.md).
         private_key = Ed25519PrivateKey.generate()
         private, public = tmp_path / f"{name}.key", tmp_path / f"{name}.pub"
-        private.write_bytes(private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                      serialization.NoEncryption()))
-        public.write_bytes(private_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                                 serialization.PublicFormat.SubjectPublicKeyInfo))
+        private.write_bytes(
+            private_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        public.write_bytes(
+            private_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
         return private, public
 
     (key, public), (_, other) = keypair("workstation"), keypair("other")

@@ -78,8 +78,7 @@ def test_int8_bundle_passes_its_guard_and_the_edge_runs_both_files(int8_bundle: 
     assert Scorer.load(int8_bundle).model_file.precision == "int8"  # auto prefers INT8
 
 
-def test_pytorch_fp32_and_int8_agree_on_the_same_images(run: Path, int8_bundle: Path,
-                                                        same_images: np.ndarray) -> None:
+def test_pytorch_fp32_and_int8_agree_on_the_same_images(run: Path, int8_bundle: Path, same_images: np.ndarray) -> None:
     model, _ = load_run_model(run)
     m = load_bundle(int8_bundle).manifest
     torch_out = run_torch(model, same_images)
@@ -93,9 +92,16 @@ def test_pytorch_fp32_and_int8_agree_on_the_same_images(run: Path, int8_bundle: 
     assert compare(torch_out, int8, rtol=INT8_SCORE_RTOL, atol=1e-4, heatmap_atol=INT8_HEATMAP_ATOL).ok
 
     report = (int8_bundle / "export_report.md").read_text(encoding="utf-8")
-    for needle in ("| PyTorch eval vs ONNX FP32 |", "| ONNX FP32 vs ONNX INT8 |", "| PyTorch eval vs ONNX INT8 |",
-                   "## INT8 accuracy guard", "Result: **passed**", "INT8 speed-up over FP32", "1 thread",
-                   "used only to measure the guard"):
+    for needle in (
+        "| PyTorch eval vs ONNX FP32 |",
+        "| ONNX FP32 vs ONNX INT8 |",
+        "| PyTorch eval vs ONNX INT8 |",
+        "## INT8 accuracy guard",
+        "Result: **passed**",
+        "INT8 speed-up over FP32",
+        "1 thread",
+        "used only to measure the guard",
+    ):
         assert needle in report
 
 
@@ -127,9 +133,13 @@ def test_sensitive_layers_are_the_first_and_last_learned_layers(run: Path, tmp_p
     weights = sorted(by_name[n].input[1].removeprefix("scoring.") for n in sensitive)
     # E's and D's first convolutions (D's on x only: on G(E(x)) it follows G), G's output layer
     # (its four phases), f_D twice.
-    assert weights == ["discriminator.joint.0.weight", "discriminator.joint.0.weight",
-                       "discriminator.x_net.0.weight", "encoder.net.0.weight",
-                       *(f"generator.net.9.phase{a}{b}" for a in (0, 1) for b in (0, 1))]
+    assert weights == [
+        "discriminator.joint.0.weight",
+        "discriminator.joint.0.weight",
+        "discriminator.x_net.0.weight",
+        "encoder.net.0.weight",
+        *(f"generator.net.9.phase{a}{b}" for a in (0, 1) for b in (0, 1)),
+    ]
 
 
 def test_guard_failures_are_measured_not_assumed() -> None:
@@ -140,13 +150,15 @@ def test_guard_failures_are_measured_not_assumed() -> None:
 
     def outputs(scores: np.ndarray) -> object:
         from ganspect.export.onnx_export import Outputs
+
         return Outputs(scores.astype(np.float32), np.zeros((30, 2, 2), np.float32), np.zeros((30, 2), np.int64))
 
     settings = Int8Settings()
     same = judge("same", [], data, outputs(fp32_scores), 0.5, outputs(fp32_scores + 1e-4), 0.01, settings)
     assert same.ok and same.spearman == pytest.approx(1.0) and same.auroc_drop == pytest.approx(0.0)
-    shuffled = judge("shuffled", [], data, outputs(fp32_scores), 0.5, outputs(rng.permutation(fp32_scores)), 0.01,
-                     settings)
+    shuffled = judge(
+        "shuffled", [], data, outputs(fp32_scores), 0.5, outputs(rng.permutation(fp32_scores)), 0.01, settings
+    )
     assert not shuffled.ok
     assert any("AUROC drops" in f for f in shuffled.failures)
     assert any("rank correlation" in f for f in shuffled.failures)
@@ -154,8 +166,9 @@ def test_guard_failures_are_measured_not_assumed() -> None:
     assert "INT8 scores are not all finite" in nan.failures
 
 
-def test_guard_refusal_retries_then_refuses_unless_forced(run: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_guard_refusal_retries_then_refuses_unless_forced(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A tiny model's INT8 twin cannot be made to fail the guard on demand, so the real verdict is
     # kept and one failure is added to it (simulated); everything else is the real export.
     real_judge = quantize_module.judge
@@ -168,8 +181,11 @@ def test_guard_refusal_retries_then_refuses_unless_forced(run: Path, tmp_path: P
         return result
 
     monkeypatch.setattr(quantize_module, "judge", failing_judge)
-    with pytest.raises(GanspectError, match=r"INT8 model refused by the accuracy guard: simulated guard failure "
-                                            r"\(also with 8 sensitive layers kept in FP32\); nothing was written"):
+    with pytest.raises(
+        GanspectError,
+        match=r"INT8 model refused by the accuracy guard: simulated guard failure "
+        r"\(also with 8 sensitive layers kept in FP32\); nothing was written",
+    ):
         export_run(run, tmp_path / "refused", int8=True, latency_budget_s=0.05)
     assert not (tmp_path / "refused").exists() and list(tmp_path.iterdir()) == []
     assert [len(a) for a in attempts] == [0, 8]  # retried with the sensitive layers (G's last as 4 phase convs) in FP32
@@ -186,8 +202,21 @@ def test_int8_export_command(run: Path, tmp_path: Path, capsys: pytest.CaptureFi
 
     other = tmp_path / "other_parts"
     synthesize_dataset(other, size=32, n_train=2, n_test_good=3, n_test_bad=5, seed=9)
-    assert main(["export", str(run), "--out", str(tmp_path / "b"), "--int8", "--int8-reduce-range",
-                 "--guard-data", str(other)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(run),
+                "--out",
+                str(tmp_path / "b"),
+                "--int8",
+                "--int8-reduce-range",
+                "--guard-data",
+                str(other),
+            ]
+        )
+        == 0
+    )
     assert "bundle written" in capsys.readouterr().out
     assert load_bundle(tmp_path / "b").manifest.model_file("int8").path == "model.int8.onnx"
     report = (tmp_path / "b" / "export_report.md").read_text(encoding="utf-8")
@@ -197,8 +226,9 @@ def test_int8_export_command(run: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert "has no MVTec-style test/ folder" in capsys.readouterr().err
 
 
-def test_edge_refuses_a_real_bundle_whose_model_computes_otherwise(int8_bundle: Path, tmp_path: Path,
-                                                                  tiny_video, make_edge_config, ganspect_cli) -> None:
+def test_edge_refuses_a_real_bundle_whose_model_computes_otherwise(
+    int8_bundle: Path, tmp_path: Path, tiny_video, make_edge_config, ganspect_cli
+) -> None:
     # Someone drops the INT8 graph in as model.onnx and fixes up hashes and digest: every hash
     # matches, but the FP32 golden expectations (tolerance 1e-4 + 1e-3 relative) do not.
     bundle = Path(shutil.copytree(int8_bundle, tmp_path / "swapped"))
@@ -211,8 +241,9 @@ def test_edge_refuses_a_real_bundle_whose_model_computes_otherwise(int8_bundle: 
     with pytest.raises(BundleError, match=r"model.onnx fails its golden self-test: .* \(fp32\)"):
         Scorer.load(bundle, precision="fp32")
 
-    config = make_edge_config(bundle, tiny_video.path, None, model={"bundle": str(bundle), "precision": "fp32",
-                                                                     "intra_op_threads": 1})
+    config = make_edge_config(
+        bundle, tiny_video.path, None, model={"bundle": str(bundle), "precision": "fp32", "intra_op_threads": 1}
+    )
     proc = ganspect_cli("edge", "--config", str(config), "--headless")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ganspect edge: error:")]

@@ -44,16 +44,32 @@ def _lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n")[:-1]]
 
 
-def test_a_full_disk_stops_the_daemon_clearly_and_loses_nothing(small_disk, start_broker, mqtt_subscriber, tiny_bundle,
-                                                    make_video, make_edge_config, tmp_path):
+def test_a_full_disk_stops_the_daemon_clearly_and_loses_nothing(
+    small_disk, start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path
+):
     broker = start_broker(persistent=True)
     sub = mqtt_subscriber(broker.host, broker.port, f"{BASE_TOPIC}/verdict", persistent=True)
     video = make_video(tmp_path / "parts.avi", [i % 2 == 0 for i in range(10)])
-    config = make_edge_config(tiny_bundle, video, broker, source={"loop": True, "max_fps": 100},
-                              data={"dir": str(small_disk)}, images={"save": "ng", "min_free_bytes": 1024 * 1024})
+    config = make_edge_config(
+        tiny_bundle,
+        video,
+        broker,
+        source={"loop": True, "max_fps": 100},
+        data={"dir": str(small_disk)},
+        images={"save": "ng", "min_free_bytes": 1024 * 1024},
+    )
     verdict_log = tmp_path / "verdicts.jsonl"
-    command = [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless",
-               "--verdict-log", str(verdict_log)]
+    command = [
+        sys.executable,
+        "-m",
+        "ganspect.edge",
+        "edge",
+        "--config",
+        str(config),
+        "--headless",
+        "--verdict-log",
+        str(verdict_log),
+    ]
     filler = small_disk / "filler"
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -87,13 +103,16 @@ def test_a_full_disk_stops_the_daemon_clearly_and_loses_nothing(small_disk, star
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     wanted = {p["result_id"] for p in produced}
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not wanted <= {json.loads(m.payload)["result_id"] for m in sub.on("/verdict")}:
+    while time.monotonic() < deadline and not wanted <= {
+        json.loads(m.payload)["result_id"] for m in sub.on("/verdict")
+    }:
         time.sleep(0.1)
     assert wanted <= {json.loads(m.payload)["result_id"] for m in sub.on("/verdict")}
 
 
-def test_a_read_only_data_folder_is_one_line_at_start_and_a_writable_one_works(small_disk, tiny_bundle, tiny_video,
-                                                                               make_edge_config, ganspect_cli):
+def test_a_read_only_data_folder_is_one_line_at_start_and_a_writable_one_works(
+    small_disk, tiny_bundle, tiny_video, make_edge_config, ganspect_cli
+):
     # A data folder mounted read-only (a remount after a file system error does this).
     config = make_edge_config(tiny_bundle, tiny_video.path, data={"dir": str(small_disk)})
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)

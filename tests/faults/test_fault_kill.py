@@ -29,9 +29,22 @@ SEED = int(os.environ.get("GANSPECT_FAULT_SEED", str(int(time.time()))))
 
 
 def _daemon(config: Path, verdict_log: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless",
-                             "--verdict-log", str(verdict_log)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ganspect.edge",
+            "edge",
+            "--config",
+            str(config),
+            "--headless",
+            "--verdict-log",
+            str(verdict_log),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _complete_lines(path: Path) -> list[dict[str, Any]]:
@@ -59,14 +72,20 @@ def _outbox_is_sound(path: Path) -> tuple[str, int]:
         db.close()
 
 
-def test_random_sigkills_with_a_bouncing_broker_lose_nothing(start_broker, mqtt_subscriber, tiny_bundle, make_video,
-                                                             make_edge_config, tmp_path):
+def test_random_sigkills_with_a_bouncing_broker_lose_nothing(
+    start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path
+):
     rng = random.Random(SEED)
     broker = start_broker(persistent=True)
     sub = mqtt_subscriber(broker.host, broker.port, f"{BASE_TOPIC}/verdict", persistent=True)
     video = make_video(tmp_path / "parts.avi", [i % 3 == 0 for i in range(12)])
-    config = make_edge_config(tiny_bundle, video, broker, source={"loop": True, "max_fps": 40},
-                              mqtt={"reconnect_max_delay_s": 1, "keepalive": 5, "connect_timeout_s": 1})
+    config = make_edge_config(
+        tiny_bundle,
+        video,
+        broker,
+        source={"loop": True, "max_fps": 40},
+        mqtt={"reconnect_max_delay_s": 1, "keepalive": 5, "connect_timeout_s": 1},
+    )
     outbox = tmp_path / "edge-data" / "outbox.sqlite3"
     verdict_log = tmp_path / "verdicts.jsonl"
     broker_up = True
@@ -74,8 +93,11 @@ def test_random_sigkills_with_a_bouncing_broker_lose_nothing(start_broker, mqtt_
         made_before = len(_complete_lines(verdict_log))
         proc = _daemon(config, verdict_log)
         try:
-            _wait(lambda: len(_complete_lines(verdict_log)) > made_before or proc.poll() is not None, 30,
-                  f"the daemon's first verdict after restart {kill}")
+            _wait(
+                lambda: len(_complete_lines(verdict_log)) > made_before or proc.poll() is not None,
+                30,
+                f"the daemon's first verdict after restart {kill}",
+            )
             assert proc.poll() is None, proc.communicate()[1]
             time.sleep(rng.uniform(0.0, 1.2))  # somewhere in the middle of scoring, committing, publishing
             if rng.random() < 0.3:  # the broker goes away (or comes back) while the daemon runs
@@ -107,8 +129,11 @@ def test_random_sigkills_with_a_bouncing_broker_lose_nothing(start_broker, mqtt_
     try:
         _wait(lambda: len(_complete_lines(verdict_log)) > len(produced), 30, "the final run's first verdict")
         wanted = {p["result_id"] for p in produced}
-        _wait(lambda: wanted <= {json.loads(m.payload)["result_id"] for m in sub.on("/verdict")}, 60,
-              "every verdict produced before the kills at the subscriber")
+        _wait(
+            lambda: wanted <= {json.loads(m.payload)["result_id"] for m in sub.on("/verdict")},
+            60,
+            "every verdict produced before the kills at the subscriber",
+        )
     finally:
         final.send_signal(signal.SIGTERM)
         stdout, stderr = final.communicate(timeout=30)

@@ -28,8 +28,11 @@ RSS_GROWTH_LIMIT_KB = 30 * 1024
 def _proc_sample(pid: int) -> dict[str, int]:
     status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return {"rss_kb": int(fields["VmRSS"].split()[0]), "threads": int(fields["Threads"]),
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+    return {
+        "rss_kb": int(fields["VmRSS"].split()[0]),
+        "threads": int(fields["Threads"]),
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+    }
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -45,19 +48,40 @@ def _count_lines(path: Path) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
-def test_soak_with_a_bouncing_broker(start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config,
-                                     tmp_path):
+def test_soak_with_a_bouncing_broker(
+    start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path
+):
     broker = start_broker(persistent=True)
     sub = mqtt_subscriber(broker.host, broker.port, f"{BASE_TOPIC}/verdict", persistent=True)
     video = make_video(tmp_path / "parts.avi", [i % 5 == 0 for i in range(50)])
-    config = make_edge_config(tiny_bundle, video, broker, source={"loop": True}, run={"max_frames": FRAMES},
-                              mqtt={"reconnect_max_delay_s": 1, "keepalive": 5, "drain_timeout_s": 60})
+    config = make_edge_config(
+        tiny_bundle,
+        video,
+        broker,
+        source={"loop": True},
+        run={"max_frames": FRAMES},
+        mqtt={"reconnect_max_delay_s": 1, "keepalive": 5, "drain_timeout_s": 60},
+    )
     verdict_log = tmp_path / "verdicts.jsonl"
     # The daemon's output goes to files: a pipe nobody reads for minutes fills up and blocks its logging.
     out_path, err_path = tmp_path / "daemon.out", tmp_path / "daemon.err"
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless",
-                                 "--verdict-log", str(verdict_log)], stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ganspect.edge",
+                "edge",
+                "--config",
+                str(config),
+                "--headless",
+                "--verdict-log",
+                str(verdict_log),
+            ],
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
     samples: list[dict[str, Any]] = []
     bounces = 0
     started = time.monotonic()
@@ -65,8 +89,13 @@ def test_soak_with_a_bouncing_broker(start_broker, mqtt_subscriber, tiny_bundle,
     try:
         while proc.poll() is None:
             try:
-                samples.append({"t_s": round(time.monotonic() - started, 1), "frames": _count_lines(verdict_log),
-                                **_proc_sample(proc.pid)})
+                samples.append(
+                    {
+                        "t_s": round(time.monotonic() - started, 1),
+                        "frames": _count_lines(verdict_log),
+                        **_proc_sample(proc.pid),
+                    }
+                )
             except (FileNotFoundError, ProcessLookupError):
                 break  # it ended between poll() and the read
             # The last fifth runs with the broker up, so the daemon ends connected and drains its outbox;
@@ -91,17 +120,25 @@ def test_soak_with_a_bouncing_broker(start_broker, mqtt_subscriber, tiny_bundle,
     assert len(produced) == FRAMES
     wanted = {p["result_id"] for p in produced}
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not wanted <= {json.loads(m.payload)["result_id"] for m in sub.on("/verdict")}:
+    while time.monotonic() < deadline and not wanted <= {
+        json.loads(m.payload)["result_id"] for m in sub.on("/verdict")
+    }:
         time.sleep(0.2)
     delivered = wanted & {json.loads(m.payload)["result_id"] for m in sub.on("/verdict")}
 
     warm = [s for s in samples if s["frames"] >= min(200, FRAMES // 10)]
     report = {
-        "frames": FRAMES, "seconds": round(elapsed, 1), "fps": round(FRAMES / elapsed, 1),
-        "broker_bounces": bounces, "produced": len(produced), "delivered": len(delivered),
+        "frames": FRAMES,
+        "seconds": round(elapsed, 1),
+        "fps": round(FRAMES / elapsed, 1),
+        "broker_bounces": bounces,
+        "produced": len(produced),
+        "delivered": len(delivered),
         "rss_kb_after_warm_up": warm[0]["rss_kb"] if warm else None,
-        "rss_kb_max": max(s["rss_kb"] for s in samples), "rss_kb_end": samples[-1]["rss_kb"],
-        "fds": sorted({s["fds"] for s in samples}), "threads": sorted({s["threads"] for s in samples}),
+        "rss_kb_max": max(s["rss_kb"] for s in samples),
+        "rss_kb_end": samples[-1]["rss_kb"],
+        "fds": sorted({s["fds"] for s in samples}),
+        "threads": sorted({s["threads"] for s in samples}),
     }
     if os.environ.get("GANSPECT_SOAK_REPORT"):
         Path(os.environ["GANSPECT_SOAK_REPORT"]).write_text(json.dumps({**report, "samples": samples}, indent=1))

@@ -38,17 +38,54 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[Hea
 SCHEMAS = Path(ganspect.edge.__file__).parent / "schemas"
 STATION = {"site": "testsite", "line": "l1", "station": "s1"}
 # The characters an audit sends on purpose; arbitrary code points rarely hit them by chance.
-HOSTILE = ["\ud800", "\udbff", "\udc00", "\udfff", "\x00", "\n", "\r", "\x1b", "\x7f", "\x85", "\x9b", "\xad",
-           "\u061c", "\u200b", "\u200d", "\u200e", "\u2028", "\u2029", "\u202a", "\u202e", "\u2066", "\u2069",
-           "\ufeff", "\U000e0001", "\U000e0041", "é", "部", "\U0001f600", " ", "\xa0"]
+HOSTILE = [
+    "\ud800",
+    "\udbff",
+    "\udc00",
+    "\udfff",
+    "\x00",
+    "\n",
+    "\r",
+    "\x1b",
+    "\x7f",
+    "\x85",
+    "\x9b",
+    "\xad",
+    "\u061c",
+    "\u200b",
+    "\u200d",
+    "\u200e",
+    "\u2028",
+    "\u2029",
+    "\u202a",
+    "\u202e",
+    "\u2066",
+    "\u2069",
+    "\ufeff",
+    "\U000e0001",
+    "\U000e0041",
+    "é",
+    "部",
+    "\U0001f600",
+    " ",
+    "\xa0",
+]
 # Every code point: surrogates included (hypothesis leaves them out unless told).
 characters = st.one_of(st.characters(exclude_categories=()), st.sampled_from(HOSTILE))
-ids = st.one_of(st.text(characters, min_size=1, max_size=12),
-                st.builds(lambda a, b, c: a + b + c, st.sampled_from(["P-", "", "T"]), st.sampled_from(HOSTILE),
-                          st.text(characters, max_size=4)))
+ids = st.one_of(
+    st.text(characters, min_size=1, max_size=12),
+    st.builds(
+        lambda a, b, c: a + b + c,
+        st.sampled_from(["P-", "", "T"]),
+        st.sampled_from(HOSTILE),
+        st.text(characters, max_size=4),
+    ),
+)
 plain = st.sampled_from(["P-1", "T-1", "é-部品-1"])
-names = st.one_of(st.sampled_from(["trigger", "reload", "threshold", "shutdown"]),
-                  st.text(st.characters(exclude_categories=("Cs",)), max_size=10))
+names = st.one_of(
+    st.sampled_from(["trigger", "reload", "threshold", "shutdown"]),
+    st.text(st.characters(exclude_categories=("Cs",)), max_size=10),
+)
 ID_FIELDS = {"trigger": ["part_id", "trigger_id"], "reload": ["command_id"], "threshold": ["command_id"]}
 
 
@@ -92,10 +129,14 @@ class Station:
 
 @pytest.fixture
 def station(tmp_path: Path, tiny_bundle: Path) -> Iterator[Station]:
-    raw = {"station": STATION, "model": {"bundle": str(tiny_bundle), "intra_op_threads": 1}, "source": {"uri": "0"},
-           "data": {"dir": str(tmp_path / "data")},
-           # No rate limit here: every valid command runs its handler.
-           "mqtt": {"commands": {"max_per_s": 1000, "burst": 1000}}}
+    raw = {
+        "station": STATION,
+        "model": {"bundle": str(tiny_bundle), "intra_op_threads": 1},
+        "source": {"uri": "0"},
+        "data": {"dir": str(tmp_path / "data")},
+        # No rate limit here: every valid command runs its handler.
+        "mqtt": {"commands": {"max_per_s": 1000, "burst": 1000}},
+    }
     (tmp_path / "edge.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     config = load_config(tmp_path / "edge.yaml")
     answers: list[str] = []

@@ -30,8 +30,14 @@ VALID_CONFIG: dict[str, Any] = {
     "station": {"site": "plant1", "line": "line3", "station": "cam1"},
     "model": {"bundle": "bundle", "precision": "auto", "intra_op_threads": 1},
     "source": {"uri": "parts.avi", "loop": False},
-    "mqtt": {"enabled": True, "host": "127.0.0.1", "port": 1883, "prefix": "ganspect", "qos": 1,
-             "outbox": {"max_messages": 1000, "when_full": "drop_oldest"}},
+    "mqtt": {
+        "enabled": True,
+        "host": "127.0.0.1",
+        "port": 1883,
+        "prefix": "ganspect",
+        "qos": 1,
+        "outbox": {"max_messages": 1000, "when_full": "drop_oldest"},
+    },
     "data": {"dir": "data"},
     "display": {"window": "off", "heatmap": True},
     "run": {"max_frames": 10},
@@ -39,9 +45,11 @@ VALID_CONFIG: dict[str, Any] = {
 
 # JSON-like values, nested a little: what a YAML document can hold.
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=40))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                       st.dictionaries(st.text(max_size=12), inner, max_size=4)),
-                      max_leaves=12)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+    max_leaves=12,
+)
 
 
 def _paths(tree: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -82,8 +90,9 @@ def _expect_clean(read: Callable[[], Any], error: type[Exception]) -> None:
 
 @FUZZ
 @given(path=st.sampled_from(CONFIG_PATHS), action=st.sampled_from(["delete", "replace", "add"]), value=values)
-def test_mutated_configs_load_or_name_the_problem(tmp_path: Path, path: tuple[str, ...], action: str,
-                                                  value: Any) -> None:
+def test_mutated_configs_load_or_name_the_problem(
+    tmp_path: Path, path: tuple[str, ...], action: str, value: Any
+) -> None:
     config = tmp_path / "edge.yaml"
     config.write_text(yaml.safe_dump(_mutate(VALID_CONFIG, path, action, value)), encoding="utf-8")
     _expect_clean(lambda: load_config(config), ConfigError)
@@ -125,9 +134,9 @@ def model_bytes(tiny_bundle: Path) -> bytes:
 
 @FUZZ
 @given(data=st.data(), action=st.sampled_from(["delete", "replace", "add"]), value=values)
-def test_mutated_manifests_are_refused_with_a_reason(tmp_path: Path, valid_manifest: dict[str, Any],
-                                                     model_bytes: bytes, data: st.DataObject, action: str,
-                                                     value: Any) -> None:
+def test_mutated_manifests_are_refused_with_a_reason(
+    tmp_path: Path, valid_manifest: dict[str, Any], model_bytes: bytes, data: st.DataObject, action: str, value: Any
+) -> None:
     path = data.draw(st.sampled_from(_paths(valid_manifest)))
     root = Path(tempfile.mkdtemp(dir=tmp_path))  # one folder per example: the fixture's tmp_path is shared
     (root / "model.onnx").write_bytes(model_bytes)

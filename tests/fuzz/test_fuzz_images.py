@@ -37,8 +37,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 # A well-formed PNG header for 60000 x 60000 RGB, with one tiny IDAT: decoding it must be refused, not attempted.
-HUGE_PNG = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
-            + _png_chunk(b"IDAT", zlib.compress(b"\0" * 100)) + _png_chunk(b"IEND", b""))
+HUGE_PNG = (
+    b"\x89PNG\r\n\x1a\n"
+    + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+    + _png_chunk(b"IDAT", zlib.compress(b"\0" * 100))
+    + _png_chunk(b"IEND", b"")
+)
 
 
 @st.composite

@@ -100,7 +100,13 @@ def test_training_runs_both_phases_and_the_encoder_phase_leaves_g_and_d_alone(da
     run = loop.train(config, data=data, out=tmp_path / "run")
     rows = list(csv.DictReader(open(run / "losses.csv", encoding="utf-8")))
     assert [(int(r["step"]), r["phase"]) for r in rows] == [
-        (2, "gan"), (4, "gan"), (6, "gan"), (8, "encoder"), (10, "encoder"), (12, "encoder")]
+        (2, "gan"),
+        (4, "gan"),
+        (6, "gan"),
+        (8, "encoder"),
+        (10, "encoder"),
+        (12, "encoder"),
+    ]
     assert all(r["loss_recon"] and r["loss_feature"] for r in rows if r["phase"] == "encoder")
 
     # Resume the finished GAN phase with more encoder steps: G and D must not move, E must.
@@ -113,8 +119,11 @@ def test_training_runs_both_phases_and_the_encoder_phase_leaves_g_and_d_alone(da
     for key, value in before["model"].items():
         if key.startswith(("generator.", "discriminator.")) and "running" not in key and "num_batches" not in key:
             torch.testing.assert_close(after["model"][key], value, msg=key)
-    assert any(not torch.equal(after["model"][k], before["model"][k])
-               for k in before["model"] if k.startswith("encoder.") and before["model"][k].is_floating_point())
+    assert any(
+        not torch.equal(after["model"][k], before["model"][k])
+        for k in before["model"]
+        if k.startswith("encoder.") and before["model"][k].is_floating_point()
+    )
 
     model, ckpt = loop.load_run_model(run)
     assert isinstance(model, AnoGAN) and ckpt["calibrated"]

@@ -123,8 +123,13 @@ def test_unreadable_image_is_named(tmp_path: Path) -> None:
 
 def _normals(n: int) -> ImageSet:
     images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 1), dtype=np.uint8)
-    return ImageSet(images=images, labels=np.zeros(n, dtype=np.int64), masks=None,
-                    names=[f"{i:03d}.png" for i in range(n)], kinds=["good"] * n)
+    return ImageSet(
+        images=images,
+        labels=np.zeros(n, dtype=np.int64),
+        masks=None,
+        names=[f"{i:03d}.png" for i in range(n)],
+        kinds=["good"] * n,
+    )
 
 
 def test_split_holdout_is_deterministic_disjoint_and_complete() -> None:

@@ -68,8 +68,10 @@ def test_normalisation_is_x_over_127_5_minus_1() -> None:
 def _smoothed_peak(per_pixel: torch.Tensor, sigma: float) -> torch.Tensor:
     """Max of each Gaussian-smoothed map, computed with OpenCV, independently of the model."""
     radius = max(1, math.ceil(3 * sigma))
-    peaks = [cv2.GaussianBlur(m.numpy(), (2 * radius + 1, 2 * radius + 1), sigma, borderType=cv2.BORDER_REPLICATE).max()
-             for m in per_pixel]
+    peaks = [
+        cv2.GaussianBlur(m.numpy(), (2 * radius + 1, 2 * radius + 1), sigma, borderType=cv2.BORDER_REPLICATE).max()
+        for m in per_pixel
+    ]
     return torch.tensor(peaks)
 
 

@@ -61,15 +61,30 @@ def test_pixel_and_per_kind_auroc_by_hand() -> None:
 def test_evaluate_run_writes_metrics(tmp_path: Path) -> None:
     data = tmp_path / "parts32"
     synthesize_dataset(data, size=32, n_train=20, n_test_good=6, n_test_bad=8, seed=1)
-    config = config_from_dict({
-        "model": {"image_size": 32, "channels": 3, "latent_dim": 8, "base_width": 8},
-        "train": {"steps": 4, "batch_size": 8, "threads": 2},
-    })
+    config = config_from_dict(
+        {
+            "model": {"image_size": 32, "channels": 3, "latent_dim": 8, "base_width": 8},
+            "train": {"steps": 4, "batch_size": 8, "threads": 2},
+        }
+    )
     run = train(config, data=data, out=tmp_path / "run")
     metrics = evaluate_run(run, data=None)
     written = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-    for key in ("image_auroc", "image_auprc", "f1", "precision", "recall", "threshold", "threshold_method",
-                "nu", "n_test_good", "n_test_bad", "pixel_auroc", "image_auroc_by_kind", "lambda_sweep"):
+    for key in (
+        "image_auroc",
+        "image_auprc",
+        "f1",
+        "precision",
+        "recall",
+        "threshold",
+        "threshold_method",
+        "nu",
+        "n_test_good",
+        "n_test_bad",
+        "pixel_auroc",
+        "image_auroc_by_kind",
+        "lambda_sweep",
+    ):
         assert key in written, key
     assert written["n_test_good"] == 6 and written["n_test_bad"] == 8
     calibration = json.loads((run / "calibration.json").read_text(encoding="utf-8"))
@@ -116,8 +131,12 @@ def test_lambda_sweep_by_hand() -> None:
 def test_latent_search_evaluation_is_refused_for_efficient_gan(tmp_path: Path, ganspect_cli) -> None:
     data = tmp_path / "parts32"
     synthesize_dataset(data, size=32, n_train=12, n_test_good=2, n_test_bad=2, seed=1)
-    config = config_from_dict({"model": {"image_size": 32, "channels": 1, "latent_dim": 8, "base_width": 8},
-                               "train": {"steps": 1, "batch_size": 4, "threads": 2}})
+    config = config_from_dict(
+        {
+            "model": {"image_size": 32, "channels": 1, "latent_dim": 8, "base_width": 8},
+            "train": {"steps": 1, "batch_size": 4, "threads": 2},
+        }
+    )
     run = train(config, data=data, out=tmp_path / "run")
     proc = ganspect_cli("eval", str(run), "--scoring", "search")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

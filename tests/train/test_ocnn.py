@@ -48,11 +48,13 @@ def test_fit_keeps_about_nu_outside_and_lowers_its_objective() -> None:
 def test_ocnn_head_is_trained_with_the_run_and_reported_by_eval(tmp_path: Path) -> None:
     data = tmp_path / "parts32"
     synthesize_dataset(data, size=32, n_train=24, n_test_good=6, n_test_bad=6, seed=2)
-    config = config_from_dict({
-        "model": {"image_size": 32, "channels": 1, "latent_dim": 8, "base_width": 8},
-        "train": {"steps": 3, "batch_size": 8, "threads": 2},
-        "ocnn": {"enabled": True, "nu": 0.2, "steps": 50},
-    })
+    config = config_from_dict(
+        {
+            "model": {"image_size": 32, "channels": 1, "latent_dim": 8, "base_width": 8},
+            "train": {"steps": 3, "batch_size": 8, "threads": 2},
+            "ocnn": {"enabled": True, "nu": 0.2, "steps": 50},
+        }
+    )
     run = loop.train(config, data=data, out=tmp_path / "run")
     cal = json.loads((run / "calibration.json").read_text())
     assert cal["ocnn"]["nu"] == 0.2 and 0.0 < cal["ocnn"]["train_outside"] < 0.5

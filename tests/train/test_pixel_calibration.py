@@ -29,12 +29,14 @@ def _aligned_parts(root: Path, n: int, seed: int) -> None:
 
 
 def _config(per_pixel: bool) -> object:
-    return config_from_dict({
-        "model": {"image_size": 32, "channels": 1, "latent_dim": 8, "base_width": 8, "residual_reduction": "peak"},
-        "data": {"holdout": 0.3, "augment": {"shift": 0, "brightness": 0.0}},
-        "train": {"steps": 10, "batch_size": 8, "threads": 2},
-        "calibration": {"per_pixel": per_pixel},
-    })
+    return config_from_dict(
+        {
+            "model": {"image_size": 32, "channels": 1, "latent_dim": 8, "base_width": 8, "residual_reduction": "peak"},
+            "data": {"holdout": 0.3, "augment": {"shift": 0, "brightness": 0.0}},
+            "train": {"steps": 10, "batch_size": 8, "threads": 2},
+            "calibration": {"per_pixel": per_pixel},
+        }
+    )
 
 
 def test_per_pixel_calibration_moves_normal_peaks_off_the_fixed_rim_and_ships_in_the_graph(tmp_path: Path) -> None:

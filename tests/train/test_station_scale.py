@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from ganspect.edge.config import InspectionConfig
 from ganspect.edge.manifest import load_bundle
 from ganspect.edge.scorer import Scorer
 from ganspect.edge.tiling import Inspector
-from ganspect.edge.config import InspectionConfig
 from ganspect.export.bundle import export_run
 from ganspect.train.calibrate import score_tiled, tile_origins
 from ganspect.train.config import config_from_dict
@@ -40,7 +40,7 @@ def boards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     def with_defect_in_roi(path: Path) -> bool:
         mask = cv2.imread(str(DEEPPCB / "ground_truth/defect" / f"{path.stem}_mask.png"), cv2.IMREAD_GRAYSCALE)
-        return bool(mask[ROI["y"]:ROI["y"] + ROI["height"], ROI["x"]:ROI["x"] + ROI["width"]].any())
+        return bool(mask[ROI["y"] : ROI["y"] + ROI["height"], ROI["x"] : ROI["x"] + ROI["width"]].any())
 
     for folder, count in (("train/good", 16), ("test/good", 3), ("test/defect", 3)):
         (root / folder).mkdir(parents=True)
@@ -57,15 +57,27 @@ def boards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiled_config(**model: object) -> object:
-    return config_from_dict({
-        "model": {"image_size": 32, "channels": 1, "latent": "spatial", "latent_stride": 4, "latent_dim": 8,
-                  "base_width": 8, "segmentation_head": True, "head_width": 4, "scoring": "segmentation",
-                  "heatmap_sigma": 1.0, **model},
-        "tiling": {"mode": "tiles", "overlap": 8, "roi": ROI},
-        "pseudo_defects": {"enabled": True},
-        "data": {"holdout": 0.25},
-        "train": {"steps": 6, "batch_size": 8, "threads": 2, "log_every": 2},
-    })
+    return config_from_dict(
+        {
+            "model": {
+                "image_size": 32,
+                "channels": 1,
+                "latent": "spatial",
+                "latent_stride": 4,
+                "latent_dim": 8,
+                "base_width": 8,
+                "segmentation_head": True,
+                "head_width": 4,
+                "scoring": "segmentation",
+                "heatmap_sigma": 1.0,
+                **model,
+            },
+            "tiling": {"mode": "tiles", "overlap": 8, "roi": ROI},
+            "pseudo_defects": {"enabled": True},
+            "data": {"holdout": 0.25},
+            "train": {"steps": 6, "batch_size": 8, "threads": 2, "log_every": 2},
+        }
+    )
 
 
 def test_tile_mode_loads_native_pixels_of_the_roi_and_pads_what_is_smaller_than_a_tile(boards: Path) -> None:
@@ -114,13 +126,19 @@ def test_crops_are_model_sized_pieces_of_the_native_images() -> None:
     crops = CropPool(images, 32, seed=0).sample(20).numpy()
     assert crops.shape == (20, 32, 32, 1)
     for crop in crops:
-        found = [(i, y, x) for i in range(2) for y in range(19) for x in range(39)
-                 if np.array_equal(images[i, y:y + 32, x:x + 32], crop)]
+        found = [
+            (i, y, x)
+            for i in range(2)
+            for y in range(19)
+            for x in range(39)
+            if np.array_equal(images[i, y : y + 32, x : x + 32], crop)
+        ]
         assert found
 
 
-def test_tile_mode_trains_evaluates_at_the_station_resolution_and_exports_its_tiling(boards: Path,
-                                                                                    tmp_path: Path) -> None:
+def test_tile_mode_trains_evaluates_at_the_station_resolution_and_exports_its_tiling(
+    boards: Path, tmp_path: Path
+) -> None:
     run = train(tiled_config(), boards, tmp_path / "run")
     metrics = evaluate_run(run, boards, report=True)
     assert metrics["n_test_good"] == 3 and metrics["n_test_bad"] == 3
@@ -136,7 +154,7 @@ def test_tile_mode_trains_evaluates_at_the_station_resolution_and_exports_its_ti
     assert scored.heatmap.shape == (4, 120, 200)
     cal = json.loads((run / "calibration.json").read_text(encoding="utf-8"))
     assert cal["heatmap_scale"] == pytest.approx(float(scored.residual.max()), rel=1e-5)
-    tiles = np.stack([held_images[0][y:y + 32, x:x + 32] for y, x in tile_origins(120, 200, 32, 8)])
+    tiles = np.stack([held_images[0][y : y + 32, x : x + 32] for y, x in tile_origins(120, 200, 32, 8)])
     with torch.no_grad():
         tile_scores, _ = model(torch.from_numpy(tiles))
     assert scored.score[0] == pytest.approx(float(tile_scores.max()), rel=1e-5)

@@ -45,8 +45,14 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(tmp_path
 
 def test_layout_counts_shapes_and_masks(tmp_path: Path) -> None:
     summary = synthesize_dataset(tmp_path, seed=0, **SMALL)
-    assert summary == {"train/good": 3, "test/good": 2, "test/scratch": 2, "test/dent": 2, "test/stain": 2,
-                       "test/missing_material": 2}
+    assert summary == {
+        "train/good": 3,
+        "test/good": 2,
+        "test/scratch": 2,
+        "test/dent": 2,
+        "test/stain": 2,
+        "test/missing_material": 2,
+    }
     for folder, count in summary.items():
         pngs = sorted((tmp_path / folder).glob("*.png"))
         assert [p.name for p in pngs] == [f"{i:03d}.png" for i in range(count)]
@@ -71,14 +77,17 @@ def test_rewrite_replaces_an_earlier_data_set_but_keeps_other_files(tmp_path: Pa
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(size=16, n_train=1, n_test_good=0, n_test_bad=0), "at least 32"),
-    (dict(size=32, n_train=-1, n_test_good=0, n_test_bad=0), "n_train"),
-    (dict(size=32, n_train=1, n_test_good=-2, n_test_bad=0), "n_test_good"),
-    (dict(size=32, n_train=1, n_test_good=0, n_test_bad=-3), "n_test_bad"),
-    (dict(size=32, n_train=0, n_test_good=1, n_test_bad=1), "n_train"),
-    (dict(size=32, n_train=1, n_test_good=0, n_test_bad=0, seed=-1), "seed"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(size=16, n_train=1, n_test_good=0, n_test_bad=0), "at least 32"),
+        (dict(size=32, n_train=-1, n_test_good=0, n_test_bad=0), "n_train"),
+        (dict(size=32, n_train=1, n_test_good=-2, n_test_bad=0), "n_test_good"),
+        (dict(size=32, n_train=1, n_test_good=0, n_test_bad=-3), "n_test_bad"),
+        (dict(size=32, n_train=0, n_test_good=1, n_test_bad=1), "n_train"),
+        (dict(size=32, n_train=1, n_test_good=0, n_test_bad=0, seed=-1), "seed"),
+    ],
+)
 def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(GanspectError, match=message):
         synthesize_dataset(tmp_path / "out", **{"seed": 0, **kwargs})
@@ -206,4 +215,3 @@ def test_conveyor_errors_are_clear(tmp_path: Path) -> None:
     (tmp_path / "bad.avi.truth.json").write_text('{"parts": [{"part_id": "P1"}]}')
     with pytest.raises(GanspectError, match="not valid"):
         read_conveyor_truth(tmp_path / "bad.avi")
-

@@ -29,8 +29,9 @@ def test_shipped_configs_validate() -> None:
 def test_overrides_are_parsed_as_yaml(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  image_size: 64\n", encoding="utf-8")
-    config = load_train_config(path, ["train.steps=7", "model.lambda=0.3", "data.augment.hflip=true",
-                                      "model.heatmap_sigma=null"])
+    config = load_train_config(
+        path, ["train.steps=7", "model.lambda=0.3", "data.augment.hflip=true", "model.heatmap_sigma=null"]
+    )
     assert config.train.steps == 7
     assert config.model.lambda_ == pytest.approx(0.3)
     assert config.data.augment.hflip is True

@@ -130,8 +130,18 @@ def test_sigterm_saves_a_checkpoint(data: Path, tmp_path: Path) -> None:
     raw["train"].update({"steps": 100000, "checkpoint_every": 100000})
     config.write_text(yaml.safe_dump(raw), encoding="utf-8")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "ganspect.edge", "train", "--config", str(config), "--data", str(data),
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ganspect.edge",
+        "train",
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out / "losses.csv").is_file() or len((out / "losses.csv").read_text().splitlines()) < 3:

@@ -92,8 +92,9 @@ def test_data_warnings_name_the_problem() -> None:
     assert loop.data_warnings(n_train=500, n_val=30, image_size=64, nu=0.01, threshold="f1_optimal") == []
 
 
-def test_training_logs_the_warnings_and_records_them(data: Path, tmp_path: Path,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_training_logs_the_warnings_and_records_them(
+    data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING, logger="ganspect.train.loop"):
         run = loop.train(tiny_config(train={"steps": 2}), data=data, out=tmp_path / "run")
     info = json.loads((run / "run.json").read_text())
@@ -126,8 +127,9 @@ def test_f1_optimal_calibration_with_a_folder_of_anomalies(data: Path, tmp_path:
 
 
 def test_keep_best_takes_the_weights_of_the_lowest_validation_loss(data: Path, tmp_path: Path) -> None:
-    run = loop.train(tiny_config(train={"steps": 8, "validate_every": 2, "keep": "best"}), data=data,
-                     out=tmp_path / "run")
+    run = loop.train(
+        tiny_config(train={"steps": 8, "validate_every": 2, "keep": "best"}), data=data, out=tmp_path / "run"
+    )
     rows = list(csv.DictReader(open(run / "losses.csv", encoding="utf-8")))
     vals = {int(r["step"]): float(r["val_loss"]) for r in rows if r["val_loss"]}
     assert sorted(vals) == [2, 4, 6, 8]
@@ -141,12 +143,14 @@ def test_keep_best_takes_the_weights_of_the_lowest_validation_loss(data: Path, t
 
 
 def test_early_stopping_stops_after_patience_validations_without_improvement(
-        data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The validation loss of a few-step run goes either way; fix it to rise so that the rule is what is tested.
     losses = iter([0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     monkeypatch.setattr(loop._Trainer, "validation_loss", lambda self, *a: next(losses))
-    run = loop.train(tiny_config(train={"steps": 20, "validate_every": 2, "early_stop_patience": 2}),
-                     data=data, out=tmp_path / "run")
+    run = loop.train(
+        tiny_config(train={"steps": 20, "validate_every": 2, "early_stop_patience": 2}), data=data, out=tmp_path / "run"
+    )
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["stopped_early"] is True and ckpt["calibrated"] is True
 

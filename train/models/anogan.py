@@ -87,8 +87,8 @@ class ImageDiscriminator(nn.Module):
 @dataclass
 class SearchResult:
     parts: ScoreParts
-    z: torch.Tensor                 # (N, latent) the latent codes found
-    loss_history: torch.Tensor      # (steps + 1, N) per-image search loss before each step and at the end
+    z: torch.Tensor  # (N, latent) the latent codes found
+    loss_history: torch.Tensor  # (steps + 1, N) per-image search loss before each step and at the end
 
 
 class AnoGAN(ScoringModel):
@@ -106,8 +106,8 @@ class AnoGAN(ScoringModel):
 
     def parts_from_latent(self, x: torch.Tensor, z: torch.Tensor) -> ScoreParts:
         """Score parts of images x (N, C, H, W) in [-1, 1] reconstructed from latent codes z (N, latent)."""
-        recon = self.generator(z)                                   # (N, C, H, W)
-        l_r, residual = self.residual_terms(x, recon)               # (N,), (N, H, W)
+        recon = self.generator(z)  # (N, C, H, W)
+        l_r, residual = self.residual_terms(x, recon)  # (N,), (N, H, W)
         l_d = (self.discriminator.features(x) - self.discriminator.features(recon)).abs().mean(dim=1)  # (N,)
         return ScoreParts(l_r=l_r, l_d=l_d, residual=residual, recon=recon)
 
@@ -122,8 +122,14 @@ class AnoGAN(ScoringModel):
         l_d = (self.discriminator.features(x) - self.discriminator.features(recon)).abs().mean(dim=1)
         return (1.0 - self.cfg.lambda_) * l_r + self.cfg.lambda_ * l_d
 
-    def search(self, x: torch.Tensor, steps: int = 500, lr: float = 0.05,
-               generator: torch.Generator | None = None, z_init: torch.Tensor | None = None) -> SearchResult:
+    def search(
+        self,
+        x: torch.Tensor,
+        steps: int = 500,
+        lr: float = 0.05,
+        generator: torch.Generator | None = None,
+        z_init: torch.Tensor | None = None,
+    ) -> SearchResult:
         """Latent search: Adam on z for `steps` steps, each image on its own; G and D untouched.
 
         The batch's losses are summed, so each z gets exactly its own image's gradient.
@@ -142,7 +148,7 @@ class AnoGAN(ScoringModel):
             history = []
             with torch.enable_grad():
                 for _ in range(steps):
-                    loss = self.search_loss(x, z)      # (N,)
+                    loss = self.search_loss(x, z)  # (N,)
                     history.append(loss.detach())
                     opt.zero_grad(set_to_none=True)
                     loss.sum().backward()
@@ -199,8 +205,9 @@ class AnoGANRecipe:
             x_gen = m.generator(z)
         logit_real, _ = m.discriminator(x)
         logit_fake, _ = m.discriminator(x_gen)
-        loss_d = (F.binary_cross_entropy_with_logits(logit_real, ones)
-                  + F.binary_cross_entropy_with_logits(logit_fake, zeros))
+        loss_d = F.binary_cross_entropy_with_logits(logit_real, ones) + F.binary_cross_entropy_with_logits(
+            logit_fake, zeros
+        )
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt_d.step()

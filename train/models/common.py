@@ -52,10 +52,10 @@ def smoothing_matrix(size: int, sigma: float) -> torch.Tensor:
 class ScoreParts:
     """What scoring computes before weighting; evaluation uses it for the lambda sweep."""
 
-    l_r: torch.Tensor        # (N,)
-    l_d: torch.Tensor        # (N,)
-    residual: torch.Tensor   # (N, H, W) smoothed, not yet divided by heatmap_scale
-    recon: torch.Tensor      # (N, C, H, W) the reconstruction in [-1, 1]
+    l_r: torch.Tensor  # (N,)
+    l_d: torch.Tensor  # (N,)
+    residual: torch.Tensor  # (N, H, W) smoothed, not yet divided by heatmap_scale
+    recon: torch.Tensor  # (N, C, H, W) the reconstruction in [-1, 1]
     # (N, H, W) the segmentation head's smoothed defect probability, when the model has one
     segmentation: torch.Tensor | None = None
 
@@ -98,12 +98,12 @@ class ScoringModel(nn.Module):
 
     def residual_terms(self, x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_R (N,), smoothed residual (N, H, W)) of images x against their reconstructions."""
-        per_pixel = (x - recon).abs().mean(dim=1)             # (N, H, W)
-        residual = self.smooth(per_pixel)                     # (N, H, W)
+        per_pixel = (x - recon).abs().mean(dim=1)  # (N, H, W)
+        residual = self.smooth(per_pixel)  # (N, H, W)
         if self.cfg.residual_reduction == "peak":
-            l_r = residual.amax(dim=(1, 2))                   # (N,)
+            l_r = residual.amax(dim=(1, 2))  # (N,)
         else:
-            l_r = per_pixel.mean(dim=(1, 2))                  # (N,)
+            l_r = per_pixel.mean(dim=(1, 2))  # (N,)
         return l_r, residual
 
     def score_parts(self, x: torch.Tensor) -> ScoreParts:
@@ -195,7 +195,7 @@ class StagedConfig:
         """Stride-2 stages: from image_size down to 4x4 (64 -> 4 stages) for a vector latent,
         down to image_size / latent_stride for a spatial one."""
         if getattr(self, "latent", "vector") == "spatial":
-            return int(math.log2(getattr(self, "latent_stride")))
+            return int(math.log2(self.latent_stride))
         return int(math.log2(self.image_size)) - 2
 
     def width(self, stage: int) -> int:
@@ -211,15 +211,24 @@ class StagedConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def check_common(image_size: int, channels: int, lambda_: float, norm: str, residual_reduction: str,
-                 latent: str = "vector", latent_stride: int = 8, scoring: str = "residual",
-                 segmentation_head: bool = False) -> None:
+def check_common(
+    image_size: int,
+    channels: int,
+    lambda_: float,
+    norm: str,
+    residual_reduction: str,
+    latent: str = "vector",
+    latent_stride: int = 8,
+    scoring: str = "residual",
+    segmentation_head: bool = False,
+) -> None:
     """Validate the settings every model config shares (ValueError names the setting)."""
     if latent not in ("vector", "spatial"):
         raise ValueError(f"latent must be vector or spatial, got {latent!r}")
     if latent == "spatial" and (latent_stride not in (2, 4, 8, 16, 32) or latent_stride > image_size // 4):
-        raise ValueError(f"latent_stride must be a power of two from 2 to 32 and at most image_size / 4, "
-                         f"got {latent_stride}")
+        raise ValueError(
+            f"latent_stride must be a power of two from 2 to 32 and at most image_size / 4, got {latent_stride}"
+        )
     if scoring not in ("residual", "segmentation"):
         raise ValueError(f"scoring must be residual or segmentation, got {scoring!r}")
     if scoring == "segmentation" and not segmentation_head:
@@ -267,8 +276,11 @@ def _down_layers(cfg: Any) -> list[nn.Module]:
     """The encoders' DCGAN stride-2 stages: image -> (w_last, S / 2^n_stages, S / 2^n_stages)."""
     layers: list[nn.Module] = [nn.Conv2d(cfg.channels, cfg.width(0), 4, 2, 1), nn.LeakyReLU(0.2)]
     for i in range(1, cfg.n_stages):
-        layers += [nn.Conv2d(cfg.width(i - 1), cfg.width(i), 4, 2, 1, bias=False), norm_layer(cfg.norm, cfg.width(i)),
-                   nn.LeakyReLU(0.2)]
+        layers += [
+            nn.Conv2d(cfg.width(i - 1), cfg.width(i), 4, 2, 1, bias=False),
+            norm_layer(cfg.norm, cfg.width(i)),
+            nn.LeakyReLU(0.2),
+        ]
     return layers
 
 
@@ -276,8 +288,11 @@ def _up_layers(cfg: Any) -> list[nn.Module]:
     """The generators' stride-2 transposed stages from w_last maps to the image, tanh output."""
     layers: list[nn.Module] = []
     for i in range(cfg.n_stages - 1, 0, -1):
-        layers += [nn.ConvTranspose2d(cfg.width(i), cfg.width(i - 1), 4, 2, 1, bias=False),  # doubles H, W
-                   norm_layer(cfg.norm, cfg.width(i - 1)), nn.ReLU()]
+        layers += [
+            nn.ConvTranspose2d(cfg.width(i), cfg.width(i - 1), 4, 2, 1, bias=False),  # doubles H, W
+            norm_layer(cfg.norm, cfg.width(i - 1)),
+            nn.ReLU(),
+        ]
     return layers + [nn.ConvTranspose2d(cfg.width(0), cfg.channels, 4, 2, 1), nn.Tanh()]
 
 
@@ -302,8 +317,12 @@ class SpatialGenerator(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         top = cfg.n_stages - 1
-        self.net = nn.Sequential(nn.Conv2d(cfg.latent_dim, cfg.width(top), 3, 1, 1, bias=False),
-                                 norm_layer(cfg.norm, cfg.width(top)), nn.ReLU(), *_up_layers(cfg))
+        self.net = nn.Sequential(
+            nn.Conv2d(cfg.latent_dim, cfg.width(top), 3, 1, 1, bias=False),
+            norm_layer(cfg.norm, cfg.width(top)),
+            nn.ReLU(),
+            *_up_layers(cfg),
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -323,12 +342,13 @@ class SegmentationHead(nn.Module):
         w = width
 
         def conv(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, k, stride, dilation * (k // 2), dilation=dilation),
-                                 nn.LeakyReLU(0.2))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, k, stride, dilation * (k // 2), dilation=dilation), nn.LeakyReLU(0.2)
+            )
 
-        self.at_1 = conv(3 * channels, w)              # H
-        self.at_2 = conv(w, 2 * w, stride=2)           # H / 2
-        self.at_4 = conv(2 * w, 4 * w, stride=2)    # H / 4
+        self.at_1 = conv(3 * channels, w)  # H
+        self.at_2 = conv(w, 2 * w, stride=2)  # H / 2
+        self.at_4 = conv(2 * w, 4 * w, stride=2)  # H / 4
         self.at_8 = nn.Sequential(conv(4 * w, 8 * w, stride=2), conv(8 * w, 8 * w, dilation=2))  # H / 8
         self.up_4 = nn.Sequential(conv(12 * w, 4 * w, k=1), conv(4 * w, 4 * w))
         self.up_2 = nn.Sequential(conv(6 * w, 2 * w, k=1), conv(2 * w, 2 * w))
@@ -367,7 +387,10 @@ class Generator(nn.Module):
         top = cfg.n_stages - 1
         self.net = nn.Sequential(
             nn.ConvTranspose2d(cfg.latent_dim, cfg.width(top), 4, 1, 0, bias=False),  # w_last x 4 x 4
-            norm_layer(cfg.norm, cfg.width(top)), nn.ReLU(), *_up_layers(cfg))
+            norm_layer(cfg.norm, cfg.width(top)),
+            nn.ReLU(),
+            *_up_layers(cfg),
+        )
         self.latent_dim = cfg.latent_dim
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -69,15 +69,15 @@ class EfficientGANConfig(StagedConfig):
     channels: int = section_default("channels")  # 1 gray, 3 BGR
     latent_dim: int = section_default("latent_dim")
     base_width: int = section_default("base_width")  # feature maps of the first conv stage; doubles per stage
-    max_width: int = 512          # cap so that 256x256 models stay a sensible size
+    max_width: int = 512  # cap so that 256x256 models stay a sensible size
     lambda_: float = section_default("lambda_")  # score weight of L_D; the seeds found small values better
     discrimination: str = section_default("discrimination")  # or "cross_entropy"; see module docstring
     residual_reduction: str = section_default("residual_reduction")  # "mean" (the papers) or "peak" (local defects)
-    heatmap_sigma: float = 2.0    # Gaussian sigma in pixels at image_size
+    heatmap_sigma: float = 2.0  # Gaussian sigma in pixels at image_size
     spectral_norm: bool = section_default("spectral_norm")
     d_dropout: float = section_default("d_dropout")
-    d_feature_dim: int = 512      # width of D's joint feature layer f_D
-    d_z_dim: int = 256            # width of D's z branch
+    d_feature_dim: int = 512  # width of D's joint feature layer f_D
+    d_z_dim: int = 256  # width of D's z branch
     pixel_calibration: bool = False  # per-pixel mean/spread of the normal map (calibration.per_pixel)
     norm: str = section_default("norm")  # E and G normalisation: "batch", "group" or "none" (see norm_layer)
     latent: str = section_default("latent")  # "vector" (N, latent_dim) or "spatial" (N, latent_dim, S/s, S/s)
@@ -87,11 +87,19 @@ class EfficientGANConfig(StagedConfig):
     scoring: str = section_default("scoring")  # "residual" (A(x) from L_R and L_D) or "segmentation" (the head's map)
 
     def __post_init__(self) -> None:
-        check_common(self.image_size, self.channels, self.lambda_, self.norm, self.residual_reduction,
-                     self.latent, self.latent_stride, self.scoring, self.segmentation_head)
+        check_common(
+            self.image_size,
+            self.channels,
+            self.lambda_,
+            self.norm,
+            self.residual_reduction,
+            self.latent,
+            self.latent_stride,
+            self.scoring,
+            self.segmentation_head,
+        )
         if self.discrimination not in DISCRIMINATIONS:
-            raise ValueError(f"discrimination must be one of {', '.join(DISCRIMINATIONS)}, "
-                             f"got {self.discrimination!r}")
+            raise ValueError(f"discrimination must be one of {', '.join(DISCRIMINATIONS)}, got {self.discrimination!r}")
 
 
 class Discriminator(nn.Module):
@@ -102,19 +110,22 @@ class Discriminator(nn.Module):
         sn = spectral(cfg)
         self.x_net = discriminator_trunk(cfg)  # (N, w_last, 4, 4)
         self.z_net = nn.Sequential(
-            sn(nn.Linear(cfg.latent_dim, cfg.d_z_dim)), nn.LeakyReLU(0.2), nn.Dropout(cfg.d_dropout),
+            sn(nn.Linear(cfg.latent_dim, cfg.d_z_dim)),
+            nn.LeakyReLU(0.2),
+            nn.Dropout(cfg.d_dropout),
         )  # (N, d_z_dim)
         joint_in = cfg.width(cfg.n_stages - 1) * 16 + cfg.d_z_dim
         self.x_dropout = nn.Dropout(cfg.d_dropout)
         self.joint = nn.Sequential(
-            sn(nn.Linear(joint_in, cfg.d_feature_dim)), nn.LeakyReLU(0.2),
+            sn(nn.Linear(joint_in, cfg.d_feature_dim)),
+            nn.LeakyReLU(0.2),
         )  # (N, d_feature_dim): f_D
         self.dropout = nn.Dropout(cfg.d_dropout)
         self.head = sn(nn.Linear(cfg.d_feature_dim, 1))  # (N, 1) logit
 
     def features(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         hx = self.x_dropout(self.x_net(x).flatten(1))  # (N, w_last * 16)
-        hz = self.z_net(z)                     # (N, d_z_dim)
+        hz = self.z_net(z)  # (N, d_z_dim)
         return self.joint(torch.cat([hx, hz], dim=1))  # (N, d_feature_dim)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,16 +182,16 @@ class EfficientGAN(ScoringModel):
 
     def score_parts(self, x: torch.Tensor) -> ScoreParts:
         """x: float (N, C, H, W) in [-1, 1]. Call in eval mode for deterministic scores."""
-        z = self.encoder(x)                                   # (N, latent)
-        recon = self.generator(z)                             # (N, C, H, W)
-        l_r, residual = self.residual_terms(x, recon)         # (N,), (N, H, W)
+        z = self.encoder(x)  # (N, latent)
+        recon = self.generator(z)  # (N, C, H, W)
+        l_r, residual = self.residual_terms(x, recon)  # (N,), (N, H, W)
         if self.cfg.discrimination == "cross_entropy":
-            logit_real, _ = self.discriminator(x, z)          # (N,)
+            logit_real, _ = self.discriminator(x, z)  # (N,)
             # BCE against the label "real": large when D finds the pair (x, E(x)) fake.
-            l_d = F.softplus(-logit_real)                     # (N,) or (N, h, w)
+            l_d = F.softplus(-logit_real)  # (N,) or (N, h, w)
             l_d = l_d.flatten(1).mean(dim=1) if l_d.dim() > 1 else l_d
         else:
-            f_real = self.discriminator.features(x, z)        # (N, F) or (N, F, h, w)
+            f_real = self.discriminator.features(x, z)  # (N, F) or (N, F, h, w)
             f_fake = self.discriminator.features(recon, z)
             l_d = (f_real - f_fake).abs().flatten(1).mean(dim=1)  # (N,)
         return ScoreParts(l_r=l_r, l_d=l_d, residual=residual, recon=recon, segmentation=self.segment(x, recon))
@@ -206,7 +217,8 @@ class EfficientGANRecipe:
         # The segmentation head learns from detached reconstructions: one optimiser serves all three.
         head = list(model.segmentation_head.parameters()) if hasattr(model, "segmentation_head") else []
         self.opt_eg = torch.optim.Adam(
-            list(model.encoder.parameters()) + list(model.generator.parameters()) + head, lr=t.lr, betas=betas)
+            list(model.encoder.parameters()) + list(model.generator.parameters()) + head, lr=t.lr, betas=betas
+        )
         self.optimisers = {"opt_d": self.opt_d, "opt_eg": self.opt_eg}
         self.defect_rng = torch.Generator().manual_seed(t.seed + 1)
         self.total_steps = t.steps
@@ -249,8 +261,9 @@ class EfficientGANRecipe:
                 x_gen = m.generator(z_prior)
             logit_real, _ = m.discriminator(x, z_enc)
             logit_fake, _ = m.discriminator(x_gen, z_prior)
-            loss_d = (F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))
-                      + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake)))
+            loss_d = F.binary_cross_entropy_with_logits(
+                logit_real, torch.ones_like(logit_real)
+            ) + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake))
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             self.opt_d.step()
@@ -263,8 +276,9 @@ class EfficientGANRecipe:
         if adversarial:
             logit_real, _ = m.discriminator(x_in, z_enc)
             logit_fake, _ = m.discriminator(m.generator(z_prior), z_prior)
-            loss_adv = (F.binary_cross_entropy_with_logits(logit_real, torch.zeros_like(logit_real))
-                        + F.binary_cross_entropy_with_logits(logit_fake, torch.ones_like(logit_fake)))
+            loss_adv = F.binary_cross_entropy_with_logits(
+                logit_real, torch.zeros_like(logit_real)
+            ) + F.binary_cross_entropy_with_logits(logit_fake, torch.ones_like(logit_fake))
             loss_eg = loss_eg + t.adversarial_weight * loss_adv
             losses["loss_g"] = loss_adv.item()
         loss_recon = (x - recon).abs().mean()

@@ -30,8 +30,8 @@ class OCNN(nn.Module):
     def __init__(self, in_dim: int, hidden: int = 32, nu: float = 0.1) -> None:
         super().__init__()
         self.nu = nu
-        self.V = nn.Linear(in_dim, hidden, bias=False)   # (hidden, in_dim)
-        self.w = nn.Linear(hidden, 1, bias=False)        # (1, hidden)
+        self.V = nn.Linear(in_dim, hidden, bias=False)  # (hidden, in_dim)
+        self.w = nn.Linear(hidden, 1, bias=False)  # (1, hidden)
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
         self.register_buffer("r", torch.tensor(0.0))
@@ -55,12 +55,13 @@ def ocnn_loss(model: OCNN, y: torch.Tensor, r: torch.Tensor, nu: float) -> torch
 @dataclass
 class OCNNFit:
     model: OCNN
-    losses: list[float]   # objective after each update (with the updated r)
-    outside: float        # share of the training codes with score > 0 at the end (about nu)
+    losses: list[float]  # objective after each update (with the updated r)
+    outside: float  # share of the training codes with score > 0 at the end (about nu)
 
 
-def fit_ocnn(z: torch.Tensor, nu: float = 0.1, hidden: int = 32, steps: int = 1000, lr: float = 1e-3,
-             seed: int = 0) -> OCNNFit:
+def fit_ocnn(
+    z: torch.Tensor, nu: float = 0.1, hidden: int = 32, steps: int = 1000, lr: float = 1e-3, seed: int = 0
+) -> OCNNFit:
     """Train an OC-NN on frozen latent codes z (N, in_dim)."""
     if not 0.0 < nu < 1.0:
         raise ValueError(f"nu must be in (0, 1), got {nu}")

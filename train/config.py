@@ -66,7 +66,7 @@ class ModelSection(_Section):
     segmentation_head: bool = Field(
         False,
         description="A small defect-segmentation network on (x, G(E(x)), |x - G(E(x))|), trained to mark "
-        "the pseudo-defects painted on normal images (train.pseudo_defects); Efficient GAN only.",
+        "the pseudo-defects painted on normal images (train.pseudo_defects); AnoGAN trains it in its encoder phase.",
     )
     head_width: int = Field(8, ge=2, le=64, description="Feature maps of the segmentation head's first stage.")
     scoring: Literal["residual", "segmentation"] = Field(
@@ -95,8 +95,6 @@ class ModelSection(_Section):
                 f"latent_stride: a power of two from 2 to 32 and at most image_size / 4 is needed, "
                 f"got {self.latent_stride}"
             )
-        if self.kind == "anogan" and (self.latent == "spatial" or self.segmentation_head):
-            raise ValueError("latent: spatial and segmentation_head are Efficient GAN settings")
         return self
 
 

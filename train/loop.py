@@ -82,19 +82,15 @@ def model_config_from(config: TrainConfig) -> EfficientGANConfig | AnoGANConfig:
         spectral_norm=m.spectral_norm,
         norm=m.norm,
         pixel_calibration=config.calibration.per_pixel,
-    )
-    if m.kind == "anogan":
-        return AnoGANConfig(**common)
-    return EfficientGANConfig(
-        **common,
-        discrimination=m.discrimination,
-        d_dropout=m.d_dropout,
         latent=m.latent,
         latent_stride=m.latent_stride,
         segmentation_head=m.segmentation_head,
         head_width=m.head_width,
         scoring=m.scoring,
     )
+    if m.kind == "anogan":
+        return AnoGANConfig(**common)
+    return EfficientGANConfig(**common, discrimination=m.discrimination, d_dropout=m.d_dropout)
 
 
 def build_for(config: TrainConfig) -> ScoringModel:

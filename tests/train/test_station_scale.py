@@ -6,6 +6,7 @@ that a few training steps run in seconds.
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -173,4 +174,34 @@ def test_tile_mode_trains_evaluates_at_the_station_resolution_and_exports_its_ti
     found = inspector.inspect(frame, scorer, scorer.manifest.threshold.value)
     assert found.tiles == len(tile_origins(120, 200, 32, 8))
     assert found.score.heatmap.shape == (120, 200)
+    assert found.score.score == pytest.approx(float(scored.score[0]), rel=1e-3, abs=1e-4)
+
+
+def test_anogan_at_station_scale_learns_its_head_in_the_encoder_phase_and_exports_one_graph(
+    boards: Path, tmp_path: Path
+) -> None:
+    config = tiled_config(kind="anogan")
+    config = config.model_copy(update={"anogan": config.anogan.model_copy(update={"encoder_steps": 6})})
+    run = train(config, boards, tmp_path / "run")
+
+    # The head learns beside E in the encoder phase, never in the GAN phase (pseudo-defects only matter there).
+    with (run / "losses.csv").open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {row["phase"] for row in rows} == {"gan", "encoder"}
+    assert all(row["loss_seg"] == "" for row in rows if row["phase"] == "gan")
+    assert all(float(row["loss_seg"]) > 0 for row in rows if row["phase"] == "encoder")
+
+    model, _ = load_run_model(run)
+    assert model.cfg.latent == "spatial" and hasattr(model, "segmentation_head")
+    bundle = export_run(run, tmp_path / "bundle", int8=False, latency_budget_s=0.02)
+    manifest = load_bundle(bundle).manifest
+    assert manifest.kind == "anogan" and manifest.score.source == "segmentation"
+
+    # The edge scores a full board as evaluation does, through the same tiles.
+    held = load_normal_images(boards, 32, 1, Framing(32, True, (40, 60, 200, 120)))
+    scored = score_tiled(model, held.images[:1], overlap=8)
+    scorer = Scorer.load(bundle, precision="fp32", intra_op_threads=1)
+    inspector = Inspector(InspectionConfig())
+    inspector.check(scorer.manifest)
+    found = inspector.inspect(cv2.imread(str(boards / held.names[0])), scorer, scorer.manifest.threshold.value)
     assert found.score.score == pytest.approx(float(scored.score[0]), rel=1e-3, abs=1e-4)

@@ -124,21 +124,21 @@ def test_sensitive_layers_are_the_first_and_last_learned_layers(run: Path, tmp_p
     proto = onnx.load(str(export_onnx(model, tmp_path / "m.onnx", 32, 3)))
     layers = learned_layers(proto, parameter_names(model))
     by_name = {n.name: n for n in proto.graph.node}
-    # E: 4 convs; G: the latent-to-map dense layer and 3 stride-2 transposed convs, each
-    # exported as 4 phase convs; D: 3 convs + z dense + f_D dense on x, and again on G(E(x))
+    # E: 4 convs; G: the latent-to-map dense layer and 3 stride-2 transposed convs, the two
+    # inner ones exported as 4 phase convs, the image layer as one joint conv; D: 3 convs + z dense + f_D dense on x, and again on G(E(x))
     # except the z dense layer, whose identical second call the exporter's optimiser merged.
-    assert len(layers) == 4 + (1 + 3 * 4) + 5 + 4
+    assert len(layers) == 4 + (1 + 2 * 4 + 1) + 5 + 4
     assert not any(by_name[n].input[1].startswith("smooth") for n in layers)  # smoothing stays float
     sensitive = sensitive_layers(proto, layers)
     weights = sorted(by_name[n].input[1].removeprefix("scoring.") for n in sensitive)
     # E's and D's first convolutions (D's on x only: on G(E(x)) it follows G), G's output layer
-    # (its four phases), f_D twice.
+    # (one joint convolution), f_D twice.
     assert weights == [
         "discriminator.joint.0.weight",
         "discriminator.joint.0.weight",
         "discriminator.x_net.0.weight",
         "encoder.net.0.weight",
-        *(f"generator.net.9.phase{a}{b}" for a in (0, 1) for b in (0, 1)),
+        "generator.net.9.joint",
     ]
 
 
@@ -184,7 +184,7 @@ def test_guard_refusal_retries_then_refuses_unless_forced(
     with pytest.raises(
         GanspectError,
         match=r"INT8 model refused by the accuracy guard: simulated guard failure "
-        r"\(also with 8 sensitive layers kept in FP32\); nothing was written",
+        r"\(also with 5 sensitive layers kept in FP32\); nothing was written",
     ):
         export_run(run, tmp_path / "refused", int8=True, latency_budget_s=0.05)
     assert not (tmp_path / "refused").exists() and list(tmp_path.iterdir()) == []

@@ -131,6 +131,13 @@ class TilingSection(_Section):
         description="Region of every image to inspect (the station's "
         "inspection.roi, in frame pixels); null = the whole image.",
     )
+    train_crop: int | None = Field(
+        None,
+        description="tiles with latent: spatial: side of the random training crops when smaller than the "
+        "model.image_size tiles the station scores (power of two, at least 32); null = model.image_size. "
+        "Small crops show the segmentation head as many painted defects per step as small tiles would, "
+        "while the fully convolutional model scores fewer, larger tiles (less overlap, faster at the edge).",
+    )
 
 
 class DataSection(_Section):
@@ -328,6 +335,17 @@ class TrainConfig(_Section):
             raise ValueError(
                 "calibration.per_pixel needs a peak score: model.residual_reduction: peak or "
                 "model.scoring: segmentation"
+            )
+        crop = self.tiling.train_crop
+        if crop is not None and not (
+            self.tiling.mode == "tiles"
+            and self.model.latent == "spatial"
+            and 32 <= crop <= self.model.image_size
+            and crop & (crop - 1) == 0
+        ):
+            raise ValueError(
+                f"tiling.train_crop {crop} needs tiling.mode: tiles, model.latent: spatial (a fully "
+                f"convolutional model) and a power of two from 32 to model.image_size ({self.model.image_size})"
             )
         if self.tiling.mode == "tiles" and self.tiling.overlap >= self.model.image_size:
             raise ValueError(

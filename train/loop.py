@@ -623,8 +623,8 @@ def train_arrays(
     tiles = config.tiling.mode == "tiles"
     pool = None
     if tiles:
-        pool = CropPool(train_images, m.image_size, t.seed)
-        # Fixed crops stand for the data where whole images did: BatchNorm statistics and validation.
+        pool = CropPool(train_images, config.tiling.train_crop or m.image_size, t.seed)
+        # Fixed tile-sized crops stand for the data where whole images did: BatchNorm statistics and validation.
         x_all = to_model_input(CropPool(train_images, m.image_size, t.seed + 2).sample(512).numpy()).to(device)
         x_val = to_model_input(CropPool(holdout_images, m.image_size, t.seed + 3).sample(256).numpy()).to(device)
     else:

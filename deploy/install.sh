@@ -189,6 +189,9 @@ stations() { find "$etc_dir/stations" -maxdepth 1 -name '*.yaml' 2>/dev/null | s
 update_only=no
 if [ "$multi" = no ] && [ ! -f "$config" ] && [ -z "$site$line$station" ] && [ -n "$(stations)" ]; then
     update_only=yes
+    if [ -n "$camera_id$camera_port" ]; then
+        die "this PC has --multi stations ($etc_dir/stations): name the camera's station, --multi --station NAME"
+    fi
 elif [ ! -f "$config" ] && { [ -z "$site" ] || [ -z "$line" ] || [ -z "$station" ]; }; then
     die "there is no $config yet: give --site, --line and --station (the station's identity has no default)"
 fi

@@ -304,6 +304,10 @@ def test_second_run_of_a_station_keeps_its_config(two_stations: tuple[Path, list
     assert update.returncode == 0, update.stdout + update.stderr
     assert "updated the software and the units" in update.stdout
     assert not (root / "etc/ganspect/edge.yaml").exists()
+    # A camera given without its station would become the single station's: refused.
+    unnamed = _install(root, "--camera-id", "046d:0826")
+    assert unnamed.returncode == 2 and "--multi --station NAME" in unnamed.stderr, unnamed.stderr
+    assert not (root / "etc/udev/rules.d/70-ganspect-camera.rules").exists()
 
 
 def test_a_camera_rule_that_would_match_another_stations_camera_is_refused(

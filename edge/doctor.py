@@ -1,8 +1,15 @@
-"""`ganspect doctor --config FILE`: is this station ready to inspect?
+"""`ganspect doctor [--config FILE ...]`: are the stations on this PC ready to inspect?
 
 Maintenance staff run it after an install, a camera swap or a model update. Each check
 prints one PASS / FAIL line with what it found and, when it fails, a hint that says what
 to do. The exit code is 0 only when every check passed.
+
+Without --config it checks every station install.sh put on the PC: /etc/ganspect/edge.yaml
+(the single station) and /etc/ganspect/stations/*.yaml (one per camera, --multi). With more
+than one station it also checks that no two configs claim the same camera, data folder
+(outbox, images, models), MQTT station path or MQTT client id: two daemons on one of those
+would fight over it (a camera opens once, an outbox has one writer, a broker keeps one
+session per client id, an MES cannot tell two stations on one topic apart).
 
 The checks use the daemon's own code paths (config loader, bundle verification with the
 scorer's warm-up, source opening, the TLS context, the outbox quota), so a station that
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import ssl
 import tempfile
@@ -24,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ganspect.edge.cli import Command
-from ganspect.edge.config import EdgeConfig, read_password
-from ganspect.edge.errors import GanspectError
+from ganspect.edge.config import EdgeConfig, is_path_like_source, read_password
+from ganspect.edge.errors import ConfigError, GanspectError
 
 _FRAMES_TO_READ = 3
 
@@ -223,13 +231,96 @@ CHECKS: tuple[Callable[[EdgeConfig], Check], ...] = (
 
 
 def run_checks(config_path: Path) -> list[Check]:
+    return _station_checks(config_path)[1]
+
+
+def _station_checks(config_path: Path) -> tuple[EdgeConfig | None, list[Check]]:
     from ganspect.edge.config import load_config
 
     try:
         config = load_config(config_path)
     except GanspectError as exc:
-        return [Check("config", False, str(exc), "fix the file; `ganspect edge --config FILE --check` validates it")]
-    return [Check("config", True, f"{config_path} valid"), *(check(config) for check in CHECKS)]
+        return None, [
+            Check("config", False, str(exc), "fix the file; `ganspect edge --config FILE --check` validates it")
+        ]
+    return config, [Check("config", True, f"{config_path} valid"), *(check(config) for check in CHECKS)]
+
+
+def station_configs(config_dir: Path) -> list[Path]:
+    """The configs install.sh writes: the single station's edge.yaml, then one per --multi station."""
+    single = config_dir / "edge.yaml"
+    return ([single] if single.is_file() else []) + sorted((config_dir / "stations").glob("*.yaml"))
+
+
+def camera_key(uri: str) -> str:
+    """One name per camera: an index is /dev/videoN, and links (/dev/ganspect-camera-top, by-id) resolve."""
+    if uri.isdigit():
+        uri = f"/dev/video{int(uri)}"
+    return os.path.realpath(uri) if is_path_like_source(uri) else uri
+
+
+def _client_id(config: EdgeConfig) -> str:
+    s = config.station
+    return config.mqtt.client_id or f"ganspect-{s.site}-{s.line}-{s.station}"
+
+
+def check_shared(configs: dict[Path, EdgeConfig]) -> list[Check]:
+    """One check per resource two daemons must not share, failing with every pair of configs that do."""
+    published = {path: c for path, c in configs.items() if c.mqtt.enabled}
+    claims: list[tuple[str, str, dict[Path, tuple[str, str]], str]] = [
+        (
+            "cameras",
+            "camera",
+            {path: (camera_key(c.source.uri), f"source.uri {c.source.uri}") for path, c in configs.items()},
+            "give each station its own camera: one udev name per camera (install.sh --camera-id with the "
+            "SERIAL, or --camera-port), or the /dev/v4l/by-id/ or by-path/ name",
+        ),
+        (
+            "folders",
+            "data folder",
+            {path: (os.path.realpath(c.data.dir), f"data.dir {c.data.dir}") for path, c in configs.items()},
+            "give each station its own data.dir (install.sh --multi uses /var/lib/ganspect/stations/STATION): "
+            "the outbox and the seq counter have one writer",
+        ),
+        (
+            "topics",
+            "MQTT station path",
+            {
+                path: (f"{c.mqtt.prefix}/{c.station.site}/{c.station.line}/{c.station.station}", "station")
+                for path, c in published.items()
+            },
+            "give each station its own station.station (its topic level): the MES tells the views apart by it",
+        ),
+        (
+            "clients",
+            "MQTT client id",
+            {
+                path: (f"{_client_id(c)} on {c.mqtt.host}:{c.mqtt.port}", "mqtt.client_id")
+                for path, c in published.items()
+            },
+            "remove mqtt.client_id or make it differ: a broker drops the older of two sessions with one client "
+            "id, and the two daemons would take turns",
+        ),
+    ]
+    topics = {path: (c.mqtt.prefix, c.station) for path, c in published.items()}
+    checks = []
+    for name, what, keys, hint in claims:
+        by_key: dict[str, list[Path]] = {}
+        for path, (key, _) in keys.items():
+            by_key.setdefault(key, []).append(path)
+        shared = {key: paths for key, paths in by_key.items() if len(paths) > 1}
+        if name == "clients":
+            # Equal station paths give equal default client ids: "topics" already says so.
+            shared = {key: paths for key, paths in shared.items() if len({str(topics[p]) for p in paths}) > 1}
+        clashes = [
+            f"{what} {key} is claimed by " + " and ".join(f"{path} ({keys[path][1]})" for path in paths)
+            for key, paths in shared.items()
+        ]
+        if clashes:
+            checks.append(Check(name, False, "; ".join(clashes), hint))
+        else:
+            checks.append(Check(name, True, f"each of the {len(keys)} stations has its own {what}"))
+    return checks
 
 
 def _mib(n: int) -> str:
@@ -237,19 +328,66 @@ def _mib(n: int) -> str:
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, required=True, help="edge config YAML, e.g. /etc/ganspect/edge.yaml")
+    p.add_argument(
+        "--config",
+        type=Path,
+        action="append",
+        default=None,
+        help="edge config YAML, e.g. /etc/ganspect/edge.yaml; repeat it for several stations "
+        "(default: every station in --config-dir)",
+    )
+    p.add_argument(
+        "--config-dir",
+        type=Path,
+        default=Path("/etc/ganspect"),
+        help="without --config: check DIR/edge.yaml and DIR/stations/*.yaml (default /etc/ganspect)",
+    )
+
+
+def _summary(checks: list[Check]) -> str:
+    failed = [c.name for c in checks if not c.passed]
+    return f"{len(checks) - len(failed)}/{len(checks)} checks passed" + (
+        f"; failed: {', '.join(failed)}" if failed else ""
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
-    checks = run_checks(args.config)
-    for check in checks:
+    paths: list[Path] = args.config or station_configs(args.config_dir)
+    if not paths:
+        raise ConfigError(
+            f"no station config in {args.config_dir} (edge.yaml or stations/*.yaml): give --config FILE "
+            "or --config-dir DIR"
+        )
+    if len(paths) == 1:
+        checks = run_checks(paths[0])
+        for check in checks:
+            print(check.line())
+        print(_summary(checks))
+        return 1 if any(not c.passed for c in checks) else 0
+    configs: dict[Path, EdgeConfig] = {}
+    failed: list[str] = []
+    for path in paths:
+        config, checks = _station_checks(path)
+        label = config.station.station if config else re.sub(r"\.ya?ml$", "", path.name)
+        print(f"== station {label}: {path}")
+        for check in checks:
+            print(check.line())
+        print(_summary(checks))
+        failed += [f"{label}: {c.name}" for c in checks if not c.passed]
+        if config is not None:
+            configs[path] = config
+    print(f"== the {len(paths)} stations side by side")
+    shared = check_shared(configs)
+    for check in shared:
         print(check.line())
-    failed = [c.name for c in checks if not c.passed]
-    print(
-        f"{len(checks) - len(failed)}/{len(checks)} checks passed"
-        + (f"; failed: {', '.join(failed)}" if failed else "")
-    )
+    failed += [c.name for c in shared if not c.passed]
+    print(f"{len(paths)} stations: " + ("every check passed" if not failed else f"failed: {', '.join(failed)}"))
     return 1 if failed else 0
 
 
-DOCTOR = Command("check a station: config, model bundle, camera, broker, data folder and display", _configure, _run)
+DOCTOR = Command(
+    "check the stations on this PC: config, model bundle, camera, broker, data folder and display of each, "
+    "and that no two share a camera, data folder or MQTT station path",
+    _configure,
+    _run,
+)

@@ -70,7 +70,7 @@ def _owner_mode(path: Path) -> tuple[int, int, int]:
 def test_install_creates_the_user_in_the_video_group(installed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     root, result = installed
     assert result.returncode == 0, result.stdout + result.stderr
-    uid, gid = _ids(root)
+    uid, _ = _ids(root)
     assert uid < 1000  # a system user
     video = next(line for line in (root / "etc/group").read_text().splitlines() if line.startswith("video:"))
     assert video.split(":")[3].split(",") == ["ganspect"]
@@ -198,6 +198,157 @@ def test_bad_arguments_change_nothing(tmp_path: Path, args: tuple[str, ...], mes
 
 
 def test_scripts_pass_shellcheck() -> None:
-    scripts = sorted((REPO / "deploy").glob("*.sh")) + [REPO / ".ci" / "run"]
+    scripts = [*sorted((REPO / "deploy").glob("*.sh")), REPO / ".ci" / "run"]
     result = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# Several cameras on one PC: install.sh --multi, once per camera
+
+
+@pytest.fixture(scope="module")
+def two_stations(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[str]]]:
+    """A scratch root with two --multi stations: one camera told apart by serial, one by USB port."""
+    root = _scratch_root(tmp_path_factory.mktemp("scratch-two-stations"))
+    outputs = []
+    for args in (
+        ("--station", "top", "--camera-id", "046d:0825:1A2B3C4D"),
+        ("--station", "side", "--camera-port", "pci-0000:00:14.0-usb-0:2:1.0"),
+    ):
+        result = _install(root, "--multi", "--site", "plant1", "--line", "line3", *args)
+        assert result.returncode == 0, result.stdout + result.stderr
+        outputs.append(result.stdout)
+    yield root, outputs
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_each_station_gets_its_own_config_data_folder_and_camera_name(two_stations: tuple[Path, list[str]]) -> None:
+    root, _ = two_stations
+    uid, gid = _ids(root)
+    for name in ("top", "side"):
+        config_path = root / f"etc/ganspect/stations/{name}.yaml"
+        assert _owner_mode(config_path) == (0, gid, 0o640)
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        assert config["station"] == {"site": "plant1", "line": "line3", "station": name}
+        assert config["data"]["dir"] == f"/var/lib/ganspect/stations/{name}"
+        assert config["model"]["bundle"] == f"/var/lib/ganspect/stations/{name}/models/current"
+        assert config["model"]["intra_op_threads"] == 1
+        assert config["source"]["uri"] == f"/dev/ganspect-camera-{name}"
+        assert f"--config /etc/ganspect/stations/{name}.yaml" in config_path.read_text(encoding="utf-8")
+        assert f"systemctl restart ganspect-edge@{name}" in config_path.read_text(encoding="utf-8")
+        assert _owner_mode(root / f"var/lib/ganspect/stations/{name}") == (uid, gid, 0o750)
+        assert _owner_mode(root / f"var/lib/ganspect/stations/{name}/models") == (uid, gid, 0o750)
+    # No single-station config appears beside them; both units are installed (one software for all).
+    assert not (root / "etc/ganspect/edge.yaml").exists()
+    template = root / "etc/systemd/system/ganspect-edge@.service"
+    assert template.read_bytes() == (REPO / "deploy/ganspect-edge@.service").read_bytes()
+    assert (root / "etc/systemd/system/ganspect-edge.service").is_file()
+    rules = root / "etc/udev/rules.d"
+    top = (rules / "70-ganspect-camera-top.rules").read_text(encoding="utf-8")
+    assert 'ATTRS{idVendor}=="046d", ATTRS{idProduct}=="0825", ATTRS{serial}=="1A2B3C4D"' in top
+    assert 'SYMLINK+="ganspect-camera-top"' in top
+    side = (rules / "70-ganspect-camera-side.rules").read_text(encoding="utf-8")
+    assert 'ENV{ID_PATH}=="pci-0000:00:14.0-usb-0:2:1.0"' in side and 'SYMLINK+="ganspect-camera-side"' in side
+    assert "@" not in top.replace("ganspect-camera-top", "") + side  # no placeholder left
+
+
+def test_installed_station_configs_validate(two_stations: tuple[Path, list[str]]) -> None:
+    root, _ = two_stations
+    for name in ("top", "side"):
+        check = subprocess.run(
+            [
+                str(root / "opt/ganspect/venv/bin/python"),
+                "-c",
+                "import sys; from ganspect.edge.config import load_config; load_config(sys.argv[1])",
+                str(root / f"etc/ganspect/stations/{name}.yaml"),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert check.returncode == 0, check.stderr
+
+
+def test_template_unit_passes_systemd_analyze_verify_for_both_stations(two_stations: tuple[Path, list[str]]) -> None:
+    root, _ = two_stations
+    # Instance names: systemd fills %i in from the template, as it will for ganspect-edge@top on the PC.
+    result = subprocess.run(
+        [
+            "systemd-analyze",
+            "verify",
+            f"--root={root}",
+            "--recursive-errors=no",
+            "ganspect-edge@top.service",
+            "ganspect-edge@side.service",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    unit = (root / "etc/systemd/system/ganspect-edge@.service").read_text(encoding="utf-8")
+    assert "--config /etc/ganspect/stations/%i.yaml" in unit
+    assert "ReadWritePaths=/var/lib/ganspect/stations/%i\n" in unit  # not the other stations' folders
+
+
+def test_second_run_of_a_station_keeps_its_config(two_stations: tuple[Path, list[str]]) -> None:
+    root, _ = two_stations
+    config = root / "etc/ganspect/stations/top.yaml"
+    edited = config.read_text(encoding="utf-8").replace("host: 127.0.0.1", "host: broker.plant1")
+    config.write_text(edited, encoding="utf-8")
+    again = _install(root, "--multi", "--station", "top")  # site and line come from the kept config
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "kept the existing" in again.stdout
+    assert config.read_text(encoding="utf-8") == edited
+    # A plain run (software update) on a PC with only --multi stations updates and creates nothing.
+    update = _install(root)
+    assert update.returncode == 0, update.stdout + update.stderr
+    assert "updated the software and the units" in update.stdout
+    assert not (root / "etc/ganspect/edge.yaml").exists()
+    # A camera given without its station would become the single station's: refused.
+    unnamed = _install(root, "--camera-id", "046d:0826")
+    assert unnamed.returncode == 2 and "--multi --station NAME" in unnamed.stderr, unnamed.stderr
+    assert not (root / "etc/udev/rules.d/70-ganspect-camera.rules").exists()
+
+
+def test_a_camera_rule_that_would_match_another_stations_camera_is_refused(
+    two_stations: tuple[Path, list[str]],
+) -> None:
+    root, _ = two_stations
+    before = sorted(p.relative_to(root) for p in (root / "etc").rglob("*"))
+    # 046d:0825 without a serial also matches top's camera (046d:0825:1A2B3C4D).
+    result = _install(
+        root, "--multi", "--site", "plant1", "--line", "line3", "--station", "end", "--camera-id", "046d:0825"
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "70-ganspect-camera-top.rules" in result.stderr and "SERIAL" in result.stderr
+    assert sorted(p.relative_to(root) for p in (root / "etc").rglob("*")) == before
+
+
+def test_uninstalling_one_station_leaves_the_other(two_stations: tuple[Path, list[str]]) -> None:
+    root, _ = two_stations
+    removed = _install(root, "--uninstall", "--purge", "--multi", "--station", "side")
+    assert removed.returncode == 0, removed.stderr
+    assert not (root / "etc/ganspect/stations/side.yaml").exists()
+    assert not (root / "var/lib/ganspect/stations/side").exists()
+    assert not (root / "etc/udev/rules.d/70-ganspect-camera-side.rules").exists()
+    assert (root / "etc/ganspect/stations/top.yaml").is_file()
+    assert (root / "var/lib/ganspect/stations/top").is_dir()
+    assert (root / "etc/udev/rules.d/70-ganspect-camera-top.rules").is_file()
+    assert (root / "opt/ganspect/venv/bin/ganspect").is_file()
+    assert (root / "etc/systemd/system/ganspect-edge@.service").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--multi", "--site", "p", "--line", "l"), "--multi needs --station"),
+        (("--multi", "--station", "s"), "give --site, --line and --station"),
+        (("--site", "p", "--line", "l", "--station", "s", "--camera-port", "usb port 2"), "ID_PATH"),
+    ],
+)
+def test_bad_station_arguments_change_nothing(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    root = _scratch_root(tmp_path / "root")
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    result = _install(root, *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before

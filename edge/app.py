@@ -19,8 +19,10 @@ lost by a crash. A verdict is never OK by default: a stale frame, a source that 
 nothing, or a failed inference is UNDEFINED with the reason.
 
 Trigger mode (`trigger.mode: mqtt`): `EdgeDaemon.accept_trigger` (called by the MQTT
-command handler on its own thread) queues a `TriggerRequest`; the loop scores the first
-frame captured after the request arrived and publishes with its part_id and trigger_id.
+command handler on its own thread) queues a `TriggerRequest`; the capture thread binds it
+to the first frame captured after it arrived (`triggers.FrameClaims`), and the loop scores
+that frame and publishes with its part_id and trigger_id. Triggers that share a frame
+share its inspection: one inference, one verdict each.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
@@ -56,7 +58,7 @@ from ganspect.edge.scorer import Scorer
 from ganspect.edge.source import Capture, Frame, delivery_for, open_source
 from ganspect.edge.spool import OUTBOX_FILE, Outbox
 from ganspect.edge.tiling import Inspection, Inspector
-from ganspect.edge.triggers import TriggerRequest
+from ganspect.edge.triggers import FrameClaims, PendingTrigger, TriggerRequest
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +227,10 @@ class EdgeDaemon:
         self.health = Health()
         self._headless = headless
         self._verdict_log_path = verdict_log
-        self._triggers: queue.Queue[TriggerRequest] = queue.Queue(maxsize=config.trigger.queue_size)
+        self._triggers: queue.Queue[PendingTrigger] = queue.Queue(maxsize=config.trigger.queue_size)
+        self._claims = FrameClaims()
+        # The last inspection made in trigger mode, for the triggers that share its frame.
+        self._last_inspection: tuple[Frame, Scorer, float, Inspection] | None = None
         # Set in run(); None until then (and for the parts that are switched off).
         self.live: LiveModel | None = None  # the model and threshold in force; cmd/reload and cmd/threshold change them
         self._bundle_watch: BundleWatch | None = None  # swaps in what `install-model` installs
@@ -255,10 +260,9 @@ class EdgeDaemon:
             )
         if self.stop.is_set():
             return "the daemon is stopping"
-        try:
-            self._triggers.put_nowait(request)
-        except queue.Full:
+        if self._triggers.full():  # this thread is the only producer: full now is full at put
             return f"trigger queue full ({self.config.trigger.queue_size} waiting)"
+        self._triggers.put_nowait(self._claims.claim(request))
         return None
 
     # -- start-up and shut-down -------------------------------------------------------------
@@ -303,7 +307,13 @@ class EdgeDaemon:
                 self.window = OverlayWindow(config.display.heatmap, snapshot_dir=config.data.dir / "snapshots")
                 stack.callback(self.window.close)
             continuous = config.trigger.mode == "continuous"
-            self.capture = Capture(reader, config.source, delivery_for(config.source, reader, continuous), self.stop)
+            self.capture = Capture(
+                reader,
+                config.source,
+                delivery_for(config.source, reader, continuous),
+                self.stop,
+                on_frame=None if continuous else self._claims.offer,
+            )
             self.capture.start()
             stack.callback(self.capture.close)
             log.info(
@@ -356,8 +366,8 @@ class EdgeDaemon:
         self._housekeeping()
         self.stop.wait(max(0.0, seconds))
 
-    def _wait_for_frame(self, deadline: float, captured_after: float | None = None) -> Frame | _EndOfSource | None:
-        """The next frame (captured after `captured_after` if given) before `deadline`; None if none came."""
+    def _wait_for_frame(self, deadline: float) -> Frame | _EndOfSource | None:
+        """The next frame before `deadline`; None if none came."""
         assert self.capture is not None
         while not self.stop.is_set():
             remaining = deadline - time.monotonic()
@@ -369,8 +379,7 @@ class EdgeDaemon:
                     return END_OF_SOURCE
                 self._idle(0.0)
                 continue
-            if captured_after is None or frame.captured_mono > captured_after:
-                return frame
+            return frame
         return None
 
     def _next_continuous(self) -> Work | _EndOfSource | None:
@@ -392,22 +401,39 @@ class EdgeDaemon:
         return self._work_for(got, f"{name}:{got.index}")
 
     def _next_triggered(self) -> Work | _EndOfSource | None:
-        """The first frame captured after the next trigger, or UNDEFINED when none comes in trigger.frame_timeout_s."""
+        """The frame bound to the next trigger, or UNDEFINED when none was captured in trigger.frame_timeout_s."""
         assert self.capture is not None
+        # Frames reach triggers through the claims; the capture's own queue is only emptied here, so that
+        # `every_frame` delivery does not stall the capture and `ended` can become true.
+        while self.capture.get(0.0) is not None:
+            pass
         try:
-            request = self._triggers.get(timeout=_TICK_S)
+            pending = self._triggers.get(timeout=_TICK_S)
         except queue.Empty:
             if self.capture.ended:
                 return END_OF_SOURCE
             self._idle(0.0)
             return None
+        request = pending.request
         timeout = self.config.trigger.frame_timeout_s
         deadline = max(request.received_at, time.monotonic()) + timeout
-        got = self._wait_for_frame(deadline, captured_after=request.received_at)
-        if got is None or isinstance(got, _EndOfSource):
+        frame = self._claims.wait(pending, 0.0)
+        ended = False
+        while frame is None and not self.stop.is_set():
+            while self.capture.get(0.0) is not None:
+                pass
+            ended = self.capture.ended
+            remaining = deadline - time.monotonic()
+            if ended or remaining <= 0:
+                break
+            frame = self._claims.wait(pending, min(_TICK_S, remaining))
+            if frame is None:
+                self._idle(0.0)
+        if frame is None:
+            self._claims.cancel(pending)
             why = (
                 "the source has ended"
-                if isinstance(got, _EndOfSource)
+                if ended
                 else (
                     "the daemon is stopping"
                     if self.stop.is_set()
@@ -415,7 +441,7 @@ class EdgeDaemon:
                 )
             )
             return Work(request.part_id, None, trigger_id=request.trigger_id, undefined_reason=why)
-        return self._work_for(got, request.part_id, request.trigger_id)
+        return self._work_for(frame, request.part_id, request.trigger_id)
 
     def _work_for(self, frame: Frame, part_id: str, trigger_id: str | None = None) -> Work:
         assert self.capture is not None
@@ -474,8 +500,18 @@ class EdgeDaemon:
         if work.frame is None or work.undefined_reason is not None:
             return None, work.undefined_reason
         assert self.inspector is not None
+        last = self._last_inspection
+        if last is not None and last[0] is work.frame and last[1] is scorer and last[2] == threshold:
+            # Another trigger bound to the same frame: same frame, model and threshold give the same result.
+            # No preprocessing or inference ran for this verdict, and its timings say so.
+            inspection = last[3]
+            score = replace(inspection.score, preprocess_ms=0.0, inference_ms=0.0)
+            return replace(inspection, score=score), None
         try:
-            return self.inspector.inspect(work.frame.image, scorer, threshold), None
+            inspection = self.inspector.inspect(work.frame.image, scorer, threshold)
+            if self.config.trigger.mode == "mqtt":
+                self._last_inspection = (work.frame, scorer, threshold, inspection)
+            return inspection, None
         except Exception as exc:
             self.health.note_error()
             log.error("inspecting %s failed: %s", work.part_id, _first_line(exc), exc_info=log.isEnabledFor(10))

@@ -262,11 +262,11 @@ class CommandsConfig(_Section):
         4096, ge=64, le=65536, description="Larger command payloads are rejected unread ('too_large')."
     )
     max_per_s: float = Field(
-        20.0,
+        50.0,
         gt=0,
         le=1000,
         description="Valid commands carried out per second at most (token bucket, with burst); "
-        "the excess is answered 'rate_limited'.",
+        "the excess is answered 'rate_limited'. Above a camera's frame rate, so that a trigger per frame passes.",
     )
     burst: int = Field(40, ge=1, le=10_000, description="Valid commands accepted at once before max_per_s applies.")
     max_pending_results: int = Field(

@@ -18,6 +18,13 @@ before it is published or written to the verdict log, so nothing the log shows c
 lost by a crash. A verdict is never OK by default: a stale frame, a source that gives
 nothing, or a failed inference is UNDEFINED with the reason.
 
+A full data disk does not stop the daemon. NG images give way first (`images.py`). A
+verdict the outbox then has no room for becomes UNDEFINED ("data disk full"), its score
+kept, and goes straight to the broker while it is online, unstored: without the outbox
+its delivery is not guaranteed, so the MES must not take it as a judged part. Every
+result tries the outbox again, so the daemon is back to OK/NG by itself once space
+returns. What the outbox held is untouched.
+
 Trigger mode (`trigger.mode: mqtt`): `EdgeDaemon.accept_trigger` (called by the MQTT
 command handler on its own thread) queues a `TriggerRequest`; the capture thread binds it
 to the first frame captured after it arrived (`triggers.FrameClaims`), and the loop scores
@@ -56,7 +63,7 @@ from ganspect.edge.overlay import OverlayWindow, StatusLine, display_available, 
 from ganspect.edge.remote import LiveModel, RemoteCommands
 from ganspect.edge.scorer import Scorer
 from ganspect.edge.source import Capture, Frame, delivery_for, open_source
-from ganspect.edge.spool import OUTBOX_FILE, Outbox
+from ganspect.edge.spool import OUTBOX_FILE, Outbox, OutboxError, OutboxFull
 from ganspect.edge.tiling import Inspection, Inspector
 from ganspect.edge.triggers import FrameClaims, PendingTrigger, TriggerRequest
 
@@ -67,6 +74,8 @@ log = logging.getLogger(__name__)
 _LOG_INTERVAL_S = {"OK": 1.0, "NG": 0.1, "UNDEFINED": 0.1}
 # How long the loop waits at a time: the window's keys, the stop event and health stay responsive.
 _TICK_S = 0.05
+# A full data disk is logged at ERROR at most this often, with the running count.
+_DISK_FULL_LOG_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -249,6 +258,9 @@ class EdgeDaemon:
         self._last_shown: float | None = None
         self._last_window_frame: np.ndarray | None = None
         self._next_health = time.monotonic() + config.health.interval_s
+        self._disk_full_since: float | None = None  # monotonic time the outbox first had no room; None when it has
+        self._unstored = 0  # results the outbox had no room for, this run
+        self._last_disk_log = float("-inf")
 
     # -- the MQTT command handler's entry point (issue 6) ----------------------------------
     def accept_trigger(self, request: TriggerRequest) -> str | None:
@@ -283,6 +295,10 @@ class EdgeDaemon:
             show_window = window_wanted(config, self._headless)
             reader = open_source(config.source)
             stack.callback(reader.close)
+            images = None
+            if config.images.save != "none" or config.images.ok_sample_every:
+                images = ImageStore(config.data.dir, config.images)
+                images.free_space()  # before the outbox opens: on a full disk it needs room for its journal
             self._outbox = _open_outbox(config)
             stack.callback(self._outbox.close)
             if config.mqtt.enabled:
@@ -295,8 +311,8 @@ class EdgeDaemon:
                 stack.callback(remote.close)
             else:
                 log.info("mqtt.enabled is false: verdicts are logged, not published")
-            if config.images.save != "none" or config.images.ok_sample_every:
-                self.images = ImageStore(config.data.dir, config.images)
+            if images is not None:
+                self.images = images
                 self.images.start()
                 stack.callback(self._count_images)  # after close: the writer's last jobs are counted too
                 stack.callback(self.images.close)
@@ -488,8 +504,18 @@ class EdgeDaemon:
         timings = payload["processing_ms"]
         timings["overlay"] = None if overlay_ms is None else round(overlay_ms, 3)
         timings["total"] = round((time.perf_counter() - started) * 1000.0, 3)
+        publish_ms, stored = self._deliver(payload)
+        if not stored:  # now UNDEFINED: the operator sees what the MES gets
+            state = payload["evaluation"]["state"]
+            if shown is not None and self.window is not None and self._last_window_frame is not None:
+                shown = self._render(
+                    self._last_window_frame,
+                    inspection,
+                    payload,
+                    show_heatmap=self.window.show_heatmap,
+                    status=self._status_line(state),
+                )
         self.summary.add(state, timings["total"])
-        publish_ms = self._deliver(payload)
         self.health.record(state, {**timings, "publish": publish_ms})
         _log_verdict(payload, self._last_logged)
         if self.window is not None and shown is not None and not self.window.show(shown):
@@ -589,19 +615,69 @@ class EdgeDaemon:
         path = self.images.offer(payload["result_id"], day, lambda: self._render(image, inspection, payload))
         return None if path is None else str(path)
 
-    def _deliver(self, payload: dict[str, Any]) -> float:
-        """Commit to the outbox (and so to MQTT), then the verdict log; the milliseconds it took."""
+    def _deliver(self, payload: dict[str, Any]) -> tuple[float, bool]:
+        """Commit to the outbox (and so to MQTT), then the verdict log; (milliseconds, whether it was stored)."""
         assert self._outbox is not None
         t0 = time.perf_counter()
         text = verdict_json(payload)  # serialised once: stored, logged and (from the outbox) sent
+        stored = True
         if self.publisher is not None:
-            self.publisher.submit(payload, text)  # on disk when this returns
+            try:
+                self.publisher.submit(payload, text)  # on disk when this returns
+                self._disk_has_room()
+            except OutboxFull as exc:
+                stored = False
+                self._disk_full(exc, "results are UNDEFINED and sent unstored while the outbox has no room")
+                payload["evaluation"] = {
+                    "state": "UNDEFINED",
+                    "reason": "data disk full: the verdict could not be stored, so its delivery is not guaranteed "
+                    f"(judged {payload['evaluation']['state']}, not published as such)",
+                }
+                sent = self.publisher.publish_unstored(payload)
+                text = verdict_json(payload)
+                if not sent:
+                    log.debug("unstored verdict seq %d not sent: the broker is offline", payload["seq"])
         else:
-            self._outbox.note_seq(payload["seq"])
+            try:
+                self._outbox.note_seq(payload["seq"])
+                self._disk_has_room()
+            except OutboxError as exc:  # nothing to keep but the counter: the result is logged, the line goes on
+                self._disk_full(exc, "seq is counted in memory only (it may repeat after a restart)")
         if self._log_file is not None:
-            self._log_file.write(text + "\n")
-            self._log_file.flush()
-        return (time.perf_counter() - t0) * 1000.0
+            try:
+                self._log_file.write(text + "\n")
+                self._log_file.flush()
+            except OSError as exc:
+                self._disk_full(exc, f"the verdict log {self._verdict_log_path} misses results")
+        return (time.perf_counter() - t0) * 1000.0, stored
+
+    def _disk_full(self, exc: Exception, consequence: str) -> None:
+        if self.images is not None:
+            self.images.make_room()  # NG images give way to the outbox
+        now = time.monotonic()
+        if self._disk_full_since is None:
+            self._disk_full_since = now
+        self._unstored += 1
+        if now - self._last_disk_log >= _DISK_FULL_LOG_INTERVAL_S:
+            self._last_disk_log = now
+            log.error(
+                "data disk full (%s): %s (%d result(s) so far); inspection goes on, and all is back by itself "
+                "when space returns",
+                exc,
+                consequence,
+                self._unstored,
+            )
+
+    def _disk_has_room(self) -> None:
+        if self._disk_full_since is not None:
+            log.warning(
+                "data disk has room again: verdicts are stored and sent as before (%d result(s) in %.0f s met "
+                "the full disk)",
+                self._unstored,
+                time.monotonic() - self._disk_full_since,
+            )
+            self._disk_full_since = None
+            self._last_disk_log = float("-inf")
 
     # -- health -------------------------------------------------------------------------------
     def _housekeeping(self) -> None:

@@ -175,8 +175,8 @@ class ImagesConfig(_Section):
     min_free_bytes: int = Field(
         1024**3,
         ge=0,
-        description="Free space left on the disk: below it images are not saved (verdicts still "
-        "flow, the count of dropped images grows).",
+        description="Free space left on the disk: below it images are not saved and the oldest saved ones are "
+        "deleted until it is back (the verdict outbox comes first; verdicts still flow, the counts grow).",
     )
     queue_size: int = Field(
         16,

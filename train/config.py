@@ -66,7 +66,7 @@ class ModelSection(_Section):
     segmentation_head: bool = Field(
         False,
         description="A small defect-segmentation network on (x, G(E(x)), |x - G(E(x))|), trained to mark "
-        "the pseudo-defects painted on normal images (train.pseudo_defects); Efficient GAN only.",
+        "the pseudo-defects painted on normal images (train.pseudo_defects); AnoGAN trains it in its encoder phase.",
     )
     head_width: int = Field(8, ge=2, le=64, description="Feature maps of the segmentation head's first stage.")
     scoring: Literal["residual", "segmentation"] = Field(
@@ -95,8 +95,6 @@ class ModelSection(_Section):
                 f"latent_stride: a power of two from 2 to 32 and at most image_size / 4 is needed, "
                 f"got {self.latent_stride}"
             )
-        if self.kind == "anogan" and (self.latent == "spatial" or self.segmentation_head):
-            raise ValueError("latent: spatial and segmentation_head are Efficient GAN settings")
         return self
 
 
@@ -132,6 +130,13 @@ class TilingSection(_Section):
         None,
         description="Region of every image to inspect (the station's "
         "inspection.roi, in frame pixels); null = the whole image.",
+    )
+    train_crop: int | None = Field(
+        None,
+        description="tiles with latent: spatial: side of the random training crops when smaller than the "
+        "model.image_size tiles the station scores (power of two, at least 32); null = model.image_size. "
+        "Small crops show the segmentation head as many painted defects per step as small tiles would, "
+        "while the fully convolutional model scores fewer, larger tiles (less overlap, faster at the edge).",
     )
 
 
@@ -330,6 +335,17 @@ class TrainConfig(_Section):
             raise ValueError(
                 "calibration.per_pixel needs a peak score: model.residual_reduction: peak or "
                 "model.scoring: segmentation"
+            )
+        crop = self.tiling.train_crop
+        if crop is not None and not (
+            self.tiling.mode == "tiles"
+            and self.model.latent == "spatial"
+            and 32 <= crop <= self.model.image_size
+            and crop & (crop - 1) == 0
+        ):
+            raise ValueError(
+                f"tiling.train_crop {crop} needs tiling.mode: tiles, model.latent: spatial (a fully "
+                f"convolutional model) and a power of two from 32 to model.image_size ({self.model.image_size})"
             )
         if self.tiling.mode == "tiles" and self.tiling.overlap >= self.model.image_size:
             raise ValueError(

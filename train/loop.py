@@ -82,19 +82,15 @@ def model_config_from(config: TrainConfig) -> EfficientGANConfig | AnoGANConfig:
         spectral_norm=m.spectral_norm,
         norm=m.norm,
         pixel_calibration=config.calibration.per_pixel,
-    )
-    if m.kind == "anogan":
-        return AnoGANConfig(**common)
-    return EfficientGANConfig(
-        **common,
-        discrimination=m.discrimination,
-        d_dropout=m.d_dropout,
         latent=m.latent,
         latent_stride=m.latent_stride,
         segmentation_head=m.segmentation_head,
         head_width=m.head_width,
         scoring=m.scoring,
     )
+    if m.kind == "anogan":
+        return AnoGANConfig(**common)
+    return EfficientGANConfig(**common, discrimination=m.discrimination, d_dropout=m.d_dropout)
 
 
 def build_for(config: TrainConfig) -> ScoringModel:
@@ -627,8 +623,8 @@ def train_arrays(
     tiles = config.tiling.mode == "tiles"
     pool = None
     if tiles:
-        pool = CropPool(train_images, m.image_size, t.seed)
-        # Fixed crops stand for the data where whole images did: BatchNorm statistics and validation.
+        pool = CropPool(train_images, config.tiling.train_crop or m.image_size, t.seed)
+        # Fixed tile-sized crops stand for the data where whole images did: BatchNorm statistics and validation.
         x_all = to_model_input(CropPool(train_images, m.image_size, t.seed + 2).sample(512).numpy()).to(device)
         x_val = to_model_input(CropPool(holdout_images, m.image_size, t.seed + 3).sample(256).numpy()).to(device)
     else:

@@ -6,6 +6,7 @@ that a few training steps run in seconds.
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from ganspect.edge.config import InspectionConfig
+from ganspect.edge.errors import ConfigError
 from ganspect.edge.manifest import load_bundle
 from ganspect.edge.scorer import Scorer
 from ganspect.edge.tiling import Inspector
@@ -174,3 +176,69 @@ def test_tile_mode_trains_evaluates_at_the_station_resolution_and_exports_its_ti
     assert found.tiles == len(tile_origins(120, 200, 32, 8))
     assert found.score.heatmap.shape == (120, 200)
     assert found.score.score == pytest.approx(float(scored.score[0]), rel=1e-3, abs=1e-4)
+
+
+def test_anogan_at_station_scale_learns_its_head_in_the_encoder_phase_and_exports_one_graph(
+    boards: Path, tmp_path: Path
+) -> None:
+    config = tiled_config(kind="anogan")
+    config = config.model_copy(update={"anogan": config.anogan.model_copy(update={"encoder_steps": 6})})
+    run = train(config, boards, tmp_path / "run")
+
+    # The head learns beside E in the encoder phase, never in the GAN phase (pseudo-defects only matter there).
+    with (run / "losses.csv").open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {row["phase"] for row in rows} == {"gan", "encoder"}
+    assert all(row["loss_seg"] == "" for row in rows if row["phase"] == "gan")
+    assert all(float(row["loss_seg"]) > 0 for row in rows if row["phase"] == "encoder")
+
+    model, _ = load_run_model(run)
+    assert model.cfg.latent == "spatial" and hasattr(model, "segmentation_head")
+    bundle = export_run(run, tmp_path / "bundle", int8=False, latency_budget_s=0.02)
+    manifest = load_bundle(bundle).manifest
+    assert manifest.kind == "anogan" and manifest.score.source == "segmentation"
+
+    # The edge scores a full board as evaluation does, through the same tiles.
+    held = load_normal_images(boards, 32, 1, Framing(32, True, (40, 60, 200, 120)))
+    scored = score_tiled(model, held.images[:1], overlap=8)
+    scorer = Scorer.load(bundle, precision="fp32", intra_op_threads=1)
+    inspector = Inspector(InspectionConfig())
+    inspector.check(scorer.manifest)
+    found = inspector.inspect(cv2.imread(str(boards / held.names[0])), scorer, scorer.manifest.threshold.value)
+    assert found.score.score == pytest.approx(float(scored.score[0]), rel=1e-3, abs=1e-4)
+
+
+def test_small_training_crops_train_a_model_that_scores_larger_tiles(
+    boards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sampled: list[tuple[int, ...]] = []
+    original = CropPool.sample
+
+    def recording(self: CropPool, n: int) -> torch.Tensor:
+        crops = original(self, n)
+        sampled.append(tuple(crops.shape[1:3]))
+        return crops
+
+    monkeypatch.setattr(CropPool, "sample", recording)
+    config = tiled_config(image_size=64)
+    config = config.model_copy(update={"tiling": config.tiling.model_copy(update={"train_crop": 32})})
+    run = train(config, boards, tmp_path / "run")
+    # Two fixed tile-sized sets (BatchNorm statistics, validation), then every training batch at the crop size.
+    assert sampled[:2] == [(64, 64), (64, 64)] and set(sampled[2:]) == {(32, 32)} and len(sampled) == 2 + 6
+
+    bundle = export_run(run, tmp_path / "bundle", int8=False, latency_budget_s=0.02)
+    assert load_bundle(bundle).manifest.input.height == 64
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tiling": {"mode": "tiles", "train_crop": 32}, "model": {"image_size": 64}},  # vector latent
+        {"tiling": {"mode": "resize", "train_crop": 32}, "model": {"image_size": 64, "latent": "spatial"}},
+        {"tiling": {"mode": "tiles", "train_crop": 128}, "model": {"image_size": 64, "latent": "spatial"}},
+        {"tiling": {"mode": "tiles", "train_crop": 48}, "model": {"image_size": 64, "latent": "spatial"}},
+    ],
+)
+def test_training_crops_need_tiles_a_spatial_latent_and_a_smaller_power_of_two(change: dict) -> None:
+    with pytest.raises(ConfigError, match="train_crop"):
+        config_from_dict(change)

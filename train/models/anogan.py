@@ -22,6 +22,14 @@ and L_R reduced from the per-pixel residual r = mean_C |x - G(z)| as in Efficien
 The encoder is trained izi_f style: minimise mean |x - G(E(x))| + kappa * mean |f(x) - f(G(E(x)))|
 over the training normals, G and D frozen (f-AnoGAN uses squared errors; we use the same
 L1 distances the score uses).
+
+At the station's scale (`latent: spatial`, `segmentation_head`, see docs/detection.md) the
+same two phases carry the pseudo-defect recipe: G learns from maps of codes (one per
+latent cell) against a patch D, and in the encoder phase E sees the painted image and
+learns to find the code of the clean one, while the segmentation head learns to mark
+what was painted from (x, G(E(x)), |x - G(E(x))|). G stays a pure GAN generator, so the
+restoration is as good as what G can draw: Efficient GAN, whose G learns to restore
+directly, is the default.
 """
 
 from __future__ import annotations
@@ -34,14 +42,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ganspect.train.models.common import (
-    Encoder,
-    Generator,
     ScoreParts,
     ScoringModel,
+    SegmentationHead,
     StagedConfig,
+    build_encoder,
+    build_generator,
     check_common,
     dcgan_init,
     discriminator_trunk,
+    focal_loss,
     section_default,
     spectral,
 )
@@ -61,27 +71,53 @@ class AnoGANConfig(StagedConfig):
     spectral_norm: bool = section_default("spectral_norm")
     pixel_calibration: bool = False  # per-pixel mean/spread of the normal map (calibration.per_pixel)
     norm: str = section_default("norm")  # E and G normalisation
+    latent: str = section_default("latent")  # "vector" (N, latent_dim) or "spatial" (N, latent_dim, S/s, S/s)
+    latent_stride: int = section_default("latent_stride")  # spatial latent only: image pixels per latent cell
+    segmentation_head: bool = section_default("segmentation_head")  # trained in the encoder phase
+    head_width: int = section_default("head_width")
+    scoring: str = section_default("scoring")  # "residual" or "segmentation" (the head's map)
 
     def __post_init__(self) -> None:
-        check_common(self.image_size, self.channels, self.lambda_, self.norm, self.residual_reduction)
+        check_common(
+            self.image_size,
+            self.channels,
+            self.lambda_,
+            self.norm,
+            self.residual_reduction,
+            self.latent,
+            self.latent_stride,
+            self.scoring,
+            self.segmentation_head,
+        )
         if self.discrimination != "feature_matching":
             raise ValueError(f"AnoGAN scores with feature matching only, got discrimination {self.discrimination!r}")
 
 
 class ImageDiscriminator(nn.Module):
-    """D(x): DCGAN conv trunk; `features(x)` = the last conv maps flattened, (N, w_last * 16)."""
+    """D(x): DCGAN conv trunk; `features(x)` = the last conv maps flattened, (N, w_last * h * w).
+
+    Vector latent: the trunk ends at 4x4 and one linear verdict judges the image. Spatial
+    latent: the trunk ends at the latent's resolution and a 1x1 convolution gives one
+    verdict per cell (a patch discriminator), so any image size works.
+    """
 
     def __init__(self, cfg: AnoGANConfig) -> None:
         super().__init__()
-        self.trunk = discriminator_trunk(cfg)  # (N, w_last, 4, 4)
-        self.head = spectral(cfg)(nn.Linear(cfg.width(cfg.n_stages - 1) * 16, 1))  # (N, 1) logit
+        self.trunk = discriminator_trunk(cfg)  # (N, w_last, 4, 4) or (N, w_last, S/s, S/s)
+        w_last = cfg.width(cfg.n_stages - 1)
+        self.patches = cfg.latent == "spatial"
+        if self.patches:
+            self.head: nn.Module = spectral(cfg)(nn.Conv2d(w_last, 1, 1))  # (N, 1, h, w) logits
+        else:
+            self.head = spectral(cfg)(nn.Linear(w_last * 16, 1))  # (N, 1) logit
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x).flatten(1)  # (N, w_last * 16)
+        return self.trunk(x).flatten(1)  # (N, F)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.features(x)
-        return self.head(f).squeeze(1), f  # logit (N,), features (N, F)
+        maps = self.trunk(x)
+        logits = self.head(maps).flatten(1) if self.patches else self.head(maps.flatten(1)).squeeze(1)
+        return logits, maps.flatten(1)  # logits (N,) or (N, h * w), features (N, F)
 
 
 @dataclass
@@ -89,15 +125,18 @@ class SearchResult:
     parts: ScoreParts
     z: torch.Tensor  # (N, latent) the latent codes found
     loss_history: torch.Tensor  # (steps + 1, N) per-image search loss before each step and at the end
+    # z: (N, latent) or, for a spatial latent, (N, latent, H / stride, W / stride)
 
 
 class AnoGAN(ScoringModel):
     def __init__(self, cfg: AnoGANConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.generator = Generator(cfg)
+        self.generator = build_generator(cfg)
         self.discriminator = ImageDiscriminator(cfg)
-        self.encoder = Encoder(cfg)
+        self.encoder = build_encoder(cfg)
+        if cfg.segmentation_head:
+            self.segmentation_head = SegmentationHead(cfg.channels, cfg.head_width)
         self._init_scoring(cfg.heatmap_sigma)
 
     def recipe(self, config: Any, device: torch.device) -> AnoGANRecipe:
@@ -105,11 +144,11 @@ class AnoGAN(ScoringModel):
         return AnoGANRecipe(self, config, device)
 
     def parts_from_latent(self, x: torch.Tensor, z: torch.Tensor) -> ScoreParts:
-        """Score parts of images x (N, C, H, W) in [-1, 1] reconstructed from latent codes z (N, latent)."""
+        """Score parts of images x (N, C, H, W) in [-1, 1] reconstructed from latent codes z."""
         recon = self.generator(z)  # (N, C, H, W)
         l_r, residual = self.residual_terms(x, recon)  # (N,), (N, H, W)
         l_d = (self.discriminator.features(x) - self.discriminator.features(recon)).abs().mean(dim=1)  # (N,)
-        return ScoreParts(l_r=l_r, l_d=l_d, residual=residual, recon=recon)
+        return ScoreParts(l_r=l_r, l_d=l_d, residual=residual, recon=recon, segmentation=self.segment(x, recon))
 
     def score_parts(self, x: torch.Tensor) -> ScoreParts:
         """One pass: z = E(x). Call in eval mode for deterministic scores."""
@@ -142,7 +181,7 @@ class AnoGAN(ScoringModel):
             p.requires_grad_(False)
         try:
             if z_init is None:
-                z_init = torch.randn(x.shape[0], self.cfg.latent_dim, generator=generator).to(x.device)
+                z_init = self.prior(x.shape[0], x, generator)
             z = z_init.detach().clone().requires_grad_(True)
             opt = torch.optim.Adam([z], lr=lr)
             history = []
@@ -173,8 +212,13 @@ class AnoGANRecipe:
         betas = (t.beta1, 0.999)
         self.opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=t.lr_d, betas=betas)
         self.opt_g = torch.optim.Adam(model.generator.parameters(), lr=t.lr, betas=betas)
-        self.opt_e = torch.optim.Adam(model.encoder.parameters(), lr=config.anogan.encoder_lr, betas=(0.9, 0.999))
+        # The segmentation head learns in the encoder phase, beside E, from detached reconstructions.
+        head = list(model.segmentation_head.parameters()) if hasattr(model, "segmentation_head") else []
+        self.opt_e = torch.optim.Adam(
+            list(model.encoder.parameters()) + head, lr=config.anogan.encoder_lr, betas=(0.9, 0.999)
+        )
         self.optimisers = {"opt_d": self.opt_d, "opt_g": self.opt_g, "opt_e": self.opt_e}
+        self.defect_rng = torch.Generator().manual_seed(t.seed + 1)
         self.gan_steps = t.steps
         self.total_steps = t.steps + config.anogan.encoder_steps
 
@@ -197,42 +241,54 @@ class AnoGANRecipe:
     def _dcgan_step(self, x: torch.Tensor) -> dict[str, float]:
         """One D update and one G update (AnoGAN's DCGAN, non-saturating G loss)."""
         m = self.model
-        n = x.shape[0]
-        ones = torch.ones(n, device=self.device)
-        zeros = torch.zeros(n, device=self.device)
-        z = torch.randn(n, m.cfg.latent_dim, device=self.device)
+        z = m.prior(x.shape[0], x)
         with torch.no_grad():
             x_gen = m.generator(z)
         logit_real, _ = m.discriminator(x)
         logit_fake, _ = m.discriminator(x_gen)
-        loss_d = F.binary_cross_entropy_with_logits(logit_real, ones) + F.binary_cross_entropy_with_logits(
-            logit_fake, zeros
-        )
+        loss_d = F.binary_cross_entropy_with_logits(
+            logit_real, torch.ones_like(logit_real)
+        ) + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake))
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt_d.step()
 
         logit_fake, _ = m.discriminator(m.generator(z))
-        loss_g = F.binary_cross_entropy_with_logits(logit_fake, ones)
+        loss_g = F.binary_cross_entropy_with_logits(logit_fake, torch.ones_like(logit_fake))
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item()}
 
     def _encoder_step(self, x: torch.Tensor) -> dict[str, float]:
-        """izi_f: E learns x -> z with G and D frozen (eval mode: no BatchNorm updates in G)."""
+        """izi_f: E learns x -> z with G and D frozen (eval mode: no BatchNorm updates in G).
+
+        With pseudo-defects, E sees the painted image and is held to the clean one, and the
+        segmentation head learns to mark what was painted.
+        """
         m = self.model
+        pd = self.config.pseudo_defects
         m.generator.eval().requires_grad_(False)
         m.discriminator.eval().requires_grad_(False)
         m.encoder.train()
-        recon = m.generator(m.encoder(x))
+        x_in, mask = x, None
+        if pd.enabled:
+            from ganspect.train.pseudo_defects import paint
+
+            x_in, mask = paint(x, pd.probability, pd.kinds, self.defect_rng)
+        recon = m.generator(m.encoder(x_in))
         loss_recon = (x - recon).abs().mean()
         loss_feature = (m.discriminator.features(x) - m.discriminator.features(recon)).abs().mean()
         loss = loss_recon + self.config.anogan.encoder_kappa * loss_feature
+        losses = {"loss_recon": loss_recon.item(), "loss_feature": loss_feature.item()}
+        if mask is not None and hasattr(m, "segmentation_head"):
+            loss_seg = focal_loss(m.segmentation_head(x_in, recon.detach()), mask[:, 0])
+            loss = loss + self.config.train.segmentation_weight * loss_seg
+            losses["loss_seg"] = loss_seg.item()
         self.opt_e.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_e.step()
-        return {"loss_recon": loss_recon.item(), "loss_feature": loss_feature.item()}
+        return losses
 
 
 def build_anogan(cfg: AnoGANConfig) -> AnoGAN:

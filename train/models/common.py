@@ -106,6 +106,17 @@ class ScoringModel(nn.Module):
             l_r = per_pixel.mean(dim=(1, 2))  # (N,)
         return l_r, residual
 
+    def prior(self, n: int, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n codes z ~ N(0, I) shaped as the encoder's output for images like `like` (N, C, H, W)."""
+        if getattr(self.cfg, "latent", "vector") == "spatial":
+            s = self.cfg.latent_stride
+            shape: tuple[int, ...] = (n, self.cfg.latent_dim, like.shape[2] // s, like.shape[3] // s)
+        else:
+            shape = (n, self.cfg.latent_dim)
+        if generator is None:
+            return torch.randn(shape, device=like.device)
+        return torch.randn(shape, generator=generator).to(like.device)  # a seeded draw is made on the CPU
+
     def score_parts(self, x: torch.Tensor) -> ScoreParts:
         raise NotImplementedError
 
@@ -144,6 +155,14 @@ class ScoringModel(nn.Module):
         """The edge contract: uint8 (N, H, W, C) -> score (N,), heatmap (N, H, W)."""
         score, raw = self.score_and_map(self.score_parts(self.normalise(images_uint8_nhwc)))
         return score, raw / self.heatmap_scale
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Mean focal loss (Lin et al. 2017) of per-pixel logits: defects cover a few pixels in a thousand,
+    and plain cross-entropy would be won by calling every pixel normal."""
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_true = torch.exp(-bce)
+    return ((1.0 - p_true) ** gamma * bce).mean()
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:

@@ -54,6 +54,7 @@ from ganspect.train.models.common import (  # noqa: F401  (re-exported: older im
     check_common,
     dcgan_init,
     discriminator_trunk,
+    focal_loss,
     gaussian_kernel_1d,
     section_default,
     spectral,
@@ -173,13 +174,6 @@ class EfficientGAN(ScoringModel):
         """The training recipe for this model under a TrainConfig."""
         return EfficientGANRecipe(self, config, device)
 
-    def prior(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        """n codes z ~ N(0, I) shaped as the encoder's output for images like `like` (N, C, H, W)."""
-        if self.cfg.latent == "spatial":
-            s = self.cfg.latent_stride
-            return torch.randn(n, self.cfg.latent_dim, like.shape[2] // s, like.shape[3] // s, device=like.device)
-        return torch.randn(n, self.cfg.latent_dim, device=like.device)
-
     def score_parts(self, x: torch.Tensor) -> ScoreParts:
         """x: float (N, C, H, W) in [-1, 1]. Call in eval mode for deterministic scores."""
         z = self.encoder(x)  # (N, latent)
@@ -195,14 +189,6 @@ class EfficientGAN(ScoringModel):
             f_fake = self.discriminator.features(recon, z)
             l_d = (f_real - f_fake).abs().flatten(1).mean(dim=1)  # (N,)
         return ScoreParts(l_r=l_r, l_d=l_d, residual=residual, recon=recon, segmentation=self.segment(x, recon))
-
-
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Mean focal loss (Lin et al. 2017) of per-pixel logits: defects cover a few pixels in a thousand,
-    and plain cross-entropy would be won by calling every pixel normal."""
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_true = torch.exp(-bce)
-    return ((1.0 - p_true) ** gamma * bce).mean()
 
 
 class EfficientGANRecipe:

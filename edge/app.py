@@ -18,9 +18,18 @@ before it is published or written to the verdict log, so nothing the log shows c
 lost by a crash. A verdict is never OK by default: a stale frame, a source that gives
 nothing, or a failed inference is UNDEFINED with the reason.
 
+A full data disk does not stop the daemon. NG images give way first (`images.py`). A
+verdict the outbox then has no room for becomes UNDEFINED ("data disk full"), its score
+kept, and goes straight to the broker while it is online, unstored: without the outbox
+its delivery is not guaranteed, so the MES must not take it as a judged part. Every
+result tries the outbox again, so the daemon is back to OK/NG by itself once space
+returns. What the outbox held is untouched.
+
 Trigger mode (`trigger.mode: mqtt`): `EdgeDaemon.accept_trigger` (called by the MQTT
-command handler on its own thread) queues a `TriggerRequest`; the loop scores the first
-frame captured after the request arrived and publishes with its part_id and trigger_id.
+command handler on its own thread) queues a `TriggerRequest`; the capture thread binds it
+to the first frame captured after it arrived (`triggers.FrameClaims`), and the loop scores
+that frame and publishes with its part_id and trigger_id. Triggers that share a frame
+share its inspection: one inference, one verdict each.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
@@ -54,9 +63,9 @@ from ganspect.edge.overlay import OverlayWindow, StatusLine, display_available, 
 from ganspect.edge.remote import LiveModel, RemoteCommands
 from ganspect.edge.scorer import Scorer
 from ganspect.edge.source import Capture, Frame, delivery_for, open_source
-from ganspect.edge.spool import OUTBOX_FILE, Outbox
+from ganspect.edge.spool import OUTBOX_FILE, Outbox, OutboxError, OutboxFull
 from ganspect.edge.tiling import Inspection, Inspector
-from ganspect.edge.triggers import TriggerRequest
+from ganspect.edge.triggers import FrameClaims, PendingTrigger, TriggerRequest
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,8 @@ log = logging.getLogger(__name__)
 _LOG_INTERVAL_S = {"OK": 1.0, "NG": 0.1, "UNDEFINED": 0.1}
 # How long the loop waits at a time: the window's keys, the stop event and health stay responsive.
 _TICK_S = 0.05
+# A full data disk is logged at ERROR at most this often, with the running count.
+_DISK_FULL_LOG_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -225,7 +236,10 @@ class EdgeDaemon:
         self.health = Health()
         self._headless = headless
         self._verdict_log_path = verdict_log
-        self._triggers: queue.Queue[TriggerRequest] = queue.Queue(maxsize=config.trigger.queue_size)
+        self._triggers: queue.Queue[PendingTrigger] = queue.Queue(maxsize=config.trigger.queue_size)
+        self._claims = FrameClaims()
+        # The last inspection made in trigger mode, for the triggers that share its frame.
+        self._last_inspection: tuple[Frame, Scorer, float, Inspection] | None = None
         # Set in run(); None until then (and for the parts that are switched off).
         self.live: LiveModel | None = None  # the model and threshold in force; cmd/reload and cmd/threshold change them
         self._bundle_watch: BundleWatch | None = None  # swaps in what `install-model` installs
@@ -244,6 +258,9 @@ class EdgeDaemon:
         self._last_shown: float | None = None
         self._last_window_frame: np.ndarray | None = None
         self._next_health = time.monotonic() + config.health.interval_s
+        self._disk_full_since: float | None = None  # monotonic time the outbox first had no room; None when it has
+        self._unstored = 0  # results the outbox had no room for, this run
+        self._last_disk_log = float("-inf")
 
     # -- the MQTT command handler's entry point (issue 6) ----------------------------------
     def accept_trigger(self, request: TriggerRequest) -> str | None:
@@ -255,10 +272,9 @@ class EdgeDaemon:
             )
         if self.stop.is_set():
             return "the daemon is stopping"
-        try:
-            self._triggers.put_nowait(request)
-        except queue.Full:
+        if self._triggers.full():  # this thread is the only producer: full now is full at put
             return f"trigger queue full ({self.config.trigger.queue_size} waiting)"
+        self._triggers.put_nowait(self._claims.claim(request))
         return None
 
     # -- start-up and shut-down -------------------------------------------------------------
@@ -279,6 +295,10 @@ class EdgeDaemon:
             show_window = window_wanted(config, self._headless)
             reader = open_source(config.source)
             stack.callback(reader.close)
+            images = None
+            if config.images.save != "none" or config.images.ok_sample_every:
+                images = ImageStore(config.data.dir, config.images)
+                images.free_space()  # before the outbox opens: on a full disk it needs room for its journal
             self._outbox = _open_outbox(config)
             stack.callback(self._outbox.close)
             if config.mqtt.enabled:
@@ -291,8 +311,8 @@ class EdgeDaemon:
                 stack.callback(remote.close)
             else:
                 log.info("mqtt.enabled is false: verdicts are logged, not published")
-            if config.images.save != "none" or config.images.ok_sample_every:
-                self.images = ImageStore(config.data.dir, config.images)
+            if images is not None:
+                self.images = images
                 self.images.start()
                 stack.callback(self._count_images)  # after close: the writer's last jobs are counted too
                 stack.callback(self.images.close)
@@ -303,7 +323,13 @@ class EdgeDaemon:
                 self.window = OverlayWindow(config.display.heatmap, snapshot_dir=config.data.dir / "snapshots")
                 stack.callback(self.window.close)
             continuous = config.trigger.mode == "continuous"
-            self.capture = Capture(reader, config.source, delivery_for(config.source, reader, continuous), self.stop)
+            self.capture = Capture(
+                reader,
+                config.source,
+                delivery_for(config.source, reader, continuous),
+                self.stop,
+                on_frame=None if continuous else self._claims.offer,
+            )
             self.capture.start()
             stack.callback(self.capture.close)
             log.info(
@@ -356,8 +382,8 @@ class EdgeDaemon:
         self._housekeeping()
         self.stop.wait(max(0.0, seconds))
 
-    def _wait_for_frame(self, deadline: float, captured_after: float | None = None) -> Frame | _EndOfSource | None:
-        """The next frame (captured after `captured_after` if given) before `deadline`; None if none came."""
+    def _wait_for_frame(self, deadline: float) -> Frame | _EndOfSource | None:
+        """The next frame before `deadline`; None if none came."""
         assert self.capture is not None
         while not self.stop.is_set():
             remaining = deadline - time.monotonic()
@@ -369,8 +395,7 @@ class EdgeDaemon:
                     return END_OF_SOURCE
                 self._idle(0.0)
                 continue
-            if captured_after is None or frame.captured_mono > captured_after:
-                return frame
+            return frame
         return None
 
     def _next_continuous(self) -> Work | _EndOfSource | None:
@@ -392,22 +417,39 @@ class EdgeDaemon:
         return self._work_for(got, f"{name}:{got.index}")
 
     def _next_triggered(self) -> Work | _EndOfSource | None:
-        """The first frame captured after the next trigger, or UNDEFINED when none comes in trigger.frame_timeout_s."""
+        """The frame bound to the next trigger, or UNDEFINED when none was captured in trigger.frame_timeout_s."""
         assert self.capture is not None
+        # Frames reach triggers through the claims; the capture's own queue is only emptied here, so that
+        # `every_frame` delivery does not stall the capture and `ended` can become true.
+        while self.capture.get(0.0) is not None:
+            pass
         try:
-            request = self._triggers.get(timeout=_TICK_S)
+            pending = self._triggers.get(timeout=_TICK_S)
         except queue.Empty:
             if self.capture.ended:
                 return END_OF_SOURCE
             self._idle(0.0)
             return None
+        request = pending.request
         timeout = self.config.trigger.frame_timeout_s
         deadline = max(request.received_at, time.monotonic()) + timeout
-        got = self._wait_for_frame(deadline, captured_after=request.received_at)
-        if got is None or isinstance(got, _EndOfSource):
+        frame = self._claims.wait(pending, 0.0)
+        ended = False
+        while frame is None and not self.stop.is_set():
+            while self.capture.get(0.0) is not None:
+                pass
+            ended = self.capture.ended
+            remaining = deadline - time.monotonic()
+            if ended or remaining <= 0:
+                break
+            frame = self._claims.wait(pending, min(_TICK_S, remaining))
+            if frame is None:
+                self._idle(0.0)
+        if frame is None:
+            self._claims.cancel(pending)
             why = (
                 "the source has ended"
-                if isinstance(got, _EndOfSource)
+                if ended
                 else (
                     "the daemon is stopping"
                     if self.stop.is_set()
@@ -415,7 +457,7 @@ class EdgeDaemon:
                 )
             )
             return Work(request.part_id, None, trigger_id=request.trigger_id, undefined_reason=why)
-        return self._work_for(got, request.part_id, request.trigger_id)
+        return self._work_for(frame, request.part_id, request.trigger_id)
 
     def _work_for(self, frame: Frame, part_id: str, trigger_id: str | None = None) -> Work:
         assert self.capture is not None
@@ -462,8 +504,18 @@ class EdgeDaemon:
         timings = payload["processing_ms"]
         timings["overlay"] = None if overlay_ms is None else round(overlay_ms, 3)
         timings["total"] = round((time.perf_counter() - started) * 1000.0, 3)
+        publish_ms, stored = self._deliver(payload)
+        if not stored:  # now UNDEFINED: the operator sees what the MES gets
+            state = payload["evaluation"]["state"]
+            if shown is not None and self.window is not None and self._last_window_frame is not None:
+                shown = self._render(
+                    self._last_window_frame,
+                    inspection,
+                    payload,
+                    show_heatmap=self.window.show_heatmap,
+                    status=self._status_line(state),
+                )
         self.summary.add(state, timings["total"])
-        publish_ms = self._deliver(payload)
         self.health.record(state, {**timings, "publish": publish_ms})
         _log_verdict(payload, self._last_logged)
         if self.window is not None and shown is not None and not self.window.show(shown):
@@ -474,8 +526,18 @@ class EdgeDaemon:
         if work.frame is None or work.undefined_reason is not None:
             return None, work.undefined_reason
         assert self.inspector is not None
+        last = self._last_inspection
+        if last is not None and last[0] is work.frame and last[1] is scorer and last[2] == threshold:
+            # Another trigger bound to the same frame: same frame, model and threshold give the same result.
+            # No preprocessing or inference ran for this verdict, and its timings say so.
+            inspection = last[3]
+            score = replace(inspection.score, preprocess_ms=0.0, inference_ms=0.0)
+            return replace(inspection, score=score), None
         try:
-            return self.inspector.inspect(work.frame.image, scorer, threshold), None
+            inspection = self.inspector.inspect(work.frame.image, scorer, threshold)
+            if self.config.trigger.mode == "mqtt":
+                self._last_inspection = (work.frame, scorer, threshold, inspection)
+            return inspection, None
         except Exception as exc:
             self.health.note_error()
             log.error("inspecting %s failed: %s", work.part_id, _first_line(exc), exc_info=log.isEnabledFor(10))
@@ -553,19 +615,69 @@ class EdgeDaemon:
         path = self.images.offer(payload["result_id"], day, lambda: self._render(image, inspection, payload))
         return None if path is None else str(path)
 
-    def _deliver(self, payload: dict[str, Any]) -> float:
-        """Commit to the outbox (and so to MQTT), then the verdict log; the milliseconds it took."""
+    def _deliver(self, payload: dict[str, Any]) -> tuple[float, bool]:
+        """Commit to the outbox (and so to MQTT), then the verdict log; (milliseconds, whether it was stored)."""
         assert self._outbox is not None
         t0 = time.perf_counter()
         text = verdict_json(payload)  # serialised once: stored, logged and (from the outbox) sent
+        stored = True
         if self.publisher is not None:
-            self.publisher.submit(payload, text)  # on disk when this returns
+            try:
+                self.publisher.submit(payload, text)  # on disk when this returns
+                self._disk_has_room()
+            except OutboxFull as exc:
+                stored = False
+                self._disk_full(exc, "results are UNDEFINED and sent unstored while the outbox has no room")
+                payload["evaluation"] = {
+                    "state": "UNDEFINED",
+                    "reason": "data disk full: the verdict could not be stored, so its delivery is not guaranteed "
+                    f"(judged {payload['evaluation']['state']}, not published as such)",
+                }
+                sent = self.publisher.publish_unstored(payload)
+                text = verdict_json(payload)
+                if not sent:
+                    log.debug("unstored verdict seq %d not sent: the broker is offline", payload["seq"])
         else:
-            self._outbox.note_seq(payload["seq"])
+            try:
+                self._outbox.note_seq(payload["seq"])
+                self._disk_has_room()
+            except OutboxError as exc:  # nothing to keep but the counter: the result is logged, the line goes on
+                self._disk_full(exc, "seq is counted in memory only (it may repeat after a restart)")
         if self._log_file is not None:
-            self._log_file.write(text + "\n")
-            self._log_file.flush()
-        return (time.perf_counter() - t0) * 1000.0
+            try:
+                self._log_file.write(text + "\n")
+                self._log_file.flush()
+            except OSError as exc:
+                self._disk_full(exc, f"the verdict log {self._verdict_log_path} misses results")
+        return (time.perf_counter() - t0) * 1000.0, stored
+
+    def _disk_full(self, exc: Exception, consequence: str) -> None:
+        if self.images is not None:
+            self.images.make_room()  # NG images give way to the outbox
+        now = time.monotonic()
+        if self._disk_full_since is None:
+            self._disk_full_since = now
+        self._unstored += 1
+        if now - self._last_disk_log >= _DISK_FULL_LOG_INTERVAL_S:
+            self._last_disk_log = now
+            log.error(
+                "data disk full (%s): %s (%d result(s) so far); inspection goes on, and all is back by itself "
+                "when space returns",
+                exc,
+                consequence,
+                self._unstored,
+            )
+
+    def _disk_has_room(self) -> None:
+        if self._disk_full_since is not None:
+            log.warning(
+                "data disk has room again: verdicts are stored and sent as before (%d result(s) in %.0f s met "
+                "the full disk)",
+                self._unstored,
+                time.monotonic() - self._disk_full_since,
+            )
+            self._disk_full_since = None
+            self._last_disk_log = float("-inf")
 
     # -- health -------------------------------------------------------------------------------
     def _housekeeping(self) -> None:

@@ -175,8 +175,8 @@ class ImagesConfig(_Section):
     min_free_bytes: int = Field(
         1024**3,
         ge=0,
-        description="Free space left on the disk: below it images are not saved (verdicts still "
-        "flow, the count of dropped images grows).",
+        description="Free space left on the disk: below it images are not saved and the oldest saved ones are "
+        "deleted until it is back (the verdict outbox comes first; verdicts still flow, the counts grow).",
     )
     queue_size: int = Field(
         16,
@@ -262,11 +262,11 @@ class CommandsConfig(_Section):
         4096, ge=64, le=65536, description="Larger command payloads are rejected unread ('too_large')."
     )
     max_per_s: float = Field(
-        20.0,
+        50.0,
         gt=0,
         le=1000,
         description="Valid commands carried out per second at most (token bucket, with burst); "
-        "the excess is answered 'rate_limited'.",
+        "the excess is answered 'rate_limited'. Above a camera's frame rate, so that a trigger per frame passes.",
     )
     burst: int = Field(40, ge=1, le=10_000, description="Valid commands accepted at once before max_per_s applies.")
     max_pending_results: int = Field(

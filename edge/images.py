@@ -6,6 +6,11 @@ when the writer falls behind, or the disk has less than `images.min_free_bytes` 
 the image is dropped and counted, and the verdict says `image_path: null`. Verdicts never
 wait for an image.
 
+Images give way to the verdict outbox: while free space is below `images.min_free_bytes`
+(or the outbox finds the disk full and asks, `make_room`), the writer deletes the oldest
+images until it is back above, or none is left. On a disk short of space the newest images
+are kept in what is left above the limit.
+
 Files: `<data.dir>/images/<YYYY-MM-DD>/<result_id>.jpg` (UTC date of capture), so the
 MES can fetch the image of a verdict by its id.
 """
@@ -26,12 +31,15 @@ import cv2
 import numpy as np
 
 from ganspect.edge.config import ImagesConfig
+from ganspect.edge.errors import GanspectError
 
 log = logging.getLogger(__name__)
 
 IMAGES_FOLDER = "images"
 _FREE_SPACE_CHECK_S = 1.0  # statvfs at most once a second
 _FAILURE_LOG_INTERVAL_S = 10.0  # a read-only disk fails every image: one line per interval, with the count
+_MAKE_ROOM = None  # the writer's queue: free space now (see make_room)
+_STOP = "stop"
 
 
 @dataclass(frozen=True)
@@ -54,9 +62,14 @@ class StoreStats:
 class ImageStore:
     def __init__(self, root: Path, config: ImagesConfig) -> None:
         self.root = root / IMAGES_FOLDER
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GanspectError(f"cannot create the image folder {self.root}: {exc.strerror or exc}") from exc
         self._config = config
-        self._queue: queue.Queue[ImageJob | None] = queue.Queue(maxsize=config.queue_size)
+        self._queue: queue.Queue[ImageJob | str | None] = queue.Queue(maxsize=config.queue_size)
+        self._room_asked = threading.Event()  # a make-room request waits in the queue
+        self._last_room_log = float("-inf")
         self._lock = threading.Lock()
         self._saved = self._dropped_full = self._dropped_disk = self._failed = self._deleted = 0
         self._last_failure_logged = float("-inf")
@@ -91,9 +104,20 @@ class ImageStore:
             self._free_checked = now
         return self._free_bytes
 
+    def make_room(self) -> None:
+        """Ask the writer to delete the oldest images until free space is above images.min_free_bytes; no wait."""
+        if self._room_asked.is_set():
+            return
+        self._room_asked.set()
+        try:
+            self._queue.put_nowait(_MAKE_ROOM)
+        except queue.Full:
+            self._room_asked.clear()  # the writer is busy with images; it frees space after each one anyway
+
     def offer(self, result_id: str, day: str, render: Callable[[], np.ndarray]) -> Path | None:
         """Queue an image for `result_id`; its future path, or None when it was dropped (disk or queue full)."""
         if self.free_bytes() < self._config.min_free_bytes:
+            self.make_room()
             with self._lock:
                 self._dropped_disk += 1
                 first = self._dropped_disk == 1
@@ -137,16 +161,22 @@ class ImageStore:
     def close(self) -> None:
         """Write what is queued, then stop the writer."""
         if self._thread.is_alive():
-            self._queue.put(None)
+            self._queue.put(_STOP)
             self._thread.join(timeout=30)
 
     # -- the writer thread ----------------------------------------------------------------
     def _run(self) -> None:
         self._enforce_retention()  # what an earlier run left may already be over the limits
+        self.free_space()
         while True:
             job = self._queue.get()
-            if job is None:
+            if job == _STOP:
                 return
+            if job is _MAKE_ROOM:
+                self._room_asked.clear()
+                self.free_space()
+                continue
+            assert isinstance(job, ImageJob)
             try:
                 self._write(job)
             except OSError as exc:  # a full or read-only disk: expected on a station, so no traceback
@@ -174,13 +204,52 @@ class ImageStore:
             raise OSError("OpenCV could not encode the image as JPEG")
         job.path.parent.mkdir(parents=True, exist_ok=True)
         partial = job.path.with_suffix(".jpg.part")
-        partial.write_bytes(data.tobytes())
+        try:
+            partial.write_bytes(data.tobytes())
+        except OSError:
+            partial.unlink(missing_ok=True)  # half an image on a full disk holds the space the outbox needs
+            raise
         partial.replace(job.path)  # a reader never sees half an image
         with self._lock:
             self._saved += 1
             self._kept.append((time.time(), job.path, len(data)))
             self._kept_bytes += len(data)
         self._enforce_retention()
+        self.free_space()
+
+    def free_space(self) -> None:
+        """Delete the oldest images while the disk has less than images.min_free_bytes free."""
+        wanted = self._config.min_free_bytes
+        deleted = freed = 0
+        try:
+            while shutil.disk_usage(self.root).free < wanted:
+                with self._lock:
+                    if not self._kept:
+                        break
+                    _, path, size = self._kept.popleft()
+                    self._kept_bytes -= size
+                    self._deleted += 1
+                self._delete(path)
+                deleted += 1
+                freed += size
+        except OSError as exc:
+            log.error("images: freeing space in %s failed: %s", self.root, exc.strerror or exc)
+        self._free_checked = float("-inf")  # offer() looks again
+        now = time.monotonic()
+        if deleted and now - self._last_room_log >= _FAILURE_LOG_INTERVAL_S:
+            self._last_room_log = now
+            log.warning(
+                "images: the disk %s had less than images.min_free_bytes free: deleted the %d oldest image(s) "
+                "(%d kB) to make room for the verdict outbox",
+                self.root,
+                deleted,
+                freed // 1024,
+            )
+
+    def _delete(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        if path.parent != self.root and not any(path.parent.iterdir()):
+            path.parent.rmdir()  # an emptied day folder
 
     def _enforce_retention(self) -> None:
         config = self._config
@@ -197,6 +266,4 @@ class ImageStore:
                 self._kept.popleft()
                 self._kept_bytes -= size
                 self._deleted += 1
-            path.unlink(missing_ok=True)
-            if path.parent != self.root and not any(path.parent.iterdir()):
-                path.parent.rmdir()  # an emptied day folder
+            self._delete(path)

@@ -716,6 +716,19 @@ class VerdictPublisher:
         self._outbox.put(payload["seq"], payload["result_id"], text)
         self._wake.set()
 
+    def publish_unstored(self, payload: dict[str, Any]) -> bool:
+        """Send a verdict the outbox had no room for straight to the broker (QoS 1); False when not sent.
+
+        Only while online: offline, paho would hold it in memory for as long as the outage lasts.
+        It is not kept anywhere, so it is not resent after a restart, and it may overtake older
+        verdicts still waiting in the outbox.
+        """
+        if not self._ready.is_set():
+            return False
+        payload["published_at"] = utc_iso(datetime.now(timezone.utc))
+        info = self._publish_other(self.verdict_topic, verdict_json(payload))
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
     @property
     def answers_dropped(self) -> int:
         with self._lock:

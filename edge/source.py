@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -276,9 +277,16 @@ class Capture:
     """Reads a source on its own thread; `get` hands frames to the scoring loop (see the module docstring)."""
 
     def __init__(
-        self, reader: VideoSource | ImageFolderSource, config: SourceConfig, delivery: Delivery, stop: threading.Event
+        self,
+        reader: VideoSource | ImageFolderSource,
+        config: SourceConfig,
+        delivery: Delivery,
+        stop: threading.Event,
+        on_frame: Callable[[Frame], None] | None = None,
     ) -> None:
         self.reader = reader
+        # Called on the capture thread with every frame as it is read (trigger mode binds triggers to frames there).
+        self._on_frame = on_frame
         self.name = reader.name
         self.delivery = delivery
         self._config = config
@@ -409,6 +417,8 @@ class Capture:
             if self._state != "stopped":
                 self._state = "open"
             self._cond.notify_all()
+        if self._on_frame is not None:
+            self._on_frame(frame)
 
     def _reconnect(self, failures: int) -> None:
         """Release and reopen a live source, waiting 0.5 s, 1 s, 2 s, ... up to reconnect_max_delay_s between tries."""

@@ -18,10 +18,19 @@ milliseconds on a line PC's SSD).
 Acks may arrive before `publish()` has returned the message id to the sender (the
 network thread can read the PUBACK first), so `acked(mid)` for an id not yet known is
 parked and matched by the `mark_sent(seq, mid)` that follows.
+
+Disk space: the WAL is checkpointed every `_WAL_CHECKPOINT_PAGES` pages and cut back to
+`_WAL_LIMIT_BYTES` after a checkpoint, and it keeps that size, so a small data disk is
+not eaten by the journal (SQLite's default lets it grow to about 4 MB and keep it). Rows
+deleted on acknowledgement leave free pages that new rows reuse, so while the broker
+keeps up the outbox needs no new space; it grows only with a backlog. A write the disk
+has no room for raises `OutboxFull`: nothing already on disk is touched (the transaction
+rolls back), and the daemon decides what the verdict becomes (see `app.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -59,10 +68,25 @@ _SAVE_LAST_SEQ = (
 )
 # Drops are logged at ERROR at most this often; the counter counts every one.
 _DROP_LOG_INTERVAL_S = 10.0
+# ~1 MiB of 4 KiB pages between checkpoints, and the WAL cut back to that after each: a verdict is a few pages,
+# so this is a few hundred verdicts, and a checkpoint (one fsync of the database) a few times a minute at 25/s.
+_WAL_CHECKPOINT_PAGES = 256
+_WAL_LIMIT_BYTES = 1024 * 1024
 
 
 class OutboxError(GanspectError):
     """The outbox database cannot be opened or written."""
+
+
+class OutboxFull(OutboxError):
+    """The disk holding the outbox has no room for this write; what is already on disk is intact."""
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF == sqlite3.SQLITE_FULL
+    return "disk is full" in str(exc)
 
 
 class _Damaged(Exception):
@@ -168,10 +192,13 @@ def _lock_exclusively(path: Path) -> IO[str]:
                 f"{path.parent} is in use by another ganspect edge daemon ({exc.strerror}); "
                 "give each daemon its own data.dir"
             ) from exc
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+    except OSError:
+        pass  # the pid is for people reading the folder; a full disk must not stop the start for it
     return handle
 
 
@@ -249,6 +276,8 @@ class Outbox:
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=5.0)
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_PAGES}")
+            self._db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT_BYTES}")
             # Reads every page (not the payloads' contents): a damaged page found now, not while sending.
             problems = [row[0] for row in self._db.execute("PRAGMA quick_check(3)").fetchall()]
             if problems != ["ok"]:  # SQLite's own words, which may span lines: one line for the log
@@ -298,7 +327,11 @@ class Outbox:
 
     # -- queue -------------------------------------------------------------------------
     def put(self, seq: int, result_id: str, payload: str) -> bool:
-        """Commit one verdict (and its seq) to disk; False when the quota refused it (drop_new)."""
+        """Commit one verdict (and its seq) to disk; False when the quota refused it (drop_new).
+
+        Raises `OutboxFull` when the disk has no room for it; `seq` is then still saved as used
+        where that one-page write fits, so that it is not given out again after a restart.
+        """
         size = len(payload.encode("utf-8"))
         with self._lock:
             self._queued += 1
@@ -319,6 +352,12 @@ class Outbox:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
+                if _is_full(exc):
+                    self._last_seq = max(self._last_seq, seq)
+                    # Else in memory only: after a restart during the full disk, seq may repeat.
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute(_SAVE_LAST_SEQ, (seq,))
+                    raise OutboxFull(f"the disk holding the verdict outbox {self.path} is full: {exc}") from exc
                 raise OutboxError(f"cannot write the verdict outbox {self.path}: {exc}") from exc
             self._count += 1
             self._bytes += size

@@ -170,3 +170,57 @@ def test_ids_with_c1_bidi_or_invisible_characters_never_reach_a_verdict_or_the_l
     unshowable = "\u0085\u009b\u202e\u2028\u200b"
     assert not any(c in stderr + stdout for c in unshowable), ascii(stderr)
     assert "é-部品-2" in stderr + stdout
+
+
+def test_triggers_at_twice_the_frame_rate_each_get_exactly_one_verdict_none_refused(
+    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path
+):
+    # A 20 fps "camera" and a PLC sending a trigger every 25 ms: two parts per frame interval. Each trigger is
+    # bound to the first frame captured after it, and triggers sharing a frame share its inspection, so none
+    # has to wait for a frame of its own (with one frame per trigger the queue overflowed and triggers were
+    # refused). The configured defaults otherwise: the command rate limit must let a camera-rate line through.
+    n = 80
+    video = make_video(tmp_path / "line.avi", [False] * 9 + [True], fps=20.0)
+    sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, f"{BASE}/#")
+    config = make_edge_config(tiny_bundle, video, mosquitto_broker, source={"loop": True}, trigger={"mode": "mqtt"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    plc = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-plc-{os.getpid()}")
+    plc.connect(mosquitto_broker.host, mosquitto_broker.port)
+    plc.loop_start()
+    sent: dict[str, datetime] = {}
+    try:
+        assert sub.wait_for("/status", 1, timeout=30), "the daemon did not come online"
+        time.sleep(0.5)  # its subscription to cmd/+ follows the online status
+        start = time.monotonic()
+        for i in range(n):
+            time.sleep(max(0.0, start + i * 0.025 - time.monotonic()))
+            trigger_id = f"T-{i}"
+            sent[trigger_id] = datetime.now(timezone.utc)
+            plc.publish(f"{BASE}/cmd/trigger", json.dumps({"part_id": f"SN-{i:04d}", "trigger_id": trigger_id}), qos=1)
+        sub.wait_for("/verdict", n, timeout=60)
+        time.sleep(0.5)  # a second verdict for any trigger would arrive meanwhile
+    finally:
+        plc.loop_stop()
+        plc.disconnect()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    answers = [json.loads(m.payload) for m in sub.on("/cmd/result")]
+    refused = [a for a in answers if a["outcome"] != "accepted"]
+    assert not refused, [(a["command_id"], a.get("code"), a.get("reason")) for a in refused[:3]]
+    assert sorted(a["command_id"] for a in answers) == sorted(sent)
+    verdicts = [json.loads(m.payload) for m in sub.on("/verdict")]
+    # Exactly one verdict per trigger (deduplicated by result_id, as a QoS 1 subscriber does), in trigger order.
+    unique = list({v["result_id"]: v for v in verdicts}.values())
+    assert [v["trigger_id"] for v in unique] == [f"T-{i}" for i in range(n)]
+    assert [v["seq"] for v in unique] == sorted(v["seq"] for v in unique)
+    for verdict in unique:
+        assert verdict["part_id"] == f"SN-{int(verdict['trigger_id'][2:]):04d}"
+        assert verdict["evaluation"]["state"] in ("OK", "NG"), verdict["evaluation"]
+        captured = datetime.fromisoformat(verdict["captured_at"].replace("Z", "+00:00"))
+        assert captured > sent[verdict["trigger_id"]], "scored a frame captured before its trigger"

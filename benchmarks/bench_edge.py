@@ -17,6 +17,7 @@ here on a free port of 127.0.0.1 and stopped at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -153,10 +154,8 @@ class Subscriber:
             with self._lock:
                 self.received.setdefault(key, now)  # a QoS 1 duplicate keeps the first receipt
         elif topic.endswith("/metrics"):
-            try:
+            with contextlib.suppress(ValueError):
                 self.metrics.append(json.loads(message.payload))
-            except ValueError:
-                pass
 
     def count(self) -> int:
         with self._lock:

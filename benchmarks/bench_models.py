@@ -138,7 +138,7 @@ def build_model(spec: ModelSpec, work: Path, data: Path, latency_budget_s: float
     from ganspect.train.loop import train
 
     built = BuiltModel(spec=spec, bundle=None)
-    label, kind_overrides = MODEL_KINDS[spec.kind]
+    _label, kind_overrides = MODEL_KINDS[spec.kind]
     overrides = [
         *kind_overrides,
         f"model.image_size={spec.size}",

@@ -351,7 +351,7 @@ def _machine_section(r: Results) -> list[str]:
             f"{p.best_gflops:.0f} GFLOP/s (fastest of {p.runs} runs; median {p.median_gflops:.0f}), "
             f"onnxruntime MatMul {p.n}x{p.n}"
         )
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _targets_section(r: Results) -> list[str]:
@@ -387,7 +387,7 @@ def _peak_for(r: Results, threads: int) -> float | None:
 def _inference_section(r: Results) -> list[str]:
     lines = ["## 1. Inference", ""]
     if "inference" in r.skipped:
-        return lines + [r.skipped["inference"], ""]
+        return [*lines, r.skipped["inference"], ""]
     lines += [
         "Batch 1, one synthetic part at the model's size, `session.run` with every output fetched, with the "
         "edge scorer's session options; untrained models (speed does not depend on training) built by the "
@@ -501,7 +501,7 @@ def _inference_section(r: Results) -> list[str]:
                 f"{parts[i][0]} | {parts[i][1]:.2f} | {100 * parts[i][1] / total:.0f} %" if i < len(parts) else " | | "
             )
             lines.append(f"| {left} |  | {right} |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _levers_lines(r: Results) -> list[str]:
@@ -550,7 +550,7 @@ def _levers_lines(r: Results) -> list[str]:
 def _edge_section(r: Results) -> list[str]:
     lines = ["## 2. End to end: the edge daemon", ""]
     if "edge" in r.skipped:
-        return lines + [r.skipped["edge"], ""]
+        return [*lines, r.skipped["edge"], ""]
     p = r.plan
     lines += [
         f"`ganspect edge --headless` under `taskset`, model: {r.edge_model}, source: a 640x480 MJPG video of "
@@ -635,10 +635,10 @@ def _edge_section(r: Results) -> list[str]:
 def _search_section(r: Results) -> list[str]:
     lines = ["## 3. One pass vs latent search", ""]
     if "search" in r.skipped:
-        return lines + [r.skipped["search"], ""]
+        return [*lines, r.skipped["search"], ""]
     s = r.search
     if s is None or s.error:
-        return lines + [(s.error if s else "not run") or "not run", ""]
+        return [*lines, (s.error if s else "not run") or "not run", ""]
     steps = s.search_steps_target
     lines += [
         f"AnoGAN at {s.size}x{s.size} {'colour' if s.channels == 3 else 'gray'}, untrained, one image, 1 thread. "
@@ -689,16 +689,16 @@ def _search_section(r: Results) -> list[str]:
             "AUROC of each on the same data: not yet measured (the trainer's seed-003 experiment, "
             "`benchmarks/seed003_anogan.py`, writes it to `benchmarks/results/`)."
         )
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _training_section(r: Results) -> list[str]:
     lines = ["## 4. Training", ""]
     if "training" in r.skipped:
-        return lines + [r.skipped["training"], ""]
+        return [*lines, r.skipped["training"], ""]
     t = r.training
     if t is None:
-        return lines + ["not run", ""]
+        return [*lines, "not run", ""]
     lines += [
         f"Efficient GAN {t.size}x{t.size} {'colour' if t.channels == 3 else 'gray'}, batch {t.batch_size}, "
         f"{t.steps} steps on synthetic parts with the repository's training config, torch's default threads.",
@@ -724,7 +724,7 @@ def _training_section(r: Results) -> list[str]:
         )
     elif t.int8_error:
         lines.append(f"- INT8: {t.int8_error}")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _demote(markdown: str) -> str:
@@ -734,7 +734,7 @@ def _demote(markdown: str) -> str:
 def _accuracy_section(r: Results) -> list[str]:
     lines = ["## 5. Accuracy summary", ""]
     if "accuracy" in r.skipped:
-        return lines + [r.skipped["accuracy"], ""]
+        return [*lines, r.skipped["accuracy"], ""]
     lines.append(
         "Collected from the trainer's experiments (`benchmarks/results/*.md`, each with its own machine and "
         "command); runs tagged *smoke* are plumbing checks and are left out."
@@ -756,7 +756,7 @@ def _accuracy_section(r: Results) -> list[str]:
         title = first.lstrip("#").strip() if first.startswith("#") else name
         body = rest if first.startswith("#") else text
         lines += ["", f"### {title} (`benchmarks/results/{name}`)", "", _demote(_from_results_folder(body.strip()))]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _from_results_folder(markdown: str) -> str:

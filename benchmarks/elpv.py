@@ -103,9 +103,9 @@ def main() -> int:
                 rng = np.random.default_rng([seed, 0 if cell_type == "mono" else 1])
                 good = rng.permutation(np.flatnonzero((types == cell_type) & (prob == 0.0)))
                 bad = np.flatnonzero((types == cell_type) & (prob == 1.0))
-                n_train = int(round(0.75 * len(good)))
+                n_train = round(0.75 * len(good))
                 train, test_good = good[:n_train], good[n_train:]
-                n_val = int(round(0.1 * n_train))
+                n_val = round(0.1 * n_train)
                 model = train_or_resume(
                     make_config(args, seed), images[train[n_val:]], images[train[:n_val]], exp.run_dir(unit)
                 )

@@ -66,9 +66,9 @@ def split(labels: np.ndarray, digit: int, seed: int) -> tuple[np.ndarray, np.nda
     """(train, held-out, test) indices: 80 % of normals (5 % of it held out); test = 20 % normals + all of `digit`."""
     rng = np.random.default_rng([seed, digit])
     normal = rng.permutation(np.flatnonzero(labels != digit))
-    n_train = int(round(0.8 * len(normal)))
+    n_train = round(0.8 * len(normal))
     train, test_normal = normal[:n_train], normal[n_train:]
-    n_val = int(round(0.05 * n_train))
+    n_val = round(0.05 * n_train)
     test = np.sort(np.concatenate([test_normal, np.flatnonzero(labels == digit)]))
     return np.sort(train[n_val:]), np.sort(train[:n_val]), test
 

@@ -39,7 +39,7 @@ def main() -> int:
         np.flatnonzero((types == args.type) & (prob == 0.0))
     )
     bad = np.flatnonzero((types == args.type) & (prob == 1.0))
-    n_train = int(round(0.75 * len(good)))
+    n_train = round(0.75 * len(good))
     split = {"train/good": good[:n_train], "test/good": good[n_train:], "test/defect": bad}
     for folder, indices in split.items():
         target = args.out / folder

@@ -50,6 +50,7 @@ treated like a refusal.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -791,10 +792,9 @@ class VerdictPublisher:
             )
         if stopped and self._connected.is_set():
             info = self._publish_other(self.status_topic, STATUS_STOPPED, retain=True)
-            try:
+            # If the broker went away, its last will says offline, which is true enough.
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=min(2.0, max(0.1, deadline - time.monotonic() + 1.0)))
-            except (RuntimeError, ValueError):
-                pass  # the broker went away: its last will says offline, which is true enough
         # A clean DISCONNECT tells the broker not to send the last will.
         self._client.disconnect()
         self._client.loop_stop()

@@ -149,7 +149,7 @@ def _score_bar(
     rows = bar_height(h)
     cv2.rectangle(image, (0, top), (w - 1, top + rows - 1), BAR_BACKGROUND, thickness=cv2.FILLED)
     if score is not None and threshold > 0:
-        filled = int(round(w * min(max(score / (2.0 * threshold), 0.0), 1.0)))
+        filled = round(w * min(max(score / (2.0 * threshold), 0.0), 1.0))
         if filled:
             # Two rows of background on top keep the bar apart from a banner of the same colour.
             cv2.rectangle(image, (0, top + 2), (filled - 1, top + rows - 1), colour, thickness=cv2.FILLED)

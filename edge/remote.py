@@ -32,6 +32,7 @@ count of the rest, so a flood cannot fill the journal.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -773,10 +774,8 @@ class RemoteCommands:
             )
         except Exception:
             context.command_id = None
-            try:
+            with contextlib.suppress(Exception):
                 self._reject(context, "internal_error", "the daemon failed to handle it; see its log", log_it=False)
-            except Exception:
-                pass
 
     def _handle(self, name: str, payload: bytes, retained: bool, received_at: float, context: _Context) -> None:
         limit = self._config.max_payload_bytes

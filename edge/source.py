@@ -158,7 +158,7 @@ def _camera_open_params(camera: CameraConfig) -> list[int]:
     if camera.height:
         params += [cv2.CAP_PROP_FRAME_HEIGHT, camera.height]
     if camera.fps:
-        params += [cv2.CAP_PROP_FPS, int(round(camera.fps))]
+        params += [cv2.CAP_PROP_FPS, round(camera.fps)]
     return params
 
 

@@ -180,7 +180,7 @@ def _lock_exclusively(path: Path) -> IO[str]:
     Two daemons sending from one outbox would send every verdict twice.
     """
     try:
-        handle = open(path, "a+", encoding="utf-8")
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115  (held open: the lock lives as long as it)
     except OSError as exc:
         raise OutboxError(f"cannot write in data.dir {path.parent}: {exc.strerror or exc}") from exc
     if fcntl is not None:
@@ -302,10 +302,8 @@ class Outbox:
         return str(mode), int(count), int(size), int(top)
 
     def _close_quietly(self) -> None:
-        try:
+        with contextlib.suppress(sqlite3.Error, AttributeError):
             self._db.close()
-        except (sqlite3.Error, AttributeError):
-            pass
 
     # -- seq ---------------------------------------------------------------------------
     @property
@@ -472,7 +470,5 @@ class Outbox:
             raise OutboxError(f"cannot write the verdict outbox {self.path}: {exc}") from exc
 
     def _rollback(self) -> None:
-        try:
+        with contextlib.suppress(sqlite3.Error):
             self._db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass

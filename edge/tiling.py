@@ -174,10 +174,7 @@ class Inspector:
         t1 = time.perf_counter()
         scores, heatmaps = scorer.run_batch(batch)  # (N,), (N, H, W)
         t2 = time.perf_counter()
-        if framing.tiling == "resize":
-            heat = heatmaps[0]
-        else:
-            heat = stitch(heatmaps, origins, region.height, region.width)
+        heat = heatmaps[0] if framing.tiling == "resize" else stitch(heatmaps, origins, region.height, region.width)
         peak_y, peak_x = np.unravel_index(int(np.argmax(heat)), heat.shape)
         # max() of a NaN-holding array is NaN: a broken tile makes the frame UNDEFINED, never OK.
         worst = float(np.max(scores))

@@ -238,7 +238,7 @@ def split_holdout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSe
     if not 0.0 <= fraction < 1.0:
         raise GanspectError(f"hold-out fraction must be in [0, 1), got {fraction}")
     n = len(images)
-    n_val = 0 if fraction == 0 else max(1, int(round(n * fraction)))
+    n_val = 0 if fraction == 0 else max(1, round(n * fraction))
     if n - n_val < 1:
         raise GanspectError(
             f"{n} image(s) are too few to hold out {fraction:.0%} for validation and still train on at least one"

@@ -169,7 +169,7 @@ def paint(
     unknown = set(kinds) - set(KINDS)
     if unknown or not kinds:
         raise ValueError(f"pseudo-defect kinds must be a non-empty subset of {KINDS}, got {list(kinds)}")
-    n, c, h, w = x.shape
+    n, _c, h, w = x.shape
     damaged = x.clone()
     masks = torch.zeros(n, 1, h, w, device=x.device)
     for i in range(n):

@@ -40,7 +40,8 @@ def _fmt(v: Any, digits: int = 3) -> str:
 def plot_losses(losses_csv: Path, path: Path) -> bool:
     if not losses_csv.is_file():
         return False
-    rows = list(csv.DictReader(open(losses_csv, encoding="utf-8")))
+    with open(losses_csv, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     if not rows:
         return False
     plt = _plt()

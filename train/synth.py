@@ -101,7 +101,7 @@ def _background(rng: np.random.Generator, s: int) -> np.ndarray:
     bg = level[..., None] * np.array([1.0, 1.04, 1.08], dtype=np.float32)  # faintly warm rubber
     # Anodised aluminium rails above and below the part (fixed to the camera).
     rail = np.zeros((s, 1), dtype=np.float32)
-    rail_w = int(round(0.05 * s))
+    rail_w = round(0.05 * s)
     rail[:rail_w] = 1.0
     rail[s - rail_w :] = 1.0
     rail = cv2.GaussianBlur(rail, (0, 0), sigmaX=0.1, sigmaY=0.003 * s + 0.3)
@@ -529,7 +529,7 @@ def read_conveyor_truth(path: Path) -> list[ConveyorPart]:
 def _plan_parts(n_parts: int, defect_rate: float, seed: int) -> list[ConveyorPart]:
     """Exactly round(n_parts * defect_rate) defective parts at random positions, kinds cycled."""
     rng = np.random.default_rng([seed, _STREAM_VIDEO])
-    n_bad = int(round(n_parts * defect_rate))
+    n_bad = round(n_parts * defect_rate)
     bad_frames = sorted(rng.choice(n_parts, size=n_bad, replace=False).tolist()) if n_bad else []
     defects: dict[int, str] = {f: DEFECT_KINDS[k % len(DEFECT_KINDS)] for k, f in enumerate(bad_frames)}
     return [ConveyorPart(part_id=f"P{i + 1:04d}", frame_index=i, defect=defects.get(i)) for i in range(n_parts)]

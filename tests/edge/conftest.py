@@ -44,7 +44,7 @@ class MjpegCamera:
                     while not camera.paused.is_set():
                         i = camera.sent
                         ng = bool(camera.ng_every) and i % camera.ng_every == 0
-                        ok, jpg = cv2.imencode(".jpg", make_image(ng, i), [cv2.IMWRITE_JPEG_QUALITY, 95])
+                        _ok, jpg = cv2.imencode(".jpg", make_image(ng, i), [cv2.IMWRITE_JPEG_QUALITY, 95])
                         self.wfile.write(
                             b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
                             + jpg.tobytes()

@@ -148,7 +148,7 @@ def test_signal_stops_cleanly_after_every_verdict_is_acknowledged(
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert "stopped by signal" in stdout
-    line = next(l for l in stdout.splitlines() if "verdicts queued" in l)
+    line = next(out for out in stdout.splitlines() if "verdicts queued" in out)
     published = int(line.split("queued ")[1].split(",")[0])
     assert f"acknowledged {published} (replayed 0), dropped when full 0, left in the outbox 0" in line
     received = sub.wait_for("/verdict", published)
@@ -172,7 +172,7 @@ def test_required_broker_not_answering_is_one_clear_line(
     proc = ganspect_cli("edge", "--config", str(config), "--headless")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("ganspect edge: error:")]
+    errors = [err for err in proc.stderr.splitlines() if err.startswith("ganspect edge: error:")]
     assert len(errors) == 1, proc.stderr
     assert f"127.0.0.1:{unused_port} did not answer within 1.5 s" in errors[0]
     assert "require_broker" in errors[0]
@@ -232,7 +232,7 @@ def test_verdicts_made_before_a_late_broker_are_delivered_when_it_starts(
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stderr
-    line = next(l for l in stdout.splitlines() if "verdicts queued" in l)
+    line = next(out for out in stdout.splitlines() if "verdicts queued" in out)
     replayed = int(line.split("(replayed ")[1].split(")")[0])
     assert line == (
         f"  verdicts queued 20, acknowledged 20 (replayed {replayed}), dropped when full 0, left in the outbox 0"
@@ -340,6 +340,6 @@ def test_sigterm_while_starting_is_a_clean_stop(tiny_bundle, tiny_video, make_ed
     )
     time.sleep(2.0)  # past the imports and the model load, inside the broker wait
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=15)  # not the 20 s broker wait: a stop ends it
+    _stdout, stderr = proc.communicate(timeout=15)  # not the 20 s broker wait: a stop ends it
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr

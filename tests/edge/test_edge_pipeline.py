@@ -104,7 +104,7 @@ def test_rate_limited_live_stream_scores_at_most_max_fps_and_counts_the_skipped_
     try:
         assert len(sub.wait_for("/verdict", 8, timeout=30)) >= 8
     finally:
-        stdout, stderr = _stop(proc)
+        _stdout, stderr = _stop(proc)
     assert proc.returncode == 0, stderr
     verdicts = _payloads(sub, "/verdict")
     indexes = [int(v["part_id"].split(":")[1]) for v in verdicts]
@@ -162,7 +162,7 @@ def test_a_stream_that_goes_silent_gives_undefined_then_recovers_and_sigterm_exi
         _validate(v, VERDICT_SCHEMA)
     states = [v["evaluation"]["state"] for v in verdicts]
     first_undefined = states.index("UNDEFINED")
-    assert set(states[:first_undefined]) <= {"OK", "NG"} and "NG" in states + ["?"]
+    assert set(states[:first_undefined]) <= {"OK", "NG"} and "NG" in [*states, "?"]
     silent = verdicts[first_undefined]
     assert silent["part_id"] == "ipcam:stalled" and silent["score"] is None and silent["heatmap_peak"] is None
     assert silent["evaluation"]["reason"].startswith("no frame from ipcam for 0.6 s")
@@ -223,7 +223,7 @@ def test_trigger_mode_scores_the_first_frame_after_each_trigger_with_its_ids(
         ("A-101", None),
         ("unknown/part id ok", "t2"),
     ]
-    for v, (request, wall) in zip(first, sent):
+    for v, (_request, wall) in zip(first, sent):
         _validate(v, VERDICT_SCHEMA)
         assert v["evaluation"]["state"] == "OK"
         # The frame was captured after the trigger arrived, not before.

@@ -246,7 +246,7 @@ def test_cmd_reload_takes_only_bundles_signed_by_a_trusted_key(
         mes.loop_stop()
         mes.disconnect()
         proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=30)
+        _stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     for answer, words in [

@@ -49,7 +49,7 @@ def test_a_trigger_over_mqtt_gives_that_parts_verdict_with_its_ids(
     try:
         assert sub.wait_for("/status", 1, timeout=30), "the daemon did not come online"
         time.sleep(0.5)  # its subscription to cmd/+ follows the online status
-        for i, (part, trigger_id) in enumerate([("SN-0001", "T-1"), ("SN-0002", None), ("SN-0003", "T-3")]):
+        for _i, (part, trigger_id) in enumerate([("SN-0001", "T-1"), ("SN-0002", None), ("SN-0003", "T-3")]):
             payload = {"part_id": part, **({"trigger_id": trigger_id} if trigger_id else {})}
             sent.append((part, trigger_id, datetime.now(timezone.utc)))
             plc.publish(f"{BASE}/cmd/trigger", json.dumps(payload), qos=1).wait_for_publish(10)
@@ -61,7 +61,7 @@ def test_a_trigger_over_mqtt_gives_that_parts_verdict_with_its_ids(
         plc.loop_stop()
         plc.disconnect()
         proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=30)
+        _stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     # No verdict without a trigger: trigger mode publishes one per trigger, in order, with its ids.
@@ -109,7 +109,7 @@ def test_a_reloaded_model_the_tiles_do_not_suit_is_refused_and_the_running_one_g
         plc.loop_stop()
         plc.disconnect()
         proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=30)
+        _stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     assert answers[0]["outcome"] == "rejected", answers
     assert "inspection.roi 40x40 is smaller than the model's 64x64 tiles" in answers[0]["reason"]

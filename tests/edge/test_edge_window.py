@@ -112,7 +112,7 @@ def test_operator_window_shows_a_red_ng_banner_for_a_defective_part(
         )
         shutil.copy(tmp_path / "screen.png", tmp_path.parent / "operator-window.png")  # to look at afterwards
         proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=30)
+        _stdout, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -122,7 +122,7 @@ def test_operator_window_shows_a_red_ng_banner_for_a_defective_part(
     assert all(json.loads(line)["evaluation"]["state"] == "NG" for line in verdict_log.read_text().splitlines())
 
     red = _near(shot, NG_COLOUR)
-    rows, cols = np.nonzero(red)
+    _rows, cols = np.nonzero(red)
     assert red.sum() > MIN_DISPLAY_WIDTH * 30, f"no red NG banner on the screen; windows: {_window_tree(xvfb)}"
     # The banner spans the window's width (480 px for a 64x48 frame scaled up), as one block.
     left, right = cols.min(), cols.max()
@@ -240,7 +240,7 @@ def test_a_camera_that_goes_silent_shows_the_grey_undefined_banner(
         )
         shutil.copy(tmp_path / "undefined.png", tmp_path.parent / "operator-window-undefined.png")
         proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=30)
+        _stdout, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -188,7 +188,10 @@ def test_guard_refusal_retries_then_refuses_unless_forced(
     ):
         export_run(run, tmp_path / "refused", int8=True, latency_budget_s=0.05)
     assert not (tmp_path / "refused").exists() and list(tmp_path.iterdir()) == []
-    assert [len(a) for a in attempts] == [0, 5]  # retried with the sensitive layers (G's last as one joint conv) in FP32
+    assert [len(a) for a in attempts] == [
+        0,
+        5,
+    ]  # retried with the sensitive layers (G's last as one joint conv) in FP32
 
     forced = export_run(run, tmp_path / "forced", int8=True, force=True, latency_budget_s=0.05)
     m = load_bundle(forced).manifest

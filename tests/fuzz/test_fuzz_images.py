@@ -9,6 +9,7 @@ goes on with the next image; the trainer names the file in one GanspectError.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import tempfile
 import zlib
@@ -104,5 +105,5 @@ def test_a_huge_png_header_is_refused_without_allocating_it(tmp_path: Path) -> N
 
     path = tmp_path / "huge.png"
     path.write_bytes(HUGE_PNG)
-    with pytest.raises(GanspectError, match="huge.png"):
+    with pytest.raises(GanspectError, match=re.escape("huge.png")):
         read_image(path, 32, 3)

@@ -88,5 +88,5 @@ def test_compare_with_truth_counts_caught_and_rejected_parts():
     assert counts == {"parts": 5, "judged": 4, "defective": 2, "caught": 1, "good": 2, "rejected": 1}
     # A part the model could not judge (UNDEFINED) does not ship: for a good part that is a rejection.
     undefined = {"part_id": "conveyor:4", "evaluation": {"state": "UNDEFINED", "reason": "non-finite score"}}
-    counts = compare_with_truth(verdicts + [undefined], truth)
+    counts = compare_with_truth([*verdicts, undefined], truth)
     assert counts == {"parts": 5, "judged": 5, "defective": 2, "caught": 1, "good": 3, "rejected": 2}

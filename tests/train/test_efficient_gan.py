@@ -87,10 +87,7 @@ def test_lambda_weights_residual_and_discrimination(lam: float, reduction: str) 
         z = model.encoder(x)
         recon = model.generator(z)
         per_pixel = (x - recon).abs().mean(dim=1)  # (N, H, W)
-        if reduction == "mean":
-            l_r = per_pixel.mean(dim=(1, 2))
-        else:
-            l_r = _smoothed_peak(per_pixel, model.cfg.heatmap_sigma)
+        l_r = per_pixel.mean(dim=(1, 2)) if reduction == "mean" else _smoothed_peak(per_pixel, model.cfg.heatmap_sigma)
         l_d = (model.discriminator.features(x, z) - model.discriminator.features(recon, z)).abs().mean(dim=1)
     assert not torch.allclose(l_r, l_d)
     torch.testing.assert_close(score, (1 - lam) * l_r + lam * l_d)

@@ -100,10 +100,8 @@ class ScoringModel(nn.Module):
         """(L_R (N,), smoothed residual (N, H, W)) of images x against their reconstructions."""
         per_pixel = (x - recon).abs().mean(dim=1)  # (N, H, W)
         residual = self.smooth(per_pixel)  # (N, H, W)
-        if self.cfg.residual_reduction == "peak":
-            l_r = residual.amax(dim=(1, 2))  # (N,)
-        else:
-            l_r = per_pixel.mean(dim=(1, 2))  # (N,)
+        peak = self.cfg.residual_reduction == "peak"
+        l_r = residual.amax(dim=(1, 2)) if peak else per_pixel.mean(dim=(1, 2))  # (N,)
         return l_r, residual
 
     def prior(self, n: int, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -312,7 +310,7 @@ def _up_layers(cfg: Any) -> list[nn.Module]:
             norm_layer(cfg.norm, cfg.width(i - 1)),
             nn.ReLU(),
         ]
-    return layers + [nn.ConvTranspose2d(cfg.width(0), cfg.channels, 4, 2, 1), nn.Tanh()]
+    return [*layers, nn.ConvTranspose2d(cfg.width(0), cfg.channels, 4, 2, 1), nn.Tanh()]
 
 
 class SpatialEncoder(nn.Module):

@@ -131,27 +131,27 @@ class _SubPixelUpsample(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         super().__init__()
         # ConvTranspose2d weight is (in, out, kh, kw); Conv2d wants (out, in, kh, kw).
-        for a, rows in enumerate(self._TAPS):
-            for b, cols in enumerate(self._TAPS):
-                kernel = weight.detach()[:, :, rows][:, :, :, cols].transpose(0, 1).contiguous()
-                self.register_parameter(f"phase{a}{b}", nn.Parameter(kernel, requires_grad=False))
-        self.bias = nn.Parameter(bias, requires_grad=False)
-        out_channels = weight.shape[1]
+        phases = {
+            (a, b): weight.detach()[:, :, rows][:, :, :, cols].transpose(0, 1).contiguous()
+            for a, rows in enumerate(self._TAPS)
+            for b, cols in enumerate(self._TAPS)
+        }
+        out_channels, in_channels = weight.shape[1], weight.shape[0]
         self.shuffled = out_channels <= self.FEW_CHANNELS
-        if self.shuffled:
-            # All four phases as one 3x3 convolution with 4 * C outputs, then a pixel shuffle: phase
-            # (a, b) reads rows a..a+1 and columns b..b+1 of the 3x3 window, the other taps are zero.
-            # For the image layer (C = 1 or 3) four convolutions of one to three outputs each ran
-            # at a fraction of onnxruntime's speed and were a tenth of a 256 px model's time.
-            joint = torch.zeros(out_channels, 4, weight.shape[0], 3, 3)
-            for a in (0, 1):
-                for b in (0, 1):
-                    joint[:, 2 * a + b, :, a : a + 2, b : b + 2] = getattr(self, f"phase{a}{b}").detach()
-            self.joint = nn.Parameter(joint.reshape(4 * out_channels, -1, 3, 3), requires_grad=False)
-            self.joint_bias = nn.Parameter(bias.repeat_interleave(4), requires_grad=False)
-            for a in (0, 1):
-                for b in (0, 1):
-                    delattr(self, f"phase{a}{b}")
+        if not self.shuffled:
+            for (a, b), kernel in phases.items():
+                self.register_parameter(f"phase{a}{b}", nn.Parameter(kernel, requires_grad=False))
+            self.bias = nn.Parameter(bias, requires_grad=False)
+            return
+        # All four phases as one 3x3 convolution with 4 * C outputs, then a pixel shuffle: phase
+        # (a, b) reads rows a..a+1 and columns b..b+1 of the 3x3 window, the other taps are zero.
+        # For the image layer (C = 1 or 3) four convolutions of one to three outputs each ran
+        # at a fraction of onnxruntime's speed and were a tenth of a 256 px model's time.
+        joint = torch.zeros(out_channels, 4, in_channels, 3, 3)
+        for (a, b), kernel in phases.items():
+            joint[:, 2 * a + b, :, a : a + 2, b : b + 2] = kernel
+        self.joint = nn.Parameter(joint.reshape(4 * out_channels, in_channels, 3, 3), requires_grad=False)
+        self.joint_bias = nn.Parameter(bias.repeat_interleave(4), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shuffled:

@@ -51,8 +51,9 @@ from ganspect.train.models.common import (
     check_common,
     dcgan_init,
     discriminator_trunk,
-    focal_loss,
+    painted,
     section_default,
+    segmentation_loss,
     spectral,
 )
 
@@ -267,22 +268,17 @@ class AnoGANRecipe:
         segmentation head learns to mark what was painted.
         """
         m = self.model
-        pd = self.config.pseudo_defects
         m.generator.eval().requires_grad_(False)
         m.discriminator.eval().requires_grad_(False)
         m.encoder.train()
-        x_in, mask = x, None
-        if pd.enabled:
-            from ganspect.train.pseudo_defects import paint
-
-            x_in, mask = paint(x, pd.probability, pd.kinds, self.defect_rng)
+        x_in, mask = painted(x, self.config, self.defect_rng)
         recon = m.generator(m.encoder(x_in))
         loss_recon = (x - recon).abs().mean()
         loss_feature = (m.discriminator.features(x) - m.discriminator.features(recon)).abs().mean()
         loss = loss_recon + self.config.anogan.encoder_kappa * loss_feature
         losses = {"loss_recon": loss_recon.item(), "loss_feature": loss_feature.item()}
-        if mask is not None and hasattr(m, "segmentation_head"):
-            loss_seg = focal_loss(m.segmentation_head(x_in, recon.detach()), mask[:, 0])
+        loss_seg = segmentation_loss(m, x_in, recon, mask)
+        if loss_seg is not None:
             loss = loss + self.config.train.segmentation_weight * loss_seg
             losses["loss_seg"] = loss_seg.item()
         self.opt_e.zero_grad(set_to_none=True)

@@ -163,6 +163,30 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
     return ((1.0 - p_true) ** gamma * bce).mean()
 
 
+def painted(x: torch.Tensor, config: Any, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(what the encoder sees, the painted mask (N, 1, H, W)) under config.pseudo_defects; (x, None) when off."""
+    pd = config.pseudo_defects
+    if not pd.enabled:
+        return x, None
+    from ganspect.train.pseudo_defects import paint
+
+    return paint(x, pd.probability, pd.kinds, rng)
+
+
+def segmentation_loss(
+    model: nn.Module, x_in: torch.Tensor, recon: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Focal loss of the head's map of (painted image, its restoration) against the painted mask.
+
+    The restoration is detached: the head learns to read it, E and G are not pulled towards
+    restorations that are easy to read. None without a head or without painted defects.
+    """
+    head = getattr(model, "segmentation_head", None)
+    if head is None or mask is None:
+        return None
+    return focal_loss(head(x_in, recon.detach()), mask[:, 0])
+
+
 def norm_layer(kind: str, channels: int) -> nn.Module:
     """Feature normalisation for encoders and generators.
 

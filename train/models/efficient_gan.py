@@ -54,9 +54,10 @@ from ganspect.train.models.common import (  # noqa: F401  (re-exported: older im
     check_common,
     dcgan_init,
     discriminator_trunk,
-    focal_loss,
     gaussian_kernel_1d,
+    painted,
     section_default,
+    segmentation_loss,
     spectral,
     weighted_score,
 )
@@ -230,13 +231,8 @@ class EfficientGANRecipe:
         """
         m = self.model
         t = self.config.train
-        pd = self.config.pseudo_defects
         losses: dict[str, float] = {}
-        x_in, mask = x, None
-        if pd.enabled:
-            from ganspect.train.pseudo_defects import paint
-
-            x_in, mask = paint(x, pd.probability, pd.kinds, self.defect_rng)
+        x_in, mask = painted(x, self.config, self.defect_rng)
         z_prior = m.prior(x.shape[0], x)
         adversarial = t.adversarial_weight > 0
 
@@ -271,9 +267,8 @@ class EfficientGANRecipe:
         if t.recon_weight > 0:
             loss_eg = loss_eg + t.recon_weight * loss_recon
         losses["loss_recon"] = loss_recon.item()
-        if mask is not None and hasattr(m, "segmentation_head"):
-            logits = m.segmentation_head(x_in, recon.detach())
-            loss_seg = focal_loss(logits, mask[:, 0])
+        loss_seg = segmentation_loss(m, x_in, recon, mask)
+        if loss_seg is not None:
             loss_eg = loss_eg + t.segmentation_weight * loss_seg
             losses["loss_seg"] = loss_seg.item()
         self.opt_eg.zero_grad(set_to_none=True)

@@ -56,15 +56,15 @@ from ganspect.edge.config import EdgeConfig, read_password
 from ganspect.edge.errors import GanspectError
 from ganspect.edge.health import Health, log_line
 from ganspect.edge.images import ImageStore, StoreStats
+from ganspect.edge.inspector import Inspection, Inspector
 from ganspect.edge.model_store import BundleWatch, load_current_or_previous
 from ganspect.edge.mqtt import DeliveryReport, VerdictPublisher, build_verdict, verdict_json
 from ganspect.edge.notify import SystemdNotifier, Watchdog, watchdog_interval_s
+from ganspect.edge.outbox import OUTBOX_FILE, Outbox, OutboxError, OutboxFull
 from ganspect.edge.overlay import OverlayWindow, StatusLine, display_available, render_overlay
 from ganspect.edge.remote import LiveModel, RemoteCommands
 from ganspect.edge.scorer import Scorer
 from ganspect.edge.source import Capture, Frame, delivery_for, open_source
-from ganspect.edge.spool import OUTBOX_FILE, Outbox, OutboxError, OutboxFull
-from ganspect.edge.tiling import Inspection, Inspector
 from ganspect.edge.triggers import FrameClaims, PendingTrigger, TriggerRequest
 
 log = logging.getLogger(__name__)

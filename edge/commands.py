@@ -106,8 +106,8 @@ def _install_model(config: Path, bundle: Path | None) -> int:
 def _check_model(config: EdgeConfig, path: Path) -> None:
     """Load the bundle as the daemon would (hashes, interface, warm-up) and fit the inspection settings to it."""
     from ganspect.edge.errors import BundleError, ConfigError
+    from ganspect.edge.inspector import Inspector
     from ganspect.edge.scorer import Scorer
-    from ganspect.edge.tiling import Inspector
 
     try:
         scorer = Scorer.load(

@@ -273,8 +273,8 @@ def install_model(config_path: Path, bundle: Path) -> Installed:
     it fail there, restores the previous bundle and keeps scoring with it).
     """
     from ganspect.edge.config import load_config
+    from ganspect.edge.inspector import Inspector
     from ganspect.edge.scorer import Scorer
-    from ganspect.edge.tiling import Inspector
 
     config = load_config(config_path)
 

@@ -13,7 +13,7 @@ Topic tree (prefix from the config, then the plant hierarchy; `docs/mqtt.md` has
 - `<prefix>/<site>/<line>/<station>/metrics`: the periodic health report, QoS 1, not
   retained (`schemas/metrics.schema.json`); sent only while connected, never spooled.
 
-Delivery: every verdict goes through the disk outbox (`spool.Outbox`). The main loop
+Delivery: every verdict goes through the disk outbox (`outbox.Outbox`). The main loop
 commits it there; a sender thread hands rows to paho in seq order, at most
 `mqtt.max_inflight` unacknowledged at a time and only while the connection is *ready*;
 the broker's PUBACK (paho's `on_publish`) deletes the row. Rows that waited for a
@@ -74,8 +74,8 @@ from pydantic import SecretStr
 from ganspect.edge.config import MqttConfig, StationConfig, TlsConfig
 from ganspect.edge.errors import ConfigError, GanspectError
 from ganspect.edge.manifest import Manifest, ModelFile
+from ganspect.edge.outbox import Outbox, OutboxError, Row
 from ganspect.edge.scorer import Score
-from ganspect.edge.spool import Outbox, OutboxError, Row
 
 log = logging.getLogger(__name__)
 

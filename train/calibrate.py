@@ -110,8 +110,8 @@ def score_images(
 
 
 def tile_origins(height: int, width: int, size: int, overlap: int) -> list[tuple[int, int]]:
-    """(row, column) of every tile, exactly as the edge cuts a region (ganspect.edge.tiling)."""
-    from ganspect.edge.tiling import tile_starts
+    """(row, column) of every tile, exactly as the edge cuts a region (ganspect.edge.inspector)."""
+    from ganspect.edge.inspector import tile_starts
 
     return [(y, x) for y in tile_starts(height, size, overlap) for x in tile_starts(width, size, overlap)]
 
@@ -143,7 +143,7 @@ def score_tiled(
     from ganspect.train.loop import progress_bar
 
     bar = progress_bar(len(images), desc=progress, unit="image") if progress else None
-    from ganspect.edge.tiling import stitch
+    from ganspect.edge.inspector import stitch
 
     for image in images:
         h, w = image.shape[:2]

@@ -465,7 +465,7 @@ def test_answers_published_from_other_threads_never_acknowledge_a_verdict(mosqui
 
     from ganspect.edge.config import load_config
     from ganspect.edge.mqtt import VerdictPublisher
-    from ganspect.edge.spool import Outbox
+    from ganspect.edge.outbox import Outbox
 
     raw = {
         "station": {"site": "testsite", "line": "l1", "station": "s1"},
@@ -529,9 +529,9 @@ def _publisher_with_commands(tmp_path: Path, broker: Any, **commands: Any) -> tu
 
     from ganspect.edge.config import load_config
     from ganspect.edge.mqtt import VerdictPublisher
+    from ganspect.edge.outbox import Outbox
     from ganspect.edge.remote import LiveModel, RemoteCommands, refuse_triggers_in_continuous_mode
     from ganspect.edge.scorer import Scorer
-    from ganspect.edge.spool import Outbox
 
     raw = {
         "station": {"site": "testsite", "line": "l1", "station": "s1"},

@@ -1,4 +1,4 @@
-"""The verdict outbox (`ganspect.edge.spool.Outbox`) on a real SQLite file, without MQTT."""
+"""The verdict outbox (`ganspect.edge.outbox.Outbox`) on a real SQLite file, without MQTT."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ganspect.edge.spool import Outbox, OutboxError
+from ganspect.edge.outbox import Outbox, OutboxError
 
 
 def _open(folder: Path, **quota: object) -> Outbox:
@@ -76,7 +76,7 @@ def test_drop_oldest_keeps_the_newest_and_never_drops_a_row_in_flight(tmp_path, 
     outbox = _open(tmp_path, max_messages=3)
     _put(outbox, 3)
     outbox.mark_sent(1, mid=5)  # row 1 is on the wire: the broker may still acknowledge it
-    with caplog.at_level(logging.ERROR, logger="ganspect.edge.spool"):
+    with caplog.at_level(logging.ERROR, logger="ganspect.edge.outbox"):
         _put(outbox, 2)
     assert _rows_on_disk(outbox.path) == [1, 4, 5]
     stats = outbox.stats()
@@ -90,7 +90,7 @@ def test_drop_oldest_keeps_the_newest_and_never_drops_a_row_in_flight(tmp_path, 
 def test_drop_new_keeps_the_oldest_and_still_advances_seq(tmp_path, caplog):
     outbox = _open(tmp_path, max_messages=2, when_full="drop_new")
     _put(outbox, 2)
-    with caplog.at_level(logging.ERROR, logger="ganspect.edge.spool"):
+    with caplog.at_level(logging.ERROR, logger="ganspect.edge.outbox"):
         assert outbox.put(3, "id-3", "{}") is False
     assert _rows_on_disk(outbox.path) == [1, 2]
     assert outbox.next_seq() == 4  # the gap in seq shows the consumer that a verdict was discarded
@@ -113,7 +113,7 @@ def test_the_outbox_uses_wal_and_survives_a_killed_process(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
-        from ganspect.edge.spool import Outbox
+        from ganspect.edge.outbox import Outbox
         outbox = Outbox(Path({str(folder / "outbox.sqlite3")!r}), max_messages=100, max_bytes=10**6)
         for _ in range(3):
             seq = outbox.next_seq()
@@ -257,7 +257,7 @@ def _damaged_outbox(folder: Path, how: str) -> Path:
 def test_a_damaged_outbox_is_moved_aside_kept_and_replaced_by_a_new_one(tmp_path, caplog, how, counter):
     path = _damaged_outbox(tmp_path, how)
     damaged = path.read_bytes()
-    with caplog.at_level(logging.ERROR, logger="ganspect.edge.spool"):
+    with caplog.at_level(logging.ERROR, logger="ganspect.edge.outbox"):
         outbox = _open(tmp_path)
     try:
         assert outbox.stats().backlog == 0 and outbox.backlog_at_open == 0

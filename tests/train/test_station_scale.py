@@ -18,9 +18,9 @@ import torch
 
 from ganspect.edge.config import InspectionConfig
 from ganspect.edge.errors import ConfigError
+from ganspect.edge.inspector import Inspector
 from ganspect.edge.manifest import load_bundle
 from ganspect.edge.scorer import Scorer
-from ganspect.edge.tiling import Inspector
 from ganspect.export.bundle import export_run
 from ganspect.train.calibrate import score_tiled, tile_origins
 from ganspect.train.config import config_from_dict

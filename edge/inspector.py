@@ -1,4 +1,4 @@
-"""Region of interest and tiling: a frame -> one batch for one `session.run` -> one score and heatmap.
+"""The inspector: region of interest and tiling, a frame -> one batch for one `session.run` -> one score and heatmap.
 
 - `resize`: the ROI (or the whole frame) is resized to the model input, as the manifest
   says; the heatmap is in model pixels.

@@ -16,8 +16,8 @@ import pytest
 import ganspect.edge
 from ganspect.edge.config import InspectionConfig, RoiConfig
 from ganspect.edge.errors import ConfigError
+from ganspect.edge.inspector import Inspector, Region, tile_starts
 from ganspect.edge.scorer import Scorer
-from ganspect.edge.tiling import Inspector, Region, tile_starts
 
 VERDICT_SCHEMA = json.loads((Path(ganspect.edge.__file__).parent / "schemas" / "verdict.schema.json").read_text())
 FRAME_SIZE = (240, 160)  # (w, h)

@@ -52,20 +52,23 @@ from typing import IO, Any
 
 import numpy as np
 
+from ganspect.edge.common import first_line
 from ganspect.edge.config import EdgeConfig, read_password
 from ganspect.edge.errors import GanspectError
 from ganspect.edge.health import Health, log_line
 from ganspect.edge.images import ImageStore, StoreStats
 from ganspect.edge.inspector import Inspection, Inspector
+from ganspect.edge.live_model import LiveModel
 from ganspect.edge.model_store import BundleWatch, load_current_or_previous
-from ganspect.edge.mqtt import DeliveryReport, VerdictPublisher, build_verdict, verdict_json
+from ganspect.edge.mqtt import DeliveryReport, VerdictPublisher
 from ganspect.edge.notify import SystemdNotifier, Watchdog, watchdog_interval_s
 from ganspect.edge.outbox import OUTBOX_FILE, Outbox, OutboxError, OutboxFull
 from ganspect.edge.overlay import OverlayWindow, StatusLine, display_available, render_overlay
-from ganspect.edge.remote import LiveModel, RemoteCommands
+from ganspect.edge.remote import RemoteCommands
 from ganspect.edge.scorer import Scorer
 from ganspect.edge.source import Capture, Frame, delivery_for, open_source
 from ganspect.edge.triggers import FrameClaims, PendingTrigger, TriggerRequest
+from ganspect.edge.verdict import build_verdict, verdict_json
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +171,6 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _log_verdict(payload: dict[str, Any], last_logged: dict[str, float]) -> None:
@@ -540,8 +538,10 @@ class EdgeDaemon:
             return inspection, None
         except Exception as exc:
             self.health.note_error()
-            log.error("inspecting %s failed: %s", work.part_id, _first_line(exc), exc_info=log.isEnabledFor(10))
-            return None, f"inference failed: {_first_line(exc)}"
+            log.error(
+                "inspecting %s failed: %s", work.part_id, first_line(exc, with_type=True), exc_info=log.isEnabledFor(10)
+            )
+            return None, f"inference failed: {first_line(exc, with_type=True)}"
 
     def _render(
         self,

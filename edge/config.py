@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from ganspect.edge.common import first_line
 from ganspect.edge.errors import ConfigError, key_path
 
 # Names that become MQTT topic levels: no wildcards, no separators, no spaces.
@@ -484,7 +485,7 @@ def read_yaml_file(path: Path, what: str) -> tuple[Any, yaml.Node | None]:
             line = text.count("\n", 0, exc.position) + 1
         where = f"{path}:{line}" if line is not None else str(path)
         # PyYAML's own text spans lines ("... in '<unicode string>', position 0"): keep its first.
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise ConfigError(f"{where}: not valid YAML: {problem}") from exc
 
 

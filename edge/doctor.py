@@ -106,18 +106,13 @@ def check_broker(config: EdgeConfig) -> Check:
         return Check("broker", True, "mqtt.enabled is false: verdicts are logged, not published")
     import paho.mqtt.client as mqtt
 
-    from ganspect.edge.mqtt import tls_context
+    from ganspect.edge.mqtt import configured_client
 
     where = f"{mqtt_config.host}:{mqtt_config.port}"
-    station = config.station
-    client_id = (mqtt_config.client_id or f"ganspect-{station.site}-{station.line}-{station.station}") + "-doctor"
-    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
     try:
-        if mqtt_config.tls.enabled:
-            client.tls_set_context(tls_context(mqtt_config.tls))
-        if mqtt_config.username:
-            password = read_password(mqtt_config)
-            client.username_pw_set(mqtt_config.username, password.get_secret_value() if password else None)
+        password = read_password(mqtt_config) if mqtt_config.username else None
+        # The daemon's own set-up (protocol included: a v5-only broker must pass here as it does there).
+        client = configured_client(mqtt.Client, mqtt_config, config.station, password, client_id_suffix="-doctor")
     except GanspectError as exc:
         return Check("broker", False, str(exc), "fix the mqtt.tls files or the password source")
     answers: list[mqtt.ReasonCode] = []

@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ganspect.edge.common import fsync_folder
 from ganspect.edge.errors import BundleError, GanspectError
 from ganspect.edge.manifest import MANIFEST_NAME, load_bundle, sha256_file
 
 if TYPE_CHECKING:  # onnxruntime is imported only where a bundle is loaded
     from ganspect.edge.config import ModelConfig
-    from ganspect.edge.remote import LiveModel
+    from ganspect.edge.live_model import LiveModel
     from ganspect.edge.scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -70,15 +71,7 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             with open(Path(folder) / name, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_folder(Path(folder))
 
 
 def _point(link: Path, target_name: str) -> None:
@@ -88,7 +81,7 @@ def _point(link: Path, target_name: str) -> None:
         temporary.unlink()
     temporary.symlink_to(target_name)
     os.replace(temporary, link)
-    _fsync_dir(link.parent)
+    fsync_folder(link.parent)
 
 
 class ModelStore:
@@ -161,7 +154,7 @@ class ModelStore:
             verify_bundle(incoming, self.trusted_keys)  # the copy, as it lies on this disk
             destination = self._free_name(versioned) if (self.root / versioned).exists() else versioned
             os.rename(incoming, self.root / destination)
-            _fsync_dir(self.root)
+            fsync_folder(self.root)
         except BaseException:
             shutil.rmtree(incoming, ignore_errors=True)
             raise

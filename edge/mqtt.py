@@ -1,4 +1,4 @@
-"""Verdicts over MQTT (paho-mqtt 2.x): topics, the verdict payload, and the publisher.
+"""Verdicts over MQTT (paho-mqtt 2.x): topics and the publisher (the payload is `ganspect.edge.verdict`).
 
 Topic tree (prefix from the config, then the plant hierarchy; `docs/mqtt.md` has it all):
 
@@ -54,16 +54,14 @@ import contextlib
 import ipaddress
 import json
 import logging
-import re
 import ssl
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -71,15 +69,15 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import SecretStr
 
-from ganspect.edge.config import MqttConfig, StationConfig, TlsConfig
-from ganspect.edge.errors import ConfigError, GanspectError
-from ganspect.edge.manifest import Manifest, ModelFile
+from ganspect.edge.common import utc_iso
+from ganspect.edge.config import MqttConfig, StationConfig
+from ganspect.edge.errors import GanspectError
 from ganspect.edge.outbox import Outbox, OutboxError, Row
-from ganspect.edge.scorer import Score
+from ganspect.edge.tls import ssl_text, tls_context, tls_failure_of
+from ganspect.edge.verdict import verdict_json
 
 log = logging.getLogger(__name__)
 
-VERDICT_SCHEMA = "ganspect.verdict/1"
 STATUS_ONLINE = "online"
 STATUS_OFFLINE = "offline"
 STATUS_STOPPED = "stopped"
@@ -97,101 +95,10 @@ CommandSink = Callable[[str, bytes, bool, float], None]
 # CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1's 4 and 5 onto 134 and 135) that mean the
 # broker did not accept the credentials.
 _AUTH_REFUSALS = frozenset({134, 135, 140})  # Bad user name or password, Not authorized, Bad authentication method
-# OpenSSL's reason in a TLS error paho logs while reading, e.g. "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED]".
-_SSL_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
-# TLS failures that come from the network, not from the configuration: retrying may fix them.
-_TRANSIENT_SSL = ("EOF", "SYSCALL", "ZERO_RETURN", "SHUTDOWN", "TIMEOUT")
 
 
 class MqttError(GanspectError):
     """The broker refused or did not answer."""
-
-
-def tls_context(tls: TlsConfig) -> ssl.SSLContext:
-    """A client context that verifies the broker (CA file or system CAs, host name) and holds the client certificate.
-
-    The files are read here, at start-up: a missing, unreadable or malformed file is a
-    ConfigError naming its key. Never prompts for a key pass phrase (a daemon has no
-    terminal): an encrypted key is an error.
-    """
-    try:
-        # PROTOCOL_TLS_CLIENT, CERT_REQUIRED, check_hostname and TLS 1.2 at least.
-        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"mqtt.tls.ca_file: cannot load CA certificates from {tls.ca_file}: {_ssl_text(exc)} (expected PEM)"
-        ) from exc
-    if tls.cert_file is not None:
-        asked_for_pass_phrase = []
-
-        def no_pass_phrase() -> str:
-            asked_for_pass_phrase.append(True)
-            return ""
-
-        try:
-            context.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=no_pass_phrase)
-        except (OSError, ssl.SSLError) as exc:
-            if asked_for_pass_phrase:
-                raise ConfigError(
-                    f"mqtt.tls.key_file: {tls.key_file} is encrypted with a pass phrase, which a daemon "
-                    "cannot type; store the key unencrypted (openssl pkey -in KEY -out NEW_KEY), "
-                    "readable only by the daemon's user"
-                ) from exc
-            raise ConfigError(
-                f"mqtt.tls.cert_file / mqtt.tls.key_file: cannot load the client certificate "
-                f"{tls.cert_file} with the key {tls.key_file}: {_ssl_text(exc)} (expected PEM files, "
-                "the key matching the certificate)"
-            ) from exc
-    return context
-
-
-def _ssl_text(exc: BaseException) -> str:
-    """An ssl/OS error as a short phrase: the verification message, OpenSSL's reason, or strerror."""
-    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-        return str(exc.verify_message)
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return str(exc.reason).replace("_", " ").lower()
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc)
-
-
-def _tls_failure_of(exc: BaseException | None, logged: str | None, config: MqttConfig) -> str | None:
-    """What went wrong with TLS and what to check, when retrying cannot fix it; None for network trouble.
-
-    `exc` is what connecting (TCP + handshake) raised; `logged` is paho's error line when the
-    broker ended the session while paho was reading (under TLS 1.3 the broker's alert about
-    a missing or rejected client certificate arrives after the client's side of the handshake).
-    """
-    tls = config.tls
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        ca = f"mqtt.tls.ca_file ({tls.ca_file})" if tls.ca_file else "mqtt.tls.ca_file (unset: the system's CAs)"
-        return (
-            f"the broker's certificate did not verify ({_ssl_text(exc)}); check {ca} is the CA that signed "
-            f"the broker's certificate and that mqtt.host ({config.host}) is a name in that certificate"
-        )
-    reason: str | None = None
-    if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or exc.__class__.__name__.upper()
-    elif logged and (match := _SSL_REASON.search(logged)):
-        reason = match.group(1)
-    if reason is None or any(word in reason for word in _TRANSIENT_SSL):
-        return None
-    words = reason.replace("_", " ").lower()
-    if "CERTIFICATE_REQUIRED" in reason:
-        return f"the broker requires a client certificate ({words}); " + (
-            "set mqtt.tls.cert_file and mqtt.tls.key_file"
-            if tls.cert_file is None
-            else f"it did not accept {tls.cert_file} (mqtt.tls.cert_file)"
-        )
-    if "ALERT" in reason:
-        return (
-            f"the broker rejected the TLS session ({words}); check that the client certificate "
-            f"{tls.cert_file} (mqtt.tls.cert_file) is signed by a CA the broker trusts and is still valid"
-        )
-    if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason or "PACKET_LENGTH" in reason:
-        return f"the broker does not speak TLS on port {config.port} ({words}); check mqtt.port and mqtt.tls.enabled"
-    return f"TLS handshake failed ({words}); check the mqtt.tls settings against the broker's listener"
 
 
 class _Client(mqtt.Client):
@@ -211,102 +118,38 @@ class _Client(mqtt.Client):
             raise
 
 
+_AnyClient = TypeVar("_AnyClient", bound=mqtt.Client)
+
+
+def configured_client(
+    client_class: type[_AnyClient],
+    config: MqttConfig,
+    station: StationConfig,
+    password: SecretStr | None,
+    client_id_suffix: str = "",
+) -> _AnyClient:
+    """A paho client as the config says (client id, protocol, TLS, credentials): the daemon's and the doctor's.
+
+    Raises ConfigError for TLS files that cannot be loaded.
+    """
+    client_id = config.client_id or f"ganspect-{station.site}-{station.line}-{station.station}"
+    client = client_class(
+        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        client_id=client_id + client_id_suffix,
+        protocol=_PROTOCOLS[config.protocol],
+    )
+    if config.tls.enabled:
+        client.tls_set_context(tls_context(config.tls))
+    if config.username:
+        client.username_pw_set(config.username, password.get_secret_value() if password else None)
+    return client
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-
-
-def utc_iso(moment: datetime) -> str:
-    """UTC ISO 8601 with milliseconds and a Z, e.g. 2024-05-01T08:30:00.123Z."""
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _finite_or_none(value: float) -> float | None:
-    # JSON has no NaN or infinity: a non-finite number is published as null.
-    return value if value == value and abs(value) != float("inf") else None
-
-
-def evaluation_of(score: Score) -> dict[str, str | None]:
-    """OK / NG by the threshold; UNDEFINED (never OK) when the model gave no usable score."""
-    if _finite_or_none(score.score) is None:
-        return {"state": "UNDEFINED", "reason": f"the model returned a non-finite score ({score.score})"}
-    return {"state": score.result, "reason": None}
-
-
-def build_verdict(
-    *,
-    seq: int,
-    station: StationConfig,
-    part_id: str,
-    captured_at: datetime,
-    score: Score | None,
-    manifest: Manifest,
-    model_file: ModelFile,
-    total_ms: float,
-    trigger_id: str | None = None,
-    undefined_reason: str | None = None,
-    capture_age_ms: float | None = None,
-    threshold: float | None = None,
-    threshold_source: Literal["bundle", "override"] = "bundle",
-) -> dict[str, Any]:
-    """The verdict payload as made; `schemas/verdict.schema.json` documents every field.
-
-    `score.threshold` (or `threshold` when nothing was scored) is the threshold the part was
-    judged by; `threshold_source` says whether it is the bundle's or a runtime override
-    (`cmd/threshold`).
-
-    `score` None or an `undefined_reason` (a stale frame, no frame, a failed inference)
-    makes the result UNDEFINED, never OK. `published_at` is the time it was made here; the
-    publisher sets it again at each send. `processing_ms.overlay` and `image_path` are
-    filled in by the daemon once it has drawn and queued the image.
-    """
-    if undefined_reason is not None or score is None:
-        evaluation: dict[str, str | None] = {"state": "UNDEFINED", "reason": undefined_reason or "no score"}
-    else:
-        evaluation = evaluation_of(score)
-    return {
-        "schema": VERDICT_SCHEMA,
-        "seq": seq,
-        "result_id": str(uuid.uuid4()),
-        "part_id": part_id,
-        "trigger_id": trigger_id,
-        "station": {"site": station.site, "line": station.line, "station": station.station},
-        "captured_at": utc_iso(captured_at),
-        "published_at": utc_iso(datetime.now(timezone.utc)),
-        "evaluation": evaluation,
-        "score": _finite_or_none(score.score) if score is not None else None,
-        "threshold": {
-            "value": score.threshold
-            if score is not None
-            else (threshold if threshold is not None else manifest.threshold.value),
-            "source": threshold_source,
-        },
-        "model": {
-            "name": manifest.name,
-            "kind": manifest.kind,
-            "sha256": model_file.sha256,
-            "precision": model_file.precision,
-        },
-        "processing_ms": {
-            "capture_age": None if capture_age_ms is None else round(capture_age_ms, 3),
-            "preprocess": round(score.preprocess_ms, 3) if score is not None else None,
-            "inference": round(score.inference_ms, 3) if score is not None else None,
-            "overlay": None,
-            "total": round(total_ms, 3),
-        },
-        "heatmap_peak": None
-        if score is None
-        else {"x": score.peak_x, "y": score.peak_y, "value": _finite_or_none(score.peak_value)},
-        "image_path": None,
-        "replayed": False,
-    }
-
-
-def verdict_json(payload: dict[str, Any]) -> str:
-    """The compact JSON text of a verdict, as stored, logged and sent (never NaN: JSON has none)."""
-    return json.dumps(payload, separators=(",", ":"), allow_nan=False)
 
 
 def topic_base(prefix: str, station: StationConfig) -> str:
@@ -338,18 +181,9 @@ class VerdictPublisher:
         self.command_prefix = f"{base}/cmd/"
         self.result_topic = f"{base}/cmd/result"
         self.metrics_topic = f"{base}/metrics"
-        client_id = config.client_id or f"ganspect-{station.site}-{station.line}-{station.station}"
-        self._client = _Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=_PROTOCOLS[config.protocol],
-        )
-        if config.tls.enabled:
-            self._client.tls_set_context(tls_context(config.tls))
-        if config.username:
-            self._client.username_pw_set(config.username, password.get_secret_value() if password else None)
-            if not config.tls.enabled and not _is_loopback(config.host):
-                log.warning("MQTT: the password for %s travels unencrypted; set mqtt.tls.enabled: true", self.where)
+        self._client = configured_client(_Client, config, station, password)
+        if config.username and not config.tls.enabled and not _is_loopback(config.host):
+            log.warning("MQTT: the password for %s travels unencrypted; set mqtt.tls.enabled: true", self.where)
         self._client.will_set(self.status_topic, STATUS_OFFLINE, qos=1, retain=True)
         self._client.reconnect_delay_set(min_delay=1, max_delay=max(1, round(config.reconnect_max_delay_s)))
         self._client.max_inflight_messages_set(config.max_inflight + _STATUS_HEADROOM)
@@ -555,8 +389,8 @@ class VerdictPublisher:
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         try:
             error = self._client.connect_error
-            if not self._note_tls_failure(_tls_failure_of(error, None, self._config)):
-                self._last_failure = _ssl_text(error) if error else "no answer (connection refused or timed out)"
+            if not self._note_tls_failure(tls_failure_of(error, None, self._config)):
+                self._last_failure = ssl_text(error) if error else "no answer (connection refused or timed out)"
                 if self._config.tls.enabled and isinstance(error, ConnectionResetError | ssl.SSLEOFError):
                     # A plain MQTT listener drops a TLS greeting; so may a broker that is going down.
                     self._last_failure += " during the TLS handshake: check that mqtt.port is the broker's TLS listener"
@@ -581,7 +415,7 @@ class VerdictPublisher:
         try:
             was_ready = self._ready.is_set()
             if not self._connected.is_set():  # ended before a CONNACK: perhaps the broker rejected our certificate
-                self._note_tls_failure(_tls_failure_of(None, self._client.read_error, self._config))
+                self._note_tls_failure(tls_failure_of(None, self._client.read_error, self._config))
             self._ready.clear()
             self._connected.clear()
             if was_ready and reason_code.is_failure:
@@ -729,11 +563,6 @@ class VerdictPublisher:
         payload["published_at"] = utc_iso(datetime.now(timezone.utc))
         info = self._publish_other(self.verdict_topic, verdict_json(payload))
         return info.rc == mqtt.MQTT_ERR_SUCCESS
-
-    @property
-    def answers_dropped(self) -> int:
-        with self._lock:
-            return self._answers_dropped
 
     @property
     def online(self) -> bool:

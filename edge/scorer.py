@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
+from ganspect.edge.common import first_line
 from ganspect.edge.errors import BundleError
 from ganspect.edge.golden import read_golden_image
 from ganspect.edge.manifest import Bundle, Manifest, ModelFile, golden_verdict, load_bundle, manifest_for
@@ -88,8 +89,7 @@ class Scorer:
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BundleError(f"{path} is not a model onnxruntime can load: {first_line}") from exc
+            raise BundleError(f"{path} is not a model onnxruntime can load: {first_line(exc)}") from exc
         scorer = cls(bundle, model_file, session)
         scorer._check_interface(path)
         scorer._warm_up(path)
@@ -135,9 +135,7 @@ class Scorer:
         try:
             score, heatmap, peak = self._session.run(self._outputs, {spec.name: blank})
         except Exception as exc:
-            raise BundleError(
-                f"{path} fails on a blank {spec.height}x{spec.width} image: {str(exc).strip().splitlines()[0]}"
-            ) from exc
+            raise BundleError(f"{path} fails on a blank {spec.height}x{spec.width} image: {first_line(exc)}") from exc
         if np.shape(score) != (1,) or np.shape(heatmap) != (1, spec.height, spec.width) or np.shape(peak) != (1, 2):
             raise BundleError(
                 f"{path} returned score {np.shape(score)}, heatmap {np.shape(heatmap)} and peak {np.shape(peak)}; "

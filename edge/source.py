@@ -65,10 +65,21 @@ class Frame:
 
 
 class FrameReader(Protocol):
+    """What `Capture` reads from: a video source or an image folder."""
+
     name: str
     live: bool  # a camera or stream: it has a "now", and frames it delivers late are stale
 
-    def read(self) -> Frame | None: ...
+    @property
+    def file_fps(self) -> float | None:
+        """The frame rate a file says it was recorded at; None for live sources and folders."""
+        ...
+
+    def read(self) -> Frame | None:
+        """The next frame, or None when there is none now (end of a file, a camera that gave nothing)."""
+        ...
+
+    def reopen(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -251,7 +262,7 @@ def default_name(uri: str) -> str:
     return "".join(c if c.isalnum() or c in "_.-" else "_" for c in name) or "source"
 
 
-def open_source(config: SourceConfig) -> VideoSource | ImageFolderSource:
+def open_source(config: SourceConfig) -> FrameReader:
     """Open the configured source (paths already resolved); raise SourceError when it cannot be opened."""
     uri = config.uri
     name = config.name or default_name(uri)
@@ -278,7 +289,7 @@ class Capture:
 
     def __init__(
         self,
-        reader: VideoSource | ImageFolderSource,
+        reader: FrameReader,
         config: SourceConfig,
         delivery: Delivery,
         stop: threading.Event,
@@ -451,7 +462,7 @@ class Capture:
             return
 
 
-def delivery_for(config: SourceConfig, reader: VideoSource | ImageFolderSource, continuous: bool) -> Delivery:
+def delivery_for(config: SourceConfig, reader: FrameReader, continuous: bool) -> Delivery:
     """`source.delivery`, with auto resolved: every frame of a file in continuous mode, else the latest."""
     if config.delivery != "auto":
         return config.delivery

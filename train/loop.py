@@ -47,12 +47,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from ganspect.edge.common import first_line
 from ganspect.edge.errors import GanspectError
-from ganspect.train.calibrate import Calibration, calibrate
+from ganspect.train.calibrate import calibrate
 from ganspect.train.config import AugmentSection, TrainConfig, config_from_dict
 from ganspect.train.models.anogan import AnoGAN, AnoGANConfig, build_anogan, load_anogan
 from ganspect.train.models.common import ScoringModel
-from ganspect.train.models.efficient_gan import EfficientGAN, EfficientGANConfig, build_model, load_model
+from ganspect.train.models.efficient_gan import EfficientGANConfig, build_model, load_model
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +202,6 @@ def refresh_batchnorm(model: ScoringModel, x: torch.Tensor, batch_size: int = 64
     model.train(was_training)
 
 
-# The former name, kept for callers written against the first trainer.
-refresh_generator_batchnorm = refresh_batchnorm
-
-
 class EMA:
     """Exponential moving average of a model's parameters; buffers are copied as they are.
 
@@ -250,7 +247,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         # torch's text spans paragraphs and suggests weights_only=False, which would run the file's code.
         detail = next(
             (line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line),
-            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            first_line(exc),
         )
         raise GanspectError(
             f"{path} is not a readable ganspect checkpoint: it holds Python objects besides "
@@ -258,8 +255,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             "ganspect train wrote"
         ) from exc
     except Exception as exc:  # torch raises several types for damaged or foreign files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GanspectError(f"{path} is not a readable ganspect checkpoint: {first_line}") from exc
+        raise GanspectError(f"{path} is not a readable ganspect checkpoint: {first_line(exc)}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise GanspectError(f"{path} is not a ganspect checkpoint (format {CHECKPOINT_FORMAT} expected)")
     return ckpt
@@ -762,6 +758,3 @@ def train_arrays(
                 100 * c["false_alarm_rate_upper_95"],
             )
     return out
-
-
-__all__ = ["AnoGAN", "Calibration", "EfficientGAN", "load_run_model", "train", "train_arrays"]

@@ -24,15 +24,10 @@ import yaml
 import ganspect.edge
 from ganspect.edge.config import EdgeConfig, load_config
 from ganspect.edge.errors import ConfigError
-from ganspect.edge.remote import (
-    COMMANDS,
-    THRESHOLD_FILE,
-    LiveModel,
-    RemoteCommands,
-    refuse_triggers_in_continuous_mode,
-    schema_text,
-    schemas,
-)
+from ganspect.edge.live_model import THRESHOLD_FILE, LiveModel, refuse_triggers_in_continuous_mode
+from ganspect.edge.payloads import COMMANDS
+from ganspect.edge.remote import RemoteCommands
+from ganspect.edge.schema_files import schema_text, schemas
 from ganspect.edge.scorer import Scorer
 from ganspect.edge.triggers import TriggerRequest
 
@@ -107,9 +102,9 @@ def station(tmp_path: Path, tiny_bundle: Path) -> Station:
 def test_the_schema_files_are_generated_from_the_payload_models():
     for name, schema in schemas().items():
         path = SCHEMA_DIR / name
-        assert path.exists(), f"{name} missing: run `python -m ganspect.edge.remote`"
+        assert path.exists(), f"{name} missing: run `python -m ganspect.edge.schema_files`"
         assert path.read_text(encoding="utf-8") == schema_text(schema), (
-            f"{name} differs from the model: run `python -m ganspect.edge.remote` and review the diff"
+            f"{name} differs from the model: run `python -m ganspect.edge.schema_files` and review the diff"
         )
         jsonschema.Draft202012Validator.check_schema(schema)
 
@@ -181,20 +176,20 @@ def test_ids_refuse_exactly_the_control_format_separator_and_surrogate_character
     import sys
     import unicodedata
 
-    from ganspect.edge.remote import _UNSHOWABLE
+    from ganspect.edge.payloads import UNSHOWABLE
 
     refused_categories = {"Cc", "Cf", "Cs", "Zl", "Zp"}
     wrong = [
         f"U+{code:04X} {unicodedata.category(chr(code))}"
         for code in range(sys.maxunicode + 1)
-        if (unicodedata.category(chr(code)) in refused_categories) != bool(_UNSHOWABLE.search(chr(code)))
+        if (unicodedata.category(chr(code)) in refused_categories) != bool(UNSHOWABLE.search(chr(code)))
         and unicodedata.category(chr(code)) != "Cn"
     ]  # an older database may not know a listed one yet
-    assert wrong == [], f"edge/remote.py _UNSHOWABLE_RANGES disagrees with Unicode {unicodedata.unidata_version}"
+    assert wrong == [], f"edge/payloads.py _UNSHOWABLE_RANGES disagrees with Unicode {unicodedata.unidata_version}"
     # The schema files hold the same pattern, and jsonschema reads it as the daemon does, beyond the BMP too.
     validator = _validator("cmd-trigger.schema.json")
     for text in ["P-1", "é-部品-1", "P-\U0001f600", "P-\U000e0100", "P-\U000e0041", "P\udbff", "P\x85", "P\u2028"]:
-        assert validator.is_valid({"part_id": text}) == (not _UNSHOWABLE.search(text)), ascii(text)
+        assert validator.is_valid({"part_id": text}) == (not UNSHOWABLE.search(text)), ascii(text)
 
 
 # -- the pipeline, check by check -------------------------------------------------------------

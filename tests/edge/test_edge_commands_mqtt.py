@@ -528,9 +528,10 @@ def _publisher_with_commands(tmp_path: Path, broker: Any, **commands: Any) -> tu
     import yaml
 
     from ganspect.edge.config import load_config
+    from ganspect.edge.live_model import LiveModel, refuse_triggers_in_continuous_mode
     from ganspect.edge.mqtt import VerdictPublisher
     from ganspect.edge.outbox import Outbox
-    from ganspect.edge.remote import LiveModel, RemoteCommands, refuse_triggers_in_continuous_mode
+    from ganspect.edge.remote import RemoteCommands
     from ganspect.edge.scorer import Scorer
 
     raw = {

@@ -284,8 +284,8 @@ def test_a_non_finite_score_is_an_undefined_result_that_still_validates(tiny_bun
 
     from ganspect.edge.config import StationConfig
     from ganspect.edge.manifest import load_bundle
-    from ganspect.edge.mqtt import build_verdict
     from ganspect.edge.scorer import Score
+    from ganspect.edge.verdict import build_verdict
 
     bundle = load_bundle(tiny_bundle)
     station = StationConfig(site="testsite", line="l1", station="s1")

@@ -99,6 +99,18 @@ def test_wrong_password_fails_the_broker_check(
     assert good.returncode == 0, good.stdout
 
 
+def test_broker_check_speaks_the_configured_protocol(
+    station: Callable[..., Path], mosquitto_broker: Any, tmp_path: Path, ganspect_cli: Callable[..., Any]
+) -> None:
+    # The doctor builds the daemon's client: with mqtt.protocol v5 it connects as MQTT 5, which mosquitto logs
+    # as "p5" (a v5-only broker would refuse a 3.1.1 doctor while the daemon connects).
+    result = ganspect_cli("doctor", "--config", str(station(mqtt={"protocol": "v5"})))
+    assert result.returncode == 0, result.stdout + result.stderr
+    broker_log = (tmp_path / f"mosquitto-{mosquitto_broker.port}.log").read_text(encoding="utf-8")
+    connects = [line for line in broker_log.splitlines() if "-doctor (" in line]
+    assert connects and all("(p5," in line for line in connects), broker_log
+
+
 def test_unreadable_camera_fails_the_camera_check(
     station: Callable[..., Path], tmp_path: Path, ganspect_cli: Callable[..., Any]
 ) -> None:

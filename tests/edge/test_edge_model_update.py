@@ -20,8 +20,8 @@ import pytest
 
 from ganspect.edge.config import load_config
 from ganspect.edge.errors import GanspectError
+from ganspect.edge.live_model import LiveModel
 from ganspect.edge.model_store import BundleWatch, ModelStore
-from ganspect.edge.remote import LiveModel
 from ganspect.edge.scorer import Scorer
 
 

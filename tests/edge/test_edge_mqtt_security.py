@@ -26,8 +26,9 @@ import yaml
 import ganspect.edge
 from ganspect.edge.config import EdgeConfig, load_config, read_password
 from ganspect.edge.errors import ConfigError
-from ganspect.edge.mqtt import MqttError, VerdictPublisher, tls_context
+from ganspect.edge.mqtt import MqttError, VerdictPublisher
 from ganspect.edge.outbox import Outbox
+from ganspect.edge.tls import tls_context
 
 SCHEMA_PATH = Path(ganspect.edge.__file__).parent / "schemas" / "verdict.schema.json"
 BASE_TOPIC = "gstest/testsite/l1/s1"

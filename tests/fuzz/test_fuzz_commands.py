@@ -28,8 +28,9 @@ from hypothesis import strategies as st
 
 import ganspect.edge
 from ganspect.edge.config import load_config
-from ganspect.edge.remote import _UNSHOWABLE as UNSHOWABLE
-from ganspect.edge.remote import COMMANDS, LiveModel, RemoteCommands
+from ganspect.edge.live_model import LiveModel
+from ganspect.edge.payloads import COMMANDS, UNSHOWABLE
+from ganspect.edge.remote import RemoteCommands
 from ganspect.edge.scorer import Scorer
 from ganspect.edge.triggers import TriggerRequest
 

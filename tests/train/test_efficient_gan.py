@@ -9,13 +9,8 @@ import cv2
 import pytest
 import torch
 
-from ganspect.train.models.efficient_gan import (
-    EfficientGAN,
-    EfficientGANConfig,
-    build_model,
-    gaussian_kernel_1d,
-    load_model,
-)
+from ganspect.train.models.common import gaussian_kernel_1d
+from ganspect.train.models.efficient_gan import EfficientGAN, EfficientGANConfig, build_model, load_model
 
 
 def tiny(**kw: object) -> EfficientGAN:

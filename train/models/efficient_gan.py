@@ -42,9 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ganspect.train.models.common import (  # noqa: F401  (re-exported: older imports use this module)
-    Encoder,
-    Generator,
+from ganspect.train.models.common import (
     ScoreParts,
     ScoringModel,
     SegmentationHead,
@@ -54,12 +52,10 @@ from ganspect.train.models.common import (  # noqa: F401  (re-exported: older im
     check_common,
     dcgan_init,
     discriminator_trunk,
-    gaussian_kernel_1d,
     painted,
     section_default,
     segmentation_loss,
     spectral,
-    weighted_score,
 )
 
 DISCRIMINATIONS = ("feature_matching", "cross_entropy")

@@ -205,7 +205,9 @@ class LiveModel:
         path = self._state_file
         try:
             if override is None:
-                path.unlink(missing_ok=True)
+                if not path.exists():
+                    return None  # nothing saved: nothing to remove or make durable
+                path.unlink()
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 temporary = path.with_suffix(".tmp")

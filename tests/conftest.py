@@ -36,6 +36,31 @@ HEATMAP_SCALE = 0.1
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
+# The system tools some tests drive, and the Debian package each comes in: `bash .ci/run` installs
+# them. A test marked `needs_tools(...)` fails with the install line when one is missing, rather
+# than being skipped (the operator window would go untested) or dying in a traceback.
+TOOL_PACKAGES = {
+    "Xvfb": "xvfb",
+    "import": "imagemagick",
+    "xdotool": "xdotool",
+    "shellcheck": "shellcheck",
+    "systemd-analyze": "systemd",
+    "openssl": "openssl",
+    "mosquitto_passwd": "mosquitto",
+}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in item.iter_markers("needs_tools"):
+        missing = [tool for tool in marker.args if shutil.which(tool) is None]
+        if missing:
+            packages = " ".join(sorted({TOOL_PACKAGES[tool] for tool in missing}))
+            pytest.fail(
+                f"{', '.join(missing)} not found: install with `apt-get install -y {packages}` (bash .ci/run does)",
+                pytrace=False,
+            )
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -104,7 +104,7 @@ def test_quick_inference_piece_writes_results_file(tmp_path: Path) -> None:
 
 
 def test_graph_macs_counts_conv_convtranspose_and_gemm(tmp_path: Path) -> None:
-    onnx = pytest.importorskip("onnx")
+    import onnx
     from onnx import TensorProto, helper
 
     from benchmarks.bench_models import graph_macs

@@ -134,6 +134,7 @@ def test_generated_config_names_the_station_and_validates(
     assert check.returncode == 0, check.stderr
 
 
+@pytest.mark.needs_tools("systemd-analyze")
 def test_unit_passes_systemd_analyze_verify(installed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     root, _ = installed
     # --root: ExecStart's /opt/ganspect/venv/bin/ganspect is looked up inside the scratch root.
@@ -197,6 +198,7 @@ def test_bad_arguments_change_nothing(tmp_path: Path, args: tuple[str, ...], mes
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
 
 
+@pytest.mark.needs_tools("shellcheck")
 def test_scripts_pass_shellcheck() -> None:
     scripts = [*sorted((REPO / "deploy").glob("*.sh")), REPO / ".ci" / "run"]
     result = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
@@ -269,6 +271,7 @@ def test_installed_station_configs_validate(two_stations: tuple[Path, list[str]]
         assert check.returncode == 0, check.stderr
 
 
+@pytest.mark.needs_tools("systemd-analyze")
 def test_template_unit_passes_systemd_analyze_verify_for_both_stations(two_stations: tuple[Path, list[str]]) -> None:
     root, _ = two_stations
     # Instance names: systemd fills %i in from the template, as it will for ganspect-edge@top on the PC.

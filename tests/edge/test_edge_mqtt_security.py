@@ -35,13 +35,8 @@ BASE_TOPIC = "gstest/testsite/l1/s1"
 USER = "inspector"
 PASSWORD = "s3cret-Pa55-7q"  # the test looks for this string in everything the daemon prints
 WRONG_PASSWORD = "wr0ng-Pa55-9z"
-OPENSSL = shutil.which("openssl")
-MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 
-pytestmark = pytest.mark.skipif(
-    OPENSSL is None or not Path(MOSQUITTO_PASSWD).exists(),
-    reason="needs the openssl and mosquitto_passwd command line tools",
-)
+pytestmark = pytest.mark.needs_tools("openssl", "mosquitto_passwd")
 
 
 @dataclass(frozen=True)
@@ -60,7 +55,7 @@ class Pki:
 
 
 def _openssl(folder: Path, *args: str) -> None:
-    subprocess.run([OPENSSL or "openssl", *args], cwd=folder, check=True, capture_output=True)
+    subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
 
 
 def _leaf(folder: Path, name: str, extensions: str, ca: str = "ca") -> None:
@@ -153,7 +148,7 @@ def _secure_broker(
 ) -> Any:
     """A mosquitto that wants TLS, a client certificate from the CA, and USER's password."""
     passwords = tmp_path / "mosquitto-passwords"
-    subprocess.run([MOSQUITTO_PASSWD, "-b", "-c", str(passwords), USER, PASSWORD], check=True, capture_output=True)
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), USER, PASSWORD], check=True, capture_output=True)
     return start_broker(
         port,
         listener_lines=[

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -65,7 +64,7 @@ def test_a_display_that_does_not_answer_is_not_available(monkeypatch, display):
     assert display_available() is False
 
 
-@pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb is not installed (apt-get install -y xvfb)")
+@pytest.mark.needs_tools("Xvfb")
 def test_a_running_x_server_is_available(monkeypatch):
     number = _free_display_number()
     server = subprocess.Popen(

@@ -29,9 +29,8 @@ from ganspect.edge.signature import SIGNATURE_NAME
 from ganspect.export.signing import PASSPHRASE_ENV, load_signing_key, sign_bundle
 
 BASE = "gstest/testsite/l1/s1"
-pytestmark = pytest.mark.skipif(
-    shutil.which("openssl") is None, reason="needs the openssl command line tool (docs/security.md makes keys with it)"
-)
+# docs/security.md makes keys with openssl: the tests do as it says.
+pytestmark = pytest.mark.needs_tools("openssl")
 
 
 def _openssl(*args: str) -> None:

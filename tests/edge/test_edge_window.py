@@ -20,10 +20,7 @@ import pytest
 
 from ganspect.edge.overlay import MIN_DISPLAY_WIDTH, NG_COLOUR, OK_COLOUR, STATUS_BACKGROUND, UNDEFINED_COLOUR
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("Xvfb") is None or shutil.which("import") is None,
-    reason="needs Xvfb and ImageMagick's import (.ci/run installs xvfb and imagemagick)",
-)
+pytestmark = pytest.mark.needs_tools("Xvfb", "import")
 SCREEN = (1024, 768)
 
 
@@ -138,7 +135,7 @@ def test_operator_window_shows_a_red_ng_banner_for_a_defective_part(
     assert (text.min(axis=-1) > 200).sum() > 100
 
 
-@pytest.mark.skipif(shutil.which("xdotool") is None, reason="needs xdotool (.ci/run installs it)")
+@pytest.mark.needs_tools("xdotool")
 def test_operator_keys_toggle_the_heatmap_go_fullscreen_save_and_quit(
     xvfb, tiny_bundle, make_video, make_edge_config, tmp_path
 ):

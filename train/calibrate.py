@@ -1,9 +1,13 @@
 """Scoring in batches, and calibration from held-out normal images.
 
 With normal-only validation data the decision threshold is the (1 - nu) quantile of the
-held-out normal scores (nu = tolerated false-alarm rate). With labelled anomalies (a
-folder of known-bad parts, never the test set) the F1-optimal cut between them and the
-held-out normals is the alternative (`method="f1_optimal"`). The heatmap scale is the
+held-out normal scores (nu = tolerated false-alarm rate). With few normals that quantile
+is in effect their maximum, and one odd normal puts it above most defects; the
+`pseudo_defects` method instead takes the F1-optimal cut between the held-out normals
+and the same normals with one pseudo-defect painted on each (never trained on), which
+places the threshold between the two populations rather than at the normals' tail.
+With labelled anomalies (a folder of known-bad parts, never the test set) the F1-optimal
+cut between them and the held-out normals is the alternative (`method="f1_optimal"`). The heatmap scale is the
 `heatmap_quantile` quantile of all held-out normal smoothed residual pixels (1.0 = the
 largest one), so that heatmap 1.0 means "as large as the largest normal residual".
 """
@@ -19,6 +23,13 @@ import torch
 from ganspect.train.models.common import ScoringModel
 
 SCORINGS = ("model", "search")
+# Threshold methods that cut between the held-out normals and scored anomalies, and what those are.
+THRESHOLD_CUTS = {
+    "pseudo_defects": "held-out normals with painted pseudo-defects",
+    "f1_optimal": "labelled anomalous images",
+}
+# The seed of the pseudo_defects method's painted copies, apart from training's: other defects than it learned on.
+PSEUDO_SEED = 7919
 
 
 @dataclass
@@ -263,14 +274,15 @@ def threshold_confidence(
 def choose_threshold(
     normal_scores: np.ndarray, nu: float, method: str = "normal_quantile", anomaly_scores: np.ndarray | None = None
 ) -> float:
-    """The decision threshold (score > threshold = NG) by `method`: normal_quantile or f1_optimal."""
+    """The decision threshold (score > threshold = NG) by `method`: normal_quantile, or the F1-optimal cut
+    between the normals and `anomaly_scores` (pseudo_defects: painted normals; f1_optimal: labelled anomalies)."""
     if method == "normal_quantile":
         return normal_quantile_threshold(normal_scores, nu)
-    if method == "f1_optimal":
+    if method in THRESHOLD_CUTS:
         from ganspect.train.evaluate import f1_optimal_threshold
 
         if anomaly_scores is None or len(anomaly_scores) == 0:
-            raise ValueError("the f1_optimal threshold needs scores of labelled anomalous images")
+            raise ValueError(f"the {method} threshold needs scores of {THRESHOLD_CUTS[method]}")
         scores = np.concatenate([normal_scores, anomaly_scores])
         labels = np.concatenate([np.zeros(len(normal_scores), int), np.ones(len(anomaly_scores), int)])
         return f1_optimal_threshold(scores, labels)[0]
@@ -342,12 +354,14 @@ def calibrate(
     tiles: bool = False,
     overlap: int = 0,
     per_pixel: bool = False,
+    pseudo_defects: tuple[int, list[str]] | None = None,
 ) -> Calibration:
     """Compute threshold and heatmap scale on held-out normals and store them in the model's buffers.
 
     With `tiles`, the images are native-size and scored tile by tile as the edge scores them.
     With `per_pixel` (aligned parts), the map's per-pixel mean and spread are estimated too
     (`pixel_calibration`), and the threshold comes from leave-one-out normalised maps.
+    `pseudo_defects` (window, kinds) is how the pseudo_defects method paints its copies.
     """
     pixel_report = None
     if per_pixel:
@@ -355,9 +369,14 @@ def calibrate(
     else:
         scored = score_framed(model, normal_images, tiles, overlap, batch_size=batch_size, device=device)
     anomaly_scores = None
-    if method == "f1_optimal":
+    if method == "pseudo_defects":
+        from ganspect.train.pseudo_defects import KINDS, paint_frames
+
+        window, kinds = pseudo_defects or (model.cfg.image_size, list(KINDS))
+        anomaly_images = paint_frames(normal_images, window, kinds, PSEUDO_SEED)
+    if method in THRESHOLD_CUTS:
         if anomaly_images is None:
-            raise ValueError("the f1_optimal threshold needs labelled anomalous images")
+            raise ValueError(f"the {method} threshold needs {THRESHOLD_CUTS[method]}")
         anomaly_scores = score_framed(model, anomaly_images, tiles, overlap, batch_size=batch_size, device=device).score
     threshold = choose_threshold(scored.score, nu, method, anomaly_scores)
     cal = Calibration(

@@ -275,9 +275,11 @@ class CalibrationSection(_Section):
         description="Quantile of all held-out normal smoothed residual pixels that maps to heatmap 1.0 (1.0 = max).",
     )
     batch_size: int = Field(64, ge=1, description="Images per batch when scoring.")
-    threshold: Literal["normal_quantile", "f1_optimal"] = Field(
+    threshold: Literal["normal_quantile", "pseudo_defects", "f1_optimal"] = Field(
         "normal_quantile",
         description="normal_quantile = the (1 - nu) quantile of held-out normal scores; "
+        "pseudo_defects = the F1-maximising cut between the held-out normals and the same normals with one "
+        "pseudo-defect painted on each (pseudo_defects.kinds, at the training crop's scale); "
         "f1_optimal = the F1-maximising cut between held-out normals and the labelled anomalies in `anomalies`.",
     )
     anomalies: Path | None = Field(

@@ -1,5 +1,8 @@
 """Evaluate a run on a labelled test set (MVTec AD layout) and write `run/metrics.json` and a report.
 
+Each image's score goes to `run/scores.csv` (test images and held-out normals), so that a
+line can study its own threshold or mislabelled parts without scoring everything again.
+
 The threshold comes from calibration on held-out normal training images (stored in the
 checkpoint); the test set never chooses it, and is read here only. The F1-optimal
 threshold on the test set is reported beside it, for information only, as
@@ -8,6 +11,7 @@ threshold on the test set is reported beside it, for information only, as
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -248,6 +252,7 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
         ocnn["gan_image_auroc"] = metrics["image_auroc"]
         metrics["ocnn"] = ocnn
 
+    _write_scores(run / ("scores.csv" if scoring == "encoder" else "scores_search.csv"), test, scored, held, info)
     name = "metrics.json" if scoring == "encoder" else "metrics_search.json"
     (run / name).write_text(json.dumps(_json_safe(metrics), indent=2) + "\n", encoding="utf-8")
     if report:
@@ -255,6 +260,17 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
 
         metrics["report"] = str(write_report(run, metrics, test, scored, held))
     return metrics
+
+
+def _write_scores(path: Path, test: Any, scored: Any, held: Any, info: dict[str, Any]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["split", "image", "kind", "label", "score"])
+        for name, kind, label, score in zip(test.names, test.kinds, test.labels, scored.score):
+            writer.writerow(["test", name, kind, int(label), f"{float(score):.6g}"])
+        if held is not None:
+            for name, score in zip(info.get("holdout_names", []), held.score):
+                writer.writerow(["held_out", name, "good", 0, f"{float(score):.6g}"])
 
 
 def _json_safe(value: Any) -> Any:

@@ -706,6 +706,7 @@ def train_arrays(
         tiles=tiles,
         overlap=config.tiling.overlap,
         per_pixel=config.calibration.per_pixel,
+        pseudo_defects=(config.tiling.train_crop or m.image_size, list(config.pseudo_defects.kinds)),
     )
     trainer.calibrated = True
     save_checkpoint(ckpt_path, trainer.state(data_info))

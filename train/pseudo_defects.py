@@ -22,7 +22,9 @@ the CPU for its defects; the random numbers come from one `torch.Generator`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import torch
 
 KINDS = ("perlin", "cutpaste", "scratch")
@@ -199,3 +201,35 @@ def paint(
         damaged[i] = painted
         masks[i, 0] = (region > 0.5).float() * changed.float()
     return damaged, masks
+
+
+def paint_frames(images: Any, window: int, kinds: tuple[str, ...] | list[str], seed: int) -> Any:
+    """A copy of uint8 (H, W, C) frames with one defect each, painted in a random `window`-sized square.
+
+    The square is the scale training painted at (one crop), so that a native-size frame
+    gets a defect as large as the ones the model learned, not one stretched over the
+    whole frame. Texture fills come from the next frame. `images` is an (N, H, W, C)
+    array or a list of frames of different sizes; the result is of the same type.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    cpu = torch.device("cpu")
+    painted = []
+    for i, frame in enumerate(images):
+        h, w = frame.shape[:2]
+        other = images[(i + 1) % len(images)]
+        side_y, side_x = min(window, h, other.shape[0]), min(window, w, other.shape[1])
+        y = int(_rand(gen, 1, device=cpu).item() * (h - side_y + 1))
+        x = int(_rand(gen, 1, device=cpu).item() * (w - side_x + 1))
+        pair = np.stack([frame[y : y + side_y, x : x + side_x], other[:side_y, :side_x]])
+        as_float = torch.from_numpy(pair).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        # A defect that changed nothing (a scratch that left the square) would be a normal labelled bad.
+        for _attempt in range(10):
+            damaged, mask = paint(as_float, 1.0, kinds, gen)
+            if mask[0].any():
+                break
+        out = frame.copy()
+        out[y : y + side_y, x : x + side_x] = (
+            ((damaged[0].permute(1, 2, 0) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        )
+        painted.append(out)
+    return np.stack(painted) if isinstance(images, np.ndarray) else painted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -98,6 +99,17 @@ def test_evaluate_run_writes_metrics(tmp_path: Path) -> None:
     assert all(row["threshold"] is not None and 0.0 <= row["f1"] <= 1.0 for row in written["lambda_sweep"])
     assert written["scoring"] == "encoder" and written["kind"] == "efficient_gan"
     assert 0.0 <= written["false_alarm_rate_held_out"] <= 1.0
+    # Every image's score, as the metrics saw it: the same F1 at the threshold from the file alone.
+    with open(run / "scores.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    test_rows = [r for r in rows if r["split"] == "test"]
+    assert len(test_rows) == 14 and sum(r["split"] == "held_out" for r in rows) == written["n_calibration"]
+    from_file = image_metrics(
+        np.array([float(r["score"]) for r in test_rows]),
+        np.array([int(r["label"]) for r in test_rows]),
+        written["threshold"],
+    )
+    assert from_file["f1"] == pytest.approx(written["f1"], abs=1e-3)
 
     report = run / "report"
     text = (report / "report.md").read_text(encoding="utf-8")

@@ -27,7 +27,7 @@ from ganspect.train.config import config_from_dict
 from ganspect.train.data import Framing, load_normal_images, load_test_set
 from ganspect.train.evaluate import evaluate_run
 from ganspect.train.loop import CropPool, load_run_model, train
-from ganspect.train.pseudo_defects import KINDS, paint
+from ganspect.train.pseudo_defects import KINDS, paint, paint_frames
 
 DEEPPCB = Path(__file__).resolve().parents[3] / "shared" / "data" / "deeppcb"
 ROI = {"x": 40, "y": 60, "width": 200, "height": 120}  # 200x120: neither square nor a multiple of the tile
@@ -112,6 +112,23 @@ def test_pseudo_defects_mark_exactly_the_pixels_they_changed() -> None:
     assert all(torch.equal(a, b) for a, b in zip(again, paint(x, 0.5, list(KINDS), torch.Generator().manual_seed(3))))
     with pytest.raises(ValueError, match="pseudo-defect kinds"):
         paint(x, 0.5, ["stain"], gen)
+
+
+def test_painted_frames_get_one_defect_each_inside_one_training_sized_square() -> None:
+    rng = np.random.default_rng(6)
+    frames = rng.integers(0, 256, (12, 90, 150, 1), np.uint8)
+    painted = paint_frames(frames, 32, list(KINDS), seed=7)
+    assert painted.shape == frames.shape and painted.dtype == np.uint8
+    for before, after in zip(frames, painted):
+        rows, cols = np.nonzero((before != after).any(axis=-1))
+        assert len(rows) > 0
+        assert rows.max() - rows.min() < 32 and cols.max() - cols.min() < 32
+    assert np.array_equal(painted, paint_frames(frames, 32, list(KINDS), seed=7))
+    # Frames of different sizes come as a list and go back as one; a window larger than a frame fits in it.
+    mixed = [frames[0], frames[1, :40, :70]]
+    out = paint_frames(mixed, 64, ["scratch"], seed=8)
+    assert isinstance(out, list) and [o.shape for o in out] == [m.shape for m in mixed]
+    assert (out[1] != mixed[1]).any()
 
 
 def test_flat_fills_and_scratches_on_a_binary_board_keep_it_binary() -> None:

@@ -126,6 +126,24 @@ def test_f1_optimal_calibration_with_a_folder_of_anomalies(data: Path, tmp_path:
         tiny_config(calibration={"threshold": "f1_optimal"})
 
 
+def test_pseudo_defect_threshold_cuts_between_the_normals_and_their_painted_copies(data: Path, tmp_path: Path) -> None:
+    config = tiny_config(calibration={"threshold": "pseudo_defects"})
+    run = loop.train(config, data=data, out=tmp_path / "run")
+    cal = json.loads((run / "calibration.json").read_text())
+    assert cal["method"] == "pseudo_defects" and cal["n_anomalies"] == cal["n_images"] == 6
+    model, _ = loop.load_run_model(run)
+    assert model.threshold.item() == pytest.approx(cal["threshold"])
+    # The same cut as choose_threshold finds on the scores of those painted copies.
+    from ganspect.train.calibrate import PSEUDO_SEED, score_images
+    from ganspect.train.evaluate import _held_out_images
+    from ganspect.train.pseudo_defects import KINDS, paint_frames
+
+    held = _held_out_images(config, json.loads((run / "run.json").read_text()), 32, 1)
+    normal = score_images(model, held).score
+    painted = score_images(model, paint_frames(held, 32, list(KINDS), PSEUDO_SEED)).score
+    assert cal["threshold"] == pytest.approx(choose_threshold(normal, 0.01, "pseudo_defects", painted), rel=1e-5)
+
+
 def test_keep_best_takes_the_weights_of_the_lowest_validation_loss(data: Path, tmp_path: Path) -> None:
     run = loop.train(
         tiny_config(train={"steps": 8, "validate_every": 2, "keep": "best"}), data=data, out=tmp_path / "run"

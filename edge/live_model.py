@@ -96,7 +96,7 @@ class LiveModel:
         with self._lock:  # one consistent (model, threshold) pair
             scorer, override = self._scorer, self._override
         if override is None:
-            return InForce(scorer, scorer.manifest.threshold.value, "bundle")
+            return InForce(scorer, scorer.threshold, "bundle")
         return InForce(scorer, override.value, "override")
 
     def score(self, image: np.ndarray) -> Judged:
@@ -111,14 +111,14 @@ class LiveModel:
 
     @staticmethod
     def _threshold_state(scorer: Scorer, override: _Override | None) -> ThresholdState:
-        bundle = scorer.manifest.threshold.value
+        bundle = scorer.threshold
         if override is None:
             return ThresholdState(value=bundle, source="bundle", bundle_value=bundle)
         return ThresholdState(value=override.value, source="override", bundle_value=bundle)
 
     def bounds(self, scorer: Scorer | None = None) -> tuple[float, float]:
         commands = self._config.mqtt.commands
-        bundle = (scorer or self.scorer).manifest.threshold.value
+        bundle = (scorer or self.scorer).threshold
         ends = (bundle * commands.threshold_min_ratio, bundle * commands.threshold_max_ratio)
         return min(ends), max(ends)
 
@@ -133,7 +133,7 @@ class LiveModel:
                     return "out_of_bounds", (
                         f"{_outside(value, low, high)} ({commands.threshold_min_ratio:g} .. "
                         f"{commands.threshold_max_ratio:g} x the bundle's threshold "
-                        f"{scorer.manifest.threshold.value:g}; mqtt.commands.threshold_min_ratio/max_ratio)"
+                        f"{scorer.threshold:g}; mqtt.commands.threshold_min_ratio/max_ratio)"
                     )
                 override: _Override | None = _Override(
                     value, scorer.model_file.sha256, utc_iso(datetime.now(timezone.utc)), command_id
@@ -148,13 +148,13 @@ class LiveModel:
         if override is None:
             log.warning(
                 "threshold override cleared by cmd/threshold: judging by the bundle's threshold %.6g again",
-                scorer.manifest.threshold.value,
+                scorer.threshold,
             )
         else:
             log.warning(
                 "threshold override %.6g set by cmd/threshold (bundle %.6g); kept across restarts until cleared",
                 override.value,
-                scorer.manifest.threshold.value,
+                scorer.threshold,
             )
         return None
 
@@ -243,7 +243,7 @@ class LiveModel:
                 "threshold override %.6g (bundle %.6g) set by cmd/threshold at %s is in force; "
                 'cmd/threshold {"value": null} clears it',
                 value,
-                scorer.manifest.threshold.value,
+                scorer.threshold,
                 saved.set_at,
             )
             return

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from ganspect.edge.common import first_line
 from ganspect.edge.errors import BundleError
 from ganspect.edge.golden import read_golden_image
-from ganspect.edge.manifest import Bundle, Manifest, ModelFile, golden_verdict, load_bundle, manifest_for
+from ganspect.edge.manifest import Bundle, Manifest, ModelFile, golden_verdict, load_bundle
 from ganspect.edge.preprocess import preprocess
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,20 @@ class Scorer:
 
     def __init__(self, bundle: Bundle, model_file: ModelFile, session: ort.InferenceSession) -> None:
         self.bundle = bundle
-        # The view in which threshold.value is the running file's own threshold (INT8 has its own).
-        self.manifest: Manifest = manifest_for(bundle.manifest, model_file)
+        self.manifest: Manifest = bundle.manifest
         self.model_file = model_file
         self._session = session
         outputs = self.manifest.outputs
         self._outputs = [outputs.score, outputs.heatmap, outputs.peak]
+
+    @property
+    def threshold(self) -> float:
+        """The bundle's threshold for the file that runs (INT8 is calibrated on its own scores).
+
+        An operator's override is not the model's: LiveModel holds it and hands the threshold in force
+        to each inspection.
+        """
+        return self.model_file.threshold
 
     @classmethod
     def load(
@@ -100,7 +108,7 @@ class Scorer:
             scorer.manifest.kind,
             model_file.precision,
             path,
-            model_file.threshold,
+            scorer.threshold,
             len(scorer.manifest.golden),
         )
         return scorer
@@ -162,11 +170,11 @@ class Scorer:
                         "does not compute what the export machine did, so the model is not used"
                     )
             # Scores within tolerance can still fall on the other side of the threshold: the verdict is what counts.
-            verdict = golden_verdict(float(score[0]), self.model_file.threshold)
+            verdict = golden_verdict(float(score[0]), self.threshold)
             if golden.expect is not None and verdict != golden.expect:
                 raise BundleError(
                     f"{path} fails its golden self-test: {golden.path} ({golden.origin}) scores {float(score[0]):.6g} "
-                    f"here, judged {verdict} by the threshold {self.model_file.threshold:.6g} instead of "
+                    f"here, judged {verdict} by the threshold {self.threshold:.6g} instead of "
                     f"{golden.expect}; so the model is not used"
                 )
 
@@ -181,7 +189,7 @@ class Scorer:
         peak_y, peak_x = (int(v) for v in peak[0])  # the graph's argmax: the edge does no model maths
         return Score(
             score=float(score[0]),
-            threshold=self.model_file.threshold,
+            threshold=self.threshold,
             heatmap=heat,
             peak_x=int(peak_x),
             peak_y=int(peak_y),

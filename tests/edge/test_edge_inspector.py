@@ -70,7 +70,7 @@ def test_a_small_defect_in_one_tile_is_found_in_one_run_and_its_heatmap_lands_on
     scorer._session = counting  # type: ignore[assignment]
     tiles = Inspector(InspectionConfig(roi=ROI, tiling="tiles", tile_overlap=8))
     resized = Inspector(InspectionConfig(roi=ROI, tiling="resize"))
-    threshold = scorer.manifest.threshold.value
+    threshold = scorer.threshold
 
     found = tiles.inspect(_frame(make_part_image, defect=True), scorer, threshold)
     good = tiles.inspect(_frame(make_part_image, defect=False), scorer, threshold)
@@ -160,7 +160,7 @@ def test_the_bundle_s_tiling_frames_the_frame_when_the_station_says_nothing(make
     scorer = Scorer.load(make_bundle(tmp_path / "tiled", tiling=trained), intra_op_threads=1)
     inspector = Inspector(InspectionConfig())
     inspector.check(scorer.manifest)
-    found = inspector.inspect(_frame(make_part_image, defect=True), scorer, scorer.manifest.threshold.value)
+    found = inspector.inspect(_frame(make_part_image, defect=True), scorer, scorer.threshold)
     assert found.tiles == 48 and found.roi == Region(ROI.x, ROI.y, ROI.width, ROI.height)
     assert found.score.result == "NG"
 

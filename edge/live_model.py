@@ -17,14 +17,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
 from ganspect.edge.common import fsync_folder, utc_iso
 from ganspect.edge.config import EdgeConfig
 from ganspect.edge.errors import GanspectError
 from ganspect.edge.payloads import RejectCode, ThresholdState
-from ganspect.edge.scorer import Score, Scorer
-from ganspect.edge.triggers import TriggerRequest
+from ganspect.edge.scorer import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +34,6 @@ class InForce:
 
     scorer: Scorer
     threshold: float
-    threshold_source: Literal["bundle", "override"]
-
-
-@dataclass(frozen=True)
-class Judged:
-    """One frame's score, judged by the threshold in force, with the scorer that produced it."""
-
-    score: Score  # score.threshold is the threshold applied (the override when one is set)
-    scorer: Scorer
     threshold_source: Literal["bundle", "override"]
 
 
@@ -98,12 +86,6 @@ class LiveModel:
         if override is None:
             return InForce(scorer, scorer.threshold, "bundle")
         return InForce(scorer, override.value, "override")
-
-    def score(self, image: np.ndarray) -> Judged:
-        """Score one frame with the model in force and judge it by the threshold in force."""
-        now = self.in_force()
-        score = now.scorer.score(image)
-        return Judged(dataclasses.replace(score, threshold=now.threshold), now.scorer, now.threshold_source)
 
     def threshold_state(self) -> ThresholdState:
         with self._lock:
@@ -258,14 +240,3 @@ def _outside(value: float, low: float, high: float) -> str:
     if digits is None:  # neighbouring doubles: the shortest text that reads back as each
         return f"{value!r} is outside {low!r} .. {high!r}"
     return f"{value:.{digits}g} is outside {low:.{digits}g} .. {high:.{digits}g}"
-
-
-def refuse_triggers_in_continuous_mode(request: TriggerRequest) -> str:
-    """The trigger handler of a station that scores every frame: it has nothing to trigger."""
-    return (
-        "this station inspects continuously (every frame is scored and published); it has no trigger mode "
-        "to take cmd/trigger"
-    )
-
-
-# -- the commands ----------------------------------------------------------------------------

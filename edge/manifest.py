@@ -15,7 +15,8 @@ The ONNX graph's interface (fixed by format version 2):
 - output `heatmap`: float32, shape (N, H, W): smoothed per-pixel residual, scaled inside
   the graph so that 1.0 is the largest residual seen on normal validation images.
 - output `peak`: int64, shape (N, 2): (row, column) of the heatmap maximum, the first one
-  in row-major order on ties (numpy's argmax rule). The edge does no model maths.
+  in row-major order on ties (numpy's argmax rule). The edge does no model maths (with
+  tiling it finds the peak of the map it stitched from the tiles' heatmaps).
 
 Version 2 over version 1: the `peak` output; a threshold per model file (an INT8 model is
 calibrated on its own scores); golden images with each file's expected outputs, which the

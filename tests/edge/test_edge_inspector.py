@@ -99,6 +99,28 @@ def test_a_small_defect_in_one_tile_is_found_in_one_run_and_its_heatmap_lands_on
     assert found.score.score > found.score.threshold > good.score.score
 
 
+class MovedPeakSession(CountingSession):
+    """The real session, with its `peak` output moved one pixel to the right."""
+
+    def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> Any:
+        results = super().run(outputs, feeds)
+        moved = results[2].copy()
+        moved[:, 1] += 1
+        return [*results[:2], moved]
+
+
+def test_a_resized_frame_s_peak_is_the_graph_s_peak_output(tiny_bundle, make_part_image):
+    # The graph carries the peak rule (export/graph.py): the edge reports its answer, it does not work out its own.
+    scorer = Scorer.load(tiny_bundle, intra_op_threads=1)
+    frame = _frame(make_part_image, defect=True)
+    honest = Inspector(InspectionConfig(roi=ROI)).inspect(frame, scorer, scorer.threshold).score
+    scorer._session = MovedPeakSession(scorer._session)  # type: ignore[assignment]
+    moved = Inspector(InspectionConfig(roi=ROI)).inspect(frame, scorer, scorer.threshold).score
+    assert honest.heatmap[honest.peak_y, honest.peak_x] == honest.heatmap.max() == honest.peak_value
+    assert (moved.peak_y, moved.peak_x) == (honest.peak_y, honest.peak_x + 1)
+    assert moved.peak_value == moved.heatmap[moved.peak_y, moved.peak_x]
+
+
 def test_tiles_larger_than_the_roi_or_an_overlap_as_large_as_a_tile_are_refused(tiny_bundle):
     manifest = Scorer.load(tiny_bundle, intra_op_threads=1).manifest  # 32x32
     with pytest.raises(ConfigError, match=re.escape("inspection.roi 20x40 is smaller than the model's 32x32 tiles")):

@@ -22,8 +22,10 @@ import pytest
 import ganspect.edge
 import ganspect.export.quantize as quantize_module
 from ganspect.edge.cli import main
+from ganspect.edge.config import InspectionConfig
 from ganspect.edge.errors import BundleError, GanspectError
 from ganspect.edge.golden import read_golden_image
+from ganspect.edge.inspector import Inspector
 from ganspect.edge.manifest import load_bundle, manifest_digest, manifest_json_schema, sha256_file
 from ganspect.edge.scorer import Scorer
 from ganspect.export.bundle import export_run
@@ -72,9 +74,8 @@ def test_int8_bundle_passes_its_guard_and_the_edge_runs_both_files(int8_bundle: 
         assert scorer.threshold == scorer.model_file.threshold  # what the rest of the edge judges by
         for golden, expected in zip(m.golden, scorer.model_file.golden.scores):
             image = read_golden_image(int8_bundle / golden.path, m.input)  # BGR, model-sized: no resize
-            result = scorer.score(image)
+            result = Inspector(InspectionConfig()).inspect(image, scorer, scorer.threshold).score
             assert result.score == pytest.approx(expected, rel=1e-3, abs=1e-4)
-            assert result.threshold == scorer.model_file.threshold
             assert result.heatmap[result.peak_y, result.peak_x] == result.heatmap.max()
     assert Scorer.load(int8_bundle).model_file.precision == "int8"  # auto prefers INT8
 

@@ -70,10 +70,10 @@ class InputSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    score: str = Field("score", description="Name of the (N,) float32 score output.")
-    heatmap: str = Field("heatmap", description="Name of the (N, H, W) float32 heatmap output.")
+    score: str = Field(default="score", description="Name of the (N,) float32 score output.")
+    heatmap: str = Field(default="heatmap", description="Name of the (N, H, W) float32 heatmap output.")
     peak: str = Field(
-        "peak",
+        default="peak",
         description="Name of the (N, 2) int64 output: (row, column) of the heatmap maximum, "
         "the first in row-major order on ties.",
     )

@@ -172,18 +172,23 @@ class Inspector:
                 [preprocess(crop[y : y + spec.height, x : x + spec.width], spec) for y, x in origins]
             )  # (N, H, W, C)
         t1 = time.perf_counter()
-        scores, heatmaps = scorer.run_batch(batch)  # (N,), (N, H, W)
+        scores, heatmaps, peaks = scorer.run_batch(batch)  # (N,), (N, H, W), (N, 2)
         t2 = time.perf_counter()
-        heat = heatmaps[0] if framing.tiling == "resize" else stitch(heatmaps, origins, region.height, region.width)
-        peak_y, peak_x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        if framing.tiling == "resize":
+            heat = heatmaps[0]
+            peak_y, peak_x = (int(v) for v in peaks[0])  # the graph's own argmax: no model maths here
+        else:
+            # The stitched map is made here (the larger value where tiles overlap), so its peak is found here.
+            heat = stitch(heatmaps, origins, region.height, region.width)
+            peak_y, peak_x = (int(v) for v in np.unravel_index(int(np.argmax(heat)), heat.shape))
         # max() of a NaN-holding array is NaN: a broken tile makes the frame UNDEFINED, never OK.
         worst = float(np.max(scores))
         score = Score(
             score=worst,
             threshold=threshold,
             heatmap=heat,
-            peak_x=int(peak_x),
-            peak_y=int(peak_y),
+            peak_x=peak_x,
+            peak_y=peak_y,
             peak_value=float(heat[peak_y, peak_x]),
             preprocess_ms=(t1 - t0) * 1000.0,
             inference_ms=(t2 - t1) * 1000.0,

@@ -17,14 +17,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
 from ganspect.edge.common import fsync_folder, utc_iso
 from ganspect.edge.config import EdgeConfig
 from ganspect.edge.errors import GanspectError
 from ganspect.edge.payloads import RejectCode, ThresholdState
-from ganspect.edge.scorer import Score, Scorer
-from ganspect.edge.triggers import TriggerRequest
+from ganspect.edge.scorer import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +34,6 @@ class InForce:
 
     scorer: Scorer
     threshold: float
-    threshold_source: Literal["bundle", "override"]
-
-
-@dataclass(frozen=True)
-class Judged:
-    """One frame's score, judged by the threshold in force, with the scorer that produced it."""
-
-    score: Score  # score.threshold is the threshold applied (the override when one is set)
-    scorer: Scorer
     threshold_source: Literal["bundle", "override"]
 
 
@@ -96,14 +84,8 @@ class LiveModel:
         with self._lock:  # one consistent (model, threshold) pair
             scorer, override = self._scorer, self._override
         if override is None:
-            return InForce(scorer, scorer.manifest.threshold.value, "bundle")
+            return InForce(scorer, scorer.threshold, "bundle")
         return InForce(scorer, override.value, "override")
-
-    def score(self, image: np.ndarray) -> Judged:
-        """Score one frame with the model in force and judge it by the threshold in force."""
-        now = self.in_force()
-        score = now.scorer.score(image)
-        return Judged(dataclasses.replace(score, threshold=now.threshold), now.scorer, now.threshold_source)
 
     def threshold_state(self) -> ThresholdState:
         with self._lock:
@@ -111,14 +93,14 @@ class LiveModel:
 
     @staticmethod
     def _threshold_state(scorer: Scorer, override: _Override | None) -> ThresholdState:
-        bundle = scorer.manifest.threshold.value
+        bundle = scorer.threshold
         if override is None:
             return ThresholdState(value=bundle, source="bundle", bundle_value=bundle)
         return ThresholdState(value=override.value, source="override", bundle_value=bundle)
 
     def bounds(self, scorer: Scorer | None = None) -> tuple[float, float]:
         commands = self._config.mqtt.commands
-        bundle = (scorer or self.scorer).manifest.threshold.value
+        bundle = (scorer or self.scorer).threshold
         ends = (bundle * commands.threshold_min_ratio, bundle * commands.threshold_max_ratio)
         return min(ends), max(ends)
 
@@ -133,7 +115,7 @@ class LiveModel:
                     return "out_of_bounds", (
                         f"{_outside(value, low, high)} ({commands.threshold_min_ratio:g} .. "
                         f"{commands.threshold_max_ratio:g} x the bundle's threshold "
-                        f"{scorer.manifest.threshold.value:g}; mqtt.commands.threshold_min_ratio/max_ratio)"
+                        f"{scorer.threshold:g}; mqtt.commands.threshold_min_ratio/max_ratio)"
                     )
                 override: _Override | None = _Override(
                     value, scorer.model_file.sha256, utc_iso(datetime.now(timezone.utc)), command_id
@@ -148,13 +130,13 @@ class LiveModel:
         if override is None:
             log.warning(
                 "threshold override cleared by cmd/threshold: judging by the bundle's threshold %.6g again",
-                scorer.manifest.threshold.value,
+                scorer.threshold,
             )
         else:
             log.warning(
                 "threshold override %.6g set by cmd/threshold (bundle %.6g); kept across restarts until cleared",
                 override.value,
-                scorer.manifest.threshold.value,
+                scorer.threshold,
             )
         return None
 
@@ -243,7 +225,7 @@ class LiveModel:
                 "threshold override %.6g (bundle %.6g) set by cmd/threshold at %s is in force; "
                 'cmd/threshold {"value": null} clears it',
                 value,
-                scorer.manifest.threshold.value,
+                scorer.threshold,
                 saved.set_at,
             )
             return
@@ -258,14 +240,3 @@ def _outside(value: float, low: float, high: float) -> str:
     if digits is None:  # neighbouring doubles: the shortest text that reads back as each
         return f"{value!r} is outside {low!r} .. {high!r}"
     return f"{value:.{digits}g} is outside {low:.{digits}g} .. {high:.{digits}g}"
-
-
-def refuse_triggers_in_continuous_mode(request: TriggerRequest) -> str:
-    """The trigger handler of a station that scores every frame: it has nothing to trigger."""
-    return (
-        "this station inspects continuously (every frame is scored and published); it has no trigger mode "
-        "to take cmd/trigger"
-    )
-
-
-# -- the commands ----------------------------------------------------------------------------

@@ -15,7 +15,8 @@ The ONNX graph's interface (fixed by format version 2):
 - output `heatmap`: float32, shape (N, H, W): smoothed per-pixel residual, scaled inside
   the graph so that 1.0 is the largest residual seen on normal validation images.
 - output `peak`: int64, shape (N, 2): (row, column) of the heatmap maximum, the first one
-  in row-major order on ties (numpy's argmax rule). The edge does no model maths.
+  in row-major order on ties (numpy's argmax rule). The edge does no model maths (with
+  tiling it finds the peak of the map it stitched from the tiles' heatmaps).
 
 Version 2 over version 1: the `peak` output; a threshold per model file (an INT8 model is
 calibrated on its own scores); golden images with each file's expected outputs, which the
@@ -69,10 +70,10 @@ class InputSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    score: str = Field("score", description="Name of the (N,) float32 score output.")
-    heatmap: str = Field("heatmap", description="Name of the (N, H, W) float32 heatmap output.")
+    score: str = Field(default="score", description="Name of the (N,) float32 score output.")
+    heatmap: str = Field(default="heatmap", description="Name of the (N, H, W) float32 heatmap output.")
     peak: str = Field(
-        "peak",
+        default="peak",
         description="Name of the (N, 2) int64 output: (row, column) of the heatmap maximum, "
         "the first in row-major order on ties.",
     )
@@ -102,12 +103,6 @@ class ScoreSpec(_Strict):
 
 
 class ThresholdSpec(_Strict):
-    value: float | None = Field(
-        None,
-        exclude=True,
-        description="Never stored (each file's threshold is files[].threshold): the threshold of the model file in "
-        "use, set on the edge Scorer's view of the manifest; None in a manifest read from disk.",
-    )
     method: Literal["normal_quantile", "f1_optimal", "manual"] = Field(
         description="How each file's threshold was chosen; every file's value comes from its own scores."
     )
@@ -254,12 +249,6 @@ class Manifest(_Strict):
         return by_precision[precision]
 
 
-def manifest_for(manifest: Manifest, model_file: ModelFile) -> Manifest:
-    """The manifest as seen while `model_file` runs: `threshold.value` is that file's threshold."""
-    threshold = manifest.threshold.model_copy(update={"value": model_file.threshold})
-    return manifest.model_copy(update={"threshold": threshold})
-
-
 class Bundle(_Strict):
     """A bundle folder whose manifest validated and whose files matched their hashes."""
 
@@ -350,11 +339,6 @@ def load_bundle(root: str | Path, trusted_keys: Sequence[Path] = ()) -> Bundle:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         raise BundleError(f"{manifest_path} is not a valid manifest: {_validation_summary(exc)}") from exc
-    if manifest.threshold.value is not None:
-        raise BundleError(
-            f"{manifest_path}: threshold.value is not stored in format {FORMAT_VERSION}; each entry of "
-            "files has its own threshold"
-        )
     if manifest.content_sha256 is None:
         raise BundleError(f"{manifest_path} has no content_sha256: it was not written by `ganspect export`")
     if manifest_digest(raw) != manifest.content_sha256:

@@ -1,4 +1,4 @@
-"""The bundle's ONNX graph under onnxruntime: one `session.run` per frame.
+"""The bundle's ONNX graph under onnxruntime: `run_batch` is the one `session.run` the inspector makes per frame.
 
 `Scorer.load` verifies the bundle (hashes, manifest) through `ganspect.edge.manifest`,
 opens the chosen file on the CPU, checks that the graph's input and outputs are the
@@ -11,7 +11,6 @@ computes differently on this machine, is refused before the line starts.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,7 @@ import onnxruntime as ort
 from ganspect.edge.common import first_line
 from ganspect.edge.errors import BundleError
 from ganspect.edge.golden import read_golden_image
-from ganspect.edge.manifest import Bundle, Manifest, ModelFile, golden_verdict, load_bundle, manifest_for
-from ganspect.edge.preprocess import preprocess
+from ganspect.edge.manifest import Bundle, Manifest, ModelFile, golden_verdict, load_bundle
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +30,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Score:
     score: float
-    threshold: float
-    heatmap: np.ndarray  # (H, W) float32, model pixels; 1.0 = largest normal residual
-    peak_x: int  # column of the heatmap maximum, model pixels (from the graph's peak output)
-    peak_y: int  # row of the heatmap maximum, model pixels
+    threshold: float  # the one the frame is judged by: the bundle's, or an operator's override
+    heatmap: np.ndarray  # (H, W) float32, model pixels (resize) or ROI pixels (tiles); 1.0 = largest normal residual
+    peak_x: int  # column of the heatmap maximum, in the heatmap's pixels
+    peak_y: int  # row of the heatmap maximum
     peak_value: float
     preprocess_ms: float
     inference_ms: float
@@ -60,12 +58,20 @@ class Scorer:
 
     def __init__(self, bundle: Bundle, model_file: ModelFile, session: ort.InferenceSession) -> None:
         self.bundle = bundle
-        # The view in which threshold.value is the running file's own threshold (INT8 has its own).
-        self.manifest: Manifest = manifest_for(bundle.manifest, model_file)
+        self.manifest: Manifest = bundle.manifest
         self.model_file = model_file
         self._session = session
         outputs = self.manifest.outputs
         self._outputs = [outputs.score, outputs.heatmap, outputs.peak]
+
+    @property
+    def threshold(self) -> float:
+        """The bundle's threshold for the file that runs (INT8 is calibrated on its own scores).
+
+        An operator's override is not the model's: LiveModel holds it and hands the threshold in force
+        to each inspection.
+        """
+        return self.model_file.threshold
 
     @classmethod
     def load(
@@ -100,7 +106,7 @@ class Scorer:
             scorer.manifest.kind,
             model_file.precision,
             path,
-            model_file.threshold,
+            scorer.threshold,
             len(scorer.manifest.golden),
         )
         return scorer
@@ -162,35 +168,16 @@ class Scorer:
                         "does not compute what the export machine did, so the model is not used"
                     )
             # Scores within tolerance can still fall on the other side of the threshold: the verdict is what counts.
-            verdict = golden_verdict(float(score[0]), self.model_file.threshold)
+            verdict = golden_verdict(float(score[0]), self.threshold)
             if golden.expect is not None and verdict != golden.expect:
                 raise BundleError(
                     f"{path} fails its golden self-test: {golden.path} ({golden.origin}) scores {float(score[0]):.6g} "
-                    f"here, judged {verdict} by the threshold {self.model_file.threshold:.6g} instead of "
+                    f"here, judged {verdict} by the threshold {self.threshold:.6g} instead of "
                     f"{golden.expect}; so the model is not used"
                 )
 
-    def score(self, frame_bgr: np.ndarray) -> Score:
-        """Score one frame: preprocess, one session.run, peak of the heatmap."""
-        t0 = time.perf_counter()
-        batch = preprocess(frame_bgr, self.manifest.input)  # (1, H, W, C) uint8
-        t1 = time.perf_counter()
+    def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(N, H, W, C) uint8 model inputs -> scores (N,) and heatmaps (N, H, W) float32, and the heatmaps'
+        peaks (N, 2) int64 (row, column), in one session.run."""
         score, heatmap, peak = self._session.run(self._outputs, {self.manifest.input.name: batch})
-        t2 = time.perf_counter()
-        heat = np.asarray(heatmap[0], dtype=np.float32)  # (H, W)
-        peak_y, peak_x = (int(v) for v in peak[0])  # the graph's argmax: the edge does no model maths
-        return Score(
-            score=float(score[0]),
-            threshold=self.model_file.threshold,
-            heatmap=heat,
-            peak_x=int(peak_x),
-            peak_y=int(peak_y),
-            peak_value=float(heat[peak_y, peak_x]),
-            preprocess_ms=(t1 - t0) * 1000.0,
-            inference_ms=(t2 - t1) * 1000.0,
-        )
-
-    def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, H, W, C) uint8 model inputs -> scores (N,) and heatmaps (N, H, W), float32, in one session.run."""
-        score, heatmap = self._session.run(self._outputs[:2], {self.manifest.input.name: batch})
-        return np.asarray(score, np.float32), np.asarray(heatmap, np.float32)
+        return np.asarray(score, np.float32), np.asarray(heatmap, np.float32), np.asarray(peak, np.int64)

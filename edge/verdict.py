@@ -75,7 +75,7 @@ def build_verdict(
         "threshold": {
             "value": score.threshold
             if score is not None
-            else (threshold if threshold is not None else manifest.threshold.value),
+            else (threshold if threshold is not None else model_file.threshold),
             "source": threshold_source,
         },
         "model": {

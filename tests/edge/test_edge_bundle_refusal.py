@@ -214,6 +214,16 @@ def test_a_manifest_key_with_a_newline_stays_one_line(tiny_bundle):
     assert "\n" not in str(err.value) and "outputs.'\\n': Extra inputs are not permitted" in str(err.value)
 
 
+def test_a_single_threshold_value_in_the_manifest_is_refused_naming_the_key(tiny_bundle):
+    # Each file has its own threshold; a `threshold.value` beside them (format 1's, or a running threshold
+    # written back) would be a second one that the edge does not judge by.
+    from ganspect.edge.manifest import load_bundle
+
+    _reseal(tiny_bundle, lambda raw: raw["threshold"].update(value=0.5))
+    with pytest.raises(BundleError, match=r"is not a valid manifest: threshold\.value: Extra inputs are not permitted"):
+        load_bundle(tiny_bundle)
+
+
 @pytest.mark.parametrize("value", [1e30, -1.0])
 def test_install_model_refuses_a_threshold_the_golden_images_contradict(
     value, tmp_path, make_bundle, tiny_video, make_edge_config, ganspect_cli

@@ -22,9 +22,11 @@ import pytest
 import yaml
 
 import ganspect.edge
+from ganspect.edge.app import EdgeDaemon
 from ganspect.edge.config import EdgeConfig, load_config
 from ganspect.edge.errors import ConfigError
-from ganspect.edge.live_model import THRESHOLD_FILE, LiveModel, refuse_triggers_in_continuous_mode
+from ganspect.edge.inspector import Inspection, Inspector
+from ganspect.edge.live_model import THRESHOLD_FILE, InForce, LiveModel
 from ganspect.edge.payloads import COMMANDS
 from ganspect.edge.remote import RemoteCommands
 from ganspect.edge.schema_files import schema_text, schemas
@@ -65,6 +67,7 @@ class Station:
             return None
 
         self.remote = RemoteCommands(config, self.live, accept_trigger or accept, self._answer)
+        self.inspector = Inspector(config.inspection)
 
     def _answer(self, text: str) -> bool:
         document = json.loads(text)
@@ -83,6 +86,11 @@ class Station:
 
     def reload(self, payload: dict[str, Any] | None = None) -> dict[str, Any]:
         return self.send("reload", payload or {})
+
+    def inspect(self, image: np.ndarray) -> tuple[Inspection, InForce]:
+        """One frame as the daemon's loop judges it: the model and threshold in force, then the inspector."""
+        now = self.live.in_force()
+        return self.inspector.inspect(image, now.scorer, now.threshold), now
 
 
 def _validator(name: str) -> jsonschema.Draft202012Validator:
@@ -281,7 +289,9 @@ def test_a_valid_trigger_reaches_the_scoring_loop_as_a_trigger_request(station):
 
 
 def test_a_continuous_station_refuses_triggers_saying_why(tmp_path, tiny_bundle):
-    station = Station(_config(tmp_path, tiny_bundle), accept_trigger=refuse_triggers_in_continuous_mode)
+    config = _config(tmp_path, tiny_bundle)
+    assert config.trigger.mode == "continuous"
+    station = Station(config, accept_trigger=EdgeDaemon(config).accept_trigger)
     answer = station.send("trigger", {"part_id": "P-1", "trigger_id": "T-1"})
     assert (answer["outcome"], answer["code"], answer["command_id"]) == ("rejected", "not_accepted", "T-1")
     assert "inspects continuously" in answer["reason"]
@@ -307,18 +317,18 @@ def _image(value: int) -> np.ndarray:
 def test_a_threshold_override_judges_every_frame_and_is_reported(station, tmp_path):
     # The tiny model scores mean |x/255 - 0.5|: a uniform grey of 180 scores 0.206.
     frame = _image(180)
-    judged = station.live.score(frame)
-    assert (judged.score.result, judged.threshold_source, judged.score.threshold) == ("NG", "bundle", 0.15)
+    judged, now = station.inspect(frame)
+    assert (judged.score.result, now.threshold_source, judged.score.threshold) == ("NG", "bundle", 0.15)
 
     answer = station.send("threshold", {"value": 0.25, "command_id": "C-1"})
     assert (answer["outcome"], answer["command_id"]) == ("done", "C-1")
     assert answer["threshold"] == {"value": 0.25, "source": "override", "bundle_value": 0.15}
-    judged = station.live.score(frame)
-    assert (judged.score.result, judged.threshold_source, judged.score.threshold) == ("OK", "override", 0.25)
+    judged, now = station.inspect(frame)
+    assert (judged.score.result, now.threshold_source, judged.score.threshold) == ("OK", "override", 0.25)
 
     answer = station.send("threshold", {"value": None})
     assert answer["threshold"] == {"value": 0.15, "source": "bundle", "bundle_value": 0.15}
-    assert station.live.score(frame).score.result == "NG"
+    assert station.inspect(frame)[0].score.result == "NG"
     assert not (tmp_path / "data" / THRESHOLD_FILE).exists()
 
 
@@ -415,8 +425,8 @@ def test_reload_swaps_in_the_configured_bundle_and_clears_an_override_for_the_ol
     assert new_sha != old_sha
     assert answer["model"] == {"name": "tiny-test", "kind": "efficient_gan", "sha256": new_sha, "precision": "fp32"}
     assert answer["threshold"] == {"value": 0.1, "source": "bundle", "bundle_value": 0.1}
-    judged = station.live.score(_image(128))
-    assert judged.scorer.model_file.sha256 == new_sha and judged.threshold_source == "bundle"
+    _, now = station.inspect(_image(128))
+    assert now.scorer.model_file.sha256 == new_sha and now.threshold_source == "bundle"
     assert "the threshold override is cleared" in caplog.text
 
 
@@ -451,7 +461,7 @@ def test_a_bad_bundle_is_refused_and_the_old_model_keeps_scoring(tmp_path, make_
     answer = station.reload({"command_id": "R-2"})
     assert (answer["outcome"], answer["code"], answer["command_id"]) == ("rejected", "bundle_refused", "R-2")
     assert words in answer["reason"], answer["reason"]
-    assert station.live.score(_image(128)).scorer.model_file.sha256 == old_sha
+    assert station.inspect(_image(128))[1].scorer.model_file.sha256 == old_sha
     assert "cmd/reload refused" in caplog.text and "still scoring with tiny-test" in caplog.text
 
 
@@ -469,7 +479,7 @@ def test_a_second_reload_while_one_loads_is_answered_busy(station, monkeypatch):
     [busy] = station.answers
     assert (busy["code"], busy["command_id"]) == ("busy", "R-2")
     # The scoring loop is not held up meanwhile, nor are other commands.
-    assert station.live.score(_image(128)).score.result == "OK"
+    assert station.inspect(_image(128))[0].score.result == "OK"
     assert station.send("threshold", {"value": 0.2})["outcome"] == "done"
     release.set()
     station.remote.close()

@@ -527,8 +527,9 @@ def test_answers_published_from_other_threads_never_acknowledge_a_verdict(mosqui
 def _publisher_with_commands(tmp_path: Path, broker: Any, **commands: Any) -> tuple[Any, Any, Any]:
     import yaml
 
+    from ganspect.edge.app import EdgeDaemon
     from ganspect.edge.config import load_config
-    from ganspect.edge.live_model import LiveModel, refuse_triggers_in_continuous_mode
+    from ganspect.edge.live_model import LiveModel
     from ganspect.edge.mqtt import VerdictPublisher
     from ganspect.edge.outbox import Outbox
     from ganspect.edge.remote import RemoteCommands
@@ -551,7 +552,8 @@ def _publisher_with_commands(tmp_path: Path, broker: Any, **commands: Any) -> tu
     outbox = Outbox(tmp_path / "outbox.sqlite3", max_messages=1000, max_bytes=1 << 20)
     publisher = VerdictPublisher(config.mqtt, config.station, outbox)
     live = LiveModel(Scorer.load(config.model.bundle, intra_op_threads=1), config)
-    remote = RemoteCommands(config, live, refuse_triggers_in_continuous_mode, publisher.publish_result)
+    # The daemon's own trigger handler: this station is continuous, so it refuses triggers as the daemon would.
+    remote = RemoteCommands(config, live, EdgeDaemon(config).accept_trigger, publisher.publish_result)
     publisher.start(on_command=remote.handle if config.mqtt.commands.enabled else None)
     return publisher, outbox, remote
 

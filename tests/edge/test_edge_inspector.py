@@ -70,7 +70,7 @@ def test_a_small_defect_in_one_tile_is_found_in_one_run_and_its_heatmap_lands_on
     scorer._session = counting  # type: ignore[assignment]
     tiles = Inspector(InspectionConfig(roi=ROI, tiling="tiles", tile_overlap=8))
     resized = Inspector(InspectionConfig(roi=ROI, tiling="resize"))
-    threshold = scorer.manifest.threshold.value
+    threshold = scorer.threshold
 
     found = tiles.inspect(_frame(make_part_image, defect=True), scorer, threshold)
     good = tiles.inspect(_frame(make_part_image, defect=False), scorer, threshold)
@@ -97,6 +97,28 @@ def test_a_small_defect_in_one_tile_is_found_in_one_run_and_its_heatmap_lands_on
     assert np.isfinite(heat).all()  # every ROI pixel is covered by a tile
     # The worst tile decides: the frame's score is the largest tile score.
     assert found.score.score > found.score.threshold > good.score.score
+
+
+class MovedPeakSession(CountingSession):
+    """The real session, with its `peak` output moved one pixel to the right."""
+
+    def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> Any:
+        results = super().run(outputs, feeds)
+        moved = results[2].copy()
+        moved[:, 1] += 1
+        return [*results[:2], moved]
+
+
+def test_a_resized_frame_s_peak_is_the_graph_s_peak_output(tiny_bundle, make_part_image):
+    # The graph carries the peak rule (export/graph.py): the edge reports its answer, it does not work out its own.
+    scorer = Scorer.load(tiny_bundle, intra_op_threads=1)
+    frame = _frame(make_part_image, defect=True)
+    honest = Inspector(InspectionConfig(roi=ROI)).inspect(frame, scorer, scorer.threshold).score
+    scorer._session = MovedPeakSession(scorer._session)  # type: ignore[assignment]
+    moved = Inspector(InspectionConfig(roi=ROI)).inspect(frame, scorer, scorer.threshold).score
+    assert honest.heatmap[honest.peak_y, honest.peak_x] == honest.heatmap.max() == honest.peak_value
+    assert (moved.peak_y, moved.peak_x) == (honest.peak_y, honest.peak_x + 1)
+    assert moved.peak_value == moved.heatmap[moved.peak_y, moved.peak_x]
 
 
 def test_tiles_larger_than_the_roi_or_an_overlap_as_large_as_a_tile_are_refused(tiny_bundle):
@@ -160,7 +182,7 @@ def test_the_bundle_s_tiling_frames_the_frame_when_the_station_says_nothing(make
     scorer = Scorer.load(make_bundle(tmp_path / "tiled", tiling=trained), intra_op_threads=1)
     inspector = Inspector(InspectionConfig())
     inspector.check(scorer.manifest)
-    found = inspector.inspect(_frame(make_part_image, defect=True), scorer, scorer.manifest.threshold.value)
+    found = inspector.inspect(_frame(make_part_image, defect=True), scorer, scorer.threshold)
     assert found.tiles == 48 and found.roi == Region(ROI.x, ROI.y, ROI.width, ROI.height)
     assert found.score.result == "NG"
 

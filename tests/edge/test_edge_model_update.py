@@ -170,4 +170,4 @@ def test_a_bundle_the_daemon_refuses_is_rolled_back_and_the_old_one_keeps_scorin
     assert load_config(
         make_edge_config(tmp_path / "models" / "current", tiny_video.path)
     ).model.bundle.resolve() == store.target(store.previous_link)
-    assert Scorer.load(config.model.bundle).manifest.threshold.value == 0.15
+    assert Scorer.load(config.model.bundle).threshold == 0.15

@@ -41,8 +41,11 @@ def test_every_edge_module_and_the_scorer_run_without_torch(tiny_bundle, make_pa
                  if m.name != "ganspect.edge.__main__"]  # __main__ would run the CLI
         for name in names:
             importlib.import_module(name)
+        from ganspect.edge.config import InspectionConfig
+        from ganspect.edge.inspector import Inspector
         from ganspect.edge.scorer import Scorer
-        result = Scorer.load({str(tiny_bundle)!r}).score(cv2.imread({str(frame_path)!r}))
+        scorer = Scorer.load({str(tiny_bundle)!r})
+        result = Inspector(InspectionConfig()).inspect(cv2.imread({str(frame_path)!r}), scorer, scorer.threshold).score
         HEAVY = {HEAVY!r}
     """)
         + _REPORT

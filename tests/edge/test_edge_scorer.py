@@ -1,4 +1,4 @@
-"""Preprocessing and scoring with real OpenCV and onnxruntime on the tiny bundle."""
+"""Preprocessing and scoring with real OpenCV and onnxruntime on the tiny bundle, as the daemon scores."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
+from ganspect.edge.config import InspectionConfig
+from ganspect.edge.inspector import Inspector
 from ganspect.edge.manifest import InputSpec
 from ganspect.edge.preprocess import preprocess
 from ganspect.edge.scorer import Scorer
@@ -34,17 +36,22 @@ def test_preprocess_bgr_linear_and_gray_frames():
 
 @pytest.mark.parametrize("colour_order", ["GRAY", "BGR"])
 def test_score_matches_the_models_formula(tmp_path, make_bundle, make_part_image, colour_order):
+    # Through the daemon's path: the inspector resizes the whole frame (no ROI, no tiles) for one session.run.
     scorer = Scorer.load(make_bundle(tmp_path / "b", height=24, width=40, colour_order=colour_order))
+    inspector = Inspector(InspectionConfig())
     for index, ng in enumerate([False, True, True]):
         frame = make_part_image(ng, index)
-        result = scorer.score(frame)
-        pixels = preprocess(frame, scorer.manifest.input)[0].astype(np.float64)  # (H, W, C)
-        deviation = np.abs(pixels / 255.0 - 0.5).mean(axis=2)  # (H, W)
+        result = inspector.inspect(frame, scorer, scorer.threshold).score
+        batch = preprocess(frame, scorer.manifest.input)  # (1, H, W, C)
+        deviation = np.abs(batch[0].astype(np.float64) / 255.0 - 0.5).mean(axis=2)  # (H, W)
         assert result.score == pytest.approx(deviation.mean(), abs=1e-5)
         assert result.heatmap.shape == (24, 40)
         assert result.result == ("NG" if ng else "OK")
         assert result.peak_value == pytest.approx(result.heatmap.max())
         assert result.heatmap[result.peak_y, result.peak_x] == result.heatmap.max()
+        # The peak is the graph's own output, not worked out again here.
+        _, _, peaks = scorer.run_batch(batch)
+        assert (result.peak_y, result.peak_x) == tuple(peaks[0])
         assert result.preprocess_ms >= 0 and result.inference_ms > 0
 
 

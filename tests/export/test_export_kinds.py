@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ganspect.edge.config import InspectionConfig
+from ganspect.edge.inspector import Inspector
 from ganspect.edge.manifest import load_bundle
 from ganspect.edge.scorer import Scorer
 from ganspect.export.bundle import export_run
@@ -49,5 +51,6 @@ def test_export_then_run_grayscale(kind: str, data: Path, tmp_path: Path) -> Non
     assert compare(reference, run_onnx(bundle_dir / "model.onnx", images)).ok
     for precision in ("fp32", "int8"):
         scorer = Scorer.load(bundle_dir, precision=precision, intra_op_threads=1)  # golden self-test included
-        result = scorer.score(images[0][:, :, 0])  # a grayscale frame straight from the data set
-        assert result.heatmap.shape == (32, 32) and result.threshold == scorer.model_file.threshold
+        frame = images[0][:, :, 0]  # a grayscale frame straight from the data set
+        result = Inspector(InspectionConfig()).inspect(frame, scorer, scorer.threshold).score
+        assert result.heatmap.shape == (32, 32) and scorer.threshold == scorer.model_file.threshold

@@ -189,7 +189,7 @@ def test_tile_mode_trains_evaluates_at_the_station_resolution_and_exports_its_ti
     inspector = Inspector(InspectionConfig())
     inspector.check(scorer.manifest)
     frame = cv2.imread(str(boards / names[0]))
-    found = inspector.inspect(frame, scorer, scorer.manifest.threshold.value)
+    found = inspector.inspect(frame, scorer, scorer.threshold)
     assert found.tiles == len(tile_origins(120, 200, 32, 8))
     assert found.score.heatmap.shape == (120, 200)
     assert found.score.score == pytest.approx(float(scored.score[0]), rel=1e-3, abs=1e-4)
@@ -221,7 +221,7 @@ def test_anogan_at_station_scale_learns_its_head_in_the_encoder_phase_and_export
     scorer = Scorer.load(bundle, precision="fp32", intra_op_threads=1)
     inspector = Inspector(InspectionConfig())
     inspector.check(scorer.manifest)
-    found = inspector.inspect(cv2.imread(str(boards / held.names[0])), scorer, scorer.manifest.threshold.value)
+    found = inspector.inspect(cv2.imread(str(boards / held.names[0])), scorer, scorer.threshold)
     assert found.score.score == pytest.approx(float(scored.score[0]), rel=1e-3, abs=1e-4)
 
 

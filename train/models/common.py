@@ -71,6 +71,9 @@ class ScoringModel(nn.Module):
     threshold: torch.Tensor
     pixel_mean: torch.Tensor
     pixel_spread: torch.Tensor
+    # Both models have an encoder E (image -> code) and a generator G (code -> image).
+    encoder: nn.Module
+    generator: nn.Module
 
     def _init_scoring(self, heatmap_sigma: float) -> None:
         # Separable smoothing as two products with one banded matrix (S r S^T): onnxruntime's

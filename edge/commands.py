@@ -63,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.max_frames is not None and args.max_frames < 1:
         raise ConfigError(f"--max-frames must be at least 1, got {args.max_frames}")
-    updates = {}
+    updates: dict[str, object] = {}  # config section -> its replacement
     if args.model is not None:
         updates["model"] = config.model.model_copy(update={"bundle": args.model})
     if args.source is not None:

@@ -119,7 +119,7 @@ class SourceConfig(_Section):
         description="A lost camera or stream is reopened after 0.5 s, 1 s, 2 s, ... up to this.",
     )
     camera: CameraConfig = Field(
-        default_factory=CameraConfig,  # type: ignore[arg-type]
+        default_factory=CameraConfig,
         description="USB camera (V4L2) settings; what the camera accepted is logged.",
     )
 
@@ -334,15 +334,15 @@ class MqttConfig(_Section):
         "what is left stays on disk for the next start.",
     )
     tls: TlsConfig = Field(
-        default_factory=TlsConfig,  # type: ignore[arg-type]
+        default_factory=TlsConfig,
         description="TLS to the broker: the CA to verify it with and the client certificate.",
     )
     outbox: OutboxConfig = Field(
-        default_factory=OutboxConfig,  # type: ignore[arg-type]
+        default_factory=OutboxConfig,
         description="The disk outbox that holds verdicts until the broker acknowledged them.",
     )
     commands: CommandsConfig = Field(
-        default_factory=CommandsConfig,  # type: ignore[arg-type]
+        default_factory=CommandsConfig,
         description="Commands from the MES (cmd/trigger, cmd/reload, cmd/threshold): "
         "untrusted input, validated and bounded.",
     )
@@ -392,27 +392,27 @@ class EdgeConfig(_Section):
     station: StationConfig = Field(description="Where this daemon inspects; names the MQTT topics.")
     model: ModelConfig = Field(description="The model bundle to score with.")
     source: SourceConfig = Field(description="Where frames come from.")
-    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Verdict delivery.")  # type: ignore[arg-type]
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Verdict delivery.")
     data: DataConfig = Field(
-        default_factory=DataConfig,  # type: ignore[arg-type]
+        default_factory=DataConfig,
         description="Where the daemon keeps state.",
     )
-    display: DisplayConfig = Field(default_factory=DisplayConfig, description="Operator window.")  # type: ignore[arg-type]
-    run: RunConfig = Field(default_factory=RunConfig, description="Run limits.")  # type: ignore[arg-type]
+    display: DisplayConfig = Field(default_factory=DisplayConfig, description="Operator window.")
+    run: RunConfig = Field(default_factory=RunConfig, description="Run limits.")
     inspection: InspectionConfig = Field(
-        default_factory=InspectionConfig,  # type: ignore[arg-type]
+        default_factory=InspectionConfig,
         description="Region of interest and tiling.",
     )
     trigger: TriggerConfig = Field(
-        default_factory=TriggerConfig,  # type: ignore[arg-type]
+        default_factory=TriggerConfig,
         description="What makes the daemon inspect: every frame, or MQTT triggers.",
     )
     images: ImagesConfig = Field(
-        default_factory=ImagesConfig,  # type: ignore[arg-type]
+        default_factory=ImagesConfig,
         description="Saved NG images and their retention.",
     )
     health: HealthConfig = Field(
-        default_factory=HealthConfig,  # type: ignore[arg-type]
+        default_factory=HealthConfig,
         description="Periodic health reports.",
     )
 
@@ -480,10 +480,10 @@ def read_yaml_file(path: Path, what: str) -> tuple[Any, yaml.Node | None]:
         return yaml.safe_load(text), yaml.compose(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
+        at_line: int | None = mark.line + 1 if mark is not None else None
         if isinstance(exc, yaml.reader.ReaderError):  # a character YAML forbids: it knows only the offset
-            line = text.count("\n", 0, exc.position) + 1
-        where = f"{path}:{line}" if line is not None else str(path)
+            at_line = text.count("\n", 0, exc.position) + 1
+        where = f"{path}:{at_line}" if at_line is not None else str(path)
         # PyYAML's own text spans lines ("... in '<unicode string>', position 0"): keep its first.
         problem = getattr(exc, "problem", None) or first_line(exc)
         raise ConfigError(f"{where}: not valid YAML: {problem}") from exc

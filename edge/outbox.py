@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -83,8 +84,8 @@ class OutboxFull(OutboxError):
 
 
 def _is_full(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None:
+    code: int | None = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+, and only on errors SQLite raised
+    if sys.version_info >= (3, 11) and code is not None:
         return code & 0xFF == sqlite3.SQLITE_FULL
     return "disk is full" in str(exc)
 
@@ -94,8 +95,8 @@ class _Damaged(Exception):
 
 
 def _is_damage(exc: BaseException) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None:
+    code: int | None = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if sys.version_info >= (3, 11) and code is not None:
         return code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
     text = str(exc)
     return "malformed" in text or "not a database" in text
@@ -204,6 +205,10 @@ def _lock_exclusively(path: Path) -> IO[str]:
 
 class Outbox:
     """Verdicts waiting for the broker's acknowledgement, on disk, in seq order."""
+
+    # Both set by _open.
+    _db: sqlite3.Connection
+    _last_seq: int
 
     def __init__(self, path: Path, *, max_messages: int, max_bytes: int, when_full: WhenFull = "drop_oldest") -> None:
         self.path = path

@@ -370,7 +370,7 @@ class RemoteCommands:
         model: ModelState | None = None,
     ) -> None:
         result = CommandResult(
-            schema=RESULT_SCHEMA,
+            schema_=RESULT_SCHEMA,
             command=context.name,
             command_id=context.command_id,
             station=self._station_ref,

@@ -59,7 +59,9 @@ def inference_copy(model: nn.Module) -> nn.Module:
         for module in list(clone.modules()):
             if not parametrize.is_parametrized(module):
                 continue
-            baked = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+            parametrizations = module.parametrizations
+            assert isinstance(parametrizations, nn.ModuleDict)  # one entry per parametrized tensor
+            baked = {name: getattr(module, name).detach().clone() for name in parametrizations}
             module.__class__ = module.__class__.__bases__[0]  # the class before parametrization
             del module._modules["parametrizations"]
             for name, value in baked.items():
@@ -94,7 +96,12 @@ def _with_batchnorm_folded(layer: nn.ConvTranspose2d, following: nn.Module | Non
     """
     out_channels = layer.out_channels
     bias = layer.bias.detach() if layer.bias is not None else torch.zeros(out_channels)
-    if not (isinstance(following, nn.BatchNorm2d) and following.running_var is not None):
+    # The running statistics are both there or both None (track_running_stats=False).
+    if not (
+        isinstance(following, nn.BatchNorm2d)
+        and following.running_mean is not None
+        and following.running_var is not None
+    ):
         return layer.weight, bias
     scale = 1.0 / torch.sqrt(following.running_var + following.eps)
     shift = -following.running_mean * scale

@@ -17,12 +17,17 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ganspect.edge.errors import GanspectError
 from ganspect.export.graph import EdgeGraph, inference_copy
+
+if TYPE_CHECKING:  # imported where used: loading this module must not pull them in
+    import onnx
+    import onnxruntime
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +80,11 @@ def _forward_params(model: torch.nn.Module) -> list[str]:
     return list(inspect.signature(model.forward).parameters)
 
 
-def _check_interface(proto: object, image_size: int, channels: int) -> None:
+def _check_interface(proto: onnx.ModelProto, image_size: int, channels: int) -> None:
     """Fail loudly if the graph's names, types or shapes drift from the contract."""
     import onnx
 
-    graph = proto.graph  # type: ignore[attr-defined]
+    graph = proto.graph
     inputs = [i for i in graph.input]
     if [i.name for i in inputs] != [INPUT_NAME]:
         raise GanspectError(f"exported graph has inputs {[i.name for i in inputs]}, expected ['{INPUT_NAME}']")
@@ -113,7 +118,7 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Outputs:
     return Outputs(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
 
 
-def onnx_session(path: Path, threads: int = 0) -> object:
+def onnx_session(path: Path, threads: int = 0) -> onnxruntime.InferenceSession:
     """A CPU onnxruntime session; `threads` 0 = onnxruntime's default (all cores)."""
     import onnxruntime as ort
 
@@ -129,7 +134,7 @@ def run_onnx(path: Path, images: np.ndarray, batch_size: int = 64) -> Outputs:
     session = onnx_session(path)
     return _concat(
         [
-            tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[i : i + batch_size]}))  # type: ignore[attr-defined]
+            tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[i : i + batch_size]}))
             for i in range(0, len(images), batch_size)
         ]
     )

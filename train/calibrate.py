@@ -88,7 +88,7 @@ def score_images(
             batch = torch.from_numpy(images[start : start + batch_size]).to(device)
             x = model.normalise(batch)
             if scoring == "search":
-                parts = model.search(x, steps=search_steps, lr=search_lr, generator=gen).parts  # type: ignore[operator]
+                parts = model.search(x, steps=search_steps, lr=search_lr, generator=gen).parts  # type: ignore[operator]  # AnoGAN only: hasattr checked above
                 if bar is not None:
                     bar.update(len(batch))
             else:

@@ -84,7 +84,7 @@ class _Pose:
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_x: float, sigma_y: float) -> np.ndarray:
     """Zero-mean, unit-std Gaussian noise blurred with the given sigmas (pixels): (H, W) float32."""
-    field = rng.standard_normal(shape).astype(np.float32)
+    field: np.ndarray = rng.standard_normal(shape).astype(np.float32)
     field = cv2.GaussianBlur(
         field, (0, 0), sigmaX=max(sigma_x, 0.1), sigmaY=max(sigma_y, 0.1), borderType=cv2.BORDER_REFLECT
     )
@@ -100,7 +100,7 @@ def _background(rng: np.random.Generator, s: int) -> np.ndarray:
     level = 0.15 + 0.015 * weave + 0.008 * grain  # (S, S)
     bg = level[..., None] * np.array([1.0, 1.04, 1.08], dtype=np.float32)  # faintly warm rubber
     # Anodised aluminium rails above and below the part (fixed to the camera).
-    rail = np.zeros((s, 1), dtype=np.float32)
+    rail: np.ndarray = np.zeros((s, 1), dtype=np.float32)
     rail_w = round(0.05 * s)
     rail[:rail_w] = 1.0
     rail[s - rail_w :] = 1.0
@@ -229,7 +229,7 @@ def _compose(scene: _Scene, metal: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """Belt, contact shadow and part, then exposure: (S, S, 3), noise-free."""
     s = scene.s
     # The bar light is up-left, so the part's soft shadow falls down-right on the belt.
-    shift = np.float32([[1, 0, 0.012 * s], [0, 1, 0.016 * s]])
+    shift = np.array([[1, 0, 0.012 * s], [0, 1, 0.016 * s]], dtype=np.float32)
     shadow = cv2.warpAffine(alpha, shift, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
     shadow = cv2.GaussianBlur(shadow, (0, 0), sigmaX=0.014 * s)
     bg = scene.background * (1 - 0.55 * shadow)[..., None]
@@ -563,7 +563,7 @@ def write_conveyor_video(
         raise GanspectError(f"conveyor video must be an .avi file (lossless FFV1), got {path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     parts = _plan_parts(n_parts, defect_rate, seed)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), fps, (frame_size, frame_size), True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"FFV1"), fps, (frame_size, frame_size), True)
     if not writer.isOpened():
         raise GanspectError(f"OpenCV could not open a FFV1 video writer for {path} (is OpenCV built with FFmpeg?)")
     try:

@@ -64,6 +64,16 @@ class ScoringModel(nn.Module):
     """Base of EfficientGAN and AnoGAN: normalisation, smoothing, L_R, buffers, `forward`."""
 
     cfg: Any  # a dataclass with image_size, channels, lambda_, residual_reduction, heatmap_sigma
+    # The buffers _init_scoring registers, declared for type checkers (nn.Module's __getattr__
+    # types them Tensor | Module); pixel_mean and pixel_spread exist only with cfg.pixel_calibration.
+    smooth_matrix: torch.Tensor
+    heatmap_scale: torch.Tensor
+    threshold: torch.Tensor
+    pixel_mean: torch.Tensor
+    pixel_spread: torch.Tensor
+    # Both models have an encoder E (image -> code) and a generator G (code -> image).
+    encoder: nn.Module
+    generator: nn.Module
 
     def _init_scoring(self, heatmap_sigma: float) -> None:
         # Separable smoothing as two products with one banded matrix (S r S^T): onnxruntime's
@@ -207,7 +217,8 @@ def dcgan_init(model: nn.Module) -> None:
     """DCGAN initialisation: N(0, 0.02) convs, N(1, 0.02) normalisation scales."""
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+            parametrizations = getattr(m, "parametrizations", None)  # spectral norm keeps the weight there
+            w = parametrizations.weight.original if parametrizations is not None else m.weight
             nn.init.normal_(w, 0.0, 0.02)
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.normal_(m.weight, 1.0, 0.02)
@@ -230,6 +241,7 @@ class StagedConfig:
     image_size: int
     base_width: int
     max_width: int
+    latent_stride: int  # read only with latent: spatial
 
     @property
     def n_stages(self) -> int:
@@ -248,7 +260,7 @@ class StagedConfig:
     @classmethod
     def from_dict(cls: type[_Config], d: dict[str, Any]) -> _Config:
         """Rebuild from a checkpoint's dict; keys a newer or older version wrote are ignored."""
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]  # every subclass is a dataclass
         return cls(**{k: v for k, v in d.items() if k in known})
 
 

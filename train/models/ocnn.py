@@ -27,6 +27,11 @@ from torch import nn
 
 
 class OCNN(nn.Module):
+    # Buffers, declared for type checkers (nn.Module's __getattr__ types them Tensor | Module).
+    mean: torch.Tensor  # (in_dim,) of the training codes
+    std: torch.Tensor  # (in_dim,)
+    r: torch.Tensor  # () the boundary
+
     def __init__(self, in_dim: int, hidden: int = 32, nu: float = 0.1) -> None:
         super().__init__()
         self.nu = nu

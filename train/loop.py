@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -72,7 +72,7 @@ LOSS_COLUMNS = ("loss_d", "loss_g", "loss_recon", "loss_feature", "loss_seg")
 def model_config_from(config: TrainConfig) -> EfficientGANConfig | AnoGANConfig:
     m = config.model
     sigma = m.heatmap_sigma if m.heatmap_sigma is not None else m.image_size / 32
-    common = dict(
+    common: dict[str, Any] = dict(
         image_size=m.image_size,
         channels=m.channels,
         latent_dim=m.latent_dim,
@@ -202,14 +202,17 @@ def refresh_batchnorm(model: ScoringModel, x: torch.Tensor, batch_size: int = 64
     model.train(was_training)
 
 
-class EMA:
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+class EMA(Generic[ModuleT]):
     """Exponential moving average of a model's parameters; buffers are copied as they are.
 
     The decay warms up as min(decay, (1 + t) / (10 + t)) (TensorFlow's num_updates rule),
     so that the average does not keep the random initial weights for thousands of steps.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+    def __init__(self, model: ModuleT, decay: float) -> None:
         self.decay = decay
         self.model = copy.deepcopy(model).eval()
         self.model.requires_grad_(False)

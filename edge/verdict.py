@@ -22,7 +22,6 @@ if TYPE_CHECKING:  # type-only: the manifest judges its golden images with `judg
     from ganspect.edge.manifest import Manifest, ModelFile
     from ganspect.edge.scorer import Score
 
-VERDICT_SCHEMA: Literal["ganspect.verdict/1"] = "ganspect.verdict/1"
 ResultState = Literal["OK", "NG", "UNDEFINED"]
 Milliseconds = Annotated[float, Field(ge=0)]
 
@@ -140,7 +139,7 @@ class Verdict(_Part):
     (ResultId, PartId, ResultState). See docs/mqtt.md."""
 
     schema_: Literal["ganspect.verdict/1"] = Field(
-        VERDICT_SCHEMA,
+        "ganspect.verdict/1",
         alias="schema",
         description="Payload format and major version; a consumer rejects a version it does not know.",
     )

@@ -139,7 +139,7 @@ class Verdict(_Part):
     (ResultId, PartId, ResultState). See docs/mqtt.md."""
 
     schema_: Literal["ganspect.verdict/1"] = Field(
-        "ganspect.verdict/1",
+        default="ganspect.verdict/1",
         alias="schema",
         description="Payload format and major version; a consumer rejects a version it does not know.",
     )
@@ -190,7 +190,7 @@ class Verdict(_Part):
         "when not saved (an OK part, or dropped because the disk is nearly full or the writer is behind)."
     )
     replayed: bool = Field(
-        False,
+        default=False,
         description="true when this result waited in the outbox for a connection (a broker outage or a daemon "
         "restart) instead of being sent as it was made.",
     )

@@ -637,7 +637,7 @@ class EdgeDaemon:
         text = verdict.json_text()  # serialised once: stored, logged and (from the outbox) sent
         if self.publisher is not None:
             try:
-                self.publisher.submit(verdict, text)  # on disk when this returns
+                self.publisher.submit(verdict.seq, verdict.result_id, text)  # on disk when this returns
                 self._disk_has_room()
             except OutboxFull as exc:
                 self._disk_full(exc, "results are UNDEFINED and sent unstored while the outbox has no room")

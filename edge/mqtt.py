@@ -544,9 +544,9 @@ class VerdictPublisher:
             source = "the password (none is set: mqtt.password_env or mqtt.password_file)"
         return f"check mqtt.username ({config.username!r}) and {source}"
 
-    def submit(self, verdict: Verdict, text: str) -> None:
-        """Commit a verdict and its `json_text()` to the outbox (durable when this returns); wake the sender."""
-        self._outbox.put(verdict.seq, verdict.result_id, text)
+    def submit(self, seq: int, result_id: str, text: str) -> None:
+        """Commit a verdict's `json_text()` to the outbox (durable when this returns); wake the sender."""
+        self._outbox.put(seq, result_id, text)
         self._wake.set()
 
     def publish_unstored(self, verdict: Verdict) -> bool:

@@ -2,10 +2,10 @@
 
 `Health` is fed by the scoring loop (one `record` per verdict, `note_*` for what did not
 become one) and `report()` turns the last interval into one JSON object, documented by
-`schemas/metrics.schema.json`. Its `counts` are the daemon's only verdict counters: the run
-summary and the operator window read them too. Percentiles are over the most recent frames only (a
-daemon runs for months); counters are totals since start, so a consumer can difference
-them and a restart shows as a drop.
+`schemas/metrics.schema.json`. Its `counts` are the daemon's only verdict counters: the
+run summary and the operator window read them too. Percentiles are over the most recent
+frames only (a daemon runs for months); counters are totals since start, so a consumer
+can difference them and a restart shows as a drop.
 """
 
 from __future__ import annotations

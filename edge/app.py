@@ -502,10 +502,10 @@ class EdgeDaemon:
         inspection, reason = self._inspect(work, now.scorer, now.threshold)
         score = inspection.score if inspection is not None else None
         shown = Shown(
-            inspection,
-            judge(None if score is None else score.score, now.threshold, undefined=reason),
-            None if score is None else finite_or_none(score.score),
-            now.threshold,
+            inspection=inspection,
+            evaluation=judge(None if score is None else score.score, now.threshold, undefined=reason),
+            score=None if score is None else finite_or_none(score.score),
+            threshold=now.threshold,
         )
         result_id = str(uuid.uuid4())
         overlay_ms, window_image = self._draw_window(work, shown)

@@ -41,6 +41,7 @@ import shutil
 import signal
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -52,10 +53,10 @@ from typing import IO, Any
 
 import numpy as np
 
-from ganspect.edge.common import first_line
+from ganspect.edge.common import first_line, utc_iso
 from ganspect.edge.config import EdgeConfig, read_password
 from ganspect.edge.errors import GanspectError
-from ganspect.edge.health import Health, log_line
+from ganspect.edge.health import Health, VerdictCounts, log_line
 from ganspect.edge.images import ImageStore, StoreStats
 from ganspect.edge.inspector import Inspection, Inspector
 from ganspect.edge.live_model import LiveModel
@@ -68,7 +69,18 @@ from ganspect.edge.remote import RemoteCommands
 from ganspect.edge.scorer import Scorer
 from ganspect.edge.source import Capture, Frame, delivery_for, open_source
 from ganspect.edge.triggers import FrameClaims, PendingTrigger, TriggerRequest
-from ganspect.edge.verdict import build_verdict, verdict_json
+from ganspect.edge.verdict import (
+    Evaluation,
+    HeatmapPeak,
+    ModelUsed,
+    ResultState,
+    StationName,
+    ThresholdUsed,
+    Timings,
+    Verdict,
+    finite_or_none,
+    judge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +95,7 @@ _DISK_FULL_LOG_INTERVAL_S = 10.0
 
 @dataclass
 class RunSummary:
-    frames: int = 0
-    ok: int = 0
-    ng: int = 0
-    undefined: int = 0
+    counts: VerdictCounts = field(default_factory=VerdictCounts)  # the daemon's health.counts: one count for both
     latency_sum_ms: float = 0.0
     # The p95 comes from the most recent frames only: a daemon runs for weeks.
     recent_latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
@@ -96,20 +105,21 @@ class RunSummary:
     images_saved: int = 0
     images_dropped: int = 0
 
-    def add(self, state: str, latency_ms: float) -> None:
-        self.frames += 1
-        self.ok += state == "OK"
-        self.ng += state == "NG"
-        self.undefined += state == "UNDEFINED"
+    @property
+    def frames(self) -> int:
+        return self.counts.total
+
+    def add_latency(self, latency_ms: float) -> None:
         self.latency_sum_ms += latency_ms
         self.recent_latencies_ms.append(latency_ms)
 
     def lines(self) -> list[str]:
         mean = self.latency_sum_ms / self.frames if self.frames else 0.0
         p95 = float(np.percentile(self.recent_latencies_ms, 95)) if self.recent_latencies_ms else 0.0
+        counts = self.counts
         out = [
-            f"frames {self.frames}: OK {self.ok}, NG {self.ng}"
-            + (f", UNDEFINED {self.undefined}" if self.undefined else "")
+            f"frames {self.frames}: OK {counts.ok}, NG {counts.ng}"
+            + (f", UNDEFINED {counts.undefined}" if counts.undefined else "")
             + f" (stopped by {self.stopped_by})",
             f"latency per frame: mean {mean:.2f} ms, p95 {p95:.2f} ms",
             f"frames skipped (newer frame arrived first) {self.skipped}; images saved {self.images_saved}, "
@@ -125,6 +135,16 @@ class RunSummary:
             )
             out.append(f"outbox {d.outbox}: {d.backlog_at_start} waiting at start, {d.backlog} at exit")
         return out
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What the operator window and an NG image show of one result: the verdict's state, score and threshold."""
+
+    inspection: Inspection | None  # the heatmap and where it lies; None when nothing was scored
+    evaluation: Evaluation
+    score: float | None  # finite or None, as in the verdict
+    threshold: float
 
 
 @dataclass(frozen=True)
@@ -173,24 +193,24 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _log_verdict(payload: dict[str, Any], last_logged: dict[str, float]) -> None:
+def _log_verdict(verdict: Verdict, last_logged: dict[str, float]) -> None:
     now = time.monotonic()
-    result = payload["evaluation"]["state"]
+    result = verdict.evaluation.state
     level = logging.INFO if now - last_logged.get(result, float("-inf")) >= _LOG_INTERVAL_S[result] else logging.DEBUG
     if level == logging.INFO:
         last_logged[result] = now
-    peak = payload["heatmap_peak"]
-    where = f"peak ({peak['x']},{peak['y']})" if peak else f"({payload['evaluation']['reason']})"
+    peak = verdict.heatmap_peak
+    where = f"peak ({peak.x},{peak.y})" if peak else f"({verdict.evaluation.reason})"
     log.log(
         level,
         "#%d %s %s score %s thr %.4g %s %.1f ms",
-        payload["seq"],
-        payload["part_id"],
+        verdict.seq,
+        verdict.part_id,
         result,
-        f"{payload['score']:.4g}" if payload["score"] is not None else "n/a",
-        payload["threshold"]["value"],
+        f"{verdict.score:.4g}" if verdict.score is not None else "n/a",
+        verdict.threshold.value,
         where,
-        payload["processing_ms"]["total"],
+        verdict.processing_ms.total,
     )
 
 
@@ -230,8 +250,8 @@ class EdgeDaemon:
     ) -> None:
         self.config = config
         self.stop = stop or threading.Event()
-        self.summary = RunSummary()
         self.health = Health()
+        self.summary = RunSummary(self.health.counts)
         self._headless = headless
         self._verdict_log_path = verdict_log
         self._triggers: queue.Queue[PendingTrigger] = queue.Queue(maxsize=config.trigger.queue_size)
@@ -474,49 +494,53 @@ class EdgeDaemon:
 
     # -- one result ---------------------------------------------------------------------------
     def _process(self, work: Work) -> None:
-        assert self._outbox is not None
+        assert self._outbox is not None and self.live is not None
         started = time.perf_counter()
         frame = work.frame
         capture_age_ms = (time.monotonic() - frame.captured_mono) * 1000.0 if frame is not None else None
-        assert self.live is not None
         now = self.live.in_force()  # one (model, threshold) pair per frame: commands change it between frames
         inspection, reason = self._inspect(work, now.scorer, now.threshold)
-        payload = build_verdict(
-            seq=self._outbox.next_seq(),
-            station=self.config.station,
-            part_id=work.part_id,
-            captured_at=frame.captured_at if frame is not None else datetime.now(timezone.utc),
-            score=inspection.score if inspection is not None else None,
-            manifest=now.scorer.manifest,
-            model_file=now.scorer.model_file,
-            total_ms=0.0,
-            trigger_id=work.trigger_id,
-            undefined_reason=reason,
-            capture_age_ms=capture_age_ms,
+        score = inspection.score if inspection is not None else None
+        shown = Shown(
+            inspection=inspection,
+            evaluation=judge(None if score is None else score.score, now.threshold, undefined=reason),
+            score=None if score is None else finite_or_none(score.score),
             threshold=now.threshold,
-            threshold_source=now.threshold_source,
         )
-        state = payload["evaluation"]["state"]
-        overlay_ms, shown = self._draw_window(work, inspection, payload)
-        payload["image_path"] = self._queue_image(work, inspection, payload)
-        timings = payload["processing_ms"]
-        timings["overlay"] = None if overlay_ms is None else round(overlay_ms, 3)
-        timings["total"] = round((time.perf_counter() - started) * 1000.0, 3)
-        publish_ms, stored = self._deliver(payload)
-        if not stored:  # now UNDEFINED: the operator sees what the MES gets
-            state = payload["evaluation"]["state"]
-            if shown is not None and self.window is not None and self._last_window_frame is not None:
-                shown = self._render(
-                    self._last_window_frame,
-                    inspection,
-                    payload,
-                    show_heatmap=self.window.show_heatmap,
-                    status=self._status_line(state),
-                )
-        self.summary.add(state, timings["total"])
-        self.health.record(state, {**timings, "publish": publish_ms})
-        _log_verdict(payload, self._last_logged)
-        if self.window is not None and shown is not None and not self.window.show(shown):
+        result_id = str(uuid.uuid4())
+        overlay_ms, window_image = self._draw_window(work, shown)
+        image_path = self._queue_image(work, result_id, shown)
+        verdict = Verdict(
+            seq=self._outbox.next_seq(),
+            result_id=result_id,
+            part_id=work.part_id,
+            trigger_id=work.trigger_id,
+            station=StationName.of(self.config.station),
+            captured_at=utc_iso(frame.captured_at if frame is not None else datetime.now(timezone.utc)),
+            published_at=utc_iso(datetime.now(timezone.utc)),
+            evaluation=shown.evaluation,
+            score=shown.score,
+            threshold=ThresholdUsed(value=now.threshold, source=now.threshold_source),
+            model=ModelUsed.of(now.scorer.manifest, now.scorer.model_file),
+            processing_ms=Timings(
+                capture_age=capture_age_ms,
+                preprocess=None if score is None else score.preprocess_ms,
+                inference=None if score is None else score.inference_ms,
+                overlay=overlay_ms,
+                total=(time.perf_counter() - started) * 1000.0,
+            ),
+            heatmap_peak=None if score is None else HeatmapPeak.of(score),
+            image_path=image_path,
+        )
+        publish_ms, delivered = self._deliver(verdict)
+        if delivered is not verdict:  # unstored, so UNDEFINED: the operator sees what the MES gets
+            shown = replace(shown, evaluation=delivered.evaluation)
+            if window_image is not None and self._last_window_frame is not None:
+                window_image = self._window_image(self._last_window_frame, shown)
+        self.summary.add_latency(delivered.processing_ms.total)
+        self.health.record(delivered.evaluation.state, {**delivered.processing_ms.model_dump(), "publish": publish_ms})
+        _log_verdict(delivered, self._last_logged)
+        if self.window is not None and window_image is not None and not self.window.show(window_image):
             self.stop.set()
         self._housekeeping()
 
@@ -544,31 +568,28 @@ class EdgeDaemon:
             return None, f"inference failed: {first_line(exc, with_type=True)}"
 
     def _render(
-        self,
-        image: np.ndarray,
-        inspection: Inspection | None,
-        payload: dict[str, Any],
-        *,
-        show_heatmap: bool = True,
-        status: StatusLine | None = None,
+        self, image: np.ndarray, shown: Shown, *, show_heatmap: bool = True, status: StatusLine | None = None
     ) -> np.ndarray:
-        score = inspection.score if inspection is not None else None
+        inspection = shown.inspection
         roi = inspection.roi if inspection is not None else None
         return render_overlay(
             image,
-            score.heatmap if score is not None else None,
-            payload["evaluation"]["state"],
-            payload["score"],
-            payload["threshold"]["value"],
+            inspection.score.heatmap if inspection is not None else None,
+            shown.evaluation.state,
+            shown.score,
+            shown.threshold,
             fps=self._fps,
             show_heatmap=show_heatmap,
             status=status,
             roi=None if roi is None else (roi.x, roi.y, roi.width, roi.height),
         )
 
-    def _draw_window(
-        self, work: Work, inspection: Inspection | None, payload: dict[str, Any]
-    ) -> tuple[float | None, np.ndarray | None]:
+    def _window_image(self, image: np.ndarray, shown: Shown) -> np.ndarray:
+        assert self.window is not None
+        status = self._status_line(shown.evaluation.state)
+        return self._render(image, shown, show_heatmap=self.window.show_heatmap, status=status)
+
+    def _draw_window(self, work: Work, shown: Shown) -> tuple[float | None, np.ndarray | None]:
         if self.window is None:
             return None, None
         if work.frame is not None:
@@ -576,70 +597,57 @@ class EdgeDaemon:
         elif self._last_window_frame is None:
             return None, None
         # Without a frame (a silent camera) the last one is shown again under the grey UNDEFINED banner.
-        image_in = work.frame.image if work.frame is not None else self._last_window_frame
         t0 = time.perf_counter()
         now = time.monotonic()
         if self._last_shown is not None:  # the first frame has no interval to measure
             instant = 1.0 / max(now - self._last_shown, 1e-6)
             self._fps = instant if self._fps is None else 0.9 * self._fps + 0.1 * instant
         self._last_shown = now
-        image = self._render(
-            image_in,
-            inspection,
-            payload,
-            show_heatmap=self.window.show_heatmap,
-            status=self._status_line(payload["evaluation"]["state"]),
-        )
+        image = self._window_image(self._last_window_frame, shown)
         return (time.perf_counter() - t0) * 1000.0, image
 
-    def _status_line(self, current: str) -> StatusLine:
-        """The counts include the result on screen (`current`), which the summary counts a moment later."""
-        s = self.summary
+    def _status_line(self, current: ResultState) -> StatusLine:
+        """The counts include the result on screen (`current`), which is counted a moment later."""
+        counts = self.health.counts
         broker = "disabled" if self.publisher is None else ("online" if self.publisher.online else "offline")
         camera = self.capture.state if self.capture is not None else "?"
         station = self.config.station
         return StatusLine(
             station=f"{station.line}/{station.station}",
-            ok=s.ok + (current == "OK"),
-            ng=s.ng + (current == "NG"),
-            undefined=s.undefined + (current == "UNDEFINED"),
+            ok=counts.ok + (current == "OK"),
+            ng=counts.ng + (current == "NG"),
+            undefined=counts.undefined + (current == "UNDEFINED"),
             camera=camera,
             broker=broker,
         )
 
-    def _queue_image(self, work: Work, inspection: Inspection | None, payload: dict[str, Any]) -> str | None:
-        if self.images is None or work.frame is None or not self.images.wanted(payload["evaluation"]["state"]):
+    def _queue_image(self, work: Work, result_id: str, shown: Shown) -> str | None:
+        if self.images is None or work.frame is None or not self.images.wanted(shown.evaluation.state):
             return None
         image = work.frame.image
         day = work.frame.captured_at.strftime("%Y-%m-%d")
-        path = self.images.offer(payload["result_id"], day, lambda: self._render(image, inspection, payload))
+        path = self.images.offer(result_id, day, lambda: self._render(image, shown))
         return None if path is None else str(path)
 
-    def _deliver(self, payload: dict[str, Any]) -> tuple[float, bool]:
-        """Commit to the outbox (and so to MQTT), then the verdict log; (milliseconds, whether it was stored)."""
+    def _deliver(self, verdict: Verdict) -> tuple[float, Verdict]:
+        """Commit to the outbox (and so to MQTT), then the verdict log; (milliseconds, the verdict as delivered:
+        UNDEFINED when the outbox had no room for it)."""
         assert self._outbox is not None
         t0 = time.perf_counter()
-        text = verdict_json(payload)  # serialised once: stored, logged and (from the outbox) sent
-        stored = True
+        text = verdict.json_text()  # serialised once: stored, logged and (from the outbox) sent
         if self.publisher is not None:
             try:
-                self.publisher.submit(payload, text)  # on disk when this returns
+                self.publisher.submit(verdict.seq, verdict.result_id, text)  # on disk when this returns
                 self._disk_has_room()
             except OutboxFull as exc:
-                stored = False
                 self._disk_full(exc, "results are UNDEFINED and sent unstored while the outbox has no room")
-                payload["evaluation"] = {
-                    "state": "UNDEFINED",
-                    "reason": "data disk full: the verdict could not be stored, so its delivery is not guaranteed "
-                    f"(judged {payload['evaluation']['state']}, not published as such)",
-                }
-                sent = self.publisher.publish_unstored(payload)
-                text = verdict_json(payload)
-                if not sent:
-                    log.debug("unstored verdict seq %d not sent: the broker is offline", payload["seq"])
+                verdict = verdict.unstored()
+                text = verdict.json_text()
+                if not self.publisher.publish_unstored(verdict):
+                    log.debug("unstored verdict seq %d not sent: the broker is offline", verdict.seq)
         else:
             try:
-                self._outbox.note_seq(payload["seq"])
+                self._outbox.note_seq(verdict.seq)
                 self._disk_has_room()
             except OutboxError as exc:  # nothing to keep but the counter: the result is logged, the line goes on
                 self._disk_full(exc, "seq is counted in memory only (it may repeat after a restart)")
@@ -649,7 +657,7 @@ class EdgeDaemon:
                 self._log_file.flush()
             except OSError as exc:
                 self._disk_full(exc, f"the verdict log {self._verdict_log_path} misses results")
-        return (time.perf_counter() - t0) * 1000.0, stored
+        return (time.perf_counter() - t0) * 1000.0, verdict
 
     def _disk_full(self, exc: Exception, consequence: str) -> None:
         if self.images is not None:

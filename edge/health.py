@@ -2,9 +2,10 @@
 
 `Health` is fed by the scoring loop (one `record` per verdict, `note_*` for what did not
 become one) and `report()` turns the last interval into one JSON object, documented by
-`schemas/metrics.schema.json`. Percentiles are over the most recent frames only (a
-daemon runs for months); counters are totals since start, so a consumer can difference
-them and a restart shows as a drop.
+`schemas/metrics.schema.json`. Its `counts` are the daemon's only verdict counters: the
+run summary and the operator window read them too. Percentiles are over the most recent
+frames only (a daemon runs for months); counters are totals since start, so a consumer
+can difference them and a restart shows as a drop.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+
+from ganspect.edge.verdict import ResultState
 
 log = logging.getLogger(__name__)
 
@@ -25,20 +29,43 @@ STAGES = ("capture_age", "preprocess", "inference", "overlay", "publish", "total
 _RECENT = 2000  # frames per percentile window
 
 
+@dataclass
+class VerdictCounts:
+    """Verdicts made since start, by result state."""
+
+    ok: int = 0
+    ng: int = 0
+    undefined: int = 0
+
+    def add(self, state: ResultState) -> None:
+        if state == "OK":
+            self.ok += 1
+        elif state == "NG":
+            self.ng += 1
+        else:
+            self.undefined += 1
+
+    @property
+    def total(self) -> int:
+        return self.ok + self.ng + self.undefined
+
+    def by_state(self) -> dict[ResultState, int]:
+        return {"OK": self.ok, "NG": self.ng, "UNDEFINED": self.undefined}
+
+
 class Health:
     def __init__(self) -> None:
         self.started_mono = time.monotonic()
+        self.counts = VerdictCounts()
         self._stages: dict[str, deque[float]] = {stage: deque(maxlen=_RECENT) for stage in STAGES}
-        self._results = {"OK": 0, "NG": 0, "UNDEFINED": 0}
         self._stale = 0
         self._errors = 0
         self._interval_start = time.monotonic()
-        self._interval_frames = 0
+        self._interval_start_total = 0
 
-    def record(self, state: str, timings_ms: Mapping[str, float | None]) -> None:
+    def record(self, state: ResultState, timings_ms: Mapping[str, float | None]) -> None:
         """One verdict made; `timings_ms` by stage name (None: the stage did not run for it)."""
-        self._results[state] = self._results.get(state, 0) + 1
-        self._interval_frames += 1
+        self.counts.add(state)
         for stage, value in timings_ms.items():
             if value is not None and stage in self._stages:
                 self._stages[stage].append(value)
@@ -49,16 +76,12 @@ class Health:
     def note_error(self) -> None:
         self._errors += 1
 
-    @property
-    def counts(self) -> dict[str, int]:
-        return dict(self._results)
-
     def report(self, extra: dict[str, Any]) -> dict[str, Any]:
         """The metrics payload for the interval since the last report; `extra` adds the other parts' state."""
         now = time.monotonic()
         elapsed = max(now - self._interval_start, 1e-9)
-        fps = self._interval_frames / elapsed
-        self._interval_start, self._interval_frames = now, 0
+        fps = (self.counts.total - self._interval_start_total) / elapsed
+        self._interval_start, self._interval_start_total = now, self.counts.total
         latency: dict[str, dict[str, float] | None] = {}
         for stage, values in self._stages.items():
             if values:
@@ -77,7 +100,7 @@ class Health:
             "uptime_s": round(now - self.started_mono, 3),
             "interval_s": round(elapsed, 3),
             "fps": round(fps, 3),
-            "results": dict(self._results),
+            "results": self.counts.by_state(),
             "stale_frames": self._stale,
             "inference_errors": self._errors,
             "latency_ms": latency,

@@ -40,6 +40,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ganspect.edge.errors import BundleError, key_path
+from ganspect.edge.verdict import judge
 
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
@@ -353,22 +354,18 @@ def load_bundle(root: str | Path, trusted_keys: Sequence[Path] = ()) -> Bundle:
     return Bundle(root=root, manifest=manifest)
 
 
-def golden_verdict(score: float, threshold: float) -> Literal["OK", "NG"]:
-    # The edge's rule (Score.is_ng): NaN is NG, never a silent OK.
-    return "OK" if score <= threshold else "NG"
-
-
 def _check_thresholds(manifest_path: Path, manifest: Manifest) -> None:
     """Refuse thresholds that contradict the bundle's own evidence (the content digest proves no author)."""
     for index, model_file in enumerate(manifest.files):
         for i, golden in enumerate(manifest.golden):
             recorded = model_file.golden.scores[i]
-            if golden.expect is not None and golden_verdict(recorded, model_file.threshold) != golden.expect:
+            # The edge's own rule, so that the bundle is judged as the line will judge its parts.
+            verdict = judge(recorded, model_file.threshold).state
+            if golden.expect is not None and verdict != golden.expect:
                 raise BundleError(
                     f"{manifest_path}: files[{index}].threshold {model_file.threshold:.6g} ({model_file.path}) "
                     f"judges the golden image {golden.path} ({golden.origin}, score {recorded:.6g}) "
-                    f"{golden_verdict(recorded, model_file.threshold)}, not {golden.expect}: the threshold does not "
-                    "belong to this model; re-export the run"
+                    f"{verdict}, not {golden.expect}: the threshold does not belong to this model; re-export the run"
                 )
     measured = manifest.metrics.get("threshold")
     fp32 = next((f for f in manifest.files if f.precision == "fp32"), None)

@@ -74,7 +74,7 @@ from ganspect.edge.config import MqttConfig, StationConfig
 from ganspect.edge.errors import GanspectError
 from ganspect.edge.outbox import Outbox, OutboxError, Row
 from ganspect.edge.tls import ssl_text, tls_context, tls_failure_of
-from ganspect.edge.verdict import verdict_json
+from ganspect.edge.verdict import Verdict, stamped_for_sending
 
 log = logging.getLogger(__name__)
 
@@ -454,11 +454,9 @@ class VerdictPublisher:
                     return
 
     def _send(self, row: Row) -> bool:
-        payload = json.loads(row.payload)
         replayed = row.seq <= self._replay_up_to
-        payload["replayed"] = replayed
-        payload["published_at"] = utc_iso(datetime.now(timezone.utc))
-        info = self._client.publish(self.verdict_topic, verdict_json(payload), qos=self._config.qos)
+        text = stamped_for_sending(row.payload, replayed=replayed)
+        info = self._client.publish(self.verdict_topic, text, qos=self._config.qos)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.error(
                 "verdict seq %d not handed to MQTT (%s); it stays in the outbox", row.seq, mqtt.error_string(info.rc)
@@ -546,12 +544,12 @@ class VerdictPublisher:
             source = "the password (none is set: mqtt.password_env or mqtt.password_file)"
         return f"check mqtt.username ({config.username!r}) and {source}"
 
-    def submit(self, payload: dict[str, Any], text: str) -> None:
-        """Commit a verdict and its `verdict_json` text to the outbox (durable when this returns); wake the sender."""
-        self._outbox.put(payload["seq"], payload["result_id"], text)
+    def submit(self, seq: int, result_id: str, text: str) -> None:
+        """Commit a verdict's `json_text()` to the outbox (durable when this returns); wake the sender."""
+        self._outbox.put(seq, result_id, text)
         self._wake.set()
 
-    def publish_unstored(self, payload: dict[str, Any]) -> bool:
+    def publish_unstored(self, verdict: Verdict) -> bool:
         """Send a verdict the outbox had no room for straight to the broker (QoS 1); False when not sent.
 
         Only while online: offline, paho would hold it in memory for as long as the outage lasts.
@@ -560,8 +558,8 @@ class VerdictPublisher:
         """
         if not self._ready.is_set():
             return False
-        payload["published_at"] = utc_iso(datetime.now(timezone.utc))
-        info = self._publish_other(self.verdict_topic, verdict_json(payload))
+        sent = verdict.model_copy(update={"published_at": utc_iso(datetime.now(timezone.utc))})
+        info = self._publish_other(self.verdict_topic, sent.json_text())
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     @property

@@ -71,7 +71,7 @@ UNSHOWABLE_PATTERN = (
     + "]"
 )
 UNSHOWABLE = re.compile(UNSHOWABLE_PATTERN)
-_UTC_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$"
+UTC_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$"
 
 RejectCode = Literal[
     "unknown_command",
@@ -221,8 +221,8 @@ class CommandResult(_Out):
         description="cmd/threshold and cmd/reload: the threshold in force after the command; null otherwise."
     )
     model: ModelState | None = Field(description="cmd/reload: the model scoring after the command; null otherwise.")
-    received_at: str = Field(pattern=_UTC_PATTERN, description="UTC time (ISO 8601) the command arrived.")
-    answered_at: str = Field(pattern=_UTC_PATTERN, description="UTC time (ISO 8601) of this answer.")
+    received_at: str = Field(pattern=UTC_PATTERN, description="UTC time (ISO 8601) the command arrived.")
+    answered_at: str = Field(pattern=UTC_PATTERN, description="UTC time (ISO 8601) of this answer.")
 
 
 def printable(text: str, limit: int) -> str:

@@ -1,4 +1,4 @@
-"""The JSON Schema files in `edge/schemas/`, generated from the payload models.
+"""The JSON Schema files in `edge/schemas/`, generated from the payload models (commands, answers, verdicts).
 
 Regenerate them after changing a model: `python -m ganspect.edge.schema_files`; a test
 holds the files equal to what this module writes.
@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from ganspect.edge.payloads import COMMANDS, CommandResult, ReloadCommand, ThresholdCommand, TriggerCommand
+from ganspect.edge.verdict import Verdict
 
 STATUS_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -61,6 +62,7 @@ def schemas() -> dict[str, dict[str, Any]]:
         "cmd-threshold.schema.json": _schema_of(ThresholdCommand, "cmd-threshold", "ganspect cmd/threshold"),
         "cmd-result.schema.json": _schema_of(CommandResult, "cmd-result", "ganspect cmd/result"),
         "status.schema.json": STATUS_SCHEMA,
+        "verdict.schema.json": _schema_of(Verdict, "verdict", "ganspect verdict"),
     }
 
 

@@ -22,7 +22,8 @@ import onnxruntime as ort
 from ganspect.edge.common import first_line
 from ganspect.edge.errors import BundleError
 from ganspect.edge.golden import read_golden_image
-from ganspect.edge.manifest import Bundle, Manifest, ModelFile, golden_verdict, load_bundle
+from ganspect.edge.manifest import Bundle, Manifest, ModelFile, load_bundle
+from ganspect.edge.verdict import ResultState, judge
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,9 @@ class Score:
     inference_ms: float
 
     @property
-    def is_ng(self) -> bool:
-        # Written so that a NaN score (a broken graph or input) is NG, never a silent OK.
-        return not self.score <= self.threshold
-
-    @property
-    def result(self) -> Literal["OK", "NG"]:
-        return "NG" if self.is_ng else "OK"
+    def result(self) -> ResultState:
+        """As the verdict judges it (`verdict.judge`): a NaN score is UNDEFINED, never OK."""
+        return judge(self.score, self.threshold).state
 
 
 def _dim_matches(actual: int | str | None, expected: int) -> bool:
@@ -168,7 +165,7 @@ class Scorer:
                         "does not compute what the export machine did, so the model is not used"
                     )
             # Scores within tolerance can still fall on the other side of the threshold: the verdict is what counts.
-            verdict = golden_verdict(float(score[0]), self.threshold)
+            verdict = judge(float(score[0]), self.threshold).state
             if golden.expect is not None and verdict != golden.expect:
                 raise BundleError(
                     f"{path} fails its golden self-test: {golden.path} ({golden.origin}) scores {float(score[0]):.6g} "

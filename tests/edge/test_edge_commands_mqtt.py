@@ -505,7 +505,7 @@ def test_answers_published_from_other_threads_never_acknowledge_a_verdict(mosqui
             thread.start()
         for seq in range(1, 201):
             payload = {"seq": seq, "result_id": str(uuid.uuid4())}
-            publisher.submit(payload, json.dumps(payload))
+            publisher.submit(seq, payload["result_id"], json.dumps(payload))
         for thread in threads:
             thread.join()
         _wait(

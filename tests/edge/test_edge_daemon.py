@@ -282,13 +282,22 @@ def test_a_non_finite_score_is_an_undefined_result_that_still_validates(tiny_bun
 
     import numpy as np
 
-    from ganspect.edge.config import StationConfig
+    from ganspect.edge.common import utc_iso
     from ganspect.edge.manifest import load_bundle
     from ganspect.edge.scorer import Score
-    from ganspect.edge.verdict import build_verdict
+    from ganspect.edge.verdict import (
+        HeatmapPeak,
+        ModelUsed,
+        StationName,
+        ThresholdUsed,
+        Timings,
+        Verdict,
+        finite_or_none,
+        judge,
+    )
 
     bundle = load_bundle(tiny_bundle)
-    station = StationConfig(site="testsite", line="l1", station="s1")
+    now = utc_iso(datetime.now(timezone.utc))
     for value in (float("nan"), float("inf")):
         score = Score(
             score=value,
@@ -300,16 +309,23 @@ def test_a_non_finite_score_is_an_undefined_result_that_still_validates(tiny_bun
             preprocess_ms=0.1,
             inference_ms=0.2,
         )
-        payload = build_verdict(
+        verdict = Verdict(
             seq=7,
-            station=station,
+            result_id="0b6f1a52-1d7e-4c3e-9a57-3f0c2a6f5e11",
             part_id="cam:3",
-            captured_at=datetime.now(timezone.utc),
-            score=score,
-            manifest=bundle.manifest,
-            model_file=bundle.manifest.model_file(),
-            total_ms=0.5,
+            trigger_id=None,
+            station=StationName(site="testsite", line="l1", station="s1"),
+            captured_at=now,
+            published_at=now,
+            evaluation=judge(score.score, 0.15),
+            score=finite_or_none(score.score),
+            threshold=ThresholdUsed(value=0.15, source="bundle"),
+            model=ModelUsed.of(bundle.manifest, bundle.manifest.model_file()),
+            processing_ms=Timings(capture_age=0.0, preprocess=0.1, inference=0.2, overlay=None, total=0.5),
+            heatmap_peak=HeatmapPeak.of(score),
+            image_path=None,
         )
+        payload = json.loads(verdict.json_text())
         validator.validate(payload)
         assert payload["evaluation"]["state"] == "UNDEFINED" and "non-finite" in payload["evaluation"]["reason"]
         assert payload["score"] is None and payload["heatmap_peak"]["value"] is None

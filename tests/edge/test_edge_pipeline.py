@@ -280,6 +280,7 @@ def test_an_inference_error_is_undefined_not_ok(tiny_bundle, tiny_video, make_ed
     # session's run after a real load; everything else is real.
     from ganspect.edge.app import EdgeDaemon
     from ganspect.edge.config import load_config
+    from ganspect.edge.health import VerdictCounts
     from ganspect.edge.scorer import Scorer
 
     real_load = Scorer.load
@@ -298,7 +299,7 @@ def test_an_inference_error_is_undefined_not_ok(tiny_bundle, tiny_video, make_ed
     summary = EdgeDaemon(config, verdict_log=tmp_path / "v.jsonl").run()
 
     verdicts = [json.loads(line) for line in (tmp_path / "v.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert summary.undefined == 3 and summary.ok == 0 and summary.ng == 0 and len(verdicts) == 3
+    assert summary.counts == VerdictCounts(undefined=3) and len(verdicts) == 3
     for v in verdicts:
         _validate(v, VERDICT_SCHEMA)
         assert v["evaluation"]["state"] == "UNDEFINED" and v["score"] is None

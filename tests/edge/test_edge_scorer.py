@@ -55,7 +55,7 @@ def test_score_matches_the_models_formula(tmp_path, make_bundle, make_part_image
         assert result.preprocess_ms >= 0 and result.inference_ms > 0
 
 
-def test_nan_score_is_ng_not_ok():
+def test_nan_score_is_undefined_never_ok():
     from ganspect.edge.scorer import Score
 
     nan = Score(
@@ -68,4 +68,4 @@ def test_nan_score_is_ng_not_ok():
         preprocess_ms=0.0,
         inference_ms=0.0,
     )
-    assert nan.result == "NG"
+    assert nan.result == "UNDEFINED"

@@ -33,6 +33,7 @@ import numpy as np
 
 from ganspect.edge.errors import GanspectError
 from ganspect.edge.manifest import (
+    FORMAT_VERSION,
     MANIFEST_NAME,
     GoldenExpectation,
     GoldenImage,
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 REPORT_FILE = "export_report.md"
-FORMAT_VERSION = 2
 # Golden self-test tolerances: |actual - expected| <= atol + rtol * |expected|. FP32 differs
 # between CPUs only by float summation order; INT8 also by rounding at each quantize step,
 # and by saturation on CPUs without VNNI, which is what the looser bound still catches.

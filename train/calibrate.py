@@ -40,7 +40,7 @@ class Scored:
     recon: np.ndarray | None = None  # (N, H, W, C) uint8 reconstructions, when asked for (keep_recon)
 
 
-def score_images(
+def score_images(  # noqa: PLR0913 — scoring options with defaults; a caller names the one or two it changes
     model: ScoringModel,
     images: np.ndarray,
     batch_size: int = 64,

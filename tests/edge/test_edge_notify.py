@@ -108,7 +108,7 @@ def test_watchdog_pings_at_most_once_per_interval_and_stops_with_the_beats(
     assert _drain(server) == []
 
 
-def test_the_daemon_is_ready_pings_while_scoring_and_stops_pinging_when_its_loop_hangs(
+def test_the_daemon_is_ready_pings_while_scoring_and_stops_pinging_when_its_loop_hangs(  # noqa: C901, PLR0915 — the daemon's whole life as systemd sees it, in order
     notify_socket: tuple[str, socket.socket], tiny_bundle: Path, make_video: Any, make_edge_config: Any, tmp_path: Path
 ) -> None:
     """READY=1 after start-up, WATCHDOG=1 while frames are scored, none while the loop is stuck, STOPPING=1.

@@ -323,7 +323,7 @@ def _parse_time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def run_daemon(
+def run_daemon(  # noqa: PLR0913 — one benchmark run's settings, each a command-line flag of main
     bundle: Path,
     video: Path,
     broker: Broker,
@@ -408,7 +408,7 @@ def run_daemon(
     return run
 
 
-def _analyse(
+def _analyse(  # noqa: C901 — each figure of a run from its verdicts, metrics and memory samples, skipped when missing
     run: EdgeRun,
     verdict_log: Path,
     subscriber: Subscriber,

@@ -188,7 +188,7 @@ def kept_up(r: dict[str, Any]) -> bool:
     )
 
 
-def run_round(
+def run_round(  # noqa: PLR0913 — one round's settings, each a command-line flag of main
     bundle: Path,
     video: Path,
     broker: Broker,
@@ -323,7 +323,7 @@ def _git_describe() -> str:
     return f"{head} ({folder})"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 — mostly its argparse flags, one statement each
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", default="5,10,15,20,25,30,40", help="offered triggers per second, comma-separated")
     parser.add_argument("--triggers", type=int, default=150, help="triggers sent at each rate")

@@ -42,6 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ganspect.edge.errors import BundleError, key_path
 from ganspect.edge.verdict import judge
 
+# Written here only: the exporter stamps bundles with it and load_bundle refuses others, so the
+# two sides cannot disagree on which format is current.
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 

@@ -60,7 +60,7 @@ def banner_height(image_height: int) -> int:
     return max(36, image_height // 8)
 
 
-def render_overlay(
+def render_overlay(  # noqa: PLR0913 — display options with defaults, named by the callers that set them
     frame_bgr: np.ndarray,
     heatmap: np.ndarray | None,
     result: str,

@@ -27,12 +27,13 @@ import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from ganspect.edge.errors import GanspectError
 from ganspect.edge.manifest import (
+    FORMAT_VERSION,
     MANIFEST_NAME,
     GoldenExpectation,
     GoldenImage,
@@ -52,12 +53,16 @@ from ganspect.edge.manifest import (
     write_manifest,
 )
 
+if TYPE_CHECKING:  # at run time these load torch and onnx, which only an export needs
+    from ganspect.export.onnx_export import Parity
+    from ganspect.export.quantize import GuardResult, Int8Settings
+    from ganspect.export.report import Latency
+
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 REPORT_FILE = "export_report.md"
-FORMAT_VERSION = 2
 # Golden self-test tolerances: |actual - expected| <= atol + rtol * |expected|. FP32 differs
 # between CPUs only by float summation order; INT8 also by rounding at each quantize step,
 # and by saturation on CPUs without VNNI, which is what the looser bound still catches.
@@ -348,6 +353,320 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
+FP32_PARITY = "PyTorch eval vs ONNX FP32"
+INT8_PARITY = "ONNX FP32 vs ONNX INT8"
+PRECISIONS = {MODEL_FILE: "fp32", INT8_FILE: "int8"}
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A trained run as the export reads it, checked to be one this ganspect can export."""
+
+    path: Path
+    config: Any  # TrainConfig
+    info: dict[str, Any]  # run.json
+    calibration: dict[str, Any]  # calibration.json
+    model: Any  # the scoring module (ganspect.train.loop.load_run_model)
+    discrimination: str
+
+    @property
+    def kind(self) -> str:
+        return str(self.config.model.kind)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.model.threshold)
+
+    @property
+    def nu(self) -> float:
+        return float(self.calibration.get("nu", self.config.calibration.nu))
+
+
+@dataclass(frozen=True)
+class _CheckImages:
+    """The images every ONNX file is checked on; `images` is None when the training data is gone."""
+
+    images: RunImages | None
+    guard_set: Any  # GuardData, or None without the training data
+    pixels: np.ndarray  # uint8 (N, H, W, C)
+    description: str
+
+
+@dataclass(frozen=True)
+class _Fp32:
+    path: Path
+    torch_out: Any  # Outputs of the PyTorch module on the check images
+    onnx_out: Any  # Outputs of the FP32 graph on them
+    parity: Parity
+
+
+@dataclass(frozen=True)
+class _Int8:
+    guard: list[GuardResult]  # each attempt, the one shipped last
+    threshold: float
+    parity: dict[str, Parity]
+
+
+def _read_run(run: Path) -> _Run:
+    from ganspect.train.loop import load_run_model, read_run_config, read_run_info
+
+    config = read_run_config(run)
+    info = read_run_info(run)
+    kind = config.model.kind
+    if kind not in SCORE_FORMULAS:
+        raise GanspectError(f"{run}: model kind {kind!r} cannot be exported by this ganspect")
+    model, ckpt = load_run_model(run)
+    if not ckpt.get("calibrated"):
+        raise GanspectError(f"{run}: training did not finish (not calibrated); resume it before exporting")
+    discrimination = getattr(model.cfg, "discrimination", "feature_matching")
+    if (kind, discrimination) not in DISCRIMINATION_FORMULA:
+        raise GanspectError(f"{run}: {kind} with discrimination {discrimination!r} cannot be exported by this ganspect")
+    calibration = json.loads((run / "calibration.json").read_text(encoding="utf-8"))
+    return _Run(run, config, info, calibration, model, discrimination)
+
+
+def _check_images(src: _Run, guard_data: Path | None, int8: bool) -> _CheckImages:
+    cfg, config = src.model.cfg, src.config
+    size, channels = cfg.image_size, cfg.channels
+    images = _run_images(
+        Path(src.info["source"]),
+        size,
+        channels,
+        config.data.holdout,
+        config.train.seed,
+        Path(guard_data) if guard_data is not None else None,
+        config.tiling,
+    )
+    if images is None:
+        if int8:
+            raise GanspectError(
+                f"--int8 needs the run's training data at {src.info['source']} (calibration and the "
+                "accuracy guard run on it); it is gone"
+            )
+        log.warning("training data %s is gone: checking ONNX parity on random images instead", src.info["source"])
+        pixels = np.random.default_rng(config.train.seed).integers(0, 256, (16, size, size, channels), np.uint8)
+        return _CheckImages(None, None, pixels, "16 images of seeded random pixels (the training data is gone)")
+    guard_set = _guard_data(images)
+    return _CheckImages(images, guard_set, guard_set.images, guard_set.description)
+
+
+def _export_fp32(src: _Run, checks: _CheckImages, tmp: Path) -> _Fp32:
+    """The FP32 graph, refused unless it agrees with PyTorch on the check images."""
+    from ganspect.export.onnx_export import compare, export_onnx, opset_of, run_onnx, run_torch
+
+    cfg = src.model.cfg
+    size, channels = cfg.image_size, cfg.channels
+    log.info("exporting %s (%s, %dx%dx%d) to ONNX", src.path, src.kind, size, size, channels)
+    path = export_onnx(src.model, tmp / MODEL_FILE, size, channels)
+    torch_out = run_torch(src.model, checks.pixels)
+    onnx_out = run_onnx(path, checks.pixels)
+    parity = compare(torch_out, onnx_out)
+    if not parity.ok:
+        raise GanspectError(
+            f"ONNX and PyTorch disagree on {parity.n_images} images (max score difference "
+            f"{parity.max_abs_score_diff:.3g}, heatmap {parity.max_abs_heatmap_diff:.3g}, same peak "
+            f"{parity.peak_agreement:.0%}); bundle not written"
+        )
+    log.info(
+        "ONNX opset %d; parity on %d images: max |score diff| %.2e, max |heatmap diff| %.2e",
+        opset_of(path),
+        parity.n_images,
+        parity.max_abs_score_diff,
+        parity.max_abs_heatmap_diff,
+    )
+    return _Fp32(path, torch_out, onnx_out, parity)
+
+
+def _export_int8(src: _Run, checks: _CheckImages, fp32: _Fp32, settings: Int8Settings, force: bool) -> _Int8:
+    """INT8 beside the FP32 file: all learned layers first, then with the sensitive ones kept in FP32.
+
+    The first attempt that passes the accuracy guard is kept; when neither does, the export
+    is refused unless `force`, which ships the second.
+    """
+    import onnx
+
+    from ganspect.export.onnx_export import compare, parameter_names, run_onnx
+    from ganspect.export.quantize import describe_layers, judge, learned_layers, quantize, sensitive_layers
+
+    images, guard_set = checks.images, checks.guard_set
+    assert images is not None and guard_set is not None  # _check_images refuses --int8 without the training data
+    rng = np.random.default_rng(src.config.train.seed)
+    n_cal = min(settings.calibration_images, len(images.train))
+    calibration = images.train[np.sort(rng.choice(len(images.train), n_cal, replace=False))]
+    proto = onnx.load(str(fp32.path))
+    layers = learned_layers(proto, parameter_names(src.model))
+    keep = sensitive_layers(proto, layers)
+    attempts = [
+        ("all learned layers INT8", []),
+        ("first/last layers and D's feature layer kept in FP32", describe_layers(proto, keep)),
+    ]
+    guard: list[GuardResult] = []
+    int8_path = fp32.path.with_name(INT8_FILE)
+    for (label, kept_names), kept in zip(attempts, ([], keep)):
+        log.info("quantizing to INT8 (%s) on %d normal training images", label, n_cal)
+        quantize(fp32.path, int8_path, calibration, layers, kept, settings)
+        int8_out = run_onnx(int8_path, checks.pixels)
+        frame_threshold = (
+            None
+            if images.holdout_frames is None
+            else _tiled_threshold(int8_path, images.holdout_frames, src.config, src.nu)
+        )
+        result = judge(
+            label,
+            kept_names,
+            guard_set,
+            fp32.onnx_out,
+            src.threshold,
+            int8_out,
+            src.nu,
+            settings,
+            int8_threshold=frame_threshold,
+        )
+        guard.append(result)
+        log.info("INT8 guard (%s): %s", label, "pass" if result.ok else "; ".join(result.failures))
+        if result.ok:
+            break
+    final = guard[-1]
+    if not final.ok and not force:
+        raise GanspectError(
+            f"INT8 model refused by the accuracy guard: {'; '.join(final.failures)} (also with "
+            f"{len(keep)} sensitive layers kept in FP32); nothing was written: export without --int8, "
+            "or pass --force to ship it anyway"
+        )
+    if not final.ok:
+        log.warning("INT8 model failed its guard (%s) and is shipped because of --force", "; ".join(final.failures))
+    parity = {
+        INT8_PARITY: compare(fp32.onnx_out, int8_out),
+        "PyTorch eval vs ONNX INT8": compare(fp32.torch_out, int8_out),
+    }
+    return _Int8(guard, final.int8_threshold, parity)
+
+
+def _write_golden(
+    src: _Run, images: RunImages | None, tmp: Path, thresholds: dict[str, float]
+) -> tuple[list[GoldenImage], list[ModelFile]]:
+    """The golden images, and each ONNX file described with what it outputs for them."""
+    from ganspect.edge.golden import write_golden_image
+
+    cfg = src.model.cfg
+    chosen = _golden_choice(
+        images,
+        cfg.image_size,
+        cfg.channels,
+        src.config.train.seed,
+        {tmp / name: (PRECISIONS[name], thresholds[name]) for name in thresholds},
+    )
+    golden: list[GoldenImage] = []
+    for i, (image, origin, expect) in enumerate(chosen):
+        name = f"golden/{i}.png"
+        write_golden_image(tmp / name, image)
+        golden.append(describe_golden(tmp, name, origin, expect))
+    files: list[ModelFile] = [
+        describe_file(
+            tmp,
+            name,
+            PRECISIONS[name],
+            thresholds[name],  # type: ignore[arg-type]
+            _golden_expectation(tmp / name, [g for g, _, _ in chosen], PRECISIONS[name]),
+        )
+        for name in thresholds
+    ]
+    return golden, files
+
+
+def _bundle_metrics(
+    run: Path,
+    thresholds: dict[str, float],
+    parity: dict[str, Parity],
+    latency: dict[str, list[Latency]],
+    guard: list[GuardResult] | None,
+) -> dict[str, float | None]:
+    """The manifest's metrics: the run's evaluation, and the parity, latency and guard figures of this export."""
+    metrics = _scalar_metrics(run)
+    evaluated_at = metrics.get("threshold")
+    if evaluated_at is not None and not math.isclose(evaluated_at, thresholds[MODEL_FILE], rel_tol=1e-6, abs_tol=1e-12):
+        # The edge refuses a bundle whose metrics were measured at another threshold than its model's.
+        raise GanspectError(
+            f"{run / 'metrics.json'} was measured at the threshold {evaluated_at:.9g}, the model's is "
+            f"{thresholds[MODEL_FILE]:.9g} (calibrated again since?): run `ganspect eval {run}` again, then export"
+        )
+    for label, key in ((FP32_PARITY, "fp32"), (INT8_PARITY, "int8_vs_fp32")):
+        if label in parity:
+            metrics[f"parity_{key}_max_abs_score_diff"] = parity[label].max_abs_score_diff
+            metrics[f"parity_{key}_max_abs_heatmap_diff"] = parity[label].max_abs_heatmap_diff
+            metrics[f"parity_{key}_peak_agreement"] = parity[label].peak_agreement
+    for name, lat in latency.items():
+        tag = PRECISIONS[name]
+        metrics[f"latency_ms_{tag}_1_thread"] = lat[0].median_ms
+        metrics[f"latency_ms_{tag}_all_threads"] = lat[1].median_ms
+    if guard is not None:
+        final = guard[-1]
+        metrics.update(
+            {
+                "int8_guard_passed": float(final.ok),
+                "int8_guard_spearman": final.spearman,
+                "int8_guard_agreement": final.agreement,
+                "int8_guard_fp32_auroc": final.fp32_auroc,
+                "int8_guard_int8_auroc": final.int8_auroc,
+                "int8_layers_kept_fp32": float(len(final.fp32_nodes)),
+            }
+        )
+    return {k: _finite(v) for k, v in metrics.items()}
+
+
+def _manifest(
+    src: _Run, metrics: dict[str, float | None], files: list[ModelFile], golden: list[GoldenImage]
+) -> Manifest:
+    cfg, config, cal, kind = src.model.cfg, src.config, src.calibration, src.kind
+    source = getattr(cfg, "scoring", "residual")
+    roi = config.tiling.roi
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        name=f"{kind}-{src.path.resolve().name}",
+        kind=kind,
+        created_at=utc_now(),
+        ganspect_version=_ganspect_version(),
+        input=InputSpec(
+            height=cfg.image_size,
+            width=cfg.image_size,
+            channels=cfg.channels,
+            colour_order="GRAY" if cfg.channels == 1 else "BGR",
+            resize_interpolation="area",
+        ),
+        normalisation=Normalisation(scale=1 / 127.5, offset=-1.0),
+        score=ScoreSpec(
+            formula=(SEGMENTATION_FORMULA if source == "segmentation" else SCORE_FORMULAS[kind]).format(
+                lam=cfg.lambda_,
+                residual=RESIDUAL_FORMULA[cfg.residual_reduction],
+                discrimination=DISCRIMINATION_FORMULA[(kind, src.discrimination)],
+            ),
+            lambda_=cfg.lambda_,
+            discrimination=src.discrimination,
+            residual_reduction=cfg.residual_reduction,
+            source=source,
+        ),
+        threshold=ThresholdSpec(
+            method=cal.get("method", "normal_quantile"), nu=cal.get("nu"), n_images=int(cal.get("n_images", 0))
+        ),
+        heatmap=HeatmapSpec(
+            scale=float(src.model.heatmap_scale),
+            smoothing_sigma=cfg.heatmap_sigma,
+            per_pixel=bool(getattr(cfg, "pixel_calibration", False)),
+        ),
+        tiling=TilingSpec(
+            mode=config.tiling.mode,
+            overlap=config.tiling.overlap,
+            roi=None if roi is None else RegionSpec(**roi.model_dump()),
+        ),
+        training_data=TrainingData(
+            source=str(src.info["source"]), n_train=int(src.info["n_train"]), n_val=int(src.info["n_val"])
+        ),
+        metrics=metrics,
+        files=files,
+        golden=golden,
+    )
+
+
 def export_run(
     run: Path,
     out: Path,
@@ -368,22 +687,9 @@ def export_run(
     data set whose test images (good and defective) join the held-out normals in the parity
     checks and the INT8 guard, instead of the run's own data set's test images.
     """
-    import onnx
-
-    from ganspect.edge.golden import write_golden_image
-    from ganspect.export.onnx_export import compare, export_onnx, opset_of, parameter_names, run_onnx, run_torch
-    from ganspect.export.quantize import (
-        GuardResult,
-        Int8Settings,
-        describe_layers,
-        judge,
-        learned_layers,
-        quantize,
-        sensitive_layers,
-    )
-    from ganspect.export.report import Latency, measure_latency, write_report
+    from ganspect.export.quantize import Int8Settings
+    from ganspect.export.report import ExportFigures, measure_latency, write_report
     from ganspect.export.signing import load_signing_key, sign_bundle
-    from ganspect.train.loop import load_run_model, read_run_config, read_run_info
 
     run, out = Path(run), Path(out)
     settings = settings or Int8Settings()
@@ -392,252 +698,48 @@ def export_run(
     _prepare_destination(out)
     # Read first: a wrong key or pass phrase should fail in a second, not after the export's minutes of work.
     signing_key = load_signing_key(sign) if sign is not None else None
-    config = read_run_config(run)
-    info = read_run_info(run)
-    kind = config.model.kind
-    if kind not in SCORE_FORMULAS:
-        raise GanspectError(f"{run}: model kind {kind!r} cannot be exported by this ganspect")
-    model, ckpt = load_run_model(run)
-    if not ckpt.get("calibrated"):
-        raise GanspectError(f"{run}: training did not finish (not calibrated); resume it before exporting")
-    cfg = model.cfg
-    size, channels = cfg.image_size, cfg.channels
-    discrimination = getattr(cfg, "discrimination", "feature_matching")
-    if (kind, discrimination) not in DISCRIMINATION_FORMULA:
-        raise GanspectError(f"{run}: {kind} with discrimination {discrimination!r} cannot be exported by this ganspect")
-    images = _run_images(
-        Path(info["source"]),
-        size,
-        channels,
-        config.data.holdout,
-        config.train.seed,
-        Path(guard_data) if guard_data is not None else None,
-        config.tiling,
-    )
-    if images is None:
-        if int8:
-            raise GanspectError(
-                f"--int8 needs the run's training data at {info['source']} (calibration and the "
-                "accuracy guard run on it); it is gone"
-            )
-        log.warning("training data %s is gone: checking ONNX parity on random images instead", info["source"])
-    guard_set = _guard_data(images) if images is not None else None
-    if guard_set is not None:
-        check_images, check_description = guard_set.images, guard_set.description
-    else:
-        check_images = np.random.default_rng(config.train.seed).integers(0, 256, (16, size, size, channels), np.uint8)
-        check_description = "16 images of seeded random pixels (the training data is gone)"
-    cal = json.loads((run / "calibration.json").read_text(encoding="utf-8"))
+    src = _read_run(run)
+    checks = _check_images(src, guard_data, int8)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        log.info("exporting %s (%s, %dx%dx%d) to ONNX", run, kind, size, size, channels)
-        fp32_path = export_onnx(model, tmp / MODEL_FILE, size, channels)
-        torch_out = run_torch(model, check_images)
-        fp32_out = run_onnx(fp32_path, check_images)
-        parity = {"PyTorch eval vs ONNX FP32": compare(torch_out, fp32_out)}
-        fp32_parity = parity["PyTorch eval vs ONNX FP32"]
-        if not fp32_parity.ok:
-            raise GanspectError(
-                f"ONNX and PyTorch disagree on {fp32_parity.n_images} images (max score difference "
-                f"{fp32_parity.max_abs_score_diff:.3g}, heatmap {fp32_parity.max_abs_heatmap_diff:.3g}, same peak "
-                f"{fp32_parity.peak_agreement:.0%}); bundle not written"
-            )
-        log.info(
-            "ONNX opset %d; parity on %d images: max |score diff| %.2e, max |heatmap diff| %.2e",
-            opset_of(fp32_path),
-            fp32_parity.n_images,
-            fp32_parity.max_abs_score_diff,
-            fp32_parity.max_abs_heatmap_diff,
-        )
-        thresholds = {MODEL_FILE: float(model.threshold)}
-        nu = float(cal.get("nu", config.calibration.nu))
-
-        guard: list[GuardResult] | None = None
-        if int8:
-            assert images is not None and guard_set is not None
-            rng = np.random.default_rng(config.train.seed)
-            n_cal = min(settings.calibration_images, len(images.train))
-            calibration = images.train[np.sort(rng.choice(len(images.train), n_cal, replace=False))]
-            proto = onnx.load(str(fp32_path))
-            layers = learned_layers(proto, parameter_names(model))
-            keep = sensitive_layers(proto, layers)
-            attempts = [
-                ("all learned layers INT8", []),
-                ("first/last layers and D's feature layer kept in FP32", describe_layers(proto, keep)),
-            ]
-            guard = []
-            int8_path = tmp / INT8_FILE
-            for (label, kept_names), kept in zip(attempts, ([], keep)):
-                log.info("quantizing to INT8 (%s) on %d normal training images", label, n_cal)
-                quantize(fp32_path, int8_path, calibration, layers, kept, settings)
-                int8_out = run_onnx(int8_path, check_images)
-                frame_threshold = (
-                    None
-                    if images.holdout_frames is None
-                    else _tiled_threshold(int8_path, images.holdout_frames, config, nu)
-                )
-                result = judge(
-                    label,
-                    kept_names,
-                    guard_set,
-                    fp32_out,
-                    thresholds[MODEL_FILE],
-                    int8_out,
-                    nu,
-                    settings,
-                    int8_threshold=frame_threshold,
-                )
-                guard.append(result)
-                log.info("INT8 guard (%s): %s", label, "pass" if result.ok else "; ".join(result.failures))
-                if result.ok:
-                    break
-            final = guard[-1]
-            if not final.ok and not force:
-                raise GanspectError(
-                    f"INT8 model refused by the accuracy guard: {'; '.join(final.failures)} (also with "
-                    f"{len(keep)} sensitive layers kept in FP32); nothing was written: export without --int8, "
-                    "or pass --force to ship it anyway"
-                )
-            if not final.ok:
-                log.warning(
-                    "INT8 model failed its guard (%s) and is shipped because of --force", "; ".join(final.failures)
-                )
-            thresholds[INT8_FILE] = final.int8_threshold
-            parity["ONNX FP32 vs ONNX INT8"] = compare(fp32_out, int8_out)
-            parity["PyTorch eval vs ONNX INT8"] = compare(torch_out, int8_out)
-
-        precisions = {MODEL_FILE: "fp32", INT8_FILE: "int8"}
-        golden_images = _golden_choice(
-            images,
-            size,
-            channels,
-            config.train.seed,
-            {tmp / name: (precisions[name], thresholds[name]) for name in thresholds},
-        )
-        golden: list[GoldenImage] = []
-        for i, (image, origin, expect) in enumerate(golden_images):
-            name = f"golden/{i}.png"
-            write_golden_image(tmp / name, image)
-            golden.append(describe_golden(tmp, name, origin, expect))
-        files: list[ModelFile] = [
-            describe_file(
-                tmp,
-                name,
-                precisions[name],
-                thresholds[name],  # type: ignore[arg-type]
-                _golden_expectation(tmp / name, [g for g, _, _ in golden_images], precisions[name]),
-            )
-            for name in thresholds
-        ]
+        fp32 = _export_fp32(src, checks, tmp)
+        thresholds = {MODEL_FILE: src.threshold}
+        parity = {FP32_PARITY: fp32.parity}
+        quantized = _export_int8(src, checks, fp32, settings, force) if int8 else None
+        if quantized is not None:
+            thresholds[INT8_FILE] = quantized.threshold
+            parity.update(quantized.parity)
+        golden, files = _write_golden(src, checks.images, tmp, thresholds)
 
         log.info("measuring batch-1 latency")
-        latency: dict[str, list[Latency]] = {
+        latency = {
             name: [
-                measure_latency(tmp / name, check_images[0], threads, budget_s=latency_budget_s) for threads in (1, 0)
+                measure_latency(tmp / name, checks.pixels[0], threads, budget_s=latency_budget_s) for threads in (1, 0)
             ]
             for name in thresholds
         }
-
-        metrics = _scalar_metrics(run)
-        evaluated_at = metrics.get("threshold")
-        if evaluated_at is not None and not math.isclose(
-            evaluated_at, thresholds[MODEL_FILE], rel_tol=1e-6, abs_tol=1e-12
-        ):
-            # The edge refuses a bundle whose metrics were measured at another threshold than its model's.
-            raise GanspectError(
-                f"{run / 'metrics.json'} was measured at the threshold {evaluated_at:.9g}, the model's is "
-                f"{thresholds[MODEL_FILE]:.9g} (calibrated again since?): run `ganspect eval {run}` again, then export"
-            )
-        for label, key in (("PyTorch eval vs ONNX FP32", "fp32"), ("ONNX FP32 vs ONNX INT8", "int8_vs_fp32")):
-            if label in parity:
-                metrics[f"parity_{key}_max_abs_score_diff"] = parity[label].max_abs_score_diff
-                metrics[f"parity_{key}_max_abs_heatmap_diff"] = parity[label].max_abs_heatmap_diff
-                metrics[f"parity_{key}_peak_agreement"] = parity[label].peak_agreement
-        for name, lat in latency.items():
-            tag = precisions[name]
-            metrics[f"latency_ms_{tag}_1_thread"] = lat[0].median_ms
-            metrics[f"latency_ms_{tag}_all_threads"] = lat[1].median_ms
-        if guard is not None:
-            final = guard[-1]
-            metrics.update(
-                {
-                    "int8_guard_passed": float(final.ok),
-                    "int8_guard_spearman": final.spearman,
-                    "int8_guard_agreement": final.agreement,
-                    "int8_guard_fp32_auroc": final.fp32_auroc,
-                    "int8_guard_int8_auroc": final.int8_auroc,
-                    "int8_layers_kept_fp32": float(len(final.fp32_nodes)),
-                }
-            )
-        metrics = {k: _finite(v) for k, v in metrics.items()}
-
-        source = getattr(cfg, "scoring", "residual")
-        roi = config.tiling.roi
-        manifest = Manifest(
-            format_version=FORMAT_VERSION,
-            name=f"{kind}-{run.resolve().name}",
-            kind=kind,
-            created_at=utc_now(),
-            ganspect_version=_ganspect_version(),
-            input=InputSpec(
-                height=size,
-                width=size,
-                channels=channels,
-                colour_order="GRAY" if channels == 1 else "BGR",
-                resize_interpolation="area",
-            ),
-            normalisation=Normalisation(scale=1 / 127.5, offset=-1.0),
-            score=ScoreSpec(
-                formula=(SEGMENTATION_FORMULA if source == "segmentation" else SCORE_FORMULAS[kind]).format(
-                    lam=cfg.lambda_,
-                    residual=RESIDUAL_FORMULA[cfg.residual_reduction],
-                    discrimination=DISCRIMINATION_FORMULA[(kind, discrimination)],
-                ),
-                lambda_=cfg.lambda_,
-                discrimination=discrimination,
-                residual_reduction=cfg.residual_reduction,
-                source=source,
-            ),
-            threshold=ThresholdSpec(
-                method=cal.get("method", "normal_quantile"), nu=cal.get("nu"), n_images=int(cal.get("n_images", 0))
-            ),
-            heatmap=HeatmapSpec(
-                scale=float(model.heatmap_scale),
-                smoothing_sigma=cfg.heatmap_sigma,
-                per_pixel=bool(getattr(cfg, "pixel_calibration", False)),
-            ),
-            tiling=TilingSpec(
-                mode=config.tiling.mode,
-                overlap=config.tiling.overlap,
-                roi=None if roi is None else RegionSpec(**roi.model_dump()),
-            ),
-            training_data=TrainingData(
-                source=str(info["source"]), n_train=int(info["n_train"]), n_val=int(info["n_val"])
-            ),
-            metrics=metrics,
-            files=files,
-            golden=golden,
-        )
+        guard = quantized.guard if quantized is not None else None
+        manifest = _manifest(src, _bundle_metrics(run, thresholds, parity, latency, guard), files, golden)
         write_manifest(tmp, manifest)
-        write_report(
-            tmp / REPORT_FILE,
+        figures = ExportFigures(
             name=manifest.name,
-            kind=kind,
-            image_size=size,
-            channels=channels,
+            kind=src.kind,
+            image_size=src.model.cfg.image_size,
+            channels=src.model.cfg.channels,
             files={f.path: f.bytes for f in files},
             thresholds=thresholds,
             latency=latency,
             parity=parity,
-            parity_images=check_description,
+            parity_images=checks.description,
             guard=guard,
-            guard_data=guard_set.description if guard_set is not None else None,
+            guard_data=checks.guard_set.description if checks.guard_set is not None else None,
             settings=settings if int8 else None,
             forced=force,
             golden=[f"{g.path}: {g.origin}" for g in golden],
         )
+        write_report(tmp / REPORT_FILE, figures)
         if signing_key is not None:
             # Last, over the finished manifest (it holds the hashes of every file the report names).
             log.info("bundle signed with the Ed25519 key %s", sign_bundle(tmp, signing_key))

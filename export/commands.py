@@ -1,6 +1,8 @@
-"""The `ganspect export` sub-command: run folder -> model bundle (model.onnx [+ model.int8.onnx] + manifest.json).
+"""The `ganspect export` sub-command: run folder -> model bundle (model.onnx [+ model.int8.onnx] + manifest.json);
+and `ganspect demo`, which lives here because it needs both the trainer and the exporter, and
+export is the part allowed to import train (train -> export -> edge).
 
-The parser is built without importing torch; `run` imports the exporter.
+Parsers are built without importing torch; each `run` imports what it needs.
 """
 
 from __future__ import annotations
@@ -67,9 +69,34 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("work/demo"),
+        help="where data, run, bundle, video and verdict log go (default work/demo)",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes, about two minutes: a smoke test of an install")
+    p.add_argument("--broker", default="127.0.0.1:1883", help="MQTT broker HOST:PORT (default 127.0.0.1:1883)")
+    p.add_argument("--headless", action="store_true", help="never open the operator window")
+    p.add_argument("--seed", type=int, default=0, help="random seed for data and training")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from ganspect.export.demo import run_demo
+
+    return run_demo(workdir=args.workdir, quick=args.quick, broker=args.broker, headless=args.headless, seed=args.seed)
+
+
 EXPORT = Command(
     "export a trained run to an ONNX model bundle (optionally INT8), checked for parity with PyTorch",
     _configure,
     _run,
+    extra="train",
+)
+DEMO = Command(
+    "synthesize parts, train, evaluate, export and run the edge daemon on a simulated conveyor",
+    _configure_demo,
+    _run_demo,
     extra="train",
 )

@@ -207,7 +207,7 @@ def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, scores))
 
 
-def judge(
+def judge(  # noqa: PLR0913 — both models' outputs and thresholds, the data and limits they are judged on, and the attempt
     attempt: str,
     keep_fp32: list[str],
     data: GuardData,

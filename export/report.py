@@ -78,34 +78,32 @@ def _parity_row(label: str, p: Parity) -> str:
     )
 
 
-def write_report(
-    path: Path,
-    *,
-    name: str,
-    kind: str,
-    image_size: int,
-    channels: int,
-    files: dict[str, int],
-    thresholds: dict[str, float],
-    latency: dict[str, list[Latency]],
-    parity: dict[str, Parity],
-    parity_images: str,
-    guard: list[GuardResult] | None,
-    guard_data: str | None,
-    settings: Int8Settings | None,
-    forced: bool,
-    golden: list[str],
-) -> Path:
-    """Write the Markdown export report; every figure in it was measured by this export."""
-    lines = [
-        f"# Export report: {name}",
-        "",
-        f"- model kind: {kind}, input {image_size}x{image_size}x{channels} uint8 NHWC",
-        f"- exported on: {cpu_description()}, onnxruntime CPU execution provider",
-        "",
-    ]
+@dataclass(frozen=True, kw_only=True)
+class ExportFigures:
+    """Everything one export measured, as `export_report.md` presents it.
 
-    lines += [
+    `files` maps each ONNX file to its size in bytes, in the bundle's order (FP32 first);
+    `guard`, `guard_data` and `settings` are None without --int8.
+    """
+
+    name: str
+    kind: str
+    image_size: int
+    channels: int
+    files: dict[str, int]
+    thresholds: dict[str, float]
+    latency: dict[str, list[Latency]]
+    parity: dict[str, Parity]
+    parity_images: str
+    guard: list[GuardResult] | None
+    guard_data: str | None
+    settings: Int8Settings | None
+    forced: bool
+    golden: list[str]
+
+
+def _files_section(r: ExportFigures) -> list[str]:
+    lines = [
         "## Files and latency",
         "",
         "Batch 1, median (90th percentile) of `session.run` after warm-up.",
@@ -113,25 +111,27 @@ def write_report(
         "| file | size | threshold | 1 thread | all threads |",
         "|---|---|---|---|---|",
     ]
-    for file_name, size in files.items():
-        lat = {lt.threads == 1: lt for lt in latency[file_name]}
+    for file_name, size in r.files.items():
+        lat = {lt.threads == 1: lt for lt in r.latency[file_name]}
         one, many = lat.get(True), lat.get(False)
         lines.append(
-            f"| {file_name} | {size / 1e6:.2f} MB | {thresholds[file_name]:.5g} | "
+            f"| {file_name} | {size / 1e6:.2f} MB | {r.thresholds[file_name]:.5g} | "
             f"{_fmt(one and one.median_ms, '.2f')} ms ({_fmt(one and one.p90_ms, '.2f')}) | "
             f"{_fmt(many and many.median_ms, '.2f')} ms ({_fmt(many and many.p90_ms, '.2f')}), "
             f"{many.threads if many else '?'} threads |"
         )
-    if len(files) == 2:
-        fp32, int8 = (latency[f] for f in files)
+    if len(r.files) == 2:
+        fp32, int8 = (r.latency[f] for f in r.files)
         speedups = [f"{a.median_ms / b.median_ms:.2f}x with {a.threads} thread(s)" for a, b in zip(fp32, int8)]
         lines += ["", f"INT8 speed-up over FP32: {', '.join(speedups)}."]
+    return lines
 
-    lines += [
-        "",
+
+def _parity_section(r: ExportFigures) -> list[str]:
+    lines = [
         "## Parity",
         "",
-        f"Images: {parity_images}.",
+        f"Images: {r.parity_images}.",
         "",
         "Tolerances (the export gate): PyTorch vs ONNX FP32 scores within rtol 1e-3 + atol 1e-4, heatmaps "
         "within atol 1e-3, peaks equal or tied (within 1e-3) in the reference heatmap. INT8 rounds every "
@@ -142,44 +142,63 @@ def write_report(
         "max abs heatmap diff | same peak | max peak distance (px) | within FP32 tolerances |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    lines += [_parity_row(label, p) for label, p in parity.items()]
+    return lines + [_parity_row(label, p) for label, p in r.parity.items()]
 
-    if guard is not None and settings is not None:
-        final = guard[-1]
-        verdict = "passed" if final.ok else ("FAILED, shipped because of --force" if forced else "FAILED")
-        lines += [
-            "",
-            "## INT8 accuracy guard",
-            "",
-            f"Guard images: {guard_data}.",
-            "",
-            f"Limits: AUROC drop <= {settings.max_auroc_drop:g}, Spearman rho >= {settings.min_spearman:g}, "
-            f"OK/NG agreement >= {settings.min_agreement:.0%} (each model at its own threshold). "
-            f"Quantization: QDQ, U8S8, per-channel weights, reduce_range={settings.reduce_range}, MinMax "
-            f"calibration on {settings.calibration_images} normal training images at most.",
-            "",
-            "| attempt | layers kept in FP32 | INT8 threshold | AUROC FP32 | AUROC INT8 | Spearman | "
-            "agreement | result |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for g in guard:
-            lines.append(
-                f"| {g.attempt} | {len(g.fp32_nodes)} | {g.int8_threshold:.5g} | {_fmt(g.fp32_auroc)} | "
-                f"{_fmt(g.int8_auroc)} | {g.spearman:.4f} | {g.agreement:.1%} | "
-                f"{'pass' if g.ok else '; '.join(g.failures)} |"
-            )
-        lines += ["", f"Result: **{verdict}** ({final.attempt})."]
-        if final.fp32_nodes:
-            lines += ["", "Layers kept in FP32:", ""] + [f"- {n}" for n in final.fp32_nodes]
 
-    lines += [
+def _guard_section(guard: list[GuardResult], settings: Int8Settings, guard_data: str | None, forced: bool) -> list[str]:
+    final = guard[-1]
+    verdict = "passed" if final.ok else ("FAILED, shipped because of --force" if forced else "FAILED")
+    lines = [
+        "## INT8 accuracy guard",
         "",
+        f"Guard images: {guard_data}.",
+        "",
+        f"Limits: AUROC drop <= {settings.max_auroc_drop:g}, Spearman rho >= {settings.min_spearman:g}, "
+        f"OK/NG agreement >= {settings.min_agreement:.0%} (each model at its own threshold). "
+        f"Quantization: QDQ, U8S8, per-channel weights, reduce_range={settings.reduce_range}, MinMax "
+        f"calibration on {settings.calibration_images} normal training images at most.",
+        "",
+        "| attempt | layers kept in FP32 | INT8 threshold | AUROC FP32 | AUROC INT8 | Spearman | agreement | result |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in guard:
+        lines.append(
+            f"| {g.attempt} | {len(g.fp32_nodes)} | {g.int8_threshold:.5g} | {_fmt(g.fp32_auroc)} | "
+            f"{_fmt(g.int8_auroc)} | {g.spearman:.4f} | {g.agreement:.1%} | "
+            f"{'pass' if g.ok else '; '.join(g.failures)} |"
+        )
+    lines += ["", f"Result: **{verdict}** ({final.attempt})."]
+    if final.fp32_nodes:
+        lines += ["", "Layers kept in FP32:", ""] + [f"- {n}" for n in final.fp32_nodes]
+    return lines
+
+
+def _golden_section(golden: list[str]) -> list[str]:
+    return [
         "## Golden images",
         "",
         "The edge scores these at load and refuses the bundle when a file's outputs differ from the "
         "recorded ones by more than its tolerance (in manifest.json).",
         "",
+        *(f"- {g}" for g in golden),
     ]
-    lines += [f"- {g}" for g in golden]
+
+
+def write_report(path: Path, figures: ExportFigures) -> Path:
+    """Write the Markdown export report; every figure in it was measured by this export."""
+    r = figures
+    lines = [
+        f"# Export report: {r.name}",
+        "",
+        f"- model kind: {r.kind}, input {r.image_size}x{r.image_size}x{r.channels} uint8 NHWC",
+        f"- exported on: {cpu_description()}, onnxruntime CPU execution provider",
+        "",
+        *_files_section(r),
+        "",
+        *_parity_section(r),
+    ]
+    if r.guard is not None and r.settings is not None:
+        lines += ["", *_guard_section(r.guard, r.settings, r.guard_data, r.forced)]
+    lines += ["", *_golden_section(r.golden)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -499,6 +500,64 @@ def run_ganspect(
 def ganspect_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Factory: ganspect_cli(*args, timeout=60) runs the `ganspect` CLI in a subprocess."""
     return run_ganspect
+
+
+class EdgeDaemons:
+    """Starts the edge daemon as a line PC runs it (`python -m ganspect.edge edge --headless`), stops it.
+
+    Each daemon is a real subprocess with stdout and stderr captured as text. Whatever a
+    test leaves running (a failed assertion between start and stop) is killed at teardown,
+    so a failing test cannot leave a daemon publishing into the next test's broker.
+    """
+
+    def __init__(self) -> None:
+        self._started: list[subprocess.Popen[str]] = []
+
+    def start(
+        self, config: Path, *extra: str, verdict_log: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[str]:
+        log_args = ["--verdict-log", str(verdict_log)] if verdict_log is not None else []
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless", *log_args, *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            # Part ids are any Unicode; the daemon writes UTF-8 whatever the test machine's locale says.
+            encoding="utf-8",
+            env=None if env is None else {**os.environ, **env},
+        )
+        self._started.append(proc)
+        return proc
+
+    @staticmethod
+    def finish(proc: subprocess.Popen[str], sig: int | None = signal.SIGTERM, timeout: float = 30) -> tuple[str, str]:
+        """Send `sig` (None: wait for the daemon to end by itself), collect (stdout, stderr).
+
+        A daemon still running after `timeout` is killed and the TimeoutExpired raised.
+        """
+        if sig is not None and proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            return proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+    def kill_leftovers(self) -> None:
+        for proc in reversed(self._started):
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+@pytest.fixture
+def edge_daemon() -> Iterator[EdgeDaemons]:
+    """edge_daemon.start(config, *extra, verdict_log=...) and edge_daemon.finish(proc, sig, timeout)."""
+    daemons = EdgeDaemons()
+    try:
+        yield daemons
+    finally:
+        daemons.kill_leftovers()
 
 
 _SCHEMA_VALIDATORS: dict[str, Any] = {}

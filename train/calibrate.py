@@ -15,12 +15,15 @@ largest one), so that heatmap 1.0 means "as large as the largest normal residual
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ganspect.train.models.common import ScoringModel
+
+if TYPE_CHECKING:
+    from ganspect.train.config import CalibrationSection
 
 SCORINGS = ("model", "search")
 # Threshold methods that cut between the held-out normals and scored anomalies, and what those are.
@@ -48,7 +51,7 @@ class Scored:
     recon: np.ndarray | None = None  # (N, H, W, C) uint8 reconstructions, when asked for (keep_recon)
 
 
-def score_images(
+def score_images(  # noqa: PLR0913 — scoring options with defaults; a caller names the one or two it changes
     model: ScoringModel,
     images: np.ndarray,
     batch_size: int = 64,
@@ -345,26 +348,26 @@ def _calibrate_pixels(
 def calibrate(
     model: ScoringModel,
     normal_images: Any,
-    nu: float,
-    quantile: float,
-    batch_size: int = 64,
+    settings: CalibrationSection,
+    *,
     device: str | torch.device = "cpu",
     anomaly_images: Any = None,
-    method: str = "normal_quantile",
     tiles: bool = False,
     overlap: int = 0,
-    per_pixel: bool = False,
     pseudo_defects: tuple[int, list[str]] | None = None,
 ) -> Calibration:
     """Compute threshold and heatmap scale on held-out normals and store them in the model's buffers.
 
-    With `tiles`, the images are native-size and scored tile by tile as the edge scores them.
-    With `per_pixel` (aligned parts), the map's per-pixel mean and spread are estimated too
-    (`pixel_calibration`), and the threshold comes from leave-one-out normalised maps.
-    `pseudo_defects` (window, kinds) is how the pseudo_defects method paints its copies.
+    `settings` is the run config's calibration section (nu, heatmap quantile, batch size,
+    threshold method, per_pixel). With `tiles`, the images are native-size and scored tile
+    by tile as the edge scores them. With `per_pixel` (aligned parts), the map's per-pixel
+    mean and spread are estimated too (`pixel_calibration`), and the threshold comes from
+    leave-one-out normalised maps. `pseudo_defects` (window, kinds) is how the
+    pseudo_defects method paints its copies.
     """
+    nu, quantile, batch_size, method = settings.nu, settings.heatmap_quantile, settings.batch_size, settings.threshold
     pixel_report = None
-    if per_pixel:
+    if settings.per_pixel:
         scored, pixel_report = _calibrate_pixels(model, normal_images, batch_size, device)
     else:
         scored = score_framed(model, normal_images, tiles, overlap, batch_size=batch_size, device=device)

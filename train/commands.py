@@ -1,4 +1,4 @@
-"""Workstation sub-commands: synth, train, eval, demo.
+"""Workstation sub-commands: synth, train, eval.
 
 Parsers are built without importing torch; each `run` imports what it needs, so the CLI
 stays quick and an edge-only install gets a clear "install the train extra" message.
@@ -94,25 +94,6 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path("work/demo"),
-        help="where data, run, bundle, video and verdict log go (default work/demo)",
-    )
-    p.add_argument("--quick", action="store_true", help="tiny sizes, about two minutes: a smoke test of an install")
-    p.add_argument("--broker", default="127.0.0.1:1883", help="MQTT broker HOST:PORT (default 127.0.0.1:1883)")
-    p.add_argument("--headless", action="store_true", help="never open the operator window")
-    p.add_argument("--seed", type=int, default=0, help="random seed for data and training")
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from ganspect.train.demo import run_demo
-
-    return run_demo(workdir=args.workdir, quick=args.quick, broker=args.broker, headless=args.headless, seed=args.seed)
-
-
 SYNTH = Command(
     "write synthetic machined parts with defects and masks (MVTec AD layout)",
     _configure_synth,
@@ -121,9 +102,3 @@ SYNTH = Command(
 )
 TRAIN = Command("train a model on normal images", _configure_train, _run_train, extra="train")
 EVAL = Command("evaluate a run on a test set and write metrics.json", _configure_eval, _run_eval, extra="train")
-DEMO = Command(
-    "synthesize parts, train, evaluate, export and run the edge daemon on a simulated conveyor",
-    _configure_demo,
-    _run_demo,
-    extra="train",
-)

@@ -142,6 +142,72 @@ def _held_out_images(config: Any, info: dict[str, Any], size: int, channels: int
     return held.images
 
 
+def _check_evaluable(run: Path, scoring: str, kind: str, ckpt: dict[str, Any]) -> None:
+    if scoring == "search" and kind != "anogan":
+        raise GanspectError(
+            f"--scoring search is AnoGAN's latent search; {run} holds an {kind} model "
+            "(it scores in one pass: use --scoring encoder)"
+        )
+    if not ckpt.get("calibrated"):
+        raise GanspectError(f"{run}: training did not finish (no calibration yet); resume it with --resume")
+
+
+def _load_test(data: Path, size: int, channels: int, tiling: Any) -> Any:
+    """The test set under `data` (MVTec layout), framed as in training; refused when it holds no images."""
+    from ganspect.train.data import Framing, is_mvtec_layout, load_test_set
+
+    if not is_mvtec_layout(data):
+        raise GanspectError(f"{data} has no MVTec-style test/ folder with good and defective images to evaluate on")
+    test = load_test_set(data, size, channels, Framing.of(size, tiling))
+    if len(test.labels) == 0:
+        raise GanspectError(f"{data}/test holds no images")
+    return test
+
+
+def _calibrate_search(held: Any, scored: Any, nu: float, heatmap_quantile: float) -> float:
+    """The search's own threshold from the held-out normals it scored; rescales both sets' heatmaps to match.
+
+    The search finds other reconstructions than the encoder: its scores need their own threshold.
+    """
+    from ganspect.train.calibrate import choose_threshold, heatmap_scale
+
+    threshold = choose_threshold(held.score, nu, "normal_quantile")
+    scale = heatmap_scale(held.residual, heatmap_quantile)
+    scored.heatmap = scored.residual / scale
+    held.heatmap = held.residual / scale
+    return threshold
+
+
+def _labelled_metrics(scored: Any, labels: np.ndarray, kinds: list[str], held: Any | None, nu: float) -> dict[str, Any]:
+    """What a test set with good and defective images tells beyond AUROC: the F1 optimum, per kind, the λ sweep."""
+    thr, f1 = f1_optimal_threshold(scored.score, labels)
+    return {
+        "f1_optimal_threshold": thr,
+        "f1_at_f1_optimal": f1,
+        "image_auroc_by_kind": per_kind_auroc(scored.score, labels, kinds),
+        "lambda_sweep": lambda_sweep(
+            scored.l_r, scored.l_d, labels, None if held is None else held.l_r, None if held is None else held.l_d, nu
+        ),
+    }
+
+
+def _ocnn_metrics(
+    head: Any, codes: Any, gan_scores: np.ndarray, labels: np.ndarray, gan_auroc: float
+) -> dict[str, Any]:
+    """The OC-NN head's metrics on the test set's latent codes, and whether it helps the GAN score."""
+    import torch
+    from scipy.stats import rankdata
+
+    with torch.no_grad():
+        ocnn_scores = head.score(codes).numpy()
+    ocnn = image_metrics(ocnn_scores, labels, 0.0)  # outside the boundary (r - y > 0) = anomalous
+    # Whether it helps: beside the GAN score, and as a rank average with it.
+    combined = (rankdata(gan_scores) + rankdata(ocnn_scores)) / (2 * len(labels))
+    ocnn["combined_image_auroc"] = image_metrics(combined, labels, 0.5)["image_auroc"]
+    ocnn["gan_image_auroc"] = gan_auroc
+    return ocnn
+
+
 def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report: bool = True) -> dict[str, Any]:
     """Score the run's held-out normals and the test set under `data` (default: the training data).
 
@@ -150,8 +216,7 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
     own threshold and heatmap scale from the held-out normals scored the same way.
     Writes `metrics.json` (encoder) or `metrics_search.json` (search), and the report.
     """
-    from ganspect.train.calibrate import choose_threshold, heatmap_scale, score_framed
-    from ganspect.train.data import Framing, is_mvtec_layout, load_test_set
+    from ganspect.train.calibrate import score_framed
     from ganspect.train.loop import latent_codes, load_ocnn_head, load_run_model, read_run_config, read_run_info
 
     if scoring not in ("encoder", "search"):
@@ -161,23 +226,12 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
     info = read_run_info(run)
     model, ckpt = load_run_model(run)
     kind = ckpt.get("kind", "efficient_gan")
-    if scoring == "search" and kind != "anogan":
-        raise GanspectError(
-            f"--scoring search is AnoGAN's latent search; {run} holds an {kind} model "
-            "(it scores in one pass: use --scoring encoder)"
-        )
-    if not ckpt.get("calibrated"):
-        raise GanspectError(f"{run}: training did not finish (no calibration yet); resume it with --resume")
+    _check_evaluable(run, scoring, kind, ckpt)
     data = Path(data) if data is not None else Path(info["source"])
-    if not is_mvtec_layout(data):
-        raise GanspectError(f"{data} has no MVTec-style test/ folder with good and defective images to evaluate on")
-
     size, channels = model.cfg.image_size, model.cfg.channels
     tiles = config.tiling.mode == "tiles"
-    test = load_test_set(data, size, channels, Framing.of(size, config.tiling))
+    test = _load_test(data, size, channels, config.tiling)
     labels = np.asarray(test.labels).astype(int)
-    if len(labels) == 0:
-        raise GanspectError(f"{data}/test holds no images")
     bs = config.calibration.batch_size
     kw = dict(
         batch_size=bs,
@@ -202,12 +256,8 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
                 f"latent-search evaluation needs the held-out normals to set its threshold, "
                 f"but the training data {info['source']} is gone"
             )
-        # The search finds other reconstructions than the encoder: its scores need their own threshold.
         method = "normal_quantile"
-        threshold = choose_threshold(held.score, nu, method)
-        scale = heatmap_scale(held.residual, config.calibration.heatmap_quantile)
-        scored.heatmap = scored.residual / scale
-        held.heatmap = held.residual / scale
+        threshold = _calibrate_search(held, scored, nu, config.calibration.heatmap_quantile)
 
     metrics: dict[str, Any] = image_metrics(scored.score, labels, threshold)
     metrics.update(
@@ -227,34 +277,17 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
     )
     if held is not None:
         metrics["false_alarm_rate_held_out"] = float((held.score > threshold).mean())
-    if len(np.unique(labels)) == 2:
-        thr, f1 = f1_optimal_threshold(scored.score, labels)
-        metrics["f1_optimal_threshold"] = thr
-        metrics["f1_at_f1_optimal"] = f1
-        metrics["image_auroc_by_kind"] = per_kind_auroc(scored.score, labels, list(test.kinds))
-        metrics["lambda_sweep"] = lambda_sweep(
-            scored.l_r, scored.l_d, labels, None if held is None else held.l_r, None if held is None else held.l_d, nu
-        )
+    both_classes = len(np.unique(labels)) == 2
+    if both_classes:
+        metrics.update(_labelled_metrics(scored, labels, list(test.kinds), held, nu))
     metrics["pixel_auroc"] = pixel_auroc(scored.heatmap, test.masks) if test.masks is not None else None
     metrics["data"] = str(data)
     head = load_ocnn_head(ckpt)
-    if head is not None and len(np.unique(labels)) == 2:
-        import torch
+    if head is not None and both_classes:
+        codes = latent_codes(model, test.images, batch_size=bs)
+        metrics["ocnn"] = _ocnn_metrics(head, codes, scored.score, labels, metrics["image_auroc"])
 
-        with torch.no_grad():
-            ocnn_scores = head.score(latent_codes(model, test.images, batch_size=bs)).numpy()
-        ocnn = image_metrics(ocnn_scores, labels, 0.0)  # outside the boundary (r - y > 0) = anomalous
-        # Whether it helps: beside the GAN score, and as a rank average with it.
-        from scipy.stats import rankdata
-
-        combined = (rankdata(scored.score) + rankdata(ocnn_scores)) / (2 * len(labels))
-        ocnn["combined_image_auroc"] = image_metrics(combined, labels, 0.5)["image_auroc"]
-        ocnn["gan_image_auroc"] = metrics["image_auroc"]
-        metrics["ocnn"] = ocnn
-
-    _write_scores(run / ("scores.csv" if scoring == "encoder" else "scores_search.csv"), test, scored, held, info)
-    name = "metrics.json" if scoring == "encoder" else "metrics_search.json"
-    (run / name).write_text(json.dumps(_json_safe(metrics), indent=2) + "\n", encoding="utf-8")
+    _write_results(run, "" if scoring == "encoder" else "_search", metrics, test, scored, held, info)
     if report:
         from ganspect.train.report import write_report
 
@@ -262,8 +295,12 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
     return metrics
 
 
-def _write_scores(path: Path, test: Any, scored: Any, held: Any, info: dict[str, Any]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
+def _write_results(
+    run: Path, suffix: str, metrics: dict[str, Any], test: Any, scored: Any, held: Any, info: dict[str, Any]
+) -> None:
+    """metrics<suffix>.json, and every image's score in scores<suffix>.csv."""
+    (run / f"metrics{suffix}.json").write_text(json.dumps(_json_safe(metrics), indent=2) + "\n", encoding="utf-8")
+    with open(run / f"scores{suffix}.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["split", "image", "kind", "label", "score"])
         for name, kind, label, score in zip(test.names, test.kinds, test.labels, scored.score):

@@ -557,84 +557,89 @@ class CropPool:
         return torch.stack(crops)
 
 
-def train_arrays(
-    config: TrainConfig,
-    train_images: Any,
-    holdout_images: Any,
-    out: Path,
-    resume: bool = False,
-    source: str = "arrays",
-    holdout_names: list[str] | None = None,
-    anomaly_images: Any = None,
-) -> Path:
-    """Train on uint8 (N, H, W, C) normal images, calibrate on the held-out ones; return the run folder.
-
-    In tiling mode tiles the images are native-size (a list when their sizes differ) and
-    training takes random model-sized crops. `anomaly_images` (labelled anomalies, never
-    test images) are needed only for calibration.threshold: f1_optimal. The benchmarks
-    call this directly with MNIST arrays.
-    """
-    out = Path(out)
+def _check_run_folder(out: Path, resume: bool) -> Path:
+    """The run's checkpoint path, once `out` is known to be a new run or (with resume) an existing one."""
     ckpt_path = out / CHECKPOINT
     if resume and not ckpt_path.is_file():
         raise GanspectError(f"--resume: {ckpt_path} does not exist")
     if not resume and ckpt_path.exists():
         raise GanspectError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    return ckpt_path
 
+
+def _write_run_info(out: Path, data_info: dict[str, Any], extra: dict[str, Any]) -> None:
+    (out / "run.json").write_text(json.dumps({**data_info, **extra}, indent=2) + "\n", encoding="utf-8")
+
+
+class _TrainingTensors:
+    """What the loop trains and validates on, on the device.
+
+    Whole images are one tensor each (small data sets fit in memory). In tiling mode tiles,
+    batches are random crops of the native-size images, and fixed tile-sized crops stand
+    for the data where whole images did: BatchNorm statistics and validation.
+    """
+
+    def __init__(self, config: TrainConfig, train_images: Any, holdout_images: Any, device: torch.device) -> None:
+        size, seed = config.model.image_size, config.train.seed
+        self.device = device
+        self.pool: CropPool | None = None
+        if config.tiling.mode == "tiles":
+            self.pool = CropPool(train_images, config.tiling.train_crop or size, seed)
+            self.x_all = to_model_input(CropPool(train_images, size, seed + 2).sample(512).numpy()).to(device)
+            self.x_val = to_model_input(CropPool(holdout_images, size, seed + 3).sample(256).numpy()).to(device)
+        else:
+            self.x_all = to_model_input(train_images).to(device)  # (N, C, H, W)
+            self.x_val = to_model_input(holdout_images).to(device)
+
+    def batch(self, n: int) -> torch.Tensor:
+        if self.pool is not None:
+            return to_model_input(self.pool.sample(n).numpy()).to(self.device)
+        picks = torch.randint(0, len(self.x_all), (min(n, len(self.x_all)),), device=self.device)
+        return self.x_all[picks]
+
+
+def _validate(
+    trainer: _Trainer, config: TrainConfig, data: _TrainingTensors, best_path: Path, data_info: dict[str, Any]
+) -> float | None:
+    """The validation loss when this step validates (else None); keeps the best weights, decides early stop."""
     t = config.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    device = pick_device(t.device)
-    seed_everything(t.seed)
+    if not (t.validate_every and trainer.step % t.validate_every == 0 and trainer.recipe.validates(trainer.step)):
+        return None
+    val = trainer.validation_loss(data.x_all, data.x_val, config.calibration.batch_size)
+    if val < trainer.best_val:
+        trainer.best_val, trainer.best_step, trainer.bad_validations = val, trainer.step, 0
+        save_checkpoint(best_path, trainer.state(data_info))
+        return val
+    trainer.bad_validations += 1
+    if t.early_stop_patience and trainer.bad_validations >= t.early_stop_patience:
+        trainer.stopped_early = True
+        log.info("early stop at step %d: no better validation loss since step %d", trainer.step, trainer.best_step)
+    return val
 
-    m = config.model
-    warnings = data_warnings(
-        len(train_images), len(holdout_images), m.image_size, config.calibration.nu, config.calibration.threshold
-    )
-    for line in warnings:
-        log.warning("%s", line)
 
-    data_info = {"source": source, "n_train": len(train_images), "n_val": len(holdout_images)}
-    trainer = _Trainer(config, device)
-    if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        _check_resume_compatible(config, ckpt)
-        trainer.restore(ckpt)
-        log.info("resuming %s at step %d", out, trainer.step)
+def _loss_row(step: int, phase: str, losses: dict[str, float], val: float | None, seconds: float) -> list[Any]:
+    return [
+        step,
+        phase,
+        *(f"{losses[k]:.5f}" if k in losses else "" for k in LOSS_COLUMNS),
+        "" if val is None else f"{val:.5f}",
+        f"{seconds:.1f}",
+    ]
 
-    out.mkdir(parents=True, exist_ok=True)
-    _write_config(out, config)
-    (out / "run.json").write_text(
-        json.dumps(
-            {
-                **data_info,
-                "kind": m.kind,
-                "device": str(device),
-                "warnings": warnings,
-                "holdout_names": list(holdout_names or []),
-            },
-            indent=2,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
 
-    tiles = config.tiling.mode == "tiles"
-    pool = None
-    if tiles:
-        pool = CropPool(train_images, config.tiling.train_crop or m.image_size, t.seed)
-        # Fixed tile-sized crops stand for the data where whole images did: BatchNorm statistics and validation.
-        x_all = to_model_input(CropPool(train_images, m.image_size, t.seed + 2).sample(512).numpy()).to(device)
-        x_val = to_model_input(CropPool(holdout_images, m.image_size, t.seed + 3).sample(256).numpy()).to(device)
-    else:
-        x_all = to_model_input(train_images).to(device)  # (N, C, H, W), small data sets fit in memory
-        x_val = to_model_input(holdout_images).to(device)
-    losses_path = out / "losses.csv"
+def _run_steps(
+    trainer: _Trainer, config: TrainConfig, data: _TrainingTensors, out: Path, data_info: dict[str, Any], resume: bool
+) -> None:
+    """Train until the last step or an early stop, logging losses.csv and saving checkpoints on the way.
+
+    Ctrl-C and SIGTERM save a checkpoint before they stop the run, so --resume goes on from there.
+    """
+    t = config.train
+    ckpt_path, best_path, losses_path = out / CHECKPOINT, out / BEST_CHECKPOINT, out / "losses.csv"
     new_file = not losses_path.exists() or not resume
     started = time.monotonic()
     total = trainer.total_steps
-    bar = progress_bar(total, initial=min(trainer.step, total), desc=f"train {m.kind}")
-    best_path = out / BEST_CHECKPOINT
+    bar = progress_bar(total, initial=min(trainer.step, total), desc=f"train {config.model.kind}")
     restore_sigterm = _sigterm_as_interrupt()
     try:
         with open(losses_path, "w" if new_file else "a", newline="", encoding="utf-8") as f:
@@ -644,41 +649,12 @@ def train_arrays(
             trainer.model.train()
             while trainer.step < total and not trainer.stopped_early:
                 phase = trainer.phase()
-                if pool is not None:
-                    batch = to_model_input(pool.sample(t.batch_size).numpy()).to(device)
-                else:
-                    batch = x_all[torch.randint(0, len(x_all), (min(t.batch_size, len(x_all)),), device=device)]
-                losses = trainer.train_step(augment(batch, config.data.augment))
+                losses = trainer.train_step(augment(data.batch(t.batch_size), config.data.augment))
                 bar.update(1)
-                val = None
-                validating = (
-                    t.validate_every and trainer.step % t.validate_every == 0 and trainer.recipe.validates(trainer.step)
-                )
-                if validating:
-                    val = trainer.validation_loss(x_all, x_val, config.calibration.batch_size)
-                    if val < trainer.best_val:
-                        trainer.best_val, trainer.best_step, trainer.bad_validations = val, trainer.step, 0
-                        save_checkpoint(best_path, trainer.state(data_info))
-                    else:
-                        trainer.bad_validations += 1
-                        if t.early_stop_patience and trainer.bad_validations >= t.early_stop_patience:
-                            trainer.stopped_early = True
-                            log.info(
-                                "early stop at step %d: no better validation loss since step %d",
-                                trainer.step,
-                                trainer.best_step,
-                            )
+                val = _validate(trainer, config, data, best_path, data_info)
                 if trainer.step % t.log_every == 0 or trainer.step == total or val is not None:
                     bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
-                    writer.writerow(
-                        [
-                            trainer.step,
-                            phase,
-                            *(f"{losses[k]:.5f}" if k in losses else "" for k in LOSS_COLUMNS),
-                            "" if val is None else f"{val:.5f}",
-                            f"{time.monotonic() - started:.1f}",
-                        ]
-                    )
+                    writer.writerow(_loss_row(trainer.step, phase, losses, val, time.monotonic() - started))
                     f.flush()
                 if trainer.step % t.checkpoint_every == 0:
                     save_checkpoint(ckpt_path, trainer.state(data_info))
@@ -691,42 +667,9 @@ def train_arrays(
         restore_sigterm()
     bar.close()
 
-    scoring = trainer.scoring_model
-    if t.keep == "best" and best_path.is_file():
-        best = load_checkpoint(best_path)
-        scoring.load_state_dict(best["model"])
-        log.info("keeping the weights of step %d (lowest validation loss %.5f)", trainer.best_step, trainer.best_val)
-    refresh_batchnorm(scoring, x_all, batch_size=config.calibration.batch_size, seed=t.seed)
-    cal = calibrate(
-        scoring,
-        holdout_images,
-        nu=config.calibration.nu,
-        quantile=config.calibration.heatmap_quantile,
-        batch_size=config.calibration.batch_size,
-        device=device,
-        anomaly_images=anomaly_images,
-        method=config.calibration.threshold,
-        tiles=tiles,
-        overlap=config.tiling.overlap,
-        per_pixel=config.calibration.per_pixel,
-        pseudo_defects=(config.tiling.train_crop or m.image_size, list(config.pseudo_defects.kinds)),
-    )
-    trainer.calibrated = True
-    save_checkpoint(ckpt_path, trainer.state(data_info))
-    cal_dict = cal.to_dict()
-    cal_dict["kept_step"] = trainer.best_step if t.keep == "best" and best_path.is_file() else trainer.step
-    if config.ocnn.enabled:
-        cal_dict["ocnn"] = _fit_ocnn_head(config, scoring, train_images, ckpt_path)
-    (out / "calibration.json").write_text(json.dumps(cal_dict, indent=2) + "\n", encoding="utf-8")
-    log.info(
-        "trained %d steps; threshold %.5f (%s, nu %.3f on %d held-out normals), heatmap scale %.5f",
-        trainer.step,
-        cal.threshold,
-        cal.method,
-        cal.nu,
-        cal.n_images,
-        cal.heatmap_scale,
-    )
+
+def _log_calibration(cal: Any) -> None:
+    """What the per-pixel calibration and the threshold's confidence say about the data."""
     if cal.per_pixel is not None:
         pp = cal.per_pixel
         log.info(
@@ -761,4 +704,96 @@ def train_arrays(
                 100 * cal.nu,
                 100 * c["false_alarm_rate_upper_95"],
             )
+
+
+def _calibrate_kept_weights(
+    trainer: _Trainer, config: TrainConfig, data: _TrainingTensors, out: Path, holdout_images: Any, anomaly_images: Any
+) -> tuple[Any, int]:
+    """Calibrate the weights kept (the best validated ones with train.keep: best); return the result and their step."""
+    t = config.train
+    best_path = out / BEST_CHECKPOINT
+    scoring = trainer.scoring_model
+    keep_best = t.keep == "best" and best_path.is_file()
+    if keep_best:
+        best = load_checkpoint(best_path)
+        scoring.load_state_dict(best["model"])
+        log.info("keeping the weights of step %d (lowest validation loss %.5f)", trainer.best_step, trainer.best_val)
+    refresh_batchnorm(scoring, data.x_all, batch_size=config.calibration.batch_size, seed=t.seed)
+    cal = calibrate(
+        scoring,
+        holdout_images,
+        config.calibration,
+        device=data.device,
+        anomaly_images=anomaly_images,
+        tiles=config.tiling.mode == "tiles",
+        overlap=config.tiling.overlap,
+        pseudo_defects=(config.tiling.train_crop or config.model.image_size, list(config.pseudo_defects.kinds)),
+    )
+    return cal, trainer.best_step if keep_best else trainer.step
+
+
+def train_arrays(
+    config: TrainConfig,
+    train_images: Any,
+    holdout_images: Any,
+    out: Path,
+    resume: bool = False,
+    source: str = "arrays",
+    holdout_names: list[str] | None = None,
+    anomaly_images: Any = None,
+) -> Path:
+    """Train on uint8 (N, H, W, C) normal images, calibrate on the held-out ones; return the run folder.
+
+    In tiling mode tiles the images are native-size (a list when their sizes differ) and
+    training takes random model-sized crops. `anomaly_images` (labelled anomalies, never
+    test images) are needed only for calibration.threshold: f1_optimal. The benchmarks
+    call this directly with MNIST arrays.
+    """
+    out = Path(out)
+    ckpt_path = _check_run_folder(out, resume)
+    t, m = config.train, config.model
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = pick_device(t.device)
+    seed_everything(t.seed)
+    warnings = data_warnings(
+        len(train_images), len(holdout_images), m.image_size, config.calibration.nu, config.calibration.threshold
+    )
+    for line in warnings:
+        log.warning("%s", line)
+
+    data_info = {"source": source, "n_train": len(train_images), "n_val": len(holdout_images)}
+    trainer = _Trainer(config, device)
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        _check_resume_compatible(config, ckpt)
+        trainer.restore(ckpt)
+        log.info("resuming %s at step %d", out, trainer.step)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_config(out, config)
+    _write_run_info(
+        out,
+        data_info,
+        {"kind": m.kind, "device": str(device), "warnings": warnings, "holdout_names": list(holdout_names or [])},
+    )
+
+    data = _TrainingTensors(config, train_images, holdout_images, device)
+    _run_steps(trainer, config, data, out, data_info, resume)
+    cal, kept_step = _calibrate_kept_weights(trainer, config, data, out, holdout_images, anomaly_images)
+    trainer.calibrated = True
+    save_checkpoint(ckpt_path, trainer.state(data_info))
+    cal_dict = {**cal.to_dict(), "kept_step": kept_step}
+    if config.ocnn.enabled:
+        cal_dict["ocnn"] = _fit_ocnn_head(config, trainer.scoring_model, train_images, ckpt_path)
+    (out / "calibration.json").write_text(json.dumps(cal_dict, indent=2) + "\n", encoding="utf-8")
+    log.info(
+        "trained %d steps; threshold %.5f (%s, nu %.3f on %d held-out normals), heatmap scale %.5f",
+        trainer.step,
+        cal.threshold,
+        cal.method,
+        cal.nu,
+        cal.n_images,
+        cal.heatmap_scale,
+    )
+    _log_calibration(cal)
     return out

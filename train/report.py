@@ -148,17 +148,13 @@ def _pick_examples(scores: np.ndarray, labels: np.ndarray, kinds: list[str], row
     return picked[:rows] if len(picked) > rows else picked
 
 
-def plot_examples(
-    images: np.ndarray,
-    recon: np.ndarray | None,
-    heatmaps: np.ndarray,
-    masks: np.ndarray | None,
-    scores: np.ndarray,
-    labels: np.ndarray,
-    kinds: list[str],
-    threshold: float,
-    path: Path,
-) -> None:
+def plot_examples(test: Any, scored: Any, labels: np.ndarray, threshold: float, path: Path) -> None:
+    """A grid of test images: input, reconstruction, heatmap, and (with masks) the heatmap over the mask.
+
+    `test` is the test set (images, masks, kinds) and `scored` its scores (score, heatmap, recon).
+    """
+    images, masks, kinds = test.images, test.masks, list(test.kinds)
+    recon, heatmaps, scores = scored.recon, scored.heatmap, scored.score
     plt = _plt()
     rows = _pick_examples(scores, labels, kinds, GRID_ROWS)
     cols = 4 if masks is not None else 3
@@ -212,17 +208,7 @@ def write_report(run: Path, metrics: dict[str, Any], test: Any, scored: Any, hel
     if metrics.get("lambda_sweep"):
         plot_lambda_sweep(metrics["lambda_sweep"], metrics["lambda"], folder / "lambda_sweep.png")
         figures.append(("λ sweep (seed 000's figure)", "lambda_sweep.png"))
-    plot_examples(
-        test.images,
-        scored.recon,
-        scored.heatmap,
-        test.masks,
-        scored.score,
-        labels,
-        list(test.kinds),
-        metrics["threshold"],
-        folder / "examples.png",
-    )
+    plot_examples(test, scored, labels, metrics["threshold"], folder / "examples.png")
     figures.append(("Examples: input, reconstruction, heatmap, heatmap over the defect mask", "examples.png"))
 
     lines = [

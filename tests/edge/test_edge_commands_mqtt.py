@@ -10,9 +10,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,36 +25,6 @@ BASE_TOPIC = "gstest/testsite/l1/s1"
 CMD = f"{BASE_TOPIC}/cmd"
 PATTERN = [False, True, False, False, True, False, False, False, True, False]
 DAEMON_TOPICS = ("/verdict", "/status", "/cmd/result")
-
-
-def _daemon(config: Path, verdict_log: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ganspect.edge",
-            "edge",
-            "--config",
-            str(config),
-            "--headless",
-            "--verdict-log",
-            str(verdict_log),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _finish(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[str, str]:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def _logged(path: Path) -> list[dict[str, Any]]:
@@ -127,7 +95,7 @@ OTHER_STATIONS = [
 UNKNOWN_NAMES = ["shutdown", "TRIGGER", "trigger2", "reboot", "", "exec", "触发", "x" * 200, "reload.now", "Threshold"]
 
 
-def _hostile_commands() -> list[tuple[str, bytes, str, str | None]]:
+def _hostile_commands() -> list[tuple[str, bytes, str, str | None]]:  # noqa: C901 — one branch per kind of bad command
     """(name, payload, expected code, id the answer must carry): 250 each malformed, oversized, wrong-station,
     unknown."""
     commands: list[tuple[str, bytes, str, str | None]] = []
@@ -215,8 +183,16 @@ def _command_validator(name: str) -> Any:
     return jsonschema.Draft202012Validator(json.loads(path.read_text(encoding="utf-8")))
 
 
-def test_a_thousand_hostile_commands_are_each_rejected_with_a_reason_while_inspection_goes_on(
-    mosquitto_broker, mqtt_subscriber, mes, tiny_bundle, make_video, make_edge_config, validate_published, tmp_path
+def test_a_thousand_hostile_commands_are_each_rejected_with_a_reason_while_inspection_goes_on(  # noqa: PLR0915 — one daemon's life, start to stop, then every answer checked
+    mosquitto_broker,
+    mqtt_subscriber,
+    mes,
+    tiny_bundle,
+    make_video,
+    make_edge_config,
+    validate_published,
+    tmp_path,
+    edge_daemon,
 ):
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
     client = mes()
@@ -226,23 +202,19 @@ def test_a_thousand_hostile_commands_are_each_rejected_with_a_reason_while_inspe
     config = make_edge_config(tiny_bundle, video, mosquitto_broker, source={"loop": True, "max_fps": 25})
     verdict_log = tmp_path / "verdicts.jsonl"
     commands = _hostile_commands()
-    proc = _daemon(config, verdict_log)
-    try:
-        _wait(
-            lambda: len(sub.on("/verdict")) >= 10 and len(sub.on("/cmd/result")) >= 1,
-            30,
-            "the daemon inspecting, and its answer to the retained command",
-        )
-        flood_started = time.time()
-        for name, payload, _, _ in commands:
-            client.publish(f"{CMD}/{name}", payload, qos=1)
-        _wait(lambda: len(sub.on("/cmd/result")) >= 1 + len(commands), 60, "an answer to every command")
-        flood_answered = time.time()
-        time.sleep(1.0)  # inspection goes on after the flood too
-        stdout, stderr = _finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = edge_daemon.start(config, verdict_log=verdict_log)
+    _wait(
+        lambda: len(sub.on("/verdict")) >= 10 and len(sub.on("/cmd/result")) >= 1,
+        30,
+        "the daemon inspecting, and its answer to the retained command",
+    )
+    flood_started = time.time()
+    for name, payload, _, _ in commands:
+        client.publish(f"{CMD}/{name}", payload, qos=1)
+    _wait(lambda: len(sub.on("/cmd/result")) >= 1 + len(commands), 60, "an answer to every command")
+    flood_answered = time.time()
+    time.sleep(1.0)  # inspection goes on after the flood too
+    stdout, stderr = edge_daemon.finish(proc)
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert "left in the outbox 0" in stdout, stdout
@@ -322,7 +294,7 @@ def _verdicts_after(sub: Any, count: int, after: int, timeout: float = 30) -> li
 
 
 @pytest.mark.parametrize("protocol", ["v3.1.1", "v5"])
-def test_threshold_reload_and_trigger_commands_over_mqtt(
+def test_threshold_reload_and_trigger_commands_over_mqtt(  # noqa: PLR0915 — one story across two daemon lives: what the first set, the restart keeps
     protocol,
     mosquitto_broker,
     mqtt_subscriber,
@@ -332,6 +304,7 @@ def test_threshold_reload_and_trigger_commands_over_mqtt(
     make_edge_config,
     validate_published,
     tmp_path,
+    edge_daemon,
 ):
     bundle = make_bundle(tmp_path / "bundle")  # threshold 0.15; NG frames score about 0.28
     first_sha = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))["files"][0]["sha256"]
@@ -343,77 +316,69 @@ def test_threshold_reload_and_trigger_commands_over_mqtt(
     )
     logs = [tmp_path / "run1.jsonl", tmp_path / "run2.jsonl"]
 
-    proc = _daemon(config, logs[0])
-    try:
-        _wait(lambda: len(sub.on("/verdict")) >= 5, 30, "the daemon inspecting")
-        _send(client, "trigger", {"part_id": "P-1", "trigger_id": "T-1"})
-        trigger = _answer(sub, "T-1")
-        assert (trigger["outcome"], trigger["code"]) == ("rejected", "not_accepted")
-        assert "inspects continuously" in trigger["reason"]
+    proc = edge_daemon.start(config, verdict_log=logs[0])
+    _wait(lambda: len(sub.on("/verdict")) >= 5, 30, "the daemon inspecting")
+    _send(client, "trigger", {"part_id": "P-1", "trigger_id": "T-1"})
+    trigger = _answer(sub, "T-1")
+    assert (trigger["outcome"], trigger["code"]) == ("rejected", "not_accepted")
+    assert "inspects continuously" in trigger["reason"]
 
-        _send(
-            client,
-            "threshold",
-            {"value": 0.3, "command_id": "C-1", "station": {"site": "testsite", "line": "l1", "station": "s1"}},
-        )
-        answer = _answer(sub, "C-1")
-        assert (answer["outcome"], answer["threshold"]) == (
-            "done",
-            {"value": 0.3, "source": "override", "bundle_value": 0.15},
-        )
-        seen = len(sub.on("/verdict"))
-        after = _verdicts_after(sub, 12, seen)
-        # Verdicts made before the answer may still be on their way; from the first override on, all are.
-        overridden = after[[v["threshold"]["source"] for v in after].index("override") :]
-        assert len(overridden) >= 10
-        assert all(v["threshold"] == {"value": 0.3, "source": "override"} for v in overridden)
-        assert any(0.15 < v["score"] <= 0.3 and v["evaluation"]["state"] == "OK" for v in overridden), (
-            "a part the bundle's threshold calls NG passes under the override"
-        )
-        stdout, stderr = _finish(proc)
-        assert proc.returncode == 0, stderr
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _send(
+        client,
+        "threshold",
+        {"value": 0.3, "command_id": "C-1", "station": {"site": "testsite", "line": "l1", "station": "s1"}},
+    )
+    answer = _answer(sub, "C-1")
+    assert (answer["outcome"], answer["threshold"]) == (
+        "done",
+        {"value": 0.3, "source": "override", "bundle_value": 0.15},
+    )
+    seen = len(sub.on("/verdict"))
+    after = _verdicts_after(sub, 12, seen)
+    # Verdicts made before the answer may still be on their way; from the first override on, all are.
+    overridden = after[[v["threshold"]["source"] for v in after].index("override") :]
+    assert len(overridden) >= 10
+    assert all(v["threshold"] == {"value": 0.3, "source": "override"} for v in overridden)
+    assert any(0.15 < v["score"] <= 0.3 and v["evaluation"]["state"] == "OK" for v in overridden), (
+        "a part the bundle's threshold calls NG passes under the override"
+    )
+    stdout, stderr = edge_daemon.finish(proc)
+    assert proc.returncode == 0, stderr
 
     # A restart keeps the override: how parts are judged does not change behind the MES's back.
-    proc = _daemon(config, logs[1])
-    try:
-        seen = len(sub.on("/verdict"))
-        assert all(v["threshold"]["source"] == "override" for v in _verdicts_after(sub, 3, seen))
-        assert "threshold override 0.3 (bundle 0.15)" in _stderr_so_far(proc, "threshold override")
+    proc = edge_daemon.start(config, verdict_log=logs[1])
+    seen = len(sub.on("/verdict"))
+    assert all(v["threshold"]["source"] == "override" for v in _verdicts_after(sub, 3, seen))
+    assert "threshold override 0.3 (bundle 0.15)" in _stderr_so_far(proc, "threshold override")
 
-        # A new bundle in the configured folder; the reload brings its model and clears the old model's override.
-        shutil.rmtree(bundle)
-        make_bundle(bundle, height=24, width=24, threshold=0.2)
-        second_sha = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))["files"][0]["sha256"]
-        _send(client, "reload", {"command_id": "R-1"})
-        answer = _answer(sub, "R-1")
-        assert answer["outcome"] == "done", answer
-        assert answer["model"]["sha256"] == second_sha != first_sha
-        assert answer["threshold"] == {"value": 0.2, "source": "bundle", "bundle_value": 0.2}
-        seen = len(sub.on("/verdict"))
-        after = _verdicts_after(sub, 8, seen)
-        swapped = after[[v["model"]["sha256"] for v in after].index(second_sha) :]
-        assert len(swapped) >= 5
-        assert all(
-            v["model"]["sha256"] == second_sha and v["threshold"] == {"value": 0.2, "source": "bundle"} for v in swapped
-        )
+    # A new bundle in the configured folder; the reload brings its model and clears the old model's override.
+    shutil.rmtree(bundle)
+    make_bundle(bundle, height=24, width=24, threshold=0.2)
+    second_sha = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))["files"][0]["sha256"]
+    _send(client, "reload", {"command_id": "R-1"})
+    answer = _answer(sub, "R-1")
+    assert answer["outcome"] == "done", answer
+    assert answer["model"]["sha256"] == second_sha != first_sha
+    assert answer["threshold"] == {"value": 0.2, "source": "bundle", "bundle_value": 0.2}
+    seen = len(sub.on("/verdict"))
+    after = _verdicts_after(sub, 8, seen)
+    swapped = after[[v["model"]["sha256"] for v in after].index(second_sha) :]
+    assert len(swapped) >= 5
+    assert all(
+        v["model"]["sha256"] == second_sha and v["threshold"] == {"value": 0.2, "source": "bundle"} for v in swapped
+    )
 
-        # A damaged bundle is refused with its reason; the running model keeps scoring.
-        with open(bundle / "model.onnx", "r+b") as handle:
-            handle.seek(64)
-            handle.write(b"\xde\xad\xbe\xef")
-        _send(client, "reload", {"command_id": "R-2"})
-        answer = _answer(sub, "R-2")
-        assert (answer["outcome"], answer["code"]) == ("rejected", "bundle_refused")
-        assert "does not match its manifest" in answer["reason"]
-        seen = len(sub.on("/verdict"))
-        assert {v["model"]["sha256"] for v in _verdicts_after(sub, 5, seen)} == {second_sha}
-        stdout, stderr = _finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # A damaged bundle is refused with its reason; the running model keeps scoring.
+    with open(bundle / "model.onnx", "r+b") as handle:
+        handle.seek(64)
+        handle.write(b"\xde\xad\xbe\xef")
+    _send(client, "reload", {"command_id": "R-2"})
+    answer = _answer(sub, "R-2")
+    assert (answer["outcome"], answer["code"]) == ("rejected", "bundle_refused")
+    assert "does not match its manifest" in answer["reason"]
+    seen = len(sub.on("/verdict"))
+    assert {v["model"]["sha256"] for v in _verdicts_after(sub, 5, seen)} == {second_sha}
+    stdout, stderr = edge_daemon.finish(proc)
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert "left in the outbox 0" in stdout
@@ -637,6 +602,7 @@ def test_commands_whose_ids_hold_lone_surrogates_are_each_answered_once_and_logg
     make_edge_config,
     validate_published,
     tmp_path,
+    edge_daemon,
 ):
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
     client = mes()
@@ -645,19 +611,15 @@ def test_commands_whose_ids_hold_lone_surrogates_are_each_answered_once_and_logg
         tiny_bundle, video, mosquitto_broker, source={"loop": True, "max_fps": 25}, mqtt={"protocol": protocol}
     )
     commands = _surrogate_commands()
-    proc = _daemon(config, tmp_path / "verdicts.jsonl")
-    try:
-        _wait(lambda: len(sub.on("/verdict")) >= 3, 30, "the daemon inspecting")
-        for name, payload, _ in commands:
-            client.publish(f"{CMD}/{name}", payload, qos=1)
-        _wait(lambda: len(sub.on("/cmd/result")) >= len(commands), 30, "an answer to every command")
-        _send(client, "threshold", {"value": None, "command_id": "after"})  # the station still takes commands
-        _wait(lambda: len(sub.on("/cmd/result")) >= len(commands) + 1, 10, "the answer to a good command")
-        time.sleep(0.5)
-        stdout, stderr = _finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = edge_daemon.start(config, verdict_log=tmp_path / "verdicts.jsonl")
+    _wait(lambda: len(sub.on("/verdict")) >= 3, 30, "the daemon inspecting")
+    for name, payload, _ in commands:
+        client.publish(f"{CMD}/{name}", payload, qos=1)
+    _wait(lambda: len(sub.on("/cmd/result")) >= len(commands), 30, "an answer to every command")
+    _send(client, "threshold", {"value": None, "command_id": "after"})  # the station still takes commands
+    _wait(lambda: len(sub.on("/cmd/result")) >= len(commands) + 1, 10, "the answer to a good command")
+    time.sleep(0.5)
+    stdout, stderr = edge_daemon.finish(proc)
     assert proc.returncode == 0, stderr
     answers = _from_daemon(sub, validate_published)["/cmd/result"]
     assert len(answers) == len(commands) + 1, "exactly one answer per command"

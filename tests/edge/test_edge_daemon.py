@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -127,24 +125,14 @@ def test_image_folder_source_with_flag_overrides(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly_after_every_verdict_is_acknowledged(
-    sig, mosquitto_broker, mqtt_subscriber, tiny_bundle, tiny_video, make_edge_config, tmp_path
+    sig, mosquitto_broker, mqtt_subscriber, tiny_bundle, tiny_video, make_edge_config, tmp_path, edge_daemon
 ):
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
     config = make_edge_config(tiny_bundle, tiny_video.path, mosquitto_broker, source={"loop": True, "max_fps": 40})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        # Past the end of the 8-frame video: looping works and part ids keep counting.
-        assert len(sub.wait_for("/verdict", 12, timeout=30)) >= 12, "daemon published too few verdicts"
-        proc.send_signal(sig)
-        stdout, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = edge_daemon.start(config)
+    # Past the end of the 8-frame video: looping works and part ids keep counting.
+    assert len(sub.wait_for("/verdict", 12, timeout=30)) >= 12, "daemon published too few verdicts"
+    stdout, stderr = edge_daemon.finish(proc, sig)
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert "stopped by signal" in stdout
@@ -201,7 +189,7 @@ def test_no_broker_keeps_inspecting_and_keeps_the_verdicts_on_disk(
 
 
 def test_verdicts_made_before_a_late_broker_are_delivered_when_it_starts(
-    tiny_bundle, tiny_video, make_edge_config, start_broker, mqtt_subscriber, unused_port
+    tiny_bundle, tiny_video, make_edge_config, start_broker, mqtt_subscriber, unused_port, edge_daemon
 ):
     config = make_edge_config(
         tiny_bundle,
@@ -211,26 +199,17 @@ def test_verdicts_made_before_a_late_broker_are_delivered_when_it_starts(
         source={"loop": True, "max_fps": 10},
         run={"max_frames": 20},
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        # Start the broker only once the daemon has given up waiting for it (a loaded machine starts slowly).
-        early = []
-        while not early or "verdicts wait in the outbox" not in early[-1]:
-            line = proc.stderr.readline()
-            assert line, "".join(early)
-            early.append(line)
-        time.sleep(1.0)  # several verdicts are made while nothing listens
-        broker = start_broker(unused_port)
-        sub = mqtt_subscriber(broker.host, broker.port, "gstest/#")
-        stdout, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = edge_daemon.start(config)
+    # Start the broker only once the daemon has given up waiting for it (a loaded machine starts slowly).
+    early = []
+    while not early or "verdicts wait in the outbox" not in early[-1]:
+        line = proc.stderr.readline()
+        assert line, "".join(early)
+        early.append(line)
+    time.sleep(1.0)  # several verdicts are made while nothing listens
+    broker = start_broker(unused_port)
+    sub = mqtt_subscriber(broker.host, broker.port, "gstest/#")
+    stdout, stderr = edge_daemon.finish(proc, sig=None)
     assert proc.returncode == 0, stderr
     line = next(out for out in stdout.splitlines() if "verdicts queued" in out)
     replayed = int(line.split("(replayed ")[1].split(")")[0])
@@ -343,19 +322,15 @@ def test_window_on_with_a_display_that_does_not_answer_is_one_clear_line(
     assert "display.window is on but no display answers (DISPLAY='127.0.0.1:59')" in proc.stderr
 
 
-def test_sigterm_while_starting_is_a_clean_stop(tiny_bundle, tiny_video, make_edge_config, unused_port, tmp_path):
+def test_sigterm_while_starting_is_a_clean_stop(
+    tiny_bundle, tiny_video, make_edge_config, unused_port, tmp_path, edge_daemon
+):
     # Start-up waits for a broker that never answers (connect_timeout_s); systemd may stop the unit meanwhile.
     config = make_edge_config(
         tiny_bundle, tiny_video.path, ("127.0.0.1", unused_port), mqtt={"connect_timeout_s": 20}, source={"loop": True}
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = edge_daemon.start(config)
     time.sleep(2.0)  # past the imports and the model load, inside the broker wait
-    proc.send_signal(signal.SIGTERM)
-    _stdout, stderr = proc.communicate(timeout=15)  # not the 20 s broker wait: a stop ends it
+    _stdout, stderr = edge_daemon.finish(proc, timeout=15)  # not the 20 s broker wait: a stop ends it
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -32,37 +30,6 @@ def validator() -> jsonschema.Draft202012Validator:
     schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
-
-
-def _daemon(config: Path, verdict_log: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ganspect.edge",
-            "edge",
-            "--config",
-            str(config),
-            "--headless",
-            "--verdict-log",
-            str(verdict_log),
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _finish(proc: subprocess.Popen[str], sig: int | None = signal.SIGTERM, timeout: float = 30) -> tuple[str, str]:
-    if sig is not None and proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def _logged(path: Path) -> list[dict[str, Any]]:
@@ -101,7 +68,7 @@ def _received(sub: Any) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("protocol", ["v3.1.1", "v5"])
 def test_a_ten_second_broker_outage_loses_no_verdict_and_keeps_production_order(
-    protocol, start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, validator, tmp_path
+    protocol, start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, validator, tmp_path, edge_daemon
 ):
     broker = start_broker(persistent=True)
     sub = mqtt_subscriber(broker.host, broker.port, f"{BASE_TOPIC}/verdict", persistent=True)
@@ -114,21 +81,17 @@ def test_a_ten_second_broker_outage_loses_no_verdict_and_keeps_production_order(
         mqtt={"reconnect_max_delay_s": 1, "keepalive": 5, "protocol": protocol},
     )
     verdict_log = tmp_path / "verdicts.jsonl"
-    proc = _daemon(config, verdict_log)
-    try:
-        _wait(lambda: len(sub.on("/verdict")) >= 40, 30, "40 live verdicts")
-        broker.stop()
-        stopped_at = time.time()
-        time.sleep(10)
-        restarted_at = time.time()
-        start_broker(broker.port, persistent=True)
-        made_in_outage = len(_logged(verdict_log))
-        # The backlog goes out first; wait until it is through and live verdicts flow again.
-        _wait(lambda: len(_first_copies(_received(sub))) >= made_in_outage + 25, 30, "backlog and live verdicts")
-        stdout, stderr = _finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = edge_daemon.start(config, verdict_log=verdict_log)
+    _wait(lambda: len(sub.on("/verdict")) >= 40, 30, "40 live verdicts")
+    broker.stop()
+    stopped_at = time.time()
+    time.sleep(10)
+    restarted_at = time.time()
+    start_broker(broker.port, persistent=True)
+    made_in_outage = len(_logged(verdict_log))
+    # The backlog goes out first; wait until it is through and live verdicts flow again.
+    _wait(lambda: len(_first_copies(_received(sub))) >= made_in_outage + 25, 30, "backlog and live verdicts")
+    stdout, stderr = edge_daemon.finish(proc)
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert "left in the outbox 0" in stdout, stdout
@@ -168,7 +131,7 @@ def test_a_ten_second_broker_outage_loses_no_verdict_and_keeps_production_order(
 
 
 def test_verdicts_of_a_killed_daemon_are_sent_by_the_next_start(
-    start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, validator, tmp_path
+    start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, validator, tmp_path, edge_daemon
 ):
     broker = start_broker(persistent=True)
     sub = mqtt_subscriber(broker.host, broker.port, f"{BASE_TOPIC}/verdict", persistent=True)
@@ -183,18 +146,17 @@ def test_verdicts_of_a_killed_daemon_are_sent_by_the_next_start(
     )
     first_log, second_log = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
 
-    first = _daemon(config, first_log)
+    first = edge_daemon.start(config, verdict_log=first_log)
     try:
         _wait(lambda: len(_logged(first_log)) >= 30, 30, "30 verdicts made with no broker")
     finally:
-        first.kill()
-        first.communicate()
+        edge_daemon.finish(first, signal.SIGKILL)
     before_kill = _logged(first_log)
     assert not sub.on("/verdict")
 
     start_broker(broker.port, persistent=True)
-    second = _daemon(config, second_log, "--max-frames", "10")
-    stdout, stderr = _finish(second, sig=None)
+    second = edge_daemon.start(config, "--max-frames", "10", verdict_log=second_log)
+    stdout, stderr = edge_daemon.finish(second, sig=None)
     assert second.returncode == 0, stderr
     assert "left in the outbox 0" in stdout, stdout
     after_restart = _logged(second_log)
@@ -224,14 +186,14 @@ def _retained_status(mqtt_subscriber: Any, broker: Any) -> list[tuple[bytes, boo
 
 
 def test_last_will_says_offline_after_sigkill_and_stopped_after_sigterm(
-    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path
+    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path, edge_daemon
 ):
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, f"{BASE_TOPIC}/status")
     video = make_video(tmp_path / "parts.avi", PATTERN)
     config = make_edge_config(tiny_bundle, video, mosquitto_broker, source={"loop": True, "max_fps": 25})
 
     for run, (sig, final) in enumerate([(signal.SIGKILL, b"offline"), (signal.SIGTERM, b"stopped")]):
-        proc = _daemon(config, tmp_path / f"run{run}.jsonl")
+        proc = edge_daemon.start(config, verdict_log=tmp_path / f"run{run}.jsonl")
         try:
             _wait(
                 lambda: (
@@ -242,14 +204,14 @@ def test_last_will_says_offline_after_sigkill_and_stopped_after_sigterm(
                 "the daemon online and inspecting",
             )
         finally:
-            _finish(proc, sig)
+            edge_daemon.finish(proc, sig)
         _wait(lambda: [m.payload for m in sub.on("/status")][-1:] == [final], 10, f"status {final!r}")
         assert _retained_status(mqtt_subscriber, mosquitto_broker) == [(final, True)]
     assert [m.payload for m in sub.on("/status")] == [b"online", b"offline", b"online", b"stopped"]
 
 
 def test_only_the_brokers_ack_removes_a_verdict_from_the_outbox(
-    start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, validator, tmp_path
+    start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, validator, tmp_path, edge_daemon
 ):
     # A frozen broker keeps the connection open but never acknowledges: the daemon sends
     # up to max_inflight verdicts into the void. Both processes are then killed, so those
@@ -265,7 +227,7 @@ def test_only_the_brokers_ack_removes_a_verdict_from_the_outbox(
         mqtt={"connect_timeout_s": 0.5, "reconnect_max_delay_s": 1, "max_inflight": 5},
     )
     first_log, second_log = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
-    first = _daemon(config, first_log)
+    first = edge_daemon.start(config, verdict_log=first_log)
     try:
         _wait(lambda: len(sub.on("/verdict")) >= 10, 30, "10 live verdicts")
         time.sleep(1.2)  # the broker's autosave (every second) has the subscriber's session
@@ -273,15 +235,14 @@ def test_only_the_brokers_ack_removes_a_verdict_from_the_outbox(
         delivered_before = len(_logged(first_log))
         _wait(lambda: len(_logged(first_log)) >= delivered_before + 15, 10, "15 verdicts made while frozen")
     finally:
-        first.kill()
-        first.communicate()
+        edge_daemon.finish(first, signal.SIGKILL)
         broker.process.kill()  # SIGKILL works on a stopped process; what it did not read is gone
         broker.process.wait()
     before_kill = _logged(first_log)
 
     start_broker(broker.port, persistent=True)
-    second = _daemon(config, second_log, "--max-frames", "5")
-    stdout, stderr = _finish(second, sig=None)
+    second = edge_daemon.start(config, "--max-frames", "5", verdict_log=second_log)
+    stdout, stderr = edge_daemon.finish(second, sig=None)
     assert second.returncode == 0, stderr
     assert "left in the outbox 0" in stdout, stdout
     wanted = {p["result_id"] for p in before_kill + _logged(second_log)}
@@ -294,7 +255,7 @@ def test_only_the_brokers_ack_removes_a_verdict_from_the_outbox(
 
 
 def test_sigterm_during_a_broker_restart_waits_for_it_within_the_drain_time(
-    start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path
+    start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path, edge_daemon
 ):
     broker = start_broker(persistent=True)
     sub = mqtt_subscriber(broker.host, broker.port, f"{BASE_TOPIC}/verdict", persistent=True)
@@ -307,18 +268,14 @@ def test_sigterm_during_a_broker_restart_waits_for_it_within_the_drain_time(
         mqtt={"reconnect_max_delay_s": 1, "keepalive": 5, "drain_timeout_s": 20},
     )
     verdict_log = tmp_path / "verdicts.jsonl"
-    proc = _daemon(config, verdict_log)
-    try:
-        _wait(lambda: len(sub.on("/verdict")) >= 10, 30, "10 live verdicts")
-        broker.stop()
-        time.sleep(1.0)  # verdicts pile up in the outbox
-        proc.send_signal(signal.SIGTERM)  # the station is stopped while the broker restarts
-        time.sleep(1.0)
-        start_broker(broker.port, persistent=True)
-        stdout, stderr = _finish(proc, sig=None)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = edge_daemon.start(config, verdict_log=verdict_log)
+    _wait(lambda: len(sub.on("/verdict")) >= 10, 30, "10 live verdicts")
+    broker.stop()
+    time.sleep(1.0)  # verdicts pile up in the outbox
+    proc.send_signal(signal.SIGTERM)  # the station is stopped while the broker restarts
+    time.sleep(1.0)
+    start_broker(broker.port, persistent=True)
+    stdout, stderr = edge_daemon.finish(proc, sig=None)
     assert proc.returncode == 0, stderr
     assert "left in the outbox 0" in stdout, stdout
     wanted = {p["result_id"] for p in _logged(verdict_log)}

@@ -8,9 +8,6 @@ judged it.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,25 +58,14 @@ def station(
 
 
 def test_install_model_swaps_between_frames_and_refuses_a_bad_bundle(
-    station: Path, tmp_path: Path, make_bundle: Callable[..., Path], ganspect_cli: Callable[..., Any]
+    station: Path,
+    tmp_path: Path,
+    make_bundle: Callable[..., Path],
+    ganspect_cli: Callable[..., Any],
+    edge_daemon: Any,  # tests/conftest.py's EdgeDaemons
 ) -> None:
     verdict_log = tmp_path / "verdicts.jsonl"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ganspect.edge",
-            "edge",
-            "--config",
-            str(station),
-            "--headless",
-            "--verdict-log",
-            str(verdict_log),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = edge_daemon.start(station, verdict_log=verdict_log)
     try:
         _wait(lambda: len(_lines(verdict_log)) >= 10, 30, "10 verdicts with bundle A")
         swap = ganspect_cli(
@@ -100,8 +86,7 @@ def test_install_model_swaps_between_frames_and_refuses_a_bad_bundle(
 
         _wait(lambda: len(_lines(verdict_log)) >= count_after_swap + 20, 30, "20 more verdicts")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=30)
+        stdout, stderr = edge_daemon.finish(proc)
     assert proc.returncode == 0, stderr
     verdicts = _lines(verdict_log)
     # No verdict lost or doubled across the swap, none UNDEFINED, and A before B, never back.

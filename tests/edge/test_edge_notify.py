@@ -108,16 +108,19 @@ def test_watchdog_pings_at_most_once_per_interval_and_stops_with_the_beats(
     assert _drain(server) == []
 
 
-def test_the_daemon_is_ready_pings_while_scoring_and_stops_pinging_when_its_loop_hangs(
-    notify_socket: tuple[str, socket.socket], tiny_bundle: Path, make_video: Any, make_edge_config: Any, tmp_path: Path
+def test_the_daemon_is_ready_pings_while_scoring_and_stops_pinging_when_its_loop_hangs(  # noqa: C901, PLR0915 — the daemon's whole life as systemd sees it, in order
+    notify_socket: tuple[str, socket.socket],
+    tiny_bundle: Path,
+    make_video: Any,
+    make_edge_config: Any,
+    tmp_path: Path,
+    edge_daemon: Any,  # tests/conftest.py's EdgeDaemons
 ) -> None:
     """READY=1 after start-up, WATCHDOG=1 while frames are scored, none while the loop is stuck, STOPPING=1.
 
     The stall is real: the verdict log is a FIFO that the test stops reading, so once the
     pipe's buffer is full the scoring loop blocks in its write, as it would on a hung disk.
     """
-    import subprocess
-    import sys
     import threading
 
     address, server = notify_socket
@@ -143,24 +146,8 @@ def test_the_daemon_is_ready_pings_while_scoring_and_stops_pinging_when_its_loop
     threading.Thread(target=drain, daemon=True).start()
     video = make_video(tmp_path / "parts.avi", [False, True, False, False])
     config = make_edge_config(tiny_bundle, video, source={"loop": True, "max_fps": 100})
-    env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"}  # a ping every 0.2 s
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ganspect.edge",
-            "edge",
-            "--config",
-            str(config),
-            "--headless",
-            "--verdict-log",
-            str(fifo),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"}  # a ping every 0.2 s
+    proc = edge_daemon.start(config, verdict_log=fifo, env=env)
 
     def messages_for(seconds: float) -> list[tuple[float, str]]:
         got = []
@@ -203,10 +190,8 @@ def test_the_daemon_is_ready_pings_while_scoring_and_stops_pinging_when_its_loop
         proc.send_signal(signal.SIGTERM)
         stopping = [m for _, m in messages_for(10) if m.startswith("STOPPING=1")]
         assert stopping, "no STOPPING=1 after SIGTERM"
-        proc.communicate(timeout=30)
+        edge_daemon.finish(proc, sig=None)
         assert proc.returncode == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        edge_daemon.kill_leftovers()  # before the FIFO's reader goes, or a live daemon's write fails
         os.close(reader)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -29,25 +27,6 @@ METRICS_SCHEMA = json.loads((SCHEMAS / "metrics.schema.json").read_text(encoding
 
 def _validate(payload: dict[str, Any], schema: dict[str, Any]) -> None:
     jsonschema.Draft202012Validator(schema).validate(payload)
-
-
-def _start_daemon(config: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[str, str]:
-    try:
-        proc.send_signal(sig)
-        return proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def _payloads(sub: Any, suffix: str) -> list[dict[str, Any]]:
@@ -93,18 +72,18 @@ def test_continuous_file_scores_every_frame_in_order_and_publishes_valid_metrics
 
 
 def test_rate_limited_live_stream_scores_at_most_max_fps_and_counts_the_skipped_frames(
-    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_edge_config, mjpeg_camera
+    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_edge_config, mjpeg_camera, edge_daemon
 ):
     camera = mjpeg_camera(fps=25.0)
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
     config = make_edge_config(
         tiny_bundle, camera.url, mosquitto_broker, source={"max_fps": 4, "name": "ipcam"}, health={"interval_s": 0.5}
     )
-    proc = _start_daemon(config)
+    proc = edge_daemon.start(config)
     try:
         assert len(sub.wait_for("/verdict", 8, timeout=30)) >= 8
     finally:
-        _stdout, stderr = _stop(proc)
+        _stdout, stderr = edge_daemon.finish(proc)
     assert proc.returncode == 0, stderr
     verdicts = _payloads(sub, "/verdict")
     indexes = [int(v["part_id"].split(":")[1]) for v in verdicts]
@@ -118,7 +97,7 @@ def test_rate_limited_live_stream_scores_at_most_max_fps_and_counts_the_skipped_
 
 
 def test_a_stream_that_goes_silent_gives_undefined_then_recovers_and_sigterm_exits_0(
-    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_edge_config, mjpeg_camera
+    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_edge_config, mjpeg_camera, edge_daemon
 ):
     camera = mjpeg_camera(fps=20.0, ng_every=5)
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
@@ -135,7 +114,7 @@ def test_a_stream_that_goes_silent_gives_undefined_then_recovers_and_sigterm_exi
             "max_fps": 10,
         },
     )
-    proc = _start_daemon(config)
+    proc = edge_daemon.start(config)
     try:
         assert len(sub.wait_for("/verdict", 5, timeout=30)) >= 5
         camera.paused.set()  # the camera hangs: no more frames, and it refuses new connections
@@ -154,7 +133,7 @@ def test_a_stream_that_goes_silent_gives_undefined_then_recovers_and_sigterm_exi
             time.sleep(0.1)
         time.sleep(0.5)
     finally:
-        stdout, stderr = _stop(proc, signal.SIGTERM)
+        stdout, stderr = edge_daemon.finish(proc, signal.SIGTERM)
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr and "stopped by signal" in stdout
     verdicts = _payloads(sub, "/verdict")

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -192,7 +190,7 @@ def test_an_encrypted_signing_key_needs_its_pass_phrase_from_the_environment(tmp
 
 
 def test_cmd_reload_takes_only_bundles_signed_by_a_trusted_key(
-    tmp_path, make_key, make_bundle, make_video, make_edge_config, mosquitto_broker, mqtt_subscriber
+    tmp_path, make_key, make_bundle, make_video, make_edge_config, mosquitto_broker, mqtt_subscriber, edge_daemon
 ):
     key, public = make_key("line")
     other, _ = make_key("intruder")
@@ -211,12 +209,7 @@ def test_cmd_reload_takes_only_bundles_signed_by_a_trusted_key(
     mes = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-mes-{os.getpid()}")
     mes.connect(mosquitto_broker.host, mosquitto_broker.port)
     mes.loop_start()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = edge_daemon.start(config)
 
     def reload(command_id: str, replace: Callable[[Path], None]) -> dict[str, Any]:
         shutil.rmtree(bundle)
@@ -244,8 +237,7 @@ def test_cmd_reload_takes_only_bundles_signed_by_a_trusted_key(
     finally:
         mes.loop_stop()
         mes.disconnect()
-        proc.send_signal(signal.SIGTERM)
-        _stdout, stderr = proc.communicate(timeout=30)
+        _stdout, stderr = edge_daemon.finish(proc)
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     for answer, words in [

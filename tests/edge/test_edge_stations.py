@@ -53,6 +53,7 @@ def test_two_daemons_side_by_side_each_publish_every_verdict_under_their_own_sta
     make_video: Callable[..., Path],
     mosquitto_broker: Any,
     mqtt_subscriber: Callable[..., Any],
+    edge_daemon: Any,  # tests/conftest.py's EdgeDaemons
 ) -> None:
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, "gstest/#")
     etc = tmp_path / "etc"
@@ -67,16 +68,8 @@ def test_two_daemons_side_by_side_each_publish_every_verdict_under_their_own_sta
         )
         for name, pattern in PATTERNS.items()
     }
-    daemons = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, config in configs.items()
-    }
-    outputs = {name: proc.communicate(timeout=120) for name, proc in daemons.items()}
+    daemons = {name: edge_daemon.start(config) for name, config in configs.items()}
+    outputs = {name: edge_daemon.finish(proc, sig=None, timeout=120) for name, proc in daemons.items()}
 
     for name, proc in daemons.items():
         assert proc.returncode == 0, outputs[name][1]

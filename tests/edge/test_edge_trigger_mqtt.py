@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +19,7 @@ BASE = "gstest/testsite/l1/s1"
 
 
 def test_a_trigger_over_mqtt_gives_that_parts_verdict_with_its_ids(
-    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path
+    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path, edge_daemon
 ):
     pattern = [False] * 9 + [True]  # the looping "camera": mostly good parts, one defective frame in ten
     video = make_video(tmp_path / "line.avi", pattern, fps=20.0)
@@ -35,13 +32,7 @@ def test_a_trigger_over_mqtt_gives_that_parts_verdict_with_its_ids(
         trigger={"mode": "mqtt"},
         health={"interval_s": 0.5},
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
+    proc = edge_daemon.start(config)
     plc = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-plc-{os.getpid()}")
     plc.connect(mosquitto_broker.host, mosquitto_broker.port)
     plc.loop_start()
@@ -60,8 +51,7 @@ def test_a_trigger_over_mqtt_gives_that_parts_verdict_with_its_ids(
     finally:
         plc.loop_stop()
         plc.disconnect()
-        proc.send_signal(signal.SIGTERM)
-        _stdout, stderr = proc.communicate(timeout=30)
+        _stdout, stderr = edge_daemon.finish(proc)
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     # No verdict without a trigger: trigger mode publishes one per trigger, in order, with its ids.
@@ -77,7 +67,7 @@ def test_a_trigger_over_mqtt_gives_that_parts_verdict_with_its_ids(
 
 
 def test_a_reloaded_model_the_tiles_do_not_suit_is_refused_and_the_running_one_goes_on(
-    mosquitto_broker, mqtt_subscriber, make_bundle, make_video, make_edge_config, tmp_path
+    mosquitto_broker, mqtt_subscriber, make_bundle, make_video, make_edge_config, tmp_path, edge_daemon
 ):
     bundle = make_bundle(tmp_path / "bundle")  # 32x32
     video = make_video(tmp_path / "line.avi", [False] * 10, fps=20.0)
@@ -89,12 +79,7 @@ def test_a_reloaded_model_the_tiles_do_not_suit_is_refused_and_the_running_one_g
         source={"loop": True, "max_fps": 10},
         inspection={"tiling": "tiles", "roi": {"x": 0, "y": 0, "width": 40, "height": 40}, "tile_overlap": 8},
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = edge_daemon.start(config)
     plc = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-mes-{os.getpid()}")
     plc.connect(mosquitto_broker.host, mosquitto_broker.port)
     plc.loop_start()
@@ -108,8 +93,7 @@ def test_a_reloaded_model_the_tiles_do_not_suit_is_refused_and_the_running_one_g
     finally:
         plc.loop_stop()
         plc.disconnect()
-        proc.send_signal(signal.SIGTERM)
-        _stdout, stderr = proc.communicate(timeout=30)
+        _stdout, stderr = edge_daemon.finish(proc)
     assert proc.returncode == 0, stderr
     assert answers[0]["outcome"] == "rejected", answers
     assert "inspection.roi 40x40 is smaller than the model's 64x64 tiles" in answers[0]["reason"]
@@ -119,7 +103,7 @@ def test_a_reloaded_model_the_tiles_do_not_suit_is_refused_and_the_running_one_g
 
 
 def test_ids_with_c1_bidi_or_invisible_characters_never_reach_a_verdict_or_the_log_raw(
-    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path
+    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path, edge_daemon
 ):
     # NEL (U+0085) breaks a log line, CSI (U+009B) starts a terminal escape, U+202E reverses what a viewer shows,
     # U+2028 is a line break, U+200B makes two ids look alike.
@@ -127,13 +111,7 @@ def test_ids_with_c1_bidi_or_invisible_characters_never_reach_a_verdict_or_the_l
     video = make_video(tmp_path / "line.avi", [False] * 10, fps=20.0)
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, f"{BASE}/#")
     config = make_edge_config(tiny_bundle, video, mosquitto_broker, source={"loop": True}, trigger={"mode": "mqtt"})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-    )
+    proc = edge_daemon.start(config)
     plc = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-plc-{os.getpid()}")
     plc.connect(mosquitto_broker.host, mosquitto_broker.port)
     plc.loop_start()
@@ -158,8 +136,7 @@ def test_ids_with_c1_bidi_or_invisible_characters_never_reach_a_verdict_or_the_l
     finally:
         plc.loop_stop()
         plc.disconnect()
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=30)
+        stdout, stderr = edge_daemon.finish(proc)
     assert proc.returncode == 0, stderr
     assert [(a["outcome"], a["code"], a["command_id"]) for a in answers] == [
         ("rejected", "invalid", f"T-{i}") for i in range(len(hostile))
@@ -173,7 +150,7 @@ def test_ids_with_c1_bidi_or_invisible_characters_never_reach_a_verdict_or_the_l
 
 
 def test_triggers_at_twice_the_frame_rate_each_get_exactly_one_verdict_none_refused(
-    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path
+    mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path, edge_daemon
 ):
     # A 20 fps "camera" and a PLC sending a trigger every 25 ms: two parts per frame interval. Each trigger is
     # bound to the first frame captured after it, and triggers sharing a frame share its inspection, so none
@@ -183,12 +160,7 @@ def test_triggers_at_twice_the_frame_rate_each_get_exactly_one_verdict_none_refu
     video = make_video(tmp_path / "line.avi", [False] * 9 + [True], fps=20.0)
     sub = mqtt_subscriber(mosquitto_broker.host, mosquitto_broker.port, f"{BASE}/#")
     config = make_edge_config(tiny_bundle, video, mosquitto_broker, source={"loop": True}, trigger={"mode": "mqtt"})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ganspect.edge", "edge", "--config", str(config), "--headless"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = edge_daemon.start(config)
     plc = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-plc-{os.getpid()}")
     plc.connect(mosquitto_broker.host, mosquitto_broker.port)
     plc.loop_start()
@@ -207,8 +179,7 @@ def test_triggers_at_twice_the_frame_rate_each_get_exactly_one_verdict_none_refu
     finally:
         plc.loop_stop()
         plc.disconnect()
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
+        _, stderr = edge_daemon.finish(proc)
     assert proc.returncode == 0, stderr
     answers = [json.loads(m.payload) for m in sub.on("/cmd/result")]
     refused = [a for a in answers if a["outcome"] != "accepted"]

@@ -82,7 +82,7 @@ def _wait(condition: Any, timeout: float, proc: subprocess.Popen[str]) -> bool:
     return condition()
 
 
-def test_a_full_disk_keeps_the_daemon_judging_images_give_way_and_nothing_stored_is_lost(
+def test_a_full_disk_keeps_the_daemon_judging_images_give_way_and_nothing_stored_is_lost(  # noqa: PLR0915 — one daemon's life as the disk fills and frees, in order
     small_disk, start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path
 ):
     broker = start_broker(persistent=True)

@@ -17,8 +17,6 @@ import os
 import random
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,25 +24,6 @@ from typing import Any
 BASE_TOPIC = "gstest/testsite/l1/s1"
 KILLS = int(os.environ.get("GANSPECT_FAULT_KILLS", "8"))
 SEED = int(os.environ.get("GANSPECT_FAULT_SEED", str(int(time.time()))))
-
-
-def _daemon(config: Path, verdict_log: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ganspect.edge",
-            "edge",
-            "--config",
-            str(config),
-            "--headless",
-            "--verdict-log",
-            str(verdict_log),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def _complete_lines(path: Path) -> list[dict[str, Any]]:
@@ -73,7 +52,7 @@ def _outbox_is_sound(path: Path) -> tuple[str, int]:
 
 
 def test_random_sigkills_with_a_bouncing_broker_lose_nothing(
-    start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path
+    start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path, edge_daemon
 ):
     rng = random.Random(SEED)
     broker = start_broker(persistent=True)
@@ -91,28 +70,22 @@ def test_random_sigkills_with_a_bouncing_broker_lose_nothing(
     broker_up = True
     for kill in range(KILLS):
         made_before = len(_complete_lines(verdict_log))
-        proc = _daemon(config, verdict_log)
-        try:
-            _wait(
-                lambda: len(_complete_lines(verdict_log)) > made_before or proc.poll() is not None,
-                30,
-                f"the daemon's first verdict after restart {kill}",
-            )
-            assert proc.poll() is None, proc.communicate()[1]
-            time.sleep(rng.uniform(0.0, 1.2))  # somewhere in the middle of scoring, committing, publishing
-            if rng.random() < 0.3:  # the broker goes away (or comes back) while the daemon runs
-                if broker_up:
-                    broker.stop()
-                else:
-                    broker = start_broker(broker.port, persistent=True)
-                broker_up = not broker_up
-                time.sleep(rng.uniform(0.0, 0.5))
-            proc.send_signal(signal.SIGKILL)
-            proc.communicate(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        proc = edge_daemon.start(config, verdict_log=verdict_log)
+        _wait(
+            lambda: len(_complete_lines(verdict_log)) > made_before or proc.poll() is not None,
+            30,
+            f"the daemon's first verdict after restart {kill}",
+        )
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(rng.uniform(0.0, 1.2))  # somewhere in the middle of scoring, committing, publishing
+        if rng.random() < 0.3:  # the broker goes away (or comes back) while the daemon runs
+            if broker_up:
+                broker.stop()
+            else:
+                broker = start_broker(broker.port, persistent=True)
+            broker_up = not broker_up
+            time.sleep(rng.uniform(0.0, 0.5))
+        edge_daemon.finish(proc, signal.SIGKILL, timeout=10)
         check, _ = _outbox_is_sound(outbox)
         assert check == "ok", f"outbox corrupt after kill {kill} (seed {SEED}): {check}"
 
@@ -125,7 +98,7 @@ def test_random_sigkills_with_a_bouncing_broker_lose_nothing(
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), f"seq went back (seed {SEED})"
 
     # One clean run sends whatever the kills left on disk.
-    final = _daemon(config, verdict_log)
+    final = edge_daemon.start(config, verdict_log=verdict_log)
     try:
         _wait(lambda: len(_complete_lines(verdict_log)) > len(produced), 30, "the final run's first verdict")
         wanted = {p["result_id"] for p in produced}
@@ -135,7 +108,6 @@ def test_random_sigkills_with_a_bouncing_broker_lose_nothing(
             "every verdict produced before the kills at the subscriber",
         )
     finally:
-        final.send_signal(signal.SIGTERM)
-        stdout, stderr = final.communicate(timeout=30)
+        stdout, stderr = edge_daemon.finish(final)
     assert final.returncode == 0, stderr
     assert _outbox_is_sound(outbox) == ("ok", 0), stdout

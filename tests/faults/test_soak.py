@@ -48,7 +48,7 @@ def _count_lines(path: Path) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
-def test_soak_with_a_bouncing_broker(
+def test_soak_with_a_bouncing_broker(  # noqa: PLR0915 — one long daemon life and its checks, in order
     start_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path
 ):
     broker = start_broker(persistent=True)

@@ -79,17 +79,7 @@ class AnoGANConfig(StagedConfig):
     scoring: str = section_default("scoring")  # "residual" or "segmentation" (the head's map)
 
     def __post_init__(self) -> None:
-        check_common(
-            self.image_size,
-            self.channels,
-            self.lambda_,
-            self.norm,
-            self.residual_reduction,
-            self.latent,
-            self.latent_stride,
-            self.scoring,
-            self.segmentation_head,
-        )
+        check_common(self)
         if self.discrimination != "feature_matching":
             raise ValueError(f"AnoGAN scores with feature matching only, got discrimination {self.discrimination!r}")
 

@@ -264,18 +264,13 @@ class StagedConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def check_common(
-    image_size: int,
-    channels: int,
-    lambda_: float,
-    norm: str,
-    residual_reduction: str,
-    latent: str = "vector",
-    latent_stride: int = 8,
-    scoring: str = "residual",
-    segmentation_head: bool = False,
-) -> None:
-    """Validate the settings every model config shares (ValueError names the setting)."""
+def check_common(cfg: Any) -> None:
+    """Validate the settings every model config shares (ValueError names the setting).
+
+    `cfg` is an EfficientGANConfig or AnoGANConfig, from its __post_init__.
+    """
+    image_size, channels, lambda_, norm = cfg.image_size, cfg.channels, cfg.lambda_, cfg.norm
+    latent, latent_stride, scoring = cfg.latent, cfg.latent_stride, cfg.scoring
     if latent not in ("vector", "spatial"):
         raise ValueError(f"latent must be vector or spatial, got {latent!r}")
     if latent == "spatial" and (latent_stride not in (2, 4, 8, 16, 32) or latent_stride > image_size // 4):
@@ -284,7 +279,7 @@ def check_common(
         )
     if scoring not in ("residual", "segmentation"):
         raise ValueError(f"scoring must be residual or segmentation, got {scoring!r}")
-    if scoring == "segmentation" and not segmentation_head:
+    if scoring == "segmentation" and not cfg.segmentation_head:
         raise ValueError("scoring: segmentation needs segmentation_head: true")
     if image_size < 32 or image_size > 256 or image_size & (image_size - 1):
         raise ValueError(f"image_size must be a power of two from 32 to 256, got {image_size}")
@@ -294,8 +289,8 @@ def check_common(
         raise ValueError(f"lambda must be in [0, 1], got {lambda_}")
     if norm not in ("group", "batch", "none"):
         raise ValueError(f"norm must be group, batch or none, got {norm!r}")
-    if residual_reduction not in ("mean", "peak"):
-        raise ValueError(f"residual_reduction must be mean or peak, got {residual_reduction!r}")
+    if cfg.residual_reduction not in ("mean", "peak"):
+        raise ValueError(f"residual_reduction must be mean or peak, got {cfg.residual_reduction!r}")
 
 
 def spectral(cfg: Any) -> Any:

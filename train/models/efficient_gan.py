@@ -85,17 +85,7 @@ class EfficientGANConfig(StagedConfig):
     scoring: str = section_default("scoring")  # "residual" (A(x) from L_R and L_D) or "segmentation" (the head's map)
 
     def __post_init__(self) -> None:
-        check_common(
-            self.image_size,
-            self.channels,
-            self.lambda_,
-            self.norm,
-            self.residual_reduction,
-            self.latent,
-            self.latent_stride,
-            self.scoring,
-            self.segmentation_head,
-        )
+        check_common(self)
         if self.discrimination not in DISCRIMINATIONS:
             raise ValueError(f"discrimination must be one of {', '.join(DISCRIMINATIONS)}, got {self.discrimination!r}")
 

@@ -143,6 +143,40 @@ def compare_with_truth(verdicts: list[dict[str, Any]], truth: list[Any]) -> dict
     return counts
 
 
+def _run_edge_daemon(config: Path, verdict_log: Path, window: bool) -> None:
+    """The daemon as a line PC runs it, a subprocess, until the video ends."""
+    command = [
+        sys.executable,
+        "-m",
+        "ganspect.edge",
+        "edge",
+        "--config",
+        str(config),
+        "--verdict-log",
+        str(verdict_log),
+    ] + ([] if window else ["--headless"])
+    edge = subprocess.run(command, check=False)
+    if edge.returncode != 0:
+        raise GanspectError(f"the edge daemon exited with code {edge.returncode}; see its messages above")
+
+
+def _print_summary(
+    metrics: dict[str, Any], tally: dict[str, int], verdicts_at: str, timings: dict[str, float], total: float
+) -> None:
+    print("\n== demo summary")
+    print(
+        f"   synthetic test set: image AUROC {metrics['image_auroc']:.3f}"
+        + (f", pixel AUROC {metrics['pixel_auroc']:.3f}" if metrics.get("pixel_auroc") is not None else "")
+    )
+    print(
+        f"   conveyor video: {tally['judged']}/{tally['parts']} parts judged by the edge daemon; "
+        f"defective parts caught {tally['caught']}/{tally['defective']}, "
+        f"good parts rejected {tally['rejected']}/{tally['good']}"
+    )
+    print(f"   verdicts: {verdicts_at}")
+    print(f"   time: {total / 60:.1f} min (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")")
+
+
 def run_demo(workdir: Path, quick: bool, broker: str, headless: bool, seed: int) -> int:
     from ganspect.export.bundle import export_run
     from ganspect.train.config import config_from_dict
@@ -208,33 +242,10 @@ def run_demo(workdir: Path, quick: bool, broker: str, headless: bool, seed: int)
                 f"(start mosquitto to see them on MQTT)"
             )
         config = _write_edge_config(workdir, bundle, video, broker_address if broker_up else None, window)
-        command = [
-            sys.executable,
-            "-m",
-            "ganspect.edge",
-            "edge",
-            "--config",
-            str(config),
-            "--verdict-log",
-            str(verdict_log),
-        ] + ([] if window else ["--headless"])
-        edge = subprocess.run(command, check=False)
-        if edge.returncode != 0:
-            raise GanspectError(f"the edge daemon exited with code {edge.returncode}; see its messages above")
+        _run_edge_daemon(config, verdict_log, window)
 
     verdicts = [json.loads(line) for line in verdict_log.read_text(encoding="utf-8").splitlines() if line]
     tally = compare_with_truth(verdicts, truth)
-    total = time.monotonic() - started
-    print("\n== demo summary")
-    print(
-        f"   synthetic test set: image AUROC {metrics['image_auroc']:.3f}"
-        + (f", pixel AUROC {metrics['pixel_auroc']:.3f}" if metrics.get("pixel_auroc") is not None else "")
-    )
-    print(
-        f"   conveyor video: {tally['judged']}/{tally['parts']} parts judged by the edge daemon; "
-        f"defective parts caught {tally['caught']}/{tally['defective']}, "
-        f"good parts rejected {tally['rejected']}/{tally['good']}"
-    )
-    print(f"   verdicts: {verdict_log}" + (f" and MQTT at {broker}" if broker_up else ""))
-    print(f"   time: {total / 60:.1f} min (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")")
+    where = f"{verdict_log}" + (f" and MQTT at {broker}" if broker_up else "")
+    _print_summary(metrics, tally, where, timings, time.monotonic() - started)
     return 0

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ganspect.train.demo import QUICK, compare_with_truth
+from ganspect.export.demo import QUICK, compare_with_truth
 
 
 # The quick demo takes about two minutes on 2 idle cores; the generous limits are for a

@@ -35,7 +35,7 @@ import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -44,7 +44,13 @@ from ganspect.edge.verdict import judge
 
 # Written here only: the exporter stamps bundles with it and load_bundle refuses others, so the
 # two sides cannot disagree on which format is current.
-FORMAT_VERSION = 2
+FORMAT_VERSION: Final = 2
+# The manifest's closed vocabularies, named so that the exporter writes them with the same types.
+ModelKind = Literal["efficient_gan", "anogan"]
+Precision = Literal["fp32", "int8"]
+Discrimination = Literal["feature_matching", "cross_entropy"]
+ScoreSource = Literal["residual", "segmentation"]
+ThresholdMethod = Literal["normal_quantile", "pseudo_defects", "f1_optimal", "manual"]
 MANIFEST_NAME = "manifest.json"
 
 
@@ -91,13 +97,11 @@ class Normalisation(_Strict):
 class ScoreSpec(_Strict):
     formula: str = Field(description="Human-readable score formula.")
     lambda_: float = Field(alias="lambda", ge=0.0, le=1.0, description="Weight of the discrimination loss.")
-    discrimination: Literal["feature_matching", "cross_entropy"] = Field(
-        description="How the discrimination loss L_D is computed."
-    )
+    discrimination: Discrimination = Field(description="How the discrimination loss L_D is computed.")
     residual_reduction: Literal["mean", "peak"] = Field(
         description="How L_R reduces the per-pixel residual: its mean, or the peak of its smoothed map."
     )
-    source: Literal["residual", "segmentation"] = Field(
+    source: ScoreSource = Field(
         "residual",
         description="residual: the score is the formula's A(x) and the heatmap the smoothed residual; "
         "segmentation: both come from the segmentation head's smoothed defect map (the "
@@ -106,7 +110,7 @@ class ScoreSpec(_Strict):
 
 
 class ThresholdSpec(_Strict):
-    method: Literal["normal_quantile", "f1_optimal", "manual"] = Field(
+    method: ThresholdMethod = Field(
         description="How each file's threshold was chosen; every file's value comes from its own scores."
     )
     nu: float | None = Field(None, ge=0.0, le=1.0, description="Tolerated false-alarm rate for normal_quantile.")
@@ -168,7 +172,7 @@ class GoldenExpectation(_Strict):
 
 class ModelFile(_Strict):
     path: str = Field(description="File name inside the bundle folder.")
-    precision: Literal["fp32", "int8"] = Field(description="Numeric precision of the graph.")
+    precision: Precision = Field(description="Numeric precision of the graph.")
     sha256: str = Field(pattern=_SHA256, description="SHA-256 of the file, lower-case hex.")
     bytes: int = Field(ge=1, description="File size.")
     threshold: float = Field(
@@ -203,7 +207,7 @@ class TrainingData(_Strict):
 class Manifest(_Strict):
     format_version: Literal[2] = Field(description="Bundle format version.")
     name: str = Field(min_length=1, description="Model name shown in verdicts.")
-    kind: Literal["efficient_gan", "anogan"] = Field(description="Model family.")
+    kind: ModelKind = Field(description="Model family.")
     created_at: datetime = Field(description="UTC time of export.")
     ganspect_version: str = Field(description="Version of ganspect that exported the bundle.")
     input: InputSpec
@@ -242,7 +246,7 @@ class Manifest(_Strict):
                 )
         return self
 
-    def model_file(self, precision: Literal["fp32", "int8"] | None = None) -> ModelFile:
+    def model_file(self, precision: Precision | None = None) -> ModelFile:
         """The file to run: the requested precision, or INT8 when present, else FP32."""
         by_precision = {f.precision: f for f in self.files}
         if precision is None:
@@ -271,7 +275,7 @@ def sha256_file(path: Path) -> str:
 
 
 def describe_file(
-    root: Path, name: str, precision: Literal["fp32", "int8"], threshold: float, golden: GoldenExpectation
+    root: Path, name: str, precision: Precision, threshold: float, golden: GoldenExpectation
 ) -> ModelFile:
     path = root / name
     return ModelFile(

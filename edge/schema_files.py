@@ -1,4 +1,5 @@
-"""The JSON Schema files in `edge/schemas/`, generated from the payload models (commands, answers, verdicts).
+"""The JSON Schema files in `edge/schemas/`, generated from the payload models (commands, answers, verdicts)
+and the bundle manifest.
 
 Regenerate them after changing a model: `python -m ganspect.edge.schema_files`; a test
 holds the files equal to what this module writes.
@@ -12,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from ganspect.edge.manifest import manifest_json_schema
 from ganspect.edge.payloads import COMMANDS, CommandResult, ReloadCommand, ThresholdCommand, TriggerCommand
 from ganspect.edge.verdict import Verdict
 
@@ -63,6 +65,7 @@ def schemas() -> dict[str, dict[str, Any]]:
         "cmd-result.schema.json": _schema_of(CommandResult, "cmd-result", "ganspect cmd/result"),
         "status.schema.json": STATUS_SCHEMA,
         "verdict.schema.json": _schema_of(Verdict, "verdict", "ganspect verdict"),
+        "manifest.schema.json": manifest_json_schema(),
     }
 
 

@@ -35,14 +35,18 @@ from ganspect.edge.errors import GanspectError
 from ganspect.edge.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    Discrimination,
     GoldenExpectation,
     GoldenImage,
     HeatmapSpec,
     InputSpec,
     Manifest,
     ModelFile,
+    ModelKind,
     Normalisation,
+    Precision,
     RegionSpec,
+    ScoreSource,
     ScoreSpec,
     ThresholdSpec,
     TilingSpec,
@@ -214,16 +218,44 @@ def _run_images(
     )
 
 
-def _tiled_threshold(path: Path, frames: Any, config: Any, nu: float) -> float:
-    """The file's threshold on whole frames: the (1 - nu) quantile of the held-out normals' worst-tile scores."""
+def _frame_scores(path: Path, frames: Any, config: Any) -> np.ndarray:
+    """The file's score of each frame as the edge scores it: tiles mode takes the worst tile of each."""
     from ganspect.export.onnx_export import run_onnx
-    from ganspect.train.calibrate import cut_tiles, normal_quantile_threshold
+    from ganspect.train.calibrate import cut_tiles
 
+    if config.tiling.mode != "tiles":
+        return np.asarray(run_onnx(path, np.ascontiguousarray(frames)).score)
     per_frame = [cut_tiles(frame, config.model.image_size, config.tiling.overlap)[0] for frame in frames]
     scores = run_onnx(path, np.concatenate(per_frame)).score  # one session for all frames' tiles
     ends = np.cumsum([len(tiles) for tiles in per_frame])
-    worst = [float(np.max(chunk)) for chunk in np.split(scores, ends[:-1])]
-    return normal_quantile_threshold(np.asarray(worst), nu)
+    return np.asarray([float(np.max(chunk)) for chunk in np.split(scores, ends[:-1])])
+
+
+def _file_threshold(path: Path, images: RunImages, src: _Run) -> float:
+    """The file's own threshold, chosen by the run's method on this file's scores of the images training used.
+
+    normal_quantile: the (1 - nu) quantile of the held-out normals; pseudo_defects: the cut between them and
+    the very copies training painted (same seed); f1_optimal: the cut between them and the labelled anomalies.
+    """
+    from ganspect.train.calibrate import PSEUDO_SEED, choose_threshold
+
+    config = src.config
+    normals = images.holdout_frames if images.holdout_frames is not None else images.holdout
+    method = src.calibration.get("method", "normal_quantile")
+    anomalies = None
+    if method == "pseudo_defects":
+        from ganspect.train.pseudo_defects import paint_frames
+
+        window = config.tiling.train_crop or config.model.image_size
+        anomalies = paint_frames(normals, window, list(config.pseudo_defects.kinds), PSEUDO_SEED)
+    elif method == "f1_optimal":
+        from ganspect.train.data import Framing, load_normal_images
+
+        size = config.model.image_size
+        framing = Framing.of(size, config.tiling)
+        anomalies = load_normal_images(config.calibration.anomalies, size, config.model.channels, framing).images
+    anomaly_scores = None if anomalies is None else _frame_scores(path, anomalies, config)
+    return choose_threshold(_frame_scores(path, normals, config), src.nu, method, anomaly_scores)
 
 
 def _guard_data(images: RunImages) -> Any:
@@ -355,7 +387,7 @@ def _finite(value: float | None) -> float | None:
 
 FP32_PARITY = "PyTorch eval vs ONNX FP32"
 INT8_PARITY = "ONNX FP32 vs ONNX INT8"
-PRECISIONS = {MODEL_FILE: "fp32", INT8_FILE: "int8"}
+PRECISIONS: dict[str, Precision] = {MODEL_FILE: "fp32", INT8_FILE: "int8"}
 
 
 @dataclass(frozen=True)
@@ -367,11 +399,12 @@ class _Run:
     info: dict[str, Any]  # run.json
     calibration: dict[str, Any]  # calibration.json
     model: Any  # the scoring module (ganspect.train.loop.load_run_model)
-    discrimination: str
+    discrimination: Discrimination
 
     @property
-    def kind(self) -> str:
-        return str(self.config.model.kind)
+    def kind(self) -> ModelKind:
+        kind: ModelKind = self.config.model.kind  # checked against SCORE_FORMULAS when the run was read
+        return kind
 
     @property
     def threshold(self) -> float:
@@ -418,7 +451,7 @@ def _read_run(run: Path) -> _Run:
     model, ckpt = load_run_model(run)
     if not ckpt.get("calibrated"):
         raise GanspectError(f"{run}: training did not finish (not calibrated); resume it before exporting")
-    discrimination = getattr(model.cfg, "discrimination", "feature_matching")
+    discrimination: Discrimination = config.model.discrimination
     if (kind, discrimination) not in DISCRIMINATION_FORMULA:
         raise GanspectError(f"{run}: {kind} with discrimination {discrimination!r} cannot be exported by this ganspect")
     calibration = json.loads((run / "calibration.json").read_text(encoding="utf-8"))
@@ -506,11 +539,7 @@ def _export_int8(src: _Run, checks: _CheckImages, fp32: _Fp32, settings: Int8Set
         log.info("quantizing to INT8 (%s) on %d normal training images", label, n_cal)
         quantize(fp32.path, int8_path, calibration, layers, kept, settings)
         int8_out = run_onnx(int8_path, checks.pixels)
-        frame_threshold = (
-            None
-            if images.holdout_frames is None
-            else _tiled_threshold(int8_path, images.holdout_frames, src.config, src.nu)
-        )
+        int8_threshold = _file_threshold(int8_path, images, src)
         result = judge(
             label,
             kept_names,
@@ -520,7 +549,7 @@ def _export_int8(src: _Run, checks: _CheckImages, fp32: _Fp32, settings: Int8Set
             int8_out,
             src.nu,
             settings,
-            int8_threshold=frame_threshold,
+            int8_threshold=int8_threshold,
         )
         guard.append(result)
         log.info("INT8 guard (%s): %s", label, "pass" if result.ok else "; ".join(result.failures))
@@ -566,7 +595,7 @@ def _write_golden(
             tmp,
             name,
             PRECISIONS[name],
-            thresholds[name],  # type: ignore[arg-type]
+            thresholds[name],
             _golden_expectation(tmp / name, [g for g, _, _ in chosen], PRECISIONS[name]),
         )
         for name in thresholds
@@ -618,7 +647,7 @@ def _manifest(
     src: _Run, metrics: dict[str, float | None], files: list[ModelFile], golden: list[GoldenImage]
 ) -> Manifest:
     cfg, config, cal, kind = src.model.cfg, src.config, src.calibration, src.kind
-    source = getattr(cfg, "scoring", "residual")
+    source: ScoreSource = config.model.scoring
     roi = config.tiling.roi
     return Manifest(
         format_version=FORMAT_VERSION,

@@ -19,7 +19,8 @@ the test set. The guard then compares INT8 with FP32 on the guard images (held-o
 normals, plus the data set's test images when it has them; the test images only measure
 the guard, they choose nothing): AUROC drop when anomalies are present, Spearman rank
 correlation of the scores, and OK/NG agreement, each model at its own threshold (the
-INT8 threshold is the same nu-quantile of the INT8 scores of the held-out normals).
+INT8 threshold is chosen by the run's method on the INT8 scores: the same nu-quantile of
+the held-out normals, or the same cut against the same painted copies or anomalies).
 When the guard fails, quantization is retried with the sensitive layers kept in FP32:
 the first learned layers after the input and the last ones before the outputs (for
 Efficient GAN: E's and D's first convolutions, G's output layer, D's feature layer f_D).

@@ -116,8 +116,8 @@ def _files_section(r: ExportFigures) -> list[str]:
         one, many = lat.get(True), lat.get(False)
         lines.append(
             f"| {file_name} | {size / 1e6:.2f} MB | {r.thresholds[file_name]:.5g} | "
-            f"{_fmt(one and one.median_ms, '.2f')} ms ({_fmt(one and one.p90_ms, '.2f')}) | "
-            f"{_fmt(many and many.median_ms, '.2f')} ms ({_fmt(many and many.p90_ms, '.2f')}), "
+            f"{_fmt(one.median_ms if one else None, '.2f')} ms ({_fmt(one.p90_ms if one else None, '.2f')}) | "
+            f"{_fmt(many.median_ms if many else None, '.2f')} ms ({_fmt(many.p90_ms if many else None, '.2f')}), "
             f"{many.threads if many else '?'} threads |"
         )
     if len(r.files) == 2:

@@ -80,6 +80,32 @@ def test_int8_bundle_passes_its_guard_and_the_edge_runs_both_files(int8_bundle: 
     assert Scorer.load(int8_bundle).model_file.precision == "int8"  # auto prefers INT8
 
 
+def test_int8_threshold_follows_the_runs_method_on_its_own_scores(data: Path, tmp_path: Path) -> None:
+    # A pseudo-defect threshold for FP32 and a nu-quantile for INT8 would judge the two files by different rules.
+    from ganspect.train.calibrate import PSEUDO_SEED, choose_threshold
+    from ganspect.train.config import config_from_dict
+    from ganspect.train.loop import train
+    from ganspect.train.pseudo_defects import KINDS, paint_frames
+
+    config = config_from_dict(
+        {
+            "model": {"image_size": 32, "channels": 3, "latent_dim": 8, "base_width": 8},
+            "train": {"steps": 4, "batch_size": 8, "threads": 2},
+            "calibration": {"threshold": "pseudo_defects"},
+        }
+    )
+    run = train(config, data=data, out=tmp_path / "run")
+    m = load_bundle(export_run(run, tmp_path / "bundle", int8=True, force=True, latency_budget_s=0.05)).manifest
+    assert m.threshold.method == "pseudo_defects"
+    _, held = split_holdout(load_normal_images(data, 32, 3), 0.15, 0)
+    painted = paint_frames(held.images, 32, list(KINDS), PSEUDO_SEED)
+    int8 = tmp_path / "bundle" / "model.int8.onnx"
+    expected = choose_threshold(
+        run_onnx(int8, held.images).score, 0.01, "pseudo_defects", run_onnx(int8, painted).score
+    )
+    assert m.model_file("int8").threshold == pytest.approx(expected)
+
+
 def test_pytorch_fp32_and_int8_agree_on_the_same_images(run: Path, int8_bundle: Path, same_images: np.ndarray) -> None:
     model, _ = load_run_model(run)
     m = load_bundle(int8_bundle).manifest

@@ -153,26 +153,37 @@ def score_tiled(
     size = model.cfg.image_size
     keys = ("score", "l_r", "l_d")
     values: dict[str, list[float]] = {k: [] for k in keys}
-    residuals, heatmaps, recons = [], [], []
+    # Frames of one size fill arrays made once: stacking per-frame lists at the end held every map
+    # twice (1,000 DeepPCB boards: about 6 GB more at the peak, enough for the OOM killer).
+    uniform = isinstance(images, np.ndarray)
+    residuals: Any = np.empty(images.shape[:3], np.float32) if uniform else []
+    heatmaps: Any = np.empty(images.shape[:3], np.float32) if uniform else []
+    recons: Any = (np.zeros_like(images) if uniform else []) if keep_recon else None
     from ganspect.train.loop import progress_bar
 
     bar = progress_bar(len(images), desc=progress, unit="image") if progress else None
     from ganspect.edge.inspector import stitch
 
-    for image in images:
+    for i, image in enumerate(images):
         h, w = image.shape[:2]
         tiles, origins = cut_tiles(image, size, overlap)
         part = score_images(model, tiles, batch_size=batch_size, device=device, keep_recon=keep_recon)
         worst = int(np.argmax(part.score))
         for k in keys:
             values[k].append(float(getattr(part, k)[worst]))
-        residuals.append(stitch(part.residual, origins, h, w))
-        heatmaps.append(stitch(part.heatmap, origins, h, w))
-        if keep_recon and part.recon is not None:
-            recon = np.zeros_like(image)
+        residual, heatmap = stitch(part.residual, origins, h, w), stitch(part.heatmap, origins, h, w)
+        recon = None
+        if recons is not None and part.recon is not None:
+            recon = recons[i] if uniform else np.zeros_like(image)
             for (y, x), tile in zip(origins, part.recon):
                 recon[y : y + size, x : x + size] = tile
-            recons.append(recon)
+        if uniform:
+            residuals[i], heatmaps[i] = residual, heatmap
+        else:
+            residuals.append(residual)
+            heatmaps.append(heatmap)
+            if recon is not None:
+                recons.append(recon)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -181,9 +192,9 @@ def score_tiled(
 
     return Scored(
         **{k: np.asarray(v, np.float32) for k, v in values.items()},
-        residual=stack_if_uniform(residuals),
-        heatmap=stack_if_uniform(heatmaps),
-        recon=stack_if_uniform(recons) if keep_recon else None,
+        residual=residuals if uniform else stack_if_uniform(residuals),
+        heatmap=heatmaps if uniform else stack_if_uniform(heatmaps),
+        recon=recons if uniform or recons is None else stack_if_uniform(recons),
     )
 
 

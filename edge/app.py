@@ -249,6 +249,7 @@ class EdgeDaemon:
         stop: threading.Event | None = None,
     ) -> None:
         self.config = config
+        self._station_name = StationName.of(config.station)  # the same in every verdict: built once
         self.stop = stop or threading.Event()
         self.health = Health()
         self.summary = RunSummary(self.health.counts)
@@ -515,7 +516,7 @@ class EdgeDaemon:
             result_id=result_id,
             part_id=work.part_id,
             trigger_id=work.trigger_id,
-            station=StationName.of(self.config.station),
+            station=self._station_name,
             captured_at=utc_iso(frame.captured_at if frame is not None else datetime.now(timezone.utc)),
             published_at=utc_iso(datetime.now(timezone.utc)),
             evaluation=shown.evaluation,

@@ -237,23 +237,13 @@ def _file_threshold(path: Path, images: RunImages, src: _Run) -> float:
     normal_quantile: the (1 - nu) quantile of the held-out normals; pseudo_defects: the cut between them and
     the very copies training painted (same seed); f1_optimal: the cut between them and the labelled anomalies.
     """
-    from ganspect.train.calibrate import PSEUDO_SEED, choose_threshold
+    from ganspect.train.calibrate import choose_threshold, pseudo_defect_copies
+    from ganspect.train.data import labelled_anomalies
 
     config = src.config
     normals = images.holdout_frames if images.holdout_frames is not None else images.holdout
     method = src.calibration.get("method", "normal_quantile")
-    anomalies = None
-    if method == "pseudo_defects":
-        from ganspect.train.pseudo_defects import paint_frames
-
-        window = config.tiling.train_crop or config.model.image_size
-        anomalies = paint_frames(normals, window, list(config.pseudo_defects.kinds), PSEUDO_SEED)
-    elif method == "f1_optimal":
-        from ganspect.train.data import Framing, load_normal_images
-
-        size = config.model.image_size
-        framing = Framing.of(size, config.tiling)
-        anomalies = load_normal_images(config.calibration.anomalies, size, config.model.channels, framing).images
+    anomalies = pseudo_defect_copies(normals, config) if method == "pseudo_defects" else labelled_anomalies(config)
     anomaly_scores = None if anomalies is None else _frame_scores(path, anomalies, config)
     return choose_threshold(_frame_scores(path, normals, config), src.nu, method, anomaly_scores)
 

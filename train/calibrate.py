@@ -285,6 +285,15 @@ def threshold_confidence(
     }
 
 
+def pseudo_defect_copies(images: Any, config: Any) -> Any:
+    """The held-out normals with one pseudo-defect each, as training and export paint them for the
+    pseudo_defects threshold: at the training crop's scale, with the run's kinds, under PSEUDO_SEED."""
+    from ganspect.train.pseudo_defects import paint_frames
+
+    window = config.tiling.train_crop or config.model.image_size
+    return paint_frames(images, window, list(config.pseudo_defects.kinds), PSEUDO_SEED)
+
+
 def choose_threshold(
     normal_scores: np.ndarray, nu: float, method: str = "normal_quantile", anomaly_scores: np.ndarray | None = None
 ) -> float:
@@ -365,7 +374,6 @@ def calibrate(
     anomaly_images: Any = None,
     tiles: bool = False,
     overlap: int = 0,
-    pseudo_defects: tuple[int, list[str]] | None = None,
 ) -> Calibration:
     """Compute threshold and heatmap scale on held-out normals and store them in the model's buffers.
 
@@ -373,8 +381,8 @@ def calibrate(
     threshold method, per_pixel). With `tiles`, the images are native-size and scored tile
     by tile as the edge scores them. With `per_pixel` (aligned parts), the map's per-pixel
     mean and spread are estimated too (`pixel_calibration`), and the threshold comes from
-    leave-one-out normalised maps. `pseudo_defects` (window, kinds) is how the
-    pseudo_defects method paints its copies.
+    leave-one-out normalised maps. `anomaly_images` are what the pseudo_defects and
+    f1_optimal methods cut against (`threshold_anomalies`).
     """
     nu, quantile, batch_size, method = settings.nu, settings.heatmap_quantile, settings.batch_size, settings.threshold
     pixel_report = None
@@ -383,11 +391,6 @@ def calibrate(
     else:
         scored = score_framed(model, normal_images, tiles, overlap, batch_size=batch_size, device=device)
     anomaly_scores = None
-    if method == "pseudo_defects":
-        from ganspect.train.pseudo_defects import KINDS, paint_frames
-
-        window, kinds = pseudo_defects or (model.cfg.image_size, list(KINDS))
-        anomaly_images = paint_frames(normal_images, window, kinds, PSEUDO_SEED)
     if method in THRESHOLD_CUTS:
         if anomaly_images is None:
             raise ValueError(f"the {method} threshold needs {THRESHOLD_CUTS[method]}")

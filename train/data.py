@@ -229,6 +229,17 @@ def load_test_set(root: Path, size: int, channels: int, framing: Framing | None 
     )
 
 
+def labelled_anomalies(config: Any) -> Any:
+    """The known-bad images of `calibration.anomalies` for the f1_optimal threshold, framed as training frames
+    its normals; None for the other methods."""
+    if config.calibration.threshold != "f1_optimal":
+        return None
+    assert config.calibration.anomalies is not None  # the config validator guarantees it
+    size = config.model.image_size
+    framing = Framing.of(size, config.tiling)
+    return load_normal_images(config.calibration.anomalies, size, config.model.channels, framing).images
+
+
 def split_holdout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """Split normal images into (train, held-out validation), deterministically by `seed`.
 

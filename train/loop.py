@@ -49,7 +49,7 @@ import yaml
 
 from ganspect.edge.common import first_line
 from ganspect.edge.errors import GanspectError
-from ganspect.train.calibrate import calibrate
+from ganspect.train.calibrate import calibrate, pseudo_defect_copies
 from ganspect.train.config import AugmentSection, TrainConfig, config_from_dict
 from ganspect.train.models.anogan import AnoGAN, AnoGANConfig, build_anogan, load_anogan
 from ganspect.train.models.common import ScoringModel
@@ -507,7 +507,7 @@ def data_warnings(n_train: int, n_val: int, image_size: int, nu: float, threshol
 
 def train(config: TrainConfig, data: Path, out: Path, resume: bool = False) -> Path:
     """Train on the normal images under `data`, calibrate on a held-out slice; return the run folder."""
-    from ganspect.train.data import Framing, load_normal_images, split_holdout
+    from ganspect.train.data import Framing, labelled_anomalies, load_normal_images, split_holdout
 
     m = config.model
     framing = Framing.of(m.image_size, config.tiling)
@@ -517,10 +517,6 @@ def train(config: TrainConfig, data: Path, out: Path, resume: bool = False) -> P
         raise GanspectError(
             f"{data}: {len(images.images)} normal images are too few to train and hold out; at least 10 are needed"
         )
-    anomalies = None
-    if config.calibration.threshold == "f1_optimal":
-        assert config.calibration.anomalies is not None  # the config validator guarantees it
-        anomalies = load_normal_images(config.calibration.anomalies, m.image_size, m.channels, framing).images
     return train_arrays(
         config,
         train_set.images,
@@ -529,7 +525,7 @@ def train(config: TrainConfig, data: Path, out: Path, resume: bool = False) -> P
         resume=resume,
         source=str(Path(data).resolve()),
         holdout_names=list(holdout_set.names),
-        anomaly_images=anomalies,
+        anomaly_images=labelled_anomalies(config),
     )
 
 
@@ -719,6 +715,8 @@ def _calibrate_kept_weights(
         scoring.load_state_dict(best["model"])
         log.info("keeping the weights of step %d (lowest validation loss %.5f)", trainer.best_step, trainer.best_val)
     refresh_batchnorm(scoring, data.x_all, batch_size=config.calibration.batch_size, seed=t.seed)
+    if config.calibration.threshold == "pseudo_defects":
+        anomaly_images = pseudo_defect_copies(holdout_images, config)
     cal = calibrate(
         scoring,
         holdout_images,
@@ -727,7 +725,6 @@ def _calibrate_kept_weights(
         anomaly_images=anomaly_images,
         tiles=config.tiling.mode == "tiles",
         overlap=config.tiling.overlap,
-        pseudo_defects=(config.tiling.train_crop or config.model.image_size, list(config.pseudo_defects.kinds)),
     )
     return cal, trainer.best_step if keep_best else trainer.step
 

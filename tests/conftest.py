@@ -113,6 +113,10 @@ def _start_mosquitto(
         store = folder / f"mosquitto-{port}-db"
         store.mkdir(exist_ok=True)
         lines += ["persistence true", f"persistence_location {store}/", "autosave_interval 1"]
+        # mosquitto keeps at most 1,000 messages for an offline subscriber by default: when the daemon
+        # reconnects after a restart before the test's subscriber does, its backlog (over 1,000 in the
+        # soak test) would be cut by the broker, not lost by the daemon. No limit: the test measures the daemon.
+        lines.append("max_queued_messages 0")
     else:
         lines.append("persistence false")
     if os.geteuid() == 0 and (persistent or listener_lines or not allow_anonymous):

@@ -28,6 +28,8 @@ RSS_GROWTH_LIMIT_KB = 30 * 1024
 def _proc_sample(pid: int) -> dict[str, int]:
     status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    if "VmRSS" not in fields:  # exited but not yet reaped: a zombie has no memory to sample
+        raise ProcessLookupError(pid)
     return {
         "rss_kb": int(fields["VmRSS"].split()[0]),
         "threads": int(fields["Threads"]),

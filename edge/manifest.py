@@ -145,6 +145,9 @@ class TilingSpec(_Strict):
 class HeatmapSpec(_Strict):
     scale: float = Field(gt=0.0, description="Raw residual that maps to 1.0 (largest normal residual).")
     smoothing_sigma: float = Field(ge=0.0, description="Gaussian sigma in pixels applied inside the graph.")
+    spread: int = Field(
+        0, ge=0, description="Pixels a max filter widened the map by on each side, inside the graph (after smoothing)."
+    )
     inside_graph: Literal[True] = Field(True, description="Always true: the heatmap output is already scaled.")
     per_pixel: bool = Field(
         False,

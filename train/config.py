@@ -48,6 +48,13 @@ class ModelSection(_Section):
     heatmap_sigma: float | None = Field(
         None, ge=0.0, description="Gaussian smoothing of the heatmap in pixels; null = image_size / 32 (2 px at 64)."
     )
+    heatmap_spread: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Widen the heatmap by this many pixels on each side (a max filter after the smoothing), so "
+        "that a one-pixel crack lights a region an operator sees; the score (the map's peak) is unchanged.",
+    )
     norm: Literal["batch", "group", "none"] = Field(
         "batch", description="Normalisation in E and G; their BatchNorm statistics are re-estimated after training."
     )

@@ -80,6 +80,7 @@ def model_config_from(config: TrainConfig) -> EfficientGANConfig | AnoGANConfig:
         lambda_=m.lambda_,
         residual_reduction=m.residual_reduction,
         heatmap_sigma=sigma,
+        heatmap_spread=m.heatmap_spread,
         spectral_norm=m.spectral_norm,
         norm=m.norm,
         pixel_calibration=config.calibration.per_pixel,

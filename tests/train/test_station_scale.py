@@ -26,7 +26,7 @@ from ganspect.train.calibrate import score_tiled, tile_origins
 from ganspect.train.config import config_from_dict
 from ganspect.train.data import Framing, load_normal_images, load_test_set
 from ganspect.train.evaluate import evaluate_run
-from ganspect.train.loop import CropPool, load_run_model, train
+from ganspect.train.loop import CropPool, build_for, load_run_model, train
 from ganspect.train.pseudo_defects import KINDS, paint, paint_frames
 
 DEEPPCB = Path(__file__).resolve().parents[3] / "shared" / "data" / "deeppcb"
@@ -158,7 +158,7 @@ def test_crops_are_model_sized_pieces_of_the_native_images() -> None:
 def test_tile_mode_trains_evaluates_at_the_station_resolution_and_exports_its_tiling(
     boards: Path, tmp_path: Path
 ) -> None:
-    run = train(tiled_config(), boards, tmp_path / "run")
+    run = train(tiled_config(heatmap_spread=2), boards, tmp_path / "run")
     metrics = evaluate_run(run, boards, report=True)
     assert metrics["n_test_good"] == 3 and metrics["n_test_bad"] == 3
     assert 0.0 <= metrics["pixel_auroc"] <= 1.0
@@ -182,7 +182,7 @@ def test_tile_mode_trains_evaluates_at_the_station_resolution_and_exports_its_ti
     manifest = load_bundle(bundle).manifest
     assert manifest.tiling is not None and manifest.tiling.mode == "tiles" and manifest.tiling.overlap == 8
     assert manifest.tiling.roi is not None and manifest.tiling.roi.model_dump() == ROI
-    assert manifest.score.source == "segmentation"
+    assert manifest.score.source == "segmentation" and manifest.heatmap.spread == 2
 
     # The edge, told nothing about tiling, cuts a full board exactly as evaluation did and agrees on its score.
     scorer = Scorer.load(bundle, precision="fp32", intra_op_threads=1)
@@ -193,6 +193,23 @@ def test_tile_mode_trains_evaluates_at_the_station_resolution_and_exports_its_ti
     assert found.tiles == len(tile_origins(120, 200, 32, 8))
     assert found.score.heatmap.shape == (120, 200)
     assert found.score.score == pytest.approx(float(scored.score[0]), rel=1e-3, abs=1e-4)
+
+
+def test_heatmap_spread_widens_the_map_by_a_max_filter_and_leaves_the_score_alone() -> None:
+    config = tiled_config()
+    torch.manual_seed(0)
+    narrow = build_for(config).eval()
+    wide = build_for(config.model_copy(update={"model": config.model.model_copy(update={"heatmap_spread": 3})}))
+    wide.load_state_dict(narrow.state_dict())
+    wide.eval()
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 1), dtype=np.uint8))
+    with torch.no_grad():
+        (score_narrow, map_narrow), (score_wide, map_wide) = narrow(frames), wide(frames)
+    assert torch.equal(score_narrow, score_wide)
+    assert torch.equal(map_narrow.amax(dim=(1, 2)), map_wide.amax(dim=(1, 2)))
+    square = np.ones((7, 7), np.uint8)  # 3 pixels on each side, as OpenCV dilates (border pixels replicated)
+    for n, w in zip(map_narrow.numpy(), map_wide.numpy(), strict=True):
+        assert np.array_equal(cv2.dilate(n, square, borderType=cv2.BORDER_REPLICATE), w)
 
 
 def test_anogan_at_station_scale_learns_its_head_in_the_encoder_phase_and_exports_one_graph(

@@ -69,6 +69,7 @@ class AnoGANConfig(StagedConfig):
     discrimination: str = section_default("discrimination")  # AnoGAN's L_D is always feature matching
     residual_reduction: str = section_default("residual_reduction")
     heatmap_sigma: float = 2.0
+    heatmap_spread: int = section_default("heatmap_spread")
     spectral_norm: bool = section_default("spectral_norm")
     pixel_calibration: bool = False  # per-pixel mean/spread of the normal map (calibration.per_pixel)
     norm: str = section_default("norm")  # E and G normalisation

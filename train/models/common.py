@@ -137,7 +137,19 @@ class ScoringModel(nn.Module):
 
         residual: A(x) = (1 - lambda) L_R + lambda L_D, and the smoothed residual;
         segmentation: the peak of the head's smoothed defect probability, and that map.
+        With `cfg.heatmap_spread`, the map is widened by a max filter: its peak, and so the
+        score and the heatmap scale, stay exactly what they were.
         """
+        score, raw = self._score_and_narrow_map(parts)
+        spread = getattr(self.cfg, "heatmap_spread", 0)
+        if spread > 0:
+            # Separable (a row pass, then a column pass): 2k comparisons a pixel, not k^2.
+            k = 2 * spread + 1
+            raw = nn.functional.max_pool2d(raw.unsqueeze(1), (1, k), stride=1, padding=(0, spread))
+            raw = nn.functional.max_pool2d(raw, (k, 1), stride=1, padding=(spread, 0)).squeeze(1)
+        return score, raw
+
+    def _score_and_narrow_map(self, parts: ScoreParts) -> tuple[torch.Tensor, torch.Tensor]:
         if getattr(self.cfg, "scoring", "residual") == "segmentation":
             assert parts.segmentation is not None, "scoring: segmentation needs a model with a segmentation head"
             raw = parts.segmentation

@@ -72,6 +72,7 @@ class EfficientGANConfig(StagedConfig):
     discrimination: str = section_default("discrimination")  # or "cross_entropy"; see module docstring
     residual_reduction: str = section_default("residual_reduction")  # "mean" (the papers) or "peak" (local defects)
     heatmap_sigma: float = 2.0  # Gaussian sigma in pixels at image_size
+    heatmap_spread: int = section_default("heatmap_spread")  # pixels a max filter widens the map by, each side
     spectral_norm: bool = section_default("spectral_norm")
     d_dropout: float = section_default("d_dropout")
     d_feature_dim: int = 512  # width of D's joint feature layer f_D

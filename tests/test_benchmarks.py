@@ -220,3 +220,12 @@ def test_quality_benchmark_on_a_new_folder_trains_evaluates_exports_and_resumes(
 
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and again.stdout.count("done earlier, skipped") == 1, again.stdout[-2000:]
+
+    # --retime measures the finished seed's INT8 model again and keeps everything else it measured.
+    retimed = subprocess.run([*command, "--retime"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert retimed.returncode == 0 and "timing INT8 again" in retimed.stdout, retimed.stdout[-2000:]
+    after = __import__("json").loads((tmp_path / "results" / "quality_tiny.json").read_text(encoding="utf-8"))
+    unit, before = after["units"]["seed0"], results["units"]["seed0"]
+    assert unit["int8"]["retimed"] is True and unit["int8"]["tile_ms"] > 0
+    assert unit["int8"]["guard_passed"] == before["int8"]["guard_passed"]
+    assert {k: v for k, v in unit.items() if k != "int8"} == {k: v for k, v in before.items() if k != "int8"}

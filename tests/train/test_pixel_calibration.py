@@ -8,11 +8,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from ganspect.edge.errors import ConfigError
 from ganspect.edge.manifest import load_bundle
 from ganspect.export.bundle import export_run
 from ganspect.train.config import config_from_dict
+from ganspect.train.data import Framing, load_normal_images
 from ganspect.train.loop import load_run_model, train
 
 
@@ -28,10 +30,17 @@ def _aligned_parts(root: Path, n: int, seed: int) -> None:
         cv2.imwrite(str(root / "train" / "good" / f"{i:03d}.png"), image)
 
 
-def _config(per_pixel: bool) -> object:
+def _config(per_pixel: bool, spread: int = 0) -> object:
     return config_from_dict(
         {
-            "model": {"image_size": 32, "channels": 1, "latent_dim": 8, "base_width": 8, "residual_reduction": "peak"},
+            "model": {
+                "image_size": 32,
+                "channels": 1,
+                "latent_dim": 8,
+                "base_width": 8,
+                "residual_reduction": "peak",
+                "heatmap_spread": spread,
+            },
             "data": {"holdout": 0.3, "augment": {"shift": 0, "brightness": 0.0}},
             "train": {"steps": 10, "batch_size": 8, "threads": 2},
             "calibration": {"per_pixel": per_pixel},
@@ -54,6 +63,26 @@ def test_per_pixel_calibration_moves_normal_peaks_off_the_fixed_rim_and_ships_in
     bundle = export_run(run, tmp_path / "bundle", latency_budget_s=0.02)  # its parity check runs the graph
     manifest = load_bundle(bundle).manifest
     assert manifest.heatmap.per_pixel is True
+
+
+def test_per_pixel_statistics_are_those_of_the_widened_maps_the_graph_normalises(tmp_path: Path) -> None:
+    data = tmp_path / "parts"
+    _aligned_parts(data, 40, seed=1)
+    run = train(_config(per_pixel=True, spread=2), data, tmp_path / "run")
+    model, _ = load_run_model(run)
+    names = json.loads((run / "run.json").read_text(encoding="utf-8"))["holdout_names"]
+    normals = load_normal_images(data, 32, 1, Framing(32))
+    held = normals.images[[normals.names.index(n) for n in names]]
+    with torch.no_grad():
+        narrow = model.score_parts(model.normalise(torch.from_numpy(held))).residual.numpy()
+    square = np.ones((5, 5), np.uint8)  # 2 pixels on each side
+    widened = np.stack([cv2.dilate(m, square, borderType=cv2.BORDER_REPLICATE) for m in narrow])
+    assert np.allclose(model.pixel_mean.numpy(), widened.mean(axis=0), rtol=1e-4, atol=1e-6)
+    # ... and the graph normalises widened maps with them, not narrow ones widened afterwards.
+    with torch.no_grad():
+        _, heatmap = model(torch.from_numpy(held))
+    expected = (widened - model.pixel_mean.numpy()) / model.pixel_spread.numpy() / float(model.heatmap_scale)
+    assert np.allclose(heatmap.numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_per_pixel_calibration_is_refused_where_it_cannot_mean_anything() -> None:

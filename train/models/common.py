@@ -137,32 +137,35 @@ class ScoringModel(nn.Module):
 
         residual: A(x) = (1 - lambda) L_R + lambda L_D, and the smoothed residual;
         segmentation: the peak of the head's smoothed defect probability, and that map.
-        With `cfg.heatmap_spread`, the map is widened by a max filter: its peak, and so the
-        score and the heatmap scale, stay exactly what they were.
+        `cfg.heatmap_spread` widens the map before anything else reads it; a max filter
+        keeps its peak, so without per-pixel calibration the score is what it was.
         """
-        score, raw = self._score_and_narrow_map(parts)
-        spread = getattr(self.cfg, "heatmap_spread", 0)
-        if spread > 0:
-            # Separable (a row pass, then a column pass): 2k comparisons a pixel, not k^2.
-            k = 2 * spread + 1
-            raw = nn.functional.max_pool2d(raw.unsqueeze(1), (1, k), stride=1, padding=(0, spread))
-            raw = nn.functional.max_pool2d(raw, (k, 1), stride=1, padding=(spread, 0)).squeeze(1)
-        return score, raw
-
-    def _score_and_narrow_map(self, parts: ScoreParts) -> tuple[torch.Tensor, torch.Tensor]:
-        if getattr(self.cfg, "scoring", "residual") == "segmentation":
+        segmentation = getattr(self.cfg, "scoring", "residual") == "segmentation"
+        per_pixel = getattr(self.cfg, "pixel_calibration", False)
+        if segmentation:
             assert parts.segmentation is not None, "scoring: segmentation needs a model with a segmentation head"
-            raw = parts.segmentation
-        elif getattr(self.cfg, "pixel_calibration", False):
-            raw = parts.residual
+            raw = self.widen(parts.segmentation)
+        elif per_pixel:
+            raw = self.widen(parts.residual)
         else:
-            return weighted_score(parts.l_r, parts.l_d, self.cfg.lambda_), parts.residual
-        if getattr(self.cfg, "pixel_calibration", False):
+            return weighted_score(parts.l_r, parts.l_d, self.cfg.lambda_), self.widen(parts.residual)
+        if per_pixel:
             # How unusual each pixel is for that pixel: rims and edges that are always there stop deciding.
+            # Calibration measures mean and spread on maps made by this same function, so widened ones.
             raw = (raw - self.pixel_mean) / self.pixel_spread
-            if getattr(self.cfg, "scoring", "residual") != "segmentation":
+            if not segmentation:
                 return weighted_score(raw.amax(dim=(1, 2)), parts.l_d, self.cfg.lambda_), raw
         return raw.amax(dim=(1, 2)), raw
+
+    def widen(self, heatmap: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) widened by `cfg.heatmap_spread` pixels on each side (a max filter), or as it is."""
+        spread = getattr(self.cfg, "heatmap_spread", 0)
+        if spread == 0:
+            return heatmap
+        # Separable (a row pass, then a column pass): 2k comparisons a pixel, not k^2.
+        k = 2 * spread + 1
+        wide = nn.functional.max_pool2d(heatmap.unsqueeze(1), (1, k), stride=1, padding=(0, spread))
+        return nn.functional.max_pool2d(wide, (k, 1), stride=1, padding=(spread, 0)).squeeze(1)
 
     def segment(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor | None:
         """Smoothed defect probability (N, H, W) of the segmentation head, or None without one."""

@@ -670,7 +670,7 @@ def _manifest(
         heatmap=HeatmapSpec(
             scale=float(src.model.heatmap_scale),
             smoothing_sigma=cfg.heatmap_sigma,
-            spread=getattr(cfg, "heatmap_spread", 0),
+            spread=cfg.heatmap_spread,
             per_pixel=bool(getattr(cfg, "pixel_calibration", False)),
         ),
         tiling=TilingSpec(

@@ -145,10 +145,10 @@ class ScoringModel(nn.Module):
         if segmentation:
             assert parts.segmentation is not None, "scoring: segmentation needs a model with a segmentation head"
             raw = self.widen(parts.segmentation)
-        elif per_pixel:
-            raw = self.widen(parts.residual)
         else:
-            return weighted_score(parts.l_r, parts.l_d, self.cfg.lambda_), self.widen(parts.residual)
+            raw = self.widen(parts.residual)
+            if not per_pixel:
+                return weighted_score(parts.l_r, parts.l_d, self.cfg.lambda_), raw
         if per_pixel:
             # How unusual each pixel is for that pixel: rims and edges that are always there stop deciding.
             # Calibration measures mean and spread on maps made by this same function, so widened ones.
@@ -159,7 +159,7 @@ class ScoringModel(nn.Module):
 
     def widen(self, heatmap: torch.Tensor) -> torch.Tensor:
         """(N, H, W) widened by `cfg.heatmap_spread` pixels on each side (a max filter), or as it is."""
-        spread = getattr(self.cfg, "heatmap_spread", 0)
+        spread = self.cfg.heatmap_spread  # a checkpoint written before the setting gets its default, 0
         if spread == 0:
             return heatmap
         # Separable (a row pass, then a column pass): 2k comparisons a pixel, not k^2.

@@ -501,10 +501,14 @@ def _export_fp32(src: _Run, checks: _CheckImages, tmp: Path) -> _Fp32:
 
 
 def _export_int8(src: _Run, checks: _CheckImages, fp32: _Fp32, settings: Int8Settings, force: bool) -> _Int8:
-    """INT8 beside the FP32 file: all learned layers first, then with the sensitive ones kept in FP32.
+    """INT8 beside the FP32 file: the first and last convolutions kept in FP32, then all sensitive layers.
 
-    The first attempt that passes the accuracy guard is kept; when neither does, the export
-    is refused unless `force`, which ships the second.
+    Those convolutions read the image or write a map: one to three channels on one side at
+    full resolution, where 8-bit kernels gain nothing (in a 256x256 gray model they made it
+    10 % slower, the image's requantization included) and rounding costs most. When the
+    guard fails and other sensitive layers exist (D's feature layer), they are kept in FP32
+    too. The first attempt that passes the accuracy guard is kept; when none does, the
+    export is refused unless `force`, which ships the last.
     """
     import onnx
 
@@ -519,13 +523,15 @@ def _export_int8(src: _Run, checks: _CheckImages, fp32: _Fp32, settings: Int8Set
     proto = onnx.load(str(fp32.path))
     layers = learned_layers(proto, parameter_names(src.model))
     keep = sensitive_layers(proto, layers)
-    attempts = [
-        ("all learned layers INT8", []),
-        ("first/last layers and D's feature layer kept in FP32", describe_layers(proto, keep)),
-    ]
+    op_type = {n.name: n.op_type for n in proto.graph.node}
+    convolutions = [n for n in keep if op_type[n] == "Conv"]
+    attempts = [("first/last convolutions kept in FP32", convolutions)]
+    if len(convolutions) < len(keep):
+        attempts.append(("first/last layers and D's feature layer kept in FP32", keep))
     guard: list[GuardResult] = []
     int8_path = fp32.path.with_name(INT8_FILE)
-    for (label, kept_names), kept in zip(attempts, ([], keep)):
+    for label, kept in attempts:
+        kept_names = describe_layers(proto, kept)
         log.info("quantizing to INT8 (%s) on %d normal training images", label, n_cal)
         quantize(fp32.path, int8_path, calibration, layers, kept, settings)
         int8_out = run_onnx(int8_path, checks.pixels)
@@ -548,7 +554,7 @@ def _export_int8(src: _Run, checks: _CheckImages, fp32: _Fp32, settings: Int8Set
     final = guard[-1]
     if not final.ok and not force:
         raise GanspectError(
-            f"INT8 model refused by the accuracy guard: {'; '.join(final.failures)} (also with "
+            f"INT8 model refused by the accuracy guard: {'; '.join(final.failures)} (with "
             f"{len(keep)} sensitive layers kept in FP32); nothing was written: export without --int8, "
             "or pass --force to ship it anyway"
         )

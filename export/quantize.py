@@ -21,9 +21,12 @@ the guard, they choose nothing): AUROC drop when anomalies are present, Spearman
 correlation of the scores, and OK/NG agreement, each model at its own threshold (the
 INT8 threshold is chosen by the run's method on the INT8 scores: the same nu-quantile of
 the held-out normals, or the same cut against the same painted copies or anomalies).
-When the guard fails, quantization is retried with the sensitive layers kept in FP32:
-the first learned layers after the input and the last ones before the outputs (for
-Efficient GAN: E's and D's first convolutions, G's output layer, D's feature layer f_D).
+Sensitive layers are the first learned layers after the input and the last ones before
+the outputs (for Efficient GAN: E's and D's first convolutions, G's output layer, D's
+feature layer f_D; with a segmentation head, its first convolution and its output layer).
+The convolutions among them stay in FP32 from the start: one to three channels on one
+side at full resolution, where 8-bit kernels gain nothing and rounding costs most. When
+the guard fails, quantization is retried with all sensitive layers kept in FP32.
 """
 
 from __future__ import annotations

@@ -92,6 +92,34 @@ def test_inference_copy_rewrites_transposed_convolutions_without_changing_a_numb
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_inference_copy_merges_the_heads_skips_before_upsampling_without_changing_a_number() -> None:
+    torch.manual_seed(6)
+    cfg = EfficientGANConfig(
+        image_size=32,
+        channels=1,
+        latent="spatial",
+        latent_stride=8,
+        latent_dim=4,
+        base_width=4,
+        segmentation_head=True,
+        head_width=4,
+        scoring="segmentation",
+    )
+    model = build_model(cfg).eval()
+    copy = inference_copy(model)
+    # No 1x1 convolution of the copy's head reads a concatenation any more: each merge is two convolutions.
+    merges = [m for m in copy.segmentation_head.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)]
+    assert len(merges) == 6 and {m.out_channels for m in merges} == {4 * cfg.head_width, 2 * cfg.head_width, 1}
+    x, recon = torch.randn(3, 1, 32, 32), torch.randn(3, 1, 32, 32)
+    images = torch.randint(0, 256, (3, 32, 32, 1), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            copy.segmentation_head(x, recon), model.segmentation_head(x, recon), rtol=1e-5, atol=1e-5
+        )
+        for got, want in zip(copy(images), model(images)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_metrics_measured_at_another_threshold_are_not_exported(run: Path, tmp_path: Path) -> None:
     # A run calibrated again after its evaluation: the edge would refuse the bundle, so export refuses first.
     import shutil

@@ -74,6 +74,7 @@ def time_int8(bundle: Path, config: Any, frame_shape: tuple[int, ...]) -> dict[s
     one = rng.integers(0, 256, (1, size, size, channels), np.uint8)
     result = {
         "tile_ms": _median_ms(session, one),
+        "tile_px": size,
         "tiles_per_256_region": n_region,
         "tiles_per_frame": n_frame,
         "frame": f"{frame_shape[1]}x{frame_shape[0]}",
@@ -89,7 +90,7 @@ def run_seed(args: argparse.Namespace, seed: int, exp: Experiment) -> dict[str, 
     from ganspect.edge.errors import GanspectError
     from ganspect.export.bundle import export_run
     from ganspect.train.evaluate import evaluate_run
-    from ganspect.train.loop import CHECKPOINT, load_checkpoint, train
+    from ganspect.train.loop import CHECKPOINT, load_checkpoint, read_run_config, train
 
     config = load_train_config(args.config, [*args.set, f"train.seed={seed}", f"train.threads={args.threads}"])
     run = exp.run_dir(f"seed{seed}")
@@ -128,8 +129,8 @@ def run_seed(args: argparse.Namespace, seed: int, exp: Experiment) -> dict[str, 
                 # The timing is still worth having; the table says the guard refused this model.
                 print(f"[seed {seed}] {exc}; timing it anyway (--force)", flush=True)
                 export_run(run, bundle, int8=True, force=True, latency_budget_s=0.5)
-        frame = _first_test_shape(args.data, config)
-        result["int8"] = time_int8(bundle, config, frame)
+        trained = read_run_config(run)  # as trained: the tiles fit the images (model.image_size is the largest)
+        result["int8"] = time_int8(bundle, trained, _first_test_shape(args.data, trained))
         result["int8"].update(_guard_of(bundle))
     return result
 
@@ -153,6 +154,10 @@ def _first_test_shape(data: Path, config: Any) -> tuple[int, ...]:
     m = config.model
     framing = Framing.of(m.image_size, config.tiling)
     return read_image(first, m.image_size, m.channels, framing).shape
+
+
+def _tile_side(timing: dict[str, Any]) -> str:
+    return f" of {timing['tile_px']} px" if "tile_px" in timing else ""  # results written before it was recorded
 
 
 def _shown(path: Path) -> Path:
@@ -224,7 +229,8 @@ def write_results(exp: Experiment, name: str, args: argparse.Namespace) -> Path:
         + (f" with `{' '.join(args.set)}`" if args.set else "")
         + ". "
         + (
-            f"{tiles['tiles_per_frame']} tiles per frame, {tiles['tiles_per_256_region']} per 256x256 region. "
+            f"{tiles['tiles_per_frame']} tiles{_tile_side(tiles)} per frame, "
+            f"{tiles['tiles_per_256_region']} per 256x256 region. "
             if tiles
             else ""
         )
@@ -257,6 +263,8 @@ def main() -> int:
 
     import torch
 
+    from ganspect.train.loop import read_run_config
+
     torch.set_num_threads(args.threads)
     name = "quality_" + (args.tag or args.data.name)
     exp = Experiment(name)
@@ -267,8 +275,8 @@ def main() -> int:
         if "int8" in result and (bundle / "manifest.json").is_file():
             if args.retime and "retimed" not in result["int8"]:
                 print(f"[{name}] {unit}: timing INT8 again", flush=True)
-                config = load_train_config(args.config, [*args.set, f"train.seed={seed}"])
-                result["int8"] = {**time_int8(bundle, config, _first_test_shape(args.data, config)), "retimed": True}
+                trained = read_run_config(exp.run_dir(unit))
+                result["int8"] = {**time_int8(bundle, trained, _first_test_shape(args.data, trained)), "retimed": True}
             if "guard_passed" not in result["int8"]:  # retimed, or stored before the guard was recorded
                 result["int8"].update(_guard_of(bundle))
                 exp.save()

@@ -27,7 +27,11 @@ class ModelSection(_Section):
         description="Model family: efficient_gan (BiGAN with encoder) or anogan (DCGAN, "
         "latent search, plus a one-pass encoder trained afterwards; see the anogan section).",
     )
-    image_size: int = Field(64, description="Square input side in pixels: a power of two from 32 to 256.")
+    image_size: int = Field(
+        64,
+        description="Square input side in pixels: a power of two from 32 to 256. In tiling mode tiles the largest "
+        "tile: when the training images are smaller, the largest power of two that fits them.",
+    )
     channels: Literal[1, 3] = Field(3, description="1 = grayscale, 3 = colour (BGR, as OpenCV reads it).")
     latent_dim: int = Field(64, ge=2, le=1024, description="Size of the latent code z = E(x).")
     base_width: int = Field(16, ge=4, le=256, description="Feature maps of the first conv stage; doubles per stage.")
@@ -403,6 +407,28 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig
         return TrainConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_error_summary(exc, source)) from exc
+
+
+MIN_TILE = 32  # the smallest model.image_size
+
+
+def fit_tiles_to_images(config: TrainConfig, smallest_side: int) -> TrainConfig:
+    """`config` with tiles no larger than the smallest image side (tiling mode tiles), else `config` itself.
+
+    In tile mode `model.image_size` is the largest tile: images smaller than it would be
+    padded to it, and crops of a padded image would train mostly on the padding (on the
+    128-px washers in 256-px tiles, image AUROC fell from 1.00 to 0.82). The tile becomes
+    the largest power of two that fits (at least 32), and the training crops no larger.
+    """
+    size = config.model.image_size
+    if config.tiling.mode != "tiles" or smallest_side >= size:
+        return config
+    tile = max(MIN_TILE, 1 << (smallest_side.bit_length() - 1))  # the largest power of two <= smallest_side
+    raw = config.to_dict()
+    raw["model"]["image_size"] = tile
+    if config.tiling.train_crop is not None:
+        raw["tiling"]["train_crop"] = min(config.tiling.train_crop, tile)
+    return config_from_dict(raw, source=f"model.image_size {size} fitted to images of {smallest_side} px")
 
 
 def load_train_config(path: Path, overrides: list[str]) -> TrainConfig:

@@ -50,7 +50,7 @@ import yaml
 from ganspect.edge.common import first_line
 from ganspect.edge.errors import GanspectError
 from ganspect.train.calibrate import calibrate, pseudo_defect_copies
-from ganspect.train.config import AugmentSection, TrainConfig, config_from_dict
+from ganspect.train.config import MIN_TILE, AugmentSection, TrainConfig, config_from_dict, fit_tiles_to_images
 from ganspect.train.models.anogan import AnoGAN, AnoGANConfig, build_anogan, load_anogan
 from ganspect.train.models.common import ScoringModel
 from ganspect.train.models.efficient_gan import EfficientGANConfig, build_model, load_model
@@ -511,8 +511,21 @@ def train(config: TrainConfig, data: Path, out: Path, resume: bool = False) -> P
     from ganspect.train.data import Framing, labelled_anomalies, load_normal_images, split_holdout
 
     m = config.model
-    framing = Framing.of(m.image_size, config.tiling)
-    images = load_normal_images(data, m.image_size, m.channels, framing)
+    if config.tiling.mode == "tiles":
+        # Native pixels first (padded only below the smallest tile), then tiles that fit them.
+        images = load_normal_images(data, m.image_size, m.channels, Framing.of(MIN_TILE, config.tiling))
+        smallest = min(min(image.shape[:2]) for image in images.images)
+        fitted = fit_tiles_to_images(config, smallest)
+        if fitted is not config:
+            log.info(
+                "the smallest training image is %d px: tiles of %d px instead of model.image_size %d",
+                smallest,
+                fitted.model.image_size,
+                m.image_size,
+            )
+        config = fitted
+    else:
+        images = load_normal_images(data, m.image_size, m.channels, Framing.of(m.image_size, config.tiling))
     train_set, holdout_set = split_holdout(images, config.data.holdout, config.train.seed)
     if len(train_set.images) < 2 or len(holdout_set.images) < 1:
         raise GanspectError(

@@ -23,10 +23,10 @@ from ganspect.edge.manifest import load_bundle
 from ganspect.edge.scorer import Scorer
 from ganspect.export.bundle import export_run
 from ganspect.train.calibrate import score_tiled, tile_origins
-from ganspect.train.config import config_from_dict
+from ganspect.train.config import config_from_dict, fit_tiles_to_images
 from ganspect.train.data import Framing, load_normal_images, load_test_set
 from ganspect.train.evaluate import evaluate_run
-from ganspect.train.loop import CropPool, build_for, load_run_model, train
+from ganspect.train.loop import CropPool, build_for, load_run_model, read_run_config, train
 from ganspect.train.pseudo_defects import KINDS, paint, paint_frames
 
 DEEPPCB = Path(__file__).resolve().parents[3] / "shared" / "data" / "deeppcb"
@@ -262,6 +262,40 @@ def test_small_training_crops_train_a_model_that_scores_larger_tiles(
 
     bundle = export_run(run, tmp_path / "bundle", int8=False, latency_budget_s=0.02)
     assert load_bundle(bundle).manifest.input.height == 64
+
+
+def test_tiles_shrink_to_fit_images_smaller_than_model_image_size(boards: Path, tmp_path: Path) -> None:
+    # The ROI is 200x120: tiles of 256 would be mostly padding; the largest power of two that fits is 64.
+    config = tiled_config(image_size=256)
+    config = config.model_copy(update={"tiling": config.tiling.model_copy(update={"train_crop": 128})})
+    run = train(config, boards, tmp_path / "run")
+    trained = read_run_config(run)
+    assert (trained.model.image_size, trained.tiling.train_crop) == (64, 64)
+    bundle = export_run(run, tmp_path / "bundle", int8=False, latency_budget_s=0.02)
+    assert load_bundle(bundle).manifest.input.height == 64
+
+
+@pytest.mark.parametrize(
+    ("side", "size", "crop", "expected"),
+    [
+        (640, 256, 128, (256, 128)),
+        (256, 256, 128, (256, 128)),
+        (255, 256, 128, (128, 128)),
+        (100, 256, None, (64, None)),
+        (20, 64, 32, (32, 32)),
+    ],
+)
+def test_fitted_tile_is_the_largest_power_of_two_in_the_smallest_side(
+    side: int, size: int, crop: int | None, expected: tuple[int, int | None]
+) -> None:
+    config = tiled_config(image_size=size)
+    config = config.model_copy(update={"tiling": config.tiling.model_copy(update={"train_crop": crop})})
+    fitted = fit_tiles_to_images(config, side)
+    assert (fitted.model.image_size, fitted.tiling.train_crop) == expected
+    resized = config.model_copy(
+        update={"tiling": config.tiling.model_copy(update={"mode": "resize", "train_crop": None})}
+    )
+    assert fit_tiles_to_images(resized, side) is resized  # resize mode squashes the image to image_size anyway
 
 
 @pytest.mark.parametrize(

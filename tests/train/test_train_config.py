@@ -16,8 +16,10 @@ SHIPPED = REPO / "configs" / "train" / "efficient_gan.yaml"
 
 def test_shipped_configs_validate() -> None:
     config = load_train_config(SHIPPED, [])
-    # The default recipe: native-pixel tiles, spatial latent, pseudo-defects, the head's score.
-    assert (config.tiling.mode, config.model.image_size, config.model.latent) == ("tiles", 128, "spatial")
+    # The default recipe: native-pixel tiles of 256 trained on crops of 128, spatial latent, pseudo-defects,
+    # the head's score.
+    assert (config.tiling.mode, config.model.image_size, config.model.latent) == ("tiles", 256, "spatial")
+    assert config.tiling.train_crop == 128
     assert config.pseudo_defects.enabled and config.model.scoring == "segmentation"
     assert config.model.lambda_ == pytest.approx(0.1)
     assert config.calibration.nu == pytest.approx(0.01)

@@ -290,7 +290,7 @@ def pseudo_defect_copies(images: Any, config: Any) -> Any:
     pseudo_defects threshold: at the training crop's scale, with the run's kinds, under PSEUDO_SEED."""
     from ganspect.train.pseudo_defects import paint_frames
 
-    window = config.tiling.train_crop or config.model.image_size
+    window = config.crop_side
     return paint_frames(images, window, list(config.pseudo_defects.kinds), PSEUDO_SEED)
 
 

@@ -145,7 +145,8 @@ class TilingSection(_Section):
     train_crop: int | None = Field(
         None,
         description="tiles with latent: spatial: side of the random training crops when smaller than the "
-        "model.image_size tiles the station scores (power of two, at least 32); null = model.image_size. "
+        "model.image_size tiles the station scores (power of two, at least 32; a larger one means the tile); "
+        "null = model.image_size. "
         "Small crops show the segmentation head as many painted defects per step as small tiles would, "
         "while the fully convolutional model scores fewer, larger tiles (less overlap, faster at the edge).",
     )
@@ -351,14 +352,12 @@ class TrainConfig(_Section):
             )
         crop = self.tiling.train_crop
         if crop is not None and not (
-            self.tiling.mode == "tiles"
-            and self.model.latent == "spatial"
-            and 32 <= crop <= self.model.image_size
-            and crop & (crop - 1) == 0
+            self.tiling.mode == "tiles" and self.model.latent == "spatial" and crop >= 32 and crop & (crop - 1) == 0
         ):
             raise ValueError(
                 f"tiling.train_crop {crop} needs tiling.mode: tiles, model.latent: spatial (a fully "
-                f"convolutional model) and a power of two from 32 to model.image_size ({self.model.image_size})"
+                "convolutional model) and a power of two of at least 32; tiling.train_crop: null trains on "
+                "whole tiles"
             )
         if self.tiling.mode == "tiles" and self.tiling.overlap >= self.model.image_size:
             raise ValueError(
@@ -366,6 +365,11 @@ class TrainConfig(_Section):
                 f"{self.model.image_size} px tiles (model.image_size)"
             )
         return self
+
+    @property
+    def crop_side(self) -> int:
+        """Side of the training crops: `tiling.train_crop`, never larger than the tile (`model.image_size`)."""
+        return min(self.tiling.train_crop or self.model.image_size, self.model.image_size)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able dict with the file's key names (`lambda`, not `lambda_`)."""
@@ -427,7 +431,7 @@ def fit_tiles_to_images(config: TrainConfig, smallest_side: int) -> TrainConfig:
     raw = config.to_dict()
     raw["model"]["image_size"] = tile
     if config.tiling.train_crop is not None:
-        raw["tiling"]["train_crop"] = min(config.tiling.train_crop, tile)
+        raw["tiling"]["train_crop"] = min(config.tiling.train_crop, tile)  # as trained, in the run's config
     return config_from_dict(raw, source=f"model.image_size {size} fitted to images of {smallest_side} px")
 
 

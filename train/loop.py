@@ -594,7 +594,7 @@ class _TrainingTensors:
         self.device = device
         self.pool: CropPool | None = None
         if config.tiling.mode == "tiles":
-            self.pool = CropPool(train_images, config.tiling.train_crop or size, seed)
+            self.pool = CropPool(train_images, config.crop_side, seed)
             self.x_all = to_model_input(CropPool(train_images, size, seed + 2).sample(512).numpy()).to(device)
             self.x_val = to_model_input(CropPool(holdout_images, size, seed + 3).sample(256).numpy()).to(device)
         else:

@@ -247,7 +247,7 @@ class _HeadMergingBeforeUpsampling(nn.Module):
     """A `SegmentationHead` computing the same logits with its merges split (`_SplitMerge`).
 
     At 256x256 the merges' concatenations, upsamplings and the requantization of the
-    concatenated maps were a fifth of the INT8 model's time.
+    concatenated maps were about a quarter of the INT8 model's time (3.4 of 12.9 ms).
     """
 
     def __init__(self, head: SegmentationHead) -> None:

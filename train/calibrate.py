@@ -240,7 +240,7 @@ class Calibration:
     n_anomalies: int = 0
     normal_quantile_threshold: float | None = None  # always computed, for comparison with f1_optimal
     confidence: dict[str, float] | None = None  # how sure the threshold is (threshold_confidence)
-    per_pixel: dict[str, Any] | None = None  # what per-pixel calibration found (_calibrate_pixels)
+    per_pixel: dict[str, Any] | None = None  # what per-pixel calibration found (calibrate_pixels)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -319,8 +319,8 @@ SPREAD_FLOOR = 0.1
 HOT_SHARE = 0.05
 
 
-def _calibrate_pixels(
-    model: ScoringModel, images: np.ndarray, batch_size: int, device: str | torch.device
+def calibrate_pixels(
+    model: ScoringModel, images: np.ndarray, batch_size: int = 64, device: str | torch.device = "cpu"
 ) -> tuple[Scored, dict[str, Any]]:
     """Set the model's per-pixel mean and spread from held-out normals; return their leave-one-out scores.
 
@@ -387,7 +387,7 @@ def calibrate(
     nu, quantile, batch_size, method = settings.nu, settings.heatmap_quantile, settings.batch_size, settings.threshold
     pixel_report = None
     if settings.per_pixel:
-        scored, pixel_report = _calibrate_pixels(model, normal_images, batch_size, device)
+        scored, pixel_report = calibrate_pixels(model, normal_images, batch_size, device)
     else:
         scored = score_framed(model, normal_images, tiles, overlap, batch_size=batch_size, device=device)
     anomaly_scores = None

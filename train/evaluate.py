@@ -142,6 +142,21 @@ def _held_out_images(config: Any, info: dict[str, Any], size: int, channels: int
     return held.images
 
 
+def _score_held_out(model: Any, config: Any, info: dict[str, Any], **kw: Any) -> Any:
+    """The held-out normals scored as the threshold saw them; None when the training data is gone."""
+    from ganspect.train.calibrate import calibrate_pixels, score_framed
+
+    images = _held_out_images(config, info, model.cfg.image_size, model.cfg.channels)
+    if images is None:
+        return None
+    if config.calibration.per_pixel and kw["scoring"] == "model":
+        # A per-pixel threshold was set on leave-one-out scores: scored by the calibrated model,
+        # each normal would be measured against statistics it helped estimate, and look safer
+        # than an unseen part. This re-derives the same statistics from the same images.
+        return calibrate_pixels(model, images, kw["batch_size"])[0]
+    return score_framed(model, images, config.tiling.mode == "tiles", config.tiling.overlap, **kw)
+
+
 def _check_evaluable(run: Path, scoring: str, kind: str, ckpt: dict[str, Any]) -> None:
     if scoring == "search" and kind != "anogan":
         raise GanspectError(
@@ -241,9 +256,8 @@ def evaluate_run(run: Path, data: Path | None, scoring: str = "encoder", report:
         seed=config.train.seed,
         progress=True,
     )
-    held_images = _held_out_images(config, info, size, channels)
     overlap = config.tiling.overlap
-    held = score_framed(model, held_images, tiles, overlap, **kw) if held_images is not None else None
+    held = _score_held_out(model, config, info, **kw)
     scored = score_framed(model, test.images, tiles, overlap, keep_recon=report, **kw)
     cal_path = run / "calibration.json"
     cal = json.loads(cal_path.read_text(encoding="utf-8")) if cal_path.is_file() else {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ganspect.edge.manifest import load_bundle
 from ganspect.export.bundle import export_run
 from ganspect.train.config import config_from_dict
 from ganspect.train.data import Framing, load_normal_images
+from ganspect.train.evaluate import evaluate_run
 from ganspect.train.loop import load_run_model, train
 
 
@@ -83,6 +85,31 @@ def test_per_pixel_statistics_are_those_of_the_widened_maps_the_graph_normalises
         _, heatmap = model(torch.from_numpy(held))
     expected = (widened - model.pixel_mean.numpy()) / model.pixel_spread.numpy() / float(model.heatmap_scale)
     assert np.allclose(heatmap.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluation_measures_held_out_normals_as_the_threshold_saw_them(tmp_path: Path) -> None:
+    """Scored by the calibrated model, a held-out normal is measured against statistics it
+    helped estimate and looks safer than an unseen part; the threshold was set on
+    leave-one-out scores, so the evaluation's held-out figures must be those."""
+    data = tmp_path / "parts"
+    _aligned_parts(data, 40, seed=2)
+    _aligned_parts(tmp_path / "test_good", 6, seed=3)
+    (data / "test").mkdir()
+    (tmp_path / "test_good" / "train" / "good").rename(data / "test" / "good")
+    (data / "test" / "hole").mkdir()
+    for i, name in enumerate(sorted((data / "test" / "good").iterdir())[:3]):
+        image = cv2.imread(str(name), cv2.IMREAD_GRAYSCALE)
+        image[12:18, 12:18] = 0
+        cv2.imwrite(str(data / "test" / "hole" / f"{i}.png"), image)
+    run = train(_config(per_pixel=True), data, tmp_path / "run")
+    confidence = json.loads((run / "calibration.json").read_text(encoding="utf-8"))["confidence"]
+    assert confidence["held_out_above"] >= 1  # the 99th percentile of 12 normals lies below their maximum
+
+    metrics = evaluate_run(run, None, report=False)
+    assert metrics["false_alarm_rate_held_out"] == pytest.approx(confidence["false_alarm_rate_held_out"])
+    with open(run / "scores.csv", encoding="utf-8") as f:
+        held = [float(row["score"]) for row in csv.DictReader(f) if row["split"] == "held_out"]
+    assert sum(score > metrics["threshold"] for score in held) == confidence["held_out_above"]
 
 
 def test_per_pixel_calibration_is_refused_where_it_cannot_mean_anything() -> None:

@@ -62,6 +62,26 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_calibrate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder written by `ganspect train`")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="calibration.KEY=VALUE",
+        help="calibration setting to change, e.g. --set calibration.nu=0.02; repeatable",
+    )
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from ganspect.train.loop import recalibrate
+
+    cal = recalibrate(args.run, args.overrides)
+    print(f"threshold {cal.threshold:.6g} ({cal.method}, nu {cal.nu:g}) written to {args.run}; export the run again")
+    return 0
+
+
 def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run folder written by `ganspect train`")
     p.add_argument(
@@ -101,4 +121,10 @@ SYNTH = Command(
     extra="train",
 )
 TRAIN = Command("train a model on normal images", _configure_train, _run_train, extra="train")
+CALIBRATE = Command(
+    "set a trained run's threshold again from its held-out normals (new nu or threshold method, no training)",
+    _configure_calibrate,
+    _run_calibrate,
+    extra="train",
+)
 EVAL = Command("evaluate a run on a test set and write metrics.json", _configure_eval, _run_eval, extra="train")

@@ -240,6 +240,16 @@ def labelled_anomalies(config: Any) -> Any:
     return load_normal_images(config.calibration.anomalies, size, config.model.channels, framing).images
 
 
+def held_out_images(config: Any, source: Path) -> Any:
+    """A run's held-out normal training images, drawn again exactly as training drew them; None if gone."""
+    if not source.exists():
+        return None
+    size = config.model.image_size
+    images = load_normal_images(source, size, config.model.channels, Framing.of(size, config.tiling))
+    _, held = split_holdout(images, config.data.holdout, config.train.seed)
+    return held.images
+
+
 def split_holdout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """Split normal images into (train, held-out validation), deterministically by `seed`.
 

@@ -130,23 +130,12 @@ def lambda_sweep(
     return rows
 
 
-def _held_out_images(config: Any, info: dict[str, Any], size: int, channels: int) -> Any:
-    """The run's held-out normal training images, re-drawn exactly as training drew them; None if gone."""
-    from ganspect.train.data import Framing, load_normal_images, split_holdout
-
-    source = Path(info["source"])
-    if not source.exists():
-        return None
-    images = load_normal_images(source, size, channels, Framing.of(size, config.tiling))
-    _, held = split_holdout(images, config.data.holdout, config.train.seed)
-    return held.images
-
-
 def _score_held_out(model: Any, config: Any, info: dict[str, Any], **kw: Any) -> Any:
     """The held-out normals scored as the threshold saw them; None when the training data is gone."""
     from ganspect.train.calibrate import calibrate_pixels, score_framed
+    from ganspect.train.data import held_out_images
 
-    images = _held_out_images(config, info, model.cfg.image_size, model.cfg.channels)
+    images = held_out_images(config, Path(info["source"]))
     if images is None:
         return None
     if config.calibration.per_pixel and kw["scoring"] == "model":

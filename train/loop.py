@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import yaml
 
 from ganspect.edge.common import first_line
-from ganspect.edge.errors import GanspectError
+from ganspect.edge.errors import ConfigError, GanspectError
 from ganspect.train.calibrate import calibrate, pseudo_defect_copies
 from ganspect.train.config import MIN_TILE, AugmentSection, TrainConfig, config_from_dict, fit_tiles_to_images
 from ganspect.train.models.anogan import AnoGAN, AnoGANConfig, build_anogan, load_anogan
@@ -741,6 +741,66 @@ def _calibrate_kept_weights(
         overlap=config.tiling.overlap,
     )
     return cal, trainer.best_step if keep_best else trainer.step
+
+
+def recalibrate(run: Path, overrides: list[str]) -> Any:
+    """Set a trained run's threshold and heatmap scale again from its held-out normals, with its
+    calibration settings changed by `overrides`; return the calibration.
+
+    Only calibration.* settings can change: what a line tolerates (nu) or how the threshold is
+    chosen is its own decision and should not cost a training run. The checkpoint, config.yaml
+    and calibration.json are rewritten; a bundle exported before keeps the old threshold.
+    """
+    from ganspect.train.config import load_train_config
+    from ganspect.train.data import held_out_images, labelled_anomalies
+
+    run = Path(run)
+    others = [o for o in overrides if not o.strip().startswith("calibration.")]
+    if others:
+        raise ConfigError(
+            f"recalibration changes calibration.* settings only, not {', '.join(others)}: "
+            "those change the model, so train again"
+        )
+    ckpt_path = run / CHECKPOINT
+    ckpt = load_checkpoint(ckpt_path)
+    if not ckpt.get("calibrated"):
+        raise GanspectError(f"{run} has not finished training: finish it first (ganspect train --resume)")
+    config = load_train_config(run / "config.yaml", overrides)
+    source = Path(read_run_info(run)["source"])
+    held = held_out_images(config, source)
+    if held is None:
+        raise GanspectError(f"the run's training data {source} is gone: its held-out normals cannot be scored again")
+    model = model_from_checkpoint(ckpt).eval()
+    threshold = config.calibration.threshold
+    cal = calibrate(
+        model,
+        held,
+        config.calibration,
+        anomaly_images=pseudo_defect_copies(held, config)
+        if threshold == "pseudo_defects"
+        else labelled_anomalies(config),
+        tiles=config.tiling.mode == "tiles",
+        overlap=config.tiling.overlap,
+    )
+    ckpt["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ckpt["train_config"] = config.to_dict()
+    save_checkpoint(ckpt_path, ckpt)
+    cal_path = run / "calibration.json"
+    before = json.loads(cal_path.read_text(encoding="utf-8")) if cal_path.is_file() else {}
+    kept = {k: before[k] for k in ("kept_step", "ocnn") if k in before}  # facts of the training, not of calibration
+    cal_path.write_text(json.dumps({**cal.to_dict(), **kept}, indent=2) + "\n", encoding="utf-8")
+    _write_config(run, config)
+    log.info(
+        "threshold %.5f (%s, nu %.3f on %d held-out normals; was %s), heatmap scale %.5f; export the run again",
+        cal.threshold,
+        cal.method,
+        cal.nu,
+        cal.n_images,
+        f"{before['threshold']:.5f}" if "threshold" in before else "unknown",
+        cal.heatmap_scale,
+    )
+    _log_calibration(cal)
+    return cal
 
 
 def train_arrays(

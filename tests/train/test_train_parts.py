@@ -135,10 +135,10 @@ def test_pseudo_defect_threshold_cuts_between_the_normals_and_their_painted_copi
     assert model.threshold.item() == pytest.approx(cal["threshold"])
     # The same cut as choose_threshold finds on the scores of those painted copies.
     from ganspect.train.calibrate import PSEUDO_SEED, score_images
-    from ganspect.train.evaluate import _held_out_images
+    from ganspect.train.data import held_out_images
     from ganspect.train.pseudo_defects import KINDS, paint_frames
 
-    held = _held_out_images(config, json.loads((run / "run.json").read_text()), 32, 1)
+    held = held_out_images(config, Path(json.loads((run / "run.json").read_text())["source"]))
     normal = score_images(model, held).score
     painted = score_images(model, paint_frames(held, 32, list(KINDS), PSEUDO_SEED)).score
     assert cal["threshold"] == pytest.approx(choose_threshold(normal, 0.01, "pseudo_defects", painted), rel=1e-5)
@@ -176,3 +176,39 @@ def test_early_stopping_stops_after_patience_validations_without_improvement(
 def test_validation_settings_need_validation() -> None:
     with pytest.raises(Exception, match="validate_every"):
         tiny_config(train={"keep": "best"})
+
+
+def test_recalibration_sets_the_threshold_of_a_new_nu_without_training_again(data: Path, tmp_path: Path) -> None:
+    from ganspect.edge.cli import main
+    from ganspect.train.calibrate import score_images
+    from ganspect.train.data import held_out_images
+
+    run = loop.train(tiny_config(calibration={"nu": 0.01}), data=data, out=tmp_path / "run")
+    weights_before = loop.load_run_model(run)[0].state_dict()
+    kept_step = json.loads((run / "calibration.json").read_text())["kept_step"]
+
+    assert main(["calibrate", str(run), "--set", "calibration.nu=0.2"]) == 0
+    model, _ = loop.load_run_model(run)
+    config = loop.read_run_config(run)
+    held = held_out_images(config, data.resolve())
+    expected = float(np.quantile(score_images(model, held).score.astype(np.float64), 0.8))
+    assert model.threshold.item() == pytest.approx(expected, rel=1e-5)
+    cal = json.loads((run / "calibration.json").read_text())
+    assert (cal["nu"], cal["threshold"], cal["kept_step"]) == (0.2, pytest.approx(expected, rel=1e-5), kept_step)
+    assert config.calibration.nu == 0.2  # the run's config says what its threshold means
+    unchanged = {k: v for k, v in model.state_dict().items() if k not in ("threshold", "heatmap_scale")}
+    assert all(torch.equal(v, weights_before[k]) for k, v in unchanged.items())
+
+
+def test_recalibration_refuses_settings_that_need_training_and_leaves_the_run_alone(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ganspect.edge.cli import main
+
+    run = loop.train(tiny_config(), data=data, out=tmp_path / "run")
+    before = (run / "calibration.json").read_bytes(), (run / "checkpoints" / "last.pt").read_bytes()
+    assert main(["calibrate", str(run), "--set", "train.steps=100"]) != 0
+    assert "calibration.* settings only" in capsys.readouterr().err
+    assert main(["calibrate", str(tmp_path / "nowhere")]) != 0
+    assert "no checkpoint" in capsys.readouterr().err
+    assert ((run / "calibration.json").read_bytes(), (run / "checkpoints" / "last.pt").read_bytes()) == before

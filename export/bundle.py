@@ -245,7 +245,34 @@ def _file_threshold(path: Path, images: RunImages, src: _Run) -> float:
     method = src.calibration.get("method", "normal_quantile")
     anomalies = pseudo_defect_copies(normals, config) if method == "pseudo_defects" else labelled_anomalies(config)
     anomaly_scores = None if anomalies is None else _frame_scores(path, anomalies, config)
-    return choose_threshold(_frame_scores(path, normals, config), src.nu, method, anomaly_scores)
+    per_pixel = getattr(src.model.cfg, "pixel_calibration", False)
+    normal_scores = (
+        _leave_one_out_file_scores(path, normals, src) if per_pixel else _frame_scores(path, normals, config)
+    )
+    return choose_threshold(normal_scores, src.nu, method, anomaly_scores)
+
+
+def _leave_one_out_file_scores(path: Path, normals: np.ndarray, src: _Run) -> np.ndarray:
+    """A per-pixel run's held-out normals scored by the file as calibration scored them: leave-one-out.
+
+    The graph normalises each map with statistics these very normals helped estimate, so
+    its own scores of them are lower than an unseen part's, and a threshold on them sits
+    too low. Its raw maps are undone from its heatmap (heatmap x scale x spread + mean)
+    and each is measured against the other normals' statistics again.
+    """
+    from ganspect.export.onnx_export import run_onnx
+    from ganspect.train.calibrate import leave_one_out_scores
+
+    model = src.model
+    out = run_onnx(path, np.ascontiguousarray(normals))
+    z = np.asarray(out.heatmap, np.float64) * float(model.heatmap_scale)
+    maps = z * model.pixel_spread.numpy() + model.pixel_mean.numpy()
+    lam = model.cfg.lambda_
+    if getattr(model.cfg, "scoring", "residual") == "segmentation" or lam == 0:
+        l_d = np.zeros(len(z))
+    else:  # score = (1 - lambda) peak + lambda L_D, so L_D is what the peak leaves of the score
+        l_d = (np.asarray(out.score, np.float64) - (1 - lam) * z.reshape(len(z), -1).max(axis=1)) / lam
+    return leave_one_out_scores(model.cfg, maps, l_d, src.calibration["per_pixel"]["spread_floor"])[2]
 
 
 def _guard_data(images: RunImages) -> Any:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ganspect.train.models.common import ScoringModel
+from ganspect.train.models.common import ScoringModel, weighted_score
 
 if TYPE_CHECKING:
     from ganspect.train.config import CalibrationSection
@@ -336,16 +336,9 @@ def calibrate_pixels(
     n = len(maps)
     if n < 3:
         raise ValueError(f"per-pixel calibration needs at least 3 held-out normals, got {n}")
-    total, squares = maps.sum(axis=0), np.square(maps).sum(axis=0)
-    mean = total / n
-    spread = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
+    mean, spread = maps.mean(axis=0), maps.std(axis=0)
     floor = max(SPREAD_FLOOR * float(np.median(spread)), 1e-6)
-    loo_mean = (total - maps) / (n - 1)
-    loo_spread = np.sqrt(np.maximum((squares - np.square(maps)) / (n - 1) - loo_mean**2, 0.0))
-    z = ((maps - loo_mean) / np.maximum(loo_spread, floor)).astype(np.float32)
-    peaks = z.reshape(n, -1).max(axis=1)
-    lam = model.cfg.lambda_
-    score = peaks if getattr(model.cfg, "scoring", "residual") == "segmentation" else (1 - lam) * peaks + lam * raw.l_d
+    z, peaks, score = leave_one_out_scores(model.cfg, maps, raw.l_d, floor)
     hot = mean >= np.quantile(mean, 1.0 - HOT_SHARE)
 
     def on_hot(m: np.ndarray) -> float:
@@ -362,7 +355,24 @@ def calibrate_pixels(
     }
     model.pixel_mean.copy_(torch.from_numpy(mean.astype(np.float32)))
     model.pixel_spread.copy_(torch.from_numpy(np.maximum(spread, floor).astype(np.float32)))
-    return Scored(score=score.astype(np.float32), l_r=peaks, l_d=raw.l_d, residual=z, heatmap=z), report
+    return Scored(score=score, l_r=peaks, l_d=raw.l_d, residual=z, heatmap=z), report
+
+
+def leave_one_out_scores(
+    model_cfg: Any, maps: np.ndarray, l_d: np.ndarray, floor: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(normalised maps, their peaks, scores) of n normals' raw maps (n, H, W), each map measured
+    against the per-pixel mean and spread of the other n - 1: what an unseen normal part would score."""
+    maps = np.asarray(maps, dtype=np.float64)
+    n = len(maps)
+    total, squares = maps.sum(axis=0), np.square(maps).sum(axis=0)
+    loo_mean = (total - maps) / (n - 1)
+    loo_spread = np.sqrt(np.maximum((squares - np.square(maps)) / (n - 1) - loo_mean**2, 0.0))
+    z = ((maps - loo_mean) / np.maximum(loo_spread, floor)).astype(np.float32)
+    peaks = z.reshape(n, -1).max(axis=1)
+    segmentation = getattr(model_cfg, "scoring", "residual") == "segmentation"
+    score = peaks if segmentation else weighted_score(peaks, np.asarray(l_d), model_cfg.lambda_)
+    return z, peaks, np.asarray(score, dtype=np.float32)
 
 
 def calibrate(

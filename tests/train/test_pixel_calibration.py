@@ -87,6 +87,24 @@ def test_per_pixel_statistics_are_those_of_the_widened_maps_the_graph_normalises
     assert np.allclose(heatmap.numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_a_model_file_of_a_per_pixel_run_gets_its_threshold_by_leave_one_out_as_training_did(tmp_path: Path) -> None:
+    """An INT8 file's threshold is chosen on its own scores of the held-out normals. Scored by a
+    graph whose statistics include them, those normals look safer than unseen parts (the
+    threshold of one seed of ELPV fell from 13.6 to 6.4, and its guard saw 76 % agreement).
+    The FP32 file computes what training computed, so by the same rule it must get training's
+    threshold back."""
+    from ganspect.export.bundle import _check_images, _file_threshold, _read_run
+
+    data = tmp_path / "parts"
+    _aligned_parts(data, 40, seed=4)
+    run = train(_config(per_pixel=True), data, tmp_path / "run")
+    bundle = export_run(run, tmp_path / "bundle", latency_budget_s=0.02)
+    src = _read_run(run)
+    images = _check_images(src, None, int8=True).images
+    assert images is not None
+    assert _file_threshold(bundle / "model.onnx", images, src) == pytest.approx(src.threshold, rel=1e-4)
+
+
 def test_evaluation_measures_held_out_normals_as_the_threshold_saw_them(tmp_path: Path) -> None:
     """Scored by the calibrated model, a held-out normal is measured against statistics it
     helped estimate and looks safer than an unseen part; the threshold was set on

@@ -22,7 +22,7 @@ def test_shipped_configs_validate() -> None:
     assert config.tiling.train_crop == 128
     assert config.pseudo_defects.enabled and config.model.scoring == "segmentation"
     assert config.model.lambda_ == pytest.approx(0.1)
-    assert config.calibration.nu == pytest.approx(0.01)
+    assert config.calibration.nu == pytest.approx(0.05)  # a quantile 150 held-out normals can measure
     papers = load_train_config(SHIPPED.with_name("efficient_gan_residual.yaml"), [])
     assert (papers.tiling.mode, papers.model.image_size, papers.model.latent) == ("resize", 64, "vector")
     assert papers.model.scoring == "residual" and not papers.pseudo_defects.enabled

@@ -237,13 +237,12 @@ def _file_threshold(path: Path, images: RunImages, src: _Run) -> float:
     normal_quantile: the (1 - nu) quantile of the held-out normals; pseudo_defects: the cut between them and
     the very copies training painted (same seed); f1_optimal: the cut between them and the labelled anomalies.
     """
-    from ganspect.train.calibrate import choose_threshold, pseudo_defect_copies
-    from ganspect.train.data import labelled_anomalies
+    from ganspect.train.calibrate import choose_threshold, threshold_anomalies
 
     config = src.config
     normals = images.holdout_frames if images.holdout_frames is not None else images.holdout
     method = src.calibration.get("method", "normal_quantile")
-    anomalies = pseudo_defect_copies(normals, config) if method == "pseudo_defects" else labelled_anomalies(config)
+    anomalies = threshold_anomalies(normals, config, method)
     anomaly_scores = None if anomalies is None else _frame_scores(path, anomalies, config)
     per_pixel = getattr(src.model.cfg, "pixel_calibration", False)
     normal_scores = (

@@ -294,6 +294,16 @@ def pseudo_defect_copies(images: Any, config: Any) -> Any:
     return paint_frames(images, window, list(config.pseudo_defects.kinds), PSEUDO_SEED)
 
 
+def threshold_anomalies(normals: Any, config: Any, method: str) -> Any:
+    """What threshold `method` cuts the held-out normals against: painted copies of them
+    (pseudo_defects), the run's labelled anomalies (f1_optimal), or nothing (None)."""
+    if method == "pseudo_defects":
+        return pseudo_defect_copies(normals, config)
+    from ganspect.train.data import labelled_anomalies
+
+    return labelled_anomalies(config)
+
+
 def choose_threshold(
     normal_scores: np.ndarray, nu: float, method: str = "normal_quantile", anomaly_scores: np.ndarray | None = None
 ) -> float:

@@ -49,7 +49,7 @@ import yaml
 
 from ganspect.edge.common import first_line
 from ganspect.edge.errors import ConfigError, GanspectError
-from ganspect.train.calibrate import calibrate, pseudo_defect_copies
+from ganspect.train.calibrate import calibrate, pseudo_defect_copies, threshold_anomalies
 from ganspect.train.config import MIN_TILE, AugmentSection, TrainConfig, config_from_dict, fit_tiles_to_images
 from ganspect.train.models.anogan import AnoGAN, AnoGANConfig, build_anogan, load_anogan
 from ganspect.train.models.common import ScoringModel
@@ -752,7 +752,7 @@ def recalibrate(run: Path, overrides: list[str]) -> Any:
     and calibration.json are rewritten; a bundle exported before keeps the old threshold.
     """
     from ganspect.train.config import load_train_config
-    from ganspect.train.data import held_out_images, labelled_anomalies
+    from ganspect.train.data import held_out_images
 
     run = Path(run)
     others = [o for o in overrides if not o.strip().startswith("calibration.")]
@@ -771,14 +771,11 @@ def recalibrate(run: Path, overrides: list[str]) -> Any:
     if held is None:
         raise GanspectError(f"the run's training data {source} is gone: its held-out normals cannot be scored again")
     model = model_from_checkpoint(ckpt).eval()
-    threshold = config.calibration.threshold
     cal = calibrate(
         model,
         held,
         config.calibration,
-        anomaly_images=pseudo_defect_copies(held, config)
-        if threshold == "pseudo_defects"
-        else labelled_anomalies(config),
+        anomaly_images=threshold_anomalies(held, config, config.calibration.threshold),
         tiles=config.tiling.mode == "tiles",
         overlap=config.tiling.overlap,
     )

@@ -3,8 +3,11 @@
     .venv/bin/python benchmarks/prepare_elpv.py --type mono --out benchmarks/runs/data/elpv_mono
 
 A fixed, seeded 75 % of the defect-probability-0 cells of the type go to `train/good`,
-the other 25 % to `test/good`, and every probability-1 cell to `test/defect` (the
-uncertain 1/3 and 2/3 cells are left out, as in `benchmarks/elpv.py`). ELPV has no pixel
+the other 25 % to `test/good`, and every probability-1 cell to `test/defect`. The
+uncertain cells are left out of train and test, as in `benchmarks/elpv.py`; the 2/3 ones
+("likely defective") go to `dev/likely_defect`, a development set to choose settings on
+(`benchmarks/dev_study.py`) that `quality.py` never reads, so that no choice rests on the
+test split. ELPV has no pixel
 masks, so there is no `ground_truth/`. The images are linked, not copied, from the
 installed `elpv-dataset` wheel (CC BY-NC-SA 4.0: evaluation only, never shipped), so the
 folder must stay outside the repository's tracked files (`benchmarks/runs/` is ignored).
@@ -40,7 +43,8 @@ def main() -> int:
     )
     bad = np.flatnonzero((types == args.type) & (prob == 1.0))
     n_train = round(0.75 * len(good))
-    split = {"train/good": good[:n_train], "test/good": good[n_train:], "test/defect": bad}
+    likely = np.flatnonzero((types == args.type) & np.isclose(prob, 2 / 3))
+    split = {"train/good": good[:n_train], "test/good": good[n_train:], "test/defect": bad, "dev/likely_defect": likely}
     for folder, indices in split.items():
         target = args.out / folder
         target.mkdir(parents=True, exist_ok=True)

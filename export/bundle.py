@@ -77,13 +77,19 @@ Verdict = Literal["OK", "NG"]
 SCORE_FORMULAS = {
     "efficient_gan": (
         "A(x) = (1 - lambda) * L_R + lambda * L_D with lambda = {lam:g}; x = image / 127.5 - 1; "
-        "r = mean over channels of |x - G(E(x))|; L_R = {residual}; L_D = {discrimination}"
+        "r = {r}; L_R = {residual}; L_D = {discrimination}"
     ),
     "anogan": (
         "A(x) = (1 - lambda) * L_R + lambda * L_D with lambda = {lam:g}; x = image / 127.5 - 1; z = E(x) from the "
-        "encoder trained with the GAN frozen; r = mean over channels of |x - G(z)|; L_R = {residual}; "
+        "encoder trained with the GAN frozen; r = {r}; L_R = {residual}; "
         "L_D = {discrimination}"
     ),
+}
+# r by `residual_polarity`; for AnoGAN G(E(x)) is its G(z) with z = E(x).
+RESIDUAL_PIXEL_FORMULA = {
+    "both": "mean over channels of |x - G(E(x))|",
+    "darker": "max(0, mean over channels of G(E(x)) - x) (only where the image is darker than its reconstruction)",
+    "brighter": "max(0, mean over channels of x - G(E(x))) (only where the image is brighter than its reconstruction)",
 }
 DISCRIMINATION_FORMULA = {
     ("efficient_gan", "feature_matching"): "mean |f_D(x, E(x)) - f_D(G(E(x)), E(x))| (feature matching)",
@@ -689,6 +695,7 @@ def _manifest(
             formula=(SEGMENTATION_FORMULA if source == "segmentation" else SCORE_FORMULAS[kind]).format(
                 lam=cfg.lambda_,
                 residual=RESIDUAL_FORMULA[cfg.residual_reduction],
+                r=RESIDUAL_PIXEL_FORMULA[cfg.residual_polarity],
                 discrimination=DISCRIMINATION_FORMULA[(kind, src.discrimination)],
             ),
             lambda_=cfg.lambda_,

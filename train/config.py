@@ -49,6 +49,13 @@ class ModelSection(_Section):
         description="L_R from the per-pixel residual: peak = max of the smoothed residual (local defects), "
         "mean = the papers' mean absolute residual (whole-image anomalies such as another MNIST digit).",
     )
+    residual_polarity: Literal["both", "darker", "brighter"] = Field(
+        "both",
+        description="Which way a pixel must differ from its reconstruction to count in the residual r: both = "
+        "|x - G(E(x))| (the papers); darker = only where the image is darker than its reconstruction, for parts "
+        "whose defects are always dark (electroluminescence: cracks and dead areas emit no light), so that "
+        "bright specks of a normal part stop raising the score; brighter = the reverse.",
+    )
     heatmap_sigma: float | None = Field(
         None, ge=0.0, description="Gaussian smoothing of the heatmap in pixels; null = image_size / 32 (2 px at 64)."
     )
@@ -349,6 +356,16 @@ class TrainConfig(_Section):
             raise ValueError(
                 "calibration.per_pixel needs a peak score: model.residual_reduction: peak or "
                 "model.scoring: segmentation"
+            )
+        if (
+            self.model.kind == "efficient_gan"
+            and self.train.adversarial_weight == 0
+            and self.model.scoring == "residual"
+            and self.model.lambda_ > 0
+        ):
+            raise ValueError(
+                "train.adversarial_weight: 0 leaves D untrained, and model.lambda > 0 would put its "
+                "meaningless L_D into the score: set model.lambda: 0"
             )
         crop = self.tiling.train_crop
         if crop is not None and not (

@@ -79,6 +79,7 @@ def model_config_from(config: TrainConfig) -> EfficientGANConfig | AnoGANConfig:
         base_width=m.base_width,
         lambda_=m.lambda_,
         residual_reduction=m.residual_reduction,
+        residual_polarity=m.residual_polarity,
         heatmap_sigma=sigma,
         heatmap_spread=m.heatmap_spread,
         spectral_norm=m.spectral_norm,

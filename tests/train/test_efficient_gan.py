@@ -98,6 +98,21 @@ def test_peak_residual_singles_out_a_local_defect_that_the_mean_dilutes() -> Non
     assert smoothed[1].amax() > 3 * smoothed[0].amax()  # the smoothed peak ranks the defect far worse
 
 
+def test_residual_polarity_counts_only_the_side_of_the_reconstruction_it_names() -> None:
+    recon = torch.zeros(1, 1, 32, 32)
+    x = recon.clone()
+    x[0, 0, 4:8, 4:8] = -0.6  # a dark spot: a crack or a dead area on an electroluminescence image
+    x[0, 0, 20:24, 20:24] = 0.6  # a bright speck
+    maps = {}
+    for polarity in ("both", "darker", "brighter"):
+        maps[polarity] = tiny(residual_polarity=polarity, heatmap_sigma=0.0).residual_terms(x, recon)[1][0]
+    assert maps["both"][5, 5] == maps["both"][21, 21] == pytest.approx(0.6)
+    assert maps["darker"][5, 5] == pytest.approx(0.6) and maps["darker"][21, 21] == 0
+    assert maps["brighter"][21, 21] == pytest.approx(0.6) and maps["brighter"][5, 5] == 0
+    with pytest.raises(ValueError, match="residual_polarity"):
+        tiny(residual_polarity="up")
+
+
 def test_heatmap_is_scaled_by_the_buffer_and_smoothing_keeps_constants() -> None:
     model = tiny()
     batch = images(2, 32, 1)

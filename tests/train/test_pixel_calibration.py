@@ -32,7 +32,7 @@ def _aligned_parts(root: Path, n: int, seed: int) -> None:
         cv2.imwrite(str(root / "train" / "good" / f"{i:03d}.png"), image)
 
 
-def _config(per_pixel: bool, spread: int = 0) -> object:
+def _config(per_pixel: bool, spread: int = 0, polarity: str = "both") -> object:
     return config_from_dict(
         {
             "model": {
@@ -42,6 +42,7 @@ def _config(per_pixel: bool, spread: int = 0) -> object:
                 "base_width": 8,
                 "residual_reduction": "peak",
                 "heatmap_spread": spread,
+                "residual_polarity": polarity,
             },
             "data": {"holdout": 0.3, "augment": {"shift": 0, "brightness": 0.0}},
             "train": {"steps": 10, "batch_size": 8, "threads": 2},
@@ -65,6 +66,14 @@ def test_per_pixel_calibration_moves_normal_peaks_off_the_fixed_rim_and_ships_in
     bundle = export_run(run, tmp_path / "bundle", latency_budget_s=0.02)  # its parity check runs the graph
     manifest = load_bundle(bundle).manifest
     assert manifest.heatmap.per_pixel is True
+
+
+def test_a_darker_only_residual_runs_in_the_exported_graph_as_in_training(tmp_path: Path) -> None:
+    data = tmp_path / "parts"
+    _aligned_parts(data, 40, seed=5)
+    run = train(_config(per_pixel=True, polarity="darker"), data, tmp_path / "run")
+    bundle = export_run(run, tmp_path / "bundle", latency_budget_s=0.02)  # its parity check runs the graph
+    assert "darker than its reconstruction" in load_bundle(bundle).manifest.score.formula
 
 
 def test_per_pixel_statistics_are_those_of_the_widened_maps_the_graph_normalises(tmp_path: Path) -> None:

@@ -61,6 +61,14 @@ def test_errors_name_the_key(tmp_path: Path, text: str, overrides: list[str], ke
         load_train_config(path, overrides)
 
 
+def test_a_residual_score_without_the_game_refuses_the_untrained_discriminators_term(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  adversarial_weight: 0\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape("model.lambda: 0")):
+        load_train_config(path, ["model.lambda=0.1"])
+    assert load_train_config(path, ["model.lambda=0"]).train.adversarial_weight == 0
+
+
 def test_bad_override_syntax_and_files(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  steps: 5\n", encoding="utf-8")

@@ -68,6 +68,7 @@ class AnoGANConfig(StagedConfig):
     lambda_: float = section_default("lambda_")  # score weight of L_D
     discrimination: str = section_default("discrimination")  # AnoGAN's L_D is always feature matching
     residual_reduction: str = section_default("residual_reduction")
+    residual_polarity: str = section_default("residual_polarity")
     heatmap_sigma: float = 2.0
     heatmap_spread: int = section_default("heatmap_spread")
     spectral_norm: bool = section_default("spectral_norm")

@@ -63,7 +63,7 @@ class ScoreParts:
 class ScoringModel(nn.Module):
     """Base of EfficientGAN and AnoGAN: normalisation, smoothing, L_R, buffers, `forward`."""
 
-    cfg: Any  # a dataclass with image_size, channels, lambda_, residual_reduction, heatmap_sigma
+    cfg: Any  # a dataclass with image_size, channels, lambda_, residual_reduction, residual_polarity, heatmap_sigma
     # The buffers _init_scoring registers, declared for type checkers (nn.Module's __getattr__
     # types them Tensor | Module); pixel_mean and pixel_spread exist only with cfg.pixel_calibration.
     smooth_matrix: torch.Tensor
@@ -108,7 +108,12 @@ class ScoringModel(nn.Module):
 
     def residual_terms(self, x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_R (N,), smoothed residual (N, H, W)) of images x against their reconstructions."""
-        per_pixel = (x - recon).abs().mean(dim=1)  # (N, H, W)
+        polarity = self.cfg.residual_polarity
+        if polarity == "both":
+            per_pixel = (x - recon).abs().mean(dim=1)  # (N, H, W)
+        else:
+            darker = (recon - x).mean(dim=1)
+            per_pixel = (darker if polarity == "darker" else -darker).clamp(min=0.0)
         residual = self.smooth(per_pixel)  # (N, H, W)
         peak = self.cfg.residual_reduction == "peak"
         l_r = residual.amax(dim=(1, 2)) if peak else per_pixel.mean(dim=(1, 2))  # (N,)
@@ -306,6 +311,8 @@ def check_common(cfg: Any) -> None:
         raise ValueError(f"norm must be group, batch or none, got {norm!r}")
     if cfg.residual_reduction not in ("mean", "peak"):
         raise ValueError(f"residual_reduction must be mean or peak, got {cfg.residual_reduction!r}")
+    if cfg.residual_polarity not in ("both", "darker", "brighter"):
+        raise ValueError(f"residual_polarity must be both, darker or brighter, got {cfg.residual_polarity!r}")
 
 
 def spectral(cfg: Any) -> Any:

@@ -71,6 +71,7 @@ class EfficientGANConfig(StagedConfig):
     lambda_: float = section_default("lambda_")  # score weight of L_D; the seeds found small values better
     discrimination: str = section_default("discrimination")  # or "cross_entropy"; see module docstring
     residual_reduction: str = section_default("residual_reduction")  # "mean" (the papers) or "peak" (local defects)
+    residual_polarity: str = section_default("residual_polarity")  # both, darker or brighter
     heatmap_sigma: float = 2.0  # Gaussian sigma in pixels at image_size
     heatmap_spread: int = section_default("heatmap_spread")  # pixels a max filter widens the map by, each side
     spectral_norm: bool = section_default("spectral_norm")

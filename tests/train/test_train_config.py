@@ -27,6 +27,9 @@ def test_shipped_configs_validate() -> None:
     assert (papers.tiling.mode, papers.model.image_size, papers.model.latent) == ("resize", 64, "vector")
     assert papers.model.scoring == "residual" and not papers.pseudo_defects.enabled
     load_train_config(SHIPPED.with_name("anogan.yaml"), [])
+    aligned = load_train_config(SHIPPED.with_name("efficient_gan_aligned.yaml"), [])
+    assert (aligned.tiling.mode, aligned.model.image_size, aligned.calibration.per_pixel) == ("resize", 128, True)
+    assert (aligned.model.residual_polarity, aligned.train.adversarial_weight) == ("darker", 0.0)
 
 
 def test_overrides_are_parsed_as_yaml(tmp_path: Path) -> None:

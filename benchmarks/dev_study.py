@@ -30,26 +30,19 @@ from ganspect.train.data import Framing, held_out_images, load_normal_images
 from ganspect.train.loop import load_run_model, read_run_config, read_run_info
 from ganspect.train.models.common import smoothing_matrix, weighted_score
 
-POLARITIES = ("abs", "darker", "signed")
+POLARITIES = ("both", "darker", "brighter")  # model.residual_polarity
 
 
 def raw_maps(model: Any, images: np.ndarray, sigma: float, polarity: str) -> tuple[np.ndarray, np.ndarray]:
-    """(residual maps smoothed with `sigma`, L_D). Polarity "abs" is the model's |x - G(E(x))|,
-    "darker" counts only where the image is darker than its reconstruction, "signed" is G(E(x)) - x."""
+    """(residual maps smoothed with `sigma` and counted with `polarity`, as the model computes them; L_D)."""
     model.cfg.heatmap_sigma = sigma
+    model.cfg.residual_polarity = polarity
     model.smooth_matrix = smoothing_matrix(model.cfg.image_size, sigma)
     maps, l_d = [], []
     with torch.no_grad():
         for start in range(0, len(images), 64):
-            x = model.normalise(torch.from_numpy(images[start : start + 64]))
-            parts = model.score_parts(x)
-            signed = (parts.recon - x).mean(dim=1)
-            per_pixel = {
-                "abs": (parts.recon - x).abs().mean(dim=1),
-                "darker": signed.clamp(min=0),
-                "signed": signed,
-            }[polarity]
-            maps.append(model.widen(model.smooth(per_pixel)).numpy())
+            parts = model.score_parts(model.normalise(torch.from_numpy(images[start : start + 64])))
+            maps.append(model.widen(parts.residual).numpy())
             l_d.append(parts.l_d.numpy())
     return np.concatenate(maps).astype(np.float64), np.concatenate(l_d)
 
@@ -84,8 +77,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="a trained run with calibration.per_pixel")
     p.add_argument("--dev", type=Path, required=True, help="folder of development defect images")
-    p.add_argument("--sigmas", type=float, nargs="+", default=[2.0], help="residual smoothing, model pixels")
-    p.add_argument("--polarities", nargs="+", choices=POLARITIES, default=["abs"])
+    p.add_argument("--sigmas", type=float, nargs="+", help="residual smoothing, model pixels; default: the run's")
+    p.add_argument("--polarities", nargs="+", choices=POLARITIES, help="default: the run's")
     p.add_argument("--floors", type=float, nargs="+", default=[0.1], help="spread floor, times the median spread")
     p.add_argument("--var-sigmas", type=float, nargs="+", default=[0.0], help="smoothing of the variance map")
     p.add_argument("--tops", type=float, nargs="+", default=[0.0], help="0 = peak, else share of hottest pixels")
@@ -103,10 +96,11 @@ def main() -> int:
     dev = load_normal_images(args.dev, size, channels, Framing.of(size, config.tiling)).images
     labels = np.r_[np.zeros(len(normals)), np.ones(len(dev))]
     lam = config.model.lambda_
-    trained_sigma = config.model.heatmap_sigma or size / 32
-    print(f"{args.run}: {len(normals)} held-out normals, {len(dev)} dev defects; trained sigma {trained_sigma}")
+    print(f"{args.run}: {len(normals)} held-out normals, {len(dev)} dev defects")
+    sigmas = args.sigmas or [model.cfg.heatmap_sigma]
+    polarities = args.polarities or [model.cfg.residual_polarity]
     rows = []
-    for sigma, polarity in itertools.product(args.sigmas, args.polarities):
+    for sigma, polarity in itertools.product(sigmas, polarities):
         n_maps, n_ld = raw_maps(model, normals, sigma, polarity)
         d_maps, d_ld = raw_maps(model, dev, sigma, polarity)
         for floor, var_sigma, top in itertools.product(args.floors, args.var_sigmas, args.tops):

@@ -90,6 +90,7 @@ class Experiment:
         result = work()
         result["seconds"] = round(time.monotonic() - started, 1)
         result["finished"] = _now()
+        result["command"] = command_line()
         self.data["units"][unit] = result
         self.save()
         print(f"[{self.name}] {unit}: finished in {result['seconds']:.0f} s", flush=True)
@@ -119,12 +120,16 @@ def write_markdown(name: str, title: str, exp: Experiment, body: str) -> Path:
     """results/<name>.md: the table(s) in `body` with the machine, the time and the command."""
     units = exp.data["units"].values()
     seconds = sum(float(u.get("seconds", 0)) for u in units)
+    # Units run by separate processes (`--seeds 0 1` beside `--seeds 2`) each name their own command.
+    commands = list(dict.fromkeys(u["command"] for u in units if "command" in u)) or [exp.data["command"]]
     text = (
         f"# {title}\n\n{body.rstrip()}\n\n"
         f"- machine: {exp.data['machine']}\n"
         f"- started {exp.data['started']}, last update {exp.data.get('updated', _now())}; "
         f"{len(exp.data['units'])} unit(s) done, {seconds / 60:.1f} min of compute in them\n"
-        f"- command (from the repository root): `{exp.data['command']}`\n"
+        f"- command{'s' if len(commands) > 1 else ''} (from the repository root): "
+        + "; ".join(f"`{c}`" for c in commands)
+        + "\n"
         f"- raw results: `benchmarks/results/{name}.json`\n"
     )
     path = RESULTS / f"{name}.md"

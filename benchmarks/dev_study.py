@@ -26,6 +26,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
+from ganspect.train.calibrate import SPREAD_FLOOR
 from ganspect.train.data import Framing, held_out_images, load_normal_images
 from ganspect.train.loop import load_run_model, read_run_config, read_run_info
 from ganspect.train.models.common import smoothing_matrix, weighted_score
@@ -51,16 +52,16 @@ def normalise(
     maps: np.ndarray, reference: np.ndarray, floor_factor: float, var_sigma: float, leave_one_out: bool
 ) -> np.ndarray:
     """z-maps of `maps` against `reference`'s per-pixel mean and spread; with `leave_one_out`,
-    map i (one of `reference`) is measured against the other n - 1."""
+    map i (one of `reference`) is measured against the other n - 1. The spread's floor is
+    `floor_factor` times the median spread of all of `reference`, as `calibrate_pixels` sets it."""
+    floor = max(floor_factor * float(np.median(reference.std(axis=0))), 1e-6)
     out = np.empty_like(maps)
     for i, m in enumerate(maps):
         ref = np.delete(reference, i, axis=0) if leave_one_out else reference
         mean, var = ref.mean(axis=0), ref.var(axis=0)
         if var_sigma:
             var = gaussian_filter(var, var_sigma)
-        spread = np.sqrt(var)
-        floor = max(floor_factor * float(np.median(spread)), 1e-6)
-        out[i] = (m - mean) / np.maximum(spread, floor)
+        out[i] = (m - mean) / np.maximum(np.sqrt(var), floor)
     return out
 
 
@@ -79,7 +80,9 @@ def main() -> int:
     p.add_argument("--dev", type=Path, required=True, help="folder of development defect images")
     p.add_argument("--sigmas", type=float, nargs="+", help="residual smoothing, model pixels; default: the run's")
     p.add_argument("--polarities", nargs="+", choices=POLARITIES, help="default: the run's")
-    p.add_argument("--floors", type=float, nargs="+", default=[0.1], help="spread floor, times the median spread")
+    p.add_argument(
+        "--floors", type=float, nargs="+", default=[SPREAD_FLOOR], help="spread floor, times the median spread"
+    )
     p.add_argument("--var-sigmas", type=float, nargs="+", default=[0.0], help="smoothing of the variance map")
     p.add_argument("--tops", type=float, nargs="+", default=[0.0], help="0 = peak, else share of hottest pixels")
     p.add_argument("--json", type=Path, help="also write the rows here")

@@ -18,6 +18,12 @@ VERDICT_SCHEMA = json.loads((Path(ganspect.edge.__file__).parent / "schemas" / "
 BASE = "gstest/testsite/l1/s1"
 
 
+def _captured_after(verdict: dict, sent_at: datetime) -> bool:
+    # captured_at carries milliseconds, so a frame read 0.3 ms after its trigger reads as the same millisecond.
+    captured = datetime.fromisoformat(verdict["captured_at"].replace("Z", "+00:00"))
+    return captured >= sent_at.replace(microsecond=sent_at.microsecond // 1000 * 1000)
+
+
 def test_a_trigger_over_mqtt_gives_that_parts_verdict_with_its_ids(
     mosquitto_broker, mqtt_subscriber, tiny_bundle, make_video, make_edge_config, tmp_path, edge_daemon
 ):
@@ -60,7 +66,7 @@ def test_a_trigger_over_mqtt_gives_that_parts_verdict_with_its_ids(
         jsonschema.validate(verdict, VERDICT_SCHEMA)
         assert verdict["evaluation"]["state"] in ("OK", "NG") and verdict["score"] is not None
         # The frame was captured after the command was sent, not before.
-        assert datetime.fromisoformat(verdict["captured_at"].replace("Z", "+00:00")) > sent_at
+        assert _captured_after(verdict, sent_at)
     assert [(a["outcome"], a["part_id"]) for a in answers] == [("accepted", p) for p, _, _ in sent]
     metrics = json.loads(sub.on("/metrics")[-1].payload)
     assert metrics["trigger"]["mode"] == "mqtt" and metrics["results"]["UNDEFINED"] == 0
@@ -193,5 +199,4 @@ def test_triggers_at_twice_the_frame_rate_each_get_exactly_one_verdict_none_refu
     for verdict in unique:
         assert verdict["part_id"] == f"SN-{int(verdict['trigger_id'][2:]):04d}"
         assert verdict["evaluation"]["state"] in ("OK", "NG"), verdict["evaluation"]
-        captured = datetime.fromisoformat(verdict["captured_at"].replace("Z", "+00:00"))
-        assert captured > sent[verdict["trigger_id"]], "scored a frame captured before its trigger"
+        assert _captured_after(verdict, sent[verdict["trigger_id"]]), "scored a frame captured before its trigger"
